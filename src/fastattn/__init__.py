@@ -1,0 +1,23 @@
+"""fastattn: exact transformer self-attention for the CPU, from Python.
+
+Cython kernels (projection, scores, a stable softmax and the fused attention that chains
+them) behind a NumPy-style API, with a pure-Python reference, ``fastattn.reference``,
+that every kernel is checked against.
+"""
+
+from . import reference
+from ._version import __version__
+from .api import attention, log_softmax, project, scores, self_attention, softmax
+from .layers import MultiHeadAttention
+
+__all__ = [
+    "MultiHeadAttention",
+    "__version__",
+    "attention",
+    "log_softmax",
+    "project",
+    "reference",
+    "scores",
+    "self_attention",
+    "softmax",
+]

@@ -1,0 +1,767 @@
+"""The public functions: validation, broadcasting, dtype rules, ``out=`` and dispatch.
+
+Design: everything a kernel could trip on is settled here, in Python, before the compiled
+code runs. Arrays reach ``_kernels`` C-contiguous in float32 or float64 (one normalising
+copy at most, none when the input is already so), broadcast batch dimensions and
+grouped-query heads become index arrays instead of copies, and every bad input raises a
+``ValueError`` or ``TypeError`` that names the argument. The kernels never raise.
+"""
+
+import math
+import numbers
+import operator
+import threading
+
+import numpy as np
+
+from . import _kernels
+
+__all__ = ["project", "scores", "softmax", "log_softmax", "attention", "self_attention"]
+
+try:  # NumPy >= 1.25
+    from numpy.exceptions import AxisError
+except ImportError:  # pragma: no cover
+    from numpy import AxisError
+
+# Tile sizes of the fused kernel (query rows x keys): measured on 2-core AVX-512 machines,
+# see ../shared/PERF_NOTES.md; issue 3 tunes them per shape.
+_Q_BLOCK = 64
+_K_BLOCK = 256
+# Below this many floating-point operations a call runs on one thread: waking a team of
+# threads costs more than it saves.
+_SERIAL_FLOPS = 2_000_000
+# OpenBLAS runs a GEMM on the calling thread when m*n*k <= 65536 * 4 (interface/gemm.c,
+# SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD); above that it would start its own
+# threads inside ours, so fastattn holds it to one thread for such calls.
+_BLAS_SERIAL_MNK = 65536 * 4
+_INT_MAX = 2**31 - 1  # BLAS dimensions are C ints
+
+
+# --------------------------------------------------------------------------- dtypes
+
+def _dtype_pair(name, dtype):
+    """(compute dtype, result dtype) for an argument's dtype, or TypeError naming it."""
+    if dtype.kind == "f":
+        if dtype.itemsize == 2:
+            return np.dtype(np.float32), np.dtype(np.float16)
+        if dtype.itemsize in (4, 8):
+            native = np.dtype(np.float32 if dtype.itemsize == 4 else np.float64)
+            return native, native
+    elif dtype.kind in "biu":
+        return np.dtype(np.float64), np.dtype(np.float64)
+    raise TypeError(
+        f"{name} has unsupported dtype {dtype}; expected float16, float32, float64, "
+        "an integer or a boolean array"
+    )
+
+
+def _as_array(name, a):
+    """np.asarray with the argument's name on failure (ragged lists, etc.)."""
+    if isinstance(a, np.ndarray):
+        return a
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} could not be converted to an array: {exc}") from None
+
+
+def _dtypes(named):
+    """Compute and result dtypes for several (name, array) pairs, promoting as NumPy does."""
+    computes, results = [], []
+    for name, a in named:
+        c, r = _dtype_pair(name, a.dtype)
+        computes.append(c)
+        results.append(r)
+    compute = np.dtype(np.float64) if np.dtype(np.float64) in computes else np.dtype(np.float32)
+    return compute, np.result_type(*results)
+
+
+def _contiguous(a, dtype):
+    """a as a C-contiguous, native-byte-order array of dtype: at most one copy."""
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- arguments
+
+def _check_threads(num_threads):
+    if num_threads is None:
+        return max(1, _kernels.max_threads())
+    if isinstance(num_threads, (bool, np.bool_)):
+        raise TypeError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+    try:
+        n = operator.index(num_threads)
+    except TypeError:
+        raise TypeError(
+            f"num_threads must be a positive integer or None, got {num_threads!r}"
+        ) from None
+    if n < 1:
+        raise ValueError(f"num_threads must be a positive integer or None, got {n}")
+    return n
+
+
+def _check_scale(scale, d_head):
+    """The score scale: 1/sqrt(d_head) by default (1 when d_head is 0: every score is 0)."""
+    if scale is None:
+        return 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_out(out, shape, dtype, inputs):
+    """Validate out= as NumPy does: exact shape and dtype, writeable, no overlap with inputs."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(
+            f"out must have shape {tuple(shape)} and dtype {dtype}, "
+            f"got out.shape={out.shape} and dtype {out.dtype}"
+        )
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for name, a in inputs:
+        if isinstance(a, np.ndarray) and _overlaps(out, a):
+            raise ValueError(f"out overlaps the input {name}; pass a separate array")
+
+
+def _overlaps(a, b):
+    try:
+        return np.shares_memory(a, b, max_work=10_000)
+    except np.exceptions.TooHardError:
+        return True  # cannot tell cheaply: refuse rather than risk a wrong answer
+
+
+def _finish(result, result_dtype, out):
+    """Cast the computed array to the result dtype, into out= when given."""
+    if out is None:
+        return result if result.dtype == result_dtype else result.astype(result_dtype)
+    if result is not out:
+        out[...] = result
+    return out
+
+
+def _kernel_target(out, shape, compute):
+    """Where the kernel writes: out itself when it is C-contiguous in the compute dtype."""
+    if out is not None and out.dtype == compute and out.flags.c_contiguous:
+        return out.reshape(shape)
+    return np.empty(shape, dtype=compute)
+
+
+def _batch_index(batch_shape, out_batch):
+    """For each entry of the broadcast batch, the index of the stored entry it reads."""
+    ids = np.arange(math.prod(batch_shape), dtype=np.intp).reshape(batch_shape)
+    return np.ascontiguousarray(np.broadcast_to(ids, out_batch).reshape(-1))
+
+
+def _broadcast(shapes, what):
+    try:
+        return np.broadcast_shapes(*(s for _, s in shapes))
+    except ValueError:
+        described = " and ".join(f"{name}.shape={s}" for name, s in shapes)
+        raise ValueError(f"{what} do not broadcast: {described}") from None
+
+
+# --------------------------------------------------------------------------- BLAS threads
+
+class _SerialBlas:
+    """Holds the BLAS libraries to one thread while any fastattn kernel that needs it runs.
+
+    threadpoolctl's ``threadpool_limits`` builds a controller on every use (about 1 ms);
+    this keeps one controller and a count of the calls inside, so concurrent calls from
+    several Python threads neither pay that nor restore the limit under each other's feet.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._libs = None
+        self._saved = ()
+
+    def _controllers(self):
+        if self._libs is None:
+            from threadpoolctl import ThreadpoolController
+
+            ctl = ThreadpoolController().select(user_api="blas")
+            self._libs = [lib for lib in ctl.lib_controllers]
+        return self._libs
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                libs = self._controllers()
+                self._saved = [lib.num_threads for lib in libs]
+                for lib in libs:
+                    lib.set_num_threads(1)
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for lib, n in zip(self._libs, self._saved):
+                    lib.set_num_threads(n)
+        return False
+
+
+_serial_blas = _SerialBlas()
+
+
+class _NoOp:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_no_op = _NoOp()
+
+
+def _blas_guard(mnk):
+    return _serial_blas if mnk > _BLAS_SERIAL_MNK else _no_op
+
+
+# --------------------------------------------------------------------------- projection
+
+def project(x, w, b=None, *, out=None):
+    """Project embeddings: ``x @ w + b``.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., d_in)
+        Embeddings. A 1-D ``x`` is one token (a matrix-vector product).
+    w : array_like, shape (d_in, d_out)
+        Projection matrix.
+    b : array_like, shape (d_out,), optional
+        Bias.
+    out : ndarray, shape (..., d_out), optional
+        Where to write the result; exact shape and dtype required.
+
+    Returns
+    -------
+    ndarray, shape (..., d_out)
+
+    Notes
+    -----
+    ``out[..., j] = sum_i x[..., i] w[i, j] + b[j]``, one BLAS GEMM (GEMV for one token).
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> fastattn.project(np.array([1.0, 2.0]), np.array([[1.0, 0.0], [0.5, 1.0]]), b=np.array([0.0, 1.0]))
+    array([2., 3.])
+    """
+    x = _as_array("x", x)
+    w = _as_array("w", w)
+    named = [("x", x), ("w", w)]
+    if b is not None:
+        b = _as_array("b", b)
+        named.append(("b", b))
+    compute, result_dtype = _dtypes(named)
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., d_in), got x.shape={x.shape}")
+    if w.ndim != 2:
+        raise ValueError(f"w must be 2-D (d_in, d_out), got w.shape={w.shape}")
+    d_in, d_out = w.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(
+            f"x and w disagree on d_in: got x.shape={x.shape} and w.shape={w.shape}"
+        )
+    if b is not None and b.shape != (d_out,):
+        raise ValueError(f"b must have shape ({d_out},) to match w.shape={w.shape}, got b.shape={b.shape}")
+    out_shape = x.shape[:-1] + (d_out,)
+    if out is not None:
+        _check_out(out, out_shape, result_dtype, named)
+    n_rows = math.prod(x.shape[:-1])
+    if max(n_rows, d_in, d_out) > _INT_MAX:
+        raise ValueError(f"project: dimensions above 2**31 - 1 are not supported, got x.shape={x.shape}, w.shape={w.shape}")
+
+    target = _kernel_target(out, (n_rows, d_out), compute)
+    if n_rows == 0 or d_out == 0:
+        pass
+    elif d_in == 0:
+        target[...] = 0 if b is None else _contiguous(b, compute)
+    else:
+        x2 = _contiguous(x, compute).reshape(n_rows, d_in)
+        w2 = _contiguous(w, compute)
+        b2 = _contiguous(b, compute) if b is not None else np.zeros(1, compute)
+        _kernels.project(x2, w2, b2, b is not None, target)
+    return _finish(target.reshape(out_shape), result_dtype, out)
+
+
+# --------------------------------------------------------------------------- softmax
+
+def _softmax(x, axis, out, log_out, name):
+    x = _as_array("x", x)
+    compute, result_dtype = _dtypes([("x", x)])
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {axis!r}") from None
+    if not -x.ndim <= axis < x.ndim:
+        raise AxisError(f"{name}: axis {axis} is out of bounds for x of dimension {x.ndim} (x.shape={x.shape})")
+    if out is not None:
+        _check_out(out, x.shape, result_dtype, [("x", x)])
+    if x.size == 0:
+        return _finish(np.empty(x.shape, compute), result_dtype, out)
+    moved = np.moveaxis(x, axis, -1)
+    rows = _contiguous(moved, compute).reshape(-1, x.shape[axis])
+    if axis in (-1, x.ndim - 1):
+        target = _kernel_target(out, rows.shape, compute)
+    else:
+        target = np.empty(rows.shape, compute)
+    n_threads = _check_threads(None) if x.size >= 100_000 else 1
+    _kernels.softmax(rows, target, log_out, False, n_threads)
+    result = np.moveaxis(target.reshape(moved.shape), -1, axis)
+    return _finish(result, result_dtype, out)
+
+
+def softmax(x, axis=-1, *, out=None):
+    """Numerically stable softmax along an axis.
+
+    Parameters
+    ----------
+    x : array_like
+        Logits; float16/32/64, integer or boolean.
+    axis : int, default -1
+        The axis that sums to one.
+    out : ndarray, optional
+        Where to write the result; exact shape and dtype required.
+
+    Returns
+    -------
+    ndarray, the shape of ``x``
+
+    Notes
+    -----
+    ``softmax(x)_i = exp(x_i - m) / sum_j exp(x_j - m)`` with ``m = max_j x_j``; the sum is
+    kept in float64. As in SciPy, a row that is all ``-inf``, or holds ``+inf`` or NaN, is
+    NaN throughout; ``attention`` instead gives zeros for a query whose keys are all masked.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> fastattn.softmax(np.array([1000.0, 0.0, 0.0, 0.0]))
+    array([1., 0., 0., 0.])
+    """
+    return _softmax(x, axis, out, False, "softmax")
+
+
+def log_softmax(x, axis=-1, *, out=None):
+    """Numerically stable log-softmax along an axis.
+
+    Parameters
+    ----------
+    x : array_like
+        Logits.
+    axis : int, default -1
+    out : ndarray, optional
+
+    Returns
+    -------
+    ndarray, the shape of ``x``
+
+    Notes
+    -----
+    ``log_softmax(x)_i = x_i - m - log(sum_j exp(x_j - m))``, ``m = max_j x_j``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> fastattn.log_softmax(np.array([0.0, 0.0]))
+    array([-0.69314718, -0.69314718])
+    """
+    return _softmax(x, axis, out, True, "log_softmax")
+
+
+# --------------------------------------------------------------------------- attention
+
+class _Plan:
+    """Everything the score and attention kernels need, after validation."""
+
+
+def _plan(q, k, v, mask, causal, scale, extra_named=()):
+    """Validate q, k, (v), mask; work out broadcasting, grouped-query heads and dtypes."""
+    q = _as_array("q", q)
+    k = _as_array("k", k)
+    named = [("q", q), ("k", k)]
+    if v is not None:
+        v = _as_array("v", v)
+        named.append(("v", v))
+    if mask is not None:
+        mask = _as_array("mask", mask)
+    causal = _check_flag("causal", causal)
+    compute, result_dtype = _dtypes(named)
+    for name, a in named:
+        if a.ndim < 2:
+            want = "(..., L_k, D_v)" if name == "v" else f"(..., L_{name}, D)"
+            raise ValueError(f"{name} must have at least 2 dimensions {want}, got {name}.shape={a.shape}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same head dimension D, got q.shape={q.shape} and k.shape={k.shape}"
+        )
+    n_queries, d_head = q.shape[-2:]
+    n_keys = k.shape[-2]
+    kv_batch = k.shape[:-2]
+    if v is not None:
+        if v.shape[-2] != n_keys:
+            raise ValueError(
+                f"k and v must have the same number of keys, got k.shape={k.shape} and v.shape={v.shape}"
+            )
+        kv_batch = _broadcast([("k", k.shape[:-2]), ("v", v.shape[:-2])], "the batch dimensions of k and v")
+        if k.shape[:-2] != kv_batch:
+            k = np.broadcast_to(k, kv_batch + k.shape[-2:])
+        if v.shape[:-2] != kv_batch:
+            v = np.broadcast_to(v, kv_batch + v.shape[-2:])
+    q_batch = q.shape[:-2]
+
+    # Grouped-query attention: query heads h share key/value head h // (H_q / H_kv).
+    kv_ids = np.arange(math.prod(kv_batch), dtype=np.intp).reshape(kv_batch)
+    if q_batch and kv_batch and kv_batch[-1] not in (1, q_batch[-1]):
+        h_q, h_kv = q_batch[-1], kv_batch[-1]
+        if h_kv == 0 or h_q % h_kv:
+            raise ValueError(
+                f"the head axis (-3) of k and v must divide that of q for grouped-query attention, "
+                f"got q.shape={q.shape} and k.shape={k.shape}"
+            )
+        kv_ids = np.repeat(kv_ids, h_q // h_kv, axis=-1)
+    shapes = [("q", q_batch), ("k", kv_ids.shape)]
+
+    mask_kind = 0
+    mask_batch = ()
+    if mask is not None:
+        if mask.dtype.kind == "b":
+            mask_kind = 2
+        elif mask.dtype.kind == "f" and mask.dtype.itemsize in (2, 4, 8):
+            mask_kind = 1
+        else:
+            raise TypeError(
+                f"mask must be boolean (True = may attend) or floating (added to the scores), "
+                f"got dtype {mask.dtype}"
+            )
+        mask_batch = mask.shape[:-2] if mask.ndim > 2 else ()
+        shapes.append(("mask", mask_batch))
+    batch = _broadcast(shapes, "the batch dimensions of q, k/v and mask")
+    if mask is not None:
+        tail = mask.shape[-2:] if mask.ndim >= 2 else mask.shape
+        try:
+            ok = np.broadcast_shapes(tail, (n_queries, n_keys)) == (n_queries, n_keys)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"mask must broadcast to (..., L_q, L_k) = {batch + (n_queries, n_keys)}, "
+                f"got mask.shape={mask.shape}"
+            )
+
+    p = _Plan()
+    p.q, p.k, p.v, p.mask = q, k, v, mask
+    p.named = named + ([("mask", mask)] if mask is not None else []) + list(extra_named)
+    p.compute, p.result_dtype = compute, result_dtype
+    p.batch, p.q_batch, p.kv_batch, p.mask_batch = batch, q_batch, kv_batch, mask_batch
+    p.kv_ids = kv_ids
+    p.n_queries, p.n_keys, p.d_head = n_queries, n_keys, d_head
+    p.d_v = v.shape[-1] if v is not None else 0
+    p.causal, p.mask_kind = causal, mask_kind
+    p.scale = _check_scale(scale, d_head)
+    p.n_batch = math.prod(batch)
+    return p
+
+
+def _kernel_inputs(p):
+    """The contiguous, compute-dtype arrays and index maps the kernels read."""
+    compute = p.compute
+    d_head = p.d_head
+    q = _contiguous(p.q, compute).reshape(-1, p.n_queries, d_head)
+    k = _contiguous(p.k, compute).reshape(-1, p.n_keys, d_head)
+    if d_head == 0:
+        # An empty dot product is 0: give BLAS one zero column instead of a zero dimension.
+        q = np.zeros(q.shape[:-1] + (1,), compute)
+        k = np.zeros(k.shape[:-1] + (1,), compute)
+    empty_f = np.zeros((1, 1, 1), compute)
+    empty_b = np.zeros((1, 1, 1), np.uint8)
+    add_mask, bool_mask = empty_f, empty_b
+    if p.mask_kind:
+        full = np.broadcast_to(p.mask, p.mask_batch + (p.n_queries, p.n_keys))
+        full = full.reshape(-1, p.n_queries, p.n_keys)
+        if p.mask_kind == 1:
+            add_mask = _contiguous(full, compute)
+        else:
+            bool_mask = _contiguous(full, np.bool_).view(np.uint8)
+    q_index = _batch_index(p.q_batch, p.batch)
+    kv_index = np.ascontiguousarray(np.broadcast_to(p.kv_ids, p.batch).reshape(-1))
+    mask_index = _batch_index(p.mask_batch, p.batch)
+    return q, k, add_mask, bool_mask, q_index, kv_index, mask_index
+
+
+def scores(q, k, *, scale=None, mask=None, causal=False):
+    """Scaled dot-product scores, masked.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., L_q, D)
+    k : array_like, shape (..., L_k, D)
+        Leading dimensions broadcast; a head axis (-3) of ``k`` that divides that of ``q``
+        is shared by groups of query heads (grouped-query attention).
+    scale : float, optional
+        Defaults to ``1 / sqrt(D)`` (1 when ``D == 0``).
+    mask : array_like, bool or float, broadcastable to (..., L_q, L_k), optional
+        Boolean: True = may attend; a hidden score is ``-inf``. Float: added to the scores.
+    causal : bool, default False
+        Query ``i`` sees keys ``j <= i + (L_k - L_q)`` (aligned bottom-right); later keys
+        score ``-inf``.
+
+    Returns
+    -------
+    ndarray, shape (..., L_q, L_k)
+
+    Notes
+    -----
+    ``s[..., i, j] = scale * sum_d q[..., i, d] k[..., j, d] (+ mask[..., i, j])``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> fastattn.scores(np.ones((2, 4)), np.ones((3, 4)), causal=True)
+    array([[ 2.,  2., -inf],
+           [ 2.,  2.,  2.]])
+    """
+    p = _plan(q, k, None, mask, causal, scale)
+    shape = p.batch + (p.n_queries, p.n_keys)
+    result = np.empty((p.n_batch, p.n_queries, p.n_keys), p.compute)
+    if result.size:
+        q_, k_, add_mask, bool_mask, q_index, kv_index, mask_index = _kernel_inputs(p)
+        _kernels.scores(q_, k_, add_mask, bool_mask, q_index, kv_index, mask_index,
+                        p.mask_kind, p.causal, p.scale, result)
+    return _finish(result.reshape(shape), p.result_dtype, None)
+
+
+def _attention(p, return_weights, return_lse, out, num_threads):
+    """Run the fused kernel for a plan; returns (out, weights or None, lse or None)."""
+    compute = p.compute
+    n_threads = _check_threads(num_threads)
+    out_shape = p.batch + (p.n_queries, p.d_v)
+    if out is not None:
+        _check_out(out, out_shape, p.result_dtype, p.named)
+    flat = (p.n_batch, p.n_queries, p.d_v)
+    target = _kernel_target(out, flat, compute)
+    lse = np.full((p.n_batch, p.n_queries), -np.inf, compute)
+    weights = None
+    if p.n_batch == 0 or p.n_queries == 0:
+        pass
+    elif p.n_keys == 0:
+        target[...] = 0  # no key to attend to: every query is fully masked
+    else:
+        q, k, add_mask, bool_mask, q_index, kv_index, mask_index = _kernel_inputs(p)
+        v = _contiguous(p.v, compute).reshape(-1, p.n_keys, p.d_v)
+        kernel_out = target
+        if p.d_v == 0:
+            # Nothing to average, but lse still needs the pass: use one zero column.
+            v = np.zeros(v.shape[:-1] + (1,), compute)
+            kernel_out = np.empty(flat[:-1] + (1,), compute)
+        d_v = v.shape[-1]
+        q_block = min(_Q_BLOCK, p.n_queries)
+        k_block = min(_K_BLOCK, p.n_keys)
+        n_work = p.n_batch * -(-p.n_queries // q_block)
+        flops = 2.0 * p.n_batch * p.n_queries * p.n_keys * (q.shape[-1] + d_v)
+        n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_work)
+        scratch = np.empty((n_threads, q_block * k_block + q_block * d_v + q_block), compute)
+        l_scratch = np.empty((n_threads, q_block), np.float64)
+        mnk = q_block * k_block * max(q.shape[-1], d_v)
+        with _blas_guard(mnk):
+            _kernels.attention(q, k, v, add_mask, bool_mask, q_index, kv_index, mask_index,
+                               p.mask_kind, p.causal, p.scale, kernel_out, lse, return_lse,
+                               q_block, k_block, n_threads, scratch, l_scratch)
+        if return_weights:
+            w = np.empty((p.n_batch, p.n_queries, p.n_keys), compute)
+            _kernels.scores(q, k, add_mask, bool_mask, q_index, kv_index, mask_index,
+                            p.mask_kind, p.causal, p.scale, w)
+            _kernels.softmax(w.reshape(-1, p.n_keys), w.reshape(-1, p.n_keys), False, True,
+                             n_threads)
+            weights = w
+    if return_weights and weights is None:
+        weights = np.zeros((p.n_batch, p.n_queries, p.n_keys), compute)
+    result = _finish(target.reshape(out_shape), p.result_dtype, out)
+    if weights is not None:
+        weights = _finish(weights.reshape(p.batch + (p.n_queries, p.n_keys)), p.result_dtype, None)
+    return result, weights, lse.reshape(p.batch + (p.n_queries,))
+
+
+def _pack(result, weights, lse, return_weights, return_lse):
+    if not (return_weights or return_lse):
+        return result
+    extra = ([weights] if return_weights else []) + ([lse] if return_lse else [])
+    return (result, *extra)
+
+
+def attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False,
+              return_lse=False, out=None, num_threads=None):
+    """Scaled dot-product attention, fused: ``softmax(scale q k^T + mask) v``.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., L_q, D)
+    k : array_like, shape (..., L_k, D)
+    v : array_like, shape (..., L_k, D_v)
+        Leading dimensions broadcast as in NumPy. When the head axis (-3) of ``k``/``v``
+        divides that of ``q``, query head ``h`` reads key/value head ``h // (H_q / H_kv)``
+        (grouped-query attention), without copying them.
+    mask : array_like, bool or float, broadcastable to (..., L_q, L_k), optional
+        Boolean: True = may attend (PyTorch's convention). Float: added to the scores.
+    causal : bool, default False
+        Query ``i`` sees keys ``j <= i + (L_k - L_q)``: aligned bottom-right, as in
+        FlashAttention 2.1+ and as decoding with a cache needs (top-left when L_q == L_k).
+    scale : float, optional
+        Defaults to ``1 / sqrt(D)`` (1 when ``D == 0``).
+    return_weights : bool, default False
+        Also return the attention weights, shape (..., L_q, L_k) (this builds them).
+    return_lse : bool, default False
+        Also return ``log sum_j exp(s_ij)`` per query, shape (..., L_q), in the compute
+        dtype (float32 for float16 inputs); ``-inf`` for a fully masked query.
+    out : ndarray, shape (..., L_q, D_v), optional
+        Where to write the output; exact shape and dtype required.
+    num_threads : int, optional
+        OpenMP threads; defaults to OpenMP's (``OMP_NUM_THREADS``). Results are bitwise
+        identical for any value.
+
+    Returns
+    -------
+    out : ndarray, shape (..., L_q, D_v)
+    weights : ndarray, shape (..., L_q, L_k), if ``return_weights``
+    lse : ndarray, shape (..., L_q), if ``return_lse``
+
+    Notes
+    -----
+    ``out_i = sum_j p_ij v_j`` with ``p_ij = exp(s_ij - m_i) / sum_j exp(s_ij - m_i)``,
+    ``s_ij = scale q_i . k_j`` (+ mask), computed by an online softmax over key blocks
+    without building the L_q x L_k matrix. A query whose keys are all masked gets zeros
+    (never NaN). NaN or +inf reaching a visible score makes that query's row NaN. A key
+    hidden by a boolean or causal mask has weight exactly 0 whatever its score; whether a
+    NaN in a hidden key's value reaches the output is unspecified (0 * NaN in the GEMM).
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> q = np.array([[1.0, 0.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> v = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> fastattn.attention(q, k, v, scale=0.0)
+    array([[2., 3.]])
+    """
+    return_weights = _check_flag("return_weights", return_weights)
+    return_lse = _check_flag("return_lse", return_lse)
+    p = _plan(q, k, v, mask, causal, scale)
+    return _pack(*_attention(p, return_weights, return_lse, out, num_threads),
+                 return_weights, return_lse)
+
+
+def _project_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v):
+    """q, k, v projections of x (..., d_model), reading x once. Arrays, compute dtype."""
+    x = _as_array("x", x)
+    ws = [("w_q", _as_array("w_q", w_q)), ("w_k", _as_array("w_k", w_k)),
+          ("w_v", _as_array("w_v", w_v))]
+    bs = [(name, None if b is None else _as_array(name, b))
+          for name, b in (("b_q", b_q), ("b_k", b_k), ("b_v", b_v))]
+    named = [("x", x)] + ws + [(n, b) for n, b in bs if b is not None]
+    compute, result_dtype = _dtypes(named)
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., L, d_model), got x.shape={x.shape}")
+    d_model = x.shape[-1]
+    for (name, w), (bname, b) in zip(ws, bs):
+        if w.ndim != 2 or w.shape[0] != d_model:
+            raise ValueError(
+                f"{name} must have shape (d_model, d_out) with d_model = {d_model} from "
+                f"x.shape={x.shape}, got {name}.shape={w.shape}"
+            )
+        if b is not None and b.shape != (w.shape[1],):
+            raise ValueError(f"{bname} must have shape ({w.shape[1]},) to match {name}.shape={w.shape}, got {bname}.shape={b.shape}")
+    if ws[0][1].shape[1] != ws[1][1].shape[1]:
+        raise ValueError(
+            f"w_q and w_k must give the same head dimension, got w_q.shape={ws[0][1].shape} "
+            f"and w_k.shape={ws[1][1].shape}"
+        )
+    n_rows = math.prod(x.shape[:-1])
+    if max(n_rows, d_model, *(w.shape[1] for _, w in ws)) > _INT_MAX:
+        raise ValueError(f"dimensions above 2**31 - 1 are not supported, got x.shape={x.shape}")
+    outs = [np.empty((n_rows, w.shape[1]), compute) for _, w in ws]
+    if n_rows and d_model:
+        x2 = _contiguous(x, compute).reshape(n_rows, d_model)
+        w2 = [_contiguous(w, compute) if w.shape[1] else np.zeros((d_model, 1), compute) for _, w in ws]
+        outs_k = [o if o.shape[1] else np.empty((n_rows, 1), compute) for o in outs]
+        b2 = [_contiguous(b, compute) if b is not None and b.size else np.zeros(1, compute) for _, b in bs]
+        has = [b is not None and b.size > 0 for _, b in bs]
+        row_block = max(1, (256 * 1024) // (d_model * compute.itemsize))
+        _kernels.project_qkv(x2, *w2, *b2, *has, row_block, *outs_k)
+    elif n_rows:
+        for o, (_, b) in zip(outs, bs):
+            o[...] = 0 if b is None else _contiguous(b, compute)
+    lead = x.shape[:-1]
+    return [o.reshape(lead + (o.shape[1],)) for o in outs], named, result_dtype
+
+
+def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
+                   causal=False, scale=None, return_weights=False, return_lse=False,
+                   out=None, num_threads=None):
+    """Single-head self-attention from embeddings: project, then attend.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., L, d_model)
+        Embeddings of a sequence; a 1-D ``x`` is one token (and the query axis is dropped
+        from the results).
+    w_q, w_k : array_like, shape (d_model, d_head)
+    w_v : array_like, shape (d_model, d_v)
+    b_q, b_k, b_v : array_like, optional
+        Biases of the projections.
+    mask, causal, scale, return_weights, return_lse, out, num_threads
+        As in :func:`attention`.
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, d_v)
+        And the weights and lse when asked, as in :func:`attention`.
+
+    Notes
+    -----
+    ``q, k, v = x W_q + b_q, x W_k + b_k, x W_v + b_v`` (one pass over ``x``), then
+    ``attention(q, k, v)``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> x = np.array([0.2, 0.7, 0.4])
+    >>> w_q = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]])
+    >>> w_k = np.array([[0.3, 0.1, 0.5], [0.6, 0.4, 0.2], [0.9, 0.7, 0.8]])
+    >>> w_v = np.array([[0.5, 0.6, 0.7], [0.1, 0.2, 0.3], [0.9, 0.8, 0.4]])
+    >>> fastattn.self_attention(x, w_q, w_k, w_v).round(12)
+    array([0.53, 0.58, 0.51])
+    """
+    return_weights = _check_flag("return_weights", return_weights)
+    return_lse = _check_flag("return_lse", return_lse)
+    (q, k, v), named, result_dtype = _project_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v)
+    one_token = q.ndim == 1
+    user_out = out
+    if one_token:
+        q, k, v = q[None], k[None], v[None]
+        if out is not None:
+            _check_out(out, (v.shape[-1],), result_dtype, named)
+            out = out[None]
+    p = _plan(q, k, v, mask, causal, scale, extra_named=named)
+    p.result_dtype = result_dtype
+    result, weights, lse = _attention(p, return_weights, return_lse, out, num_threads)
+    if one_token:
+        result, lse = result[0], lse[0]
+        weights = weights[0] if weights is not None else None
+    if user_out is not None:
+        result = user_out
+    return _pack(result, weights, lse, return_weights, return_lse)

@@ -1,0 +1,314 @@
+"""The pure-Python twin of fastattn's API: nested lists in, nested lists out.
+
+Design: this module is the oracle the kernels are tested against, so it shares nothing
+with them: no NumPy, only lists and ``math``, written for clarity rather than speed
+(sizes of a few dozen per axis). Sums are ``math.fsum`` (correctly rounded) wherever the
+terms are finite. It follows the semantics of ../shared/DESIGN.md literally:
+
+- a key hidden from a query (boolean mask False, causal, or a score of -inf) has weight 0
+  and is left out of the sums;
+- a query with no visible key gets zeros and a log-sum-exp of -inf;
+- a visible score that is NaN or +inf makes the query's row NaN;
+- ``softmax`` of a row that is all -inf, or holds +inf or NaN, is NaN (as SciPy).
+
+Inputs may be nested lists/tuples of numbers (or anything with ``tolist()``).
+"""
+
+import math
+
+__all__ = ["project", "scores", "softmax", "log_softmax", "attention", "self_attention"]
+
+_NAN = float("nan")
+_INF = float("inf")
+
+
+# --------------------------------------------------------------------------- nested arrays
+
+def _flatten(a):
+    """(flat list, shape) of a nested list; ValueError if ragged."""
+    if hasattr(a, "tolist"):
+        a = a.tolist()
+    if not isinstance(a, (list, tuple)):
+        return [a], ()
+    if not a:
+        return [], (0,)
+    parts = [_flatten(x) for x in a]
+    inner = parts[0][1]
+    if any(s != inner for _, s in parts):
+        raise ValueError("ragged nested list")
+    flat = [x for f, _ in parts for x in f]
+    return flat, (len(a),) + inner
+
+
+def _nest(flat, shape):
+    """Nested list of a shape from a row-major flat list."""
+    if not shape:
+        return flat[0]
+    if len(shape) == 1:
+        return list(flat)
+    step = math.prod(shape[1:])
+    return [_nest(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def _indices(shape):
+    """All index tuples of a shape, row-major."""
+    if not shape:
+        yield ()
+        return
+    for i in range(shape[0]):
+        for rest in _indices(shape[1:]):
+            yield (i,) + rest
+
+
+def _broadcast_shapes(*shapes):
+    n = max((len(s) for s in shapes), default=0)
+    result = []
+    for axis in range(n):
+        sizes = {s[axis - n + len(s)] for s in shapes if axis - n + len(s) >= 0}
+        sizes.discard(1)
+        if len(sizes) > 1:
+            raise ValueError(f"shapes {shapes} do not broadcast")
+        result.append(sizes.pop() if sizes else 1)
+    return tuple(result)
+
+
+def _offset(shape, index):
+    """Row-major position in an array of `shape` read at a broadcast `index`."""
+    index = index[len(index) - len(shape):]
+    pos = 0
+    for size, i in zip(shape, index):
+        pos = pos * size + (i if size != 1 else 0)
+    return pos
+
+
+def _sum(xs):
+    """Correctly rounded sum when it can be; plain IEEE sum with inf/NaN."""
+    xs = list(xs)
+    try:
+        return math.fsum(xs)
+    except (ValueError, OverflowError):
+        total = 0.0
+        for x in xs:
+            total += x
+        return total
+
+
+def _dot(a, b):
+    return _sum(x * y for x, y in zip(a, b))
+
+
+def _matrix(flat, shape, batch_pos):
+    """Rows of the trailing (rows, cols) matrix at a batch position."""
+    rows, cols = shape[-2], shape[-1]
+    start = batch_pos * rows * cols
+    return [flat[start + r * cols:start + (r + 1) * cols] for r in range(rows)]
+
+
+# --------------------------------------------------------------------------- projection
+
+def project(x, w, b=None):
+    """``x @ w + b`` for x (..., d_in), w (d_in, d_out), b (d_out,)."""
+    xf, xs = _flatten(x)
+    wf, ws = _flatten(w)
+    d_in, d_out = ws
+    if xs[-1] != d_in:
+        raise ValueError("x and w disagree on d_in")
+    bias = _flatten(b)[0] if b is not None else [0.0] * d_out
+    cols = [[wf[i * d_out + j] for i in range(d_in)] for j in range(d_out)]
+    out = []
+    for r in range(len(xf) // d_in if d_in else math.prod(xs[:-1])):
+        row = xf[r * d_in:(r + 1) * d_in]
+        out.extend(_dot(row, cols[j]) + bias[j] for j in range(d_out))
+    return _nest(out, xs[:-1] + (d_out,))
+
+
+# --------------------------------------------------------------------------- softmax
+
+def _softmax_vec(x, log_out=False):
+    if any(math.isnan(v) for v in x):
+        return [_NAN] * len(x)
+    if not x:
+        return []
+    m = max(x)
+    if math.isinf(m):  # all -inf, or +inf present: inf - inf
+        return [_NAN] * len(x)
+    e = [math.exp(v - m) for v in x]
+    total = math.fsum(e)
+    if log_out:
+        shift = m + math.log(total)
+        return [v - shift for v in x]
+    return [v / total for v in e]
+
+
+def _along_axis(x, axis, fn):
+    flat, shape = _flatten(x)
+    if not shape:
+        raise ValueError("axis out of bounds for a 0-d input")
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis {axis} out of bounds for {len(shape)} dimensions")
+    axis %= len(shape)
+    n = shape[axis]
+    stride = math.prod(shape[axis + 1:])
+    out = [0.0] * len(flat)
+    other = shape[:axis] + shape[axis + 1:]
+    for idx in _indices(other):
+        base = 0
+        full = idx[:axis] + (0,) + idx[axis:]
+        for size, i in zip(shape, full):
+            base = base * size + i
+        positions = [base + j * stride for j in range(n)]
+        for pos, v in zip(positions, fn([flat[pos] for pos in positions])):
+            out[pos] = v
+    return _nest(out, shape)
+
+
+def softmax(x, axis=-1):
+    """Stable softmax along `axis`."""
+    return _along_axis(x, axis, _softmax_vec)
+
+
+def log_softmax(x, axis=-1):
+    """Stable log-softmax along `axis`."""
+    return _along_axis(x, axis, lambda v: _softmax_vec(v, log_out=True))
+
+
+# --------------------------------------------------------------------------- attention
+
+def _is_bool_mask(flat):
+    return all(isinstance(v, bool) for v in flat)
+
+
+def _row_scores(q_row, keys, scale, i, n_queries, mask_row, mask_is_bool, causal):
+    n_keys = len(keys)
+    s = []
+    for j, k_row in enumerate(keys):
+        hidden = causal and j > i + (n_keys - n_queries)
+        if mask_row is not None and mask_is_bool and not mask_row[j]:
+            hidden = True
+        if hidden:
+            s.append(-_INF)
+            continue
+        value = scale * _dot(q_row, k_row)
+        if mask_row is not None and not mask_is_bool:
+            value = value + mask_row[j]
+        s.append(value)
+    return s
+
+
+def _prepare(q, k, v, mask, scale):
+    qf, qs = _flatten(q)
+    kf, ks = _flatten(k)
+    vf, vs = _flatten(v) if v is not None else (None, None)
+    if len(qs) < 2 or len(ks) < 2 or (vs is not None and len(vs) < 2):
+        raise ValueError("q, k and v need at least 2 dimensions")
+    if qs[-1] != ks[-1]:
+        raise ValueError("q and k disagree on D")
+    if vs is not None and vs[-2] != ks[-2]:
+        raise ValueError("k and v disagree on L_k")
+    qb, kb = qs[:-2], ks[:-2]
+    vb = vs[:-2] if vs is not None else kb
+    kvb = _broadcast_shapes(kb, vb)
+    group = 1
+    kv_heads_as = kvb
+    if qb and kvb and kvb[-1] not in (1, qb[-1]):
+        if qb[-1] % kvb[-1]:
+            raise ValueError("k/v heads must divide q heads")
+        group = qb[-1] // kvb[-1]
+        kv_heads_as = kvb[:-1] + (qb[-1],)
+    if mask is not None:
+        mf, ms = _flatten(mask)
+        mb = ms[:-2] if len(ms) > 2 else ()
+    else:
+        mf, ms, mb = None, None, ()
+    batch = _broadcast_shapes(qb, kv_heads_as, mb)
+    n_q, d = qs[-2], qs[-1]
+    n_k = ks[-2]
+    if ms is not None:
+        _broadcast_shapes(ms[-2:] if len(ms) >= 2 else ms, (n_q, n_k))
+    scale = (1.0 / math.sqrt(d) if d else 1.0) if scale is None else float(scale)
+
+    def kv_index(idx, shape):
+        if group > 1:
+            idx = idx[:-1] + (idx[-1] // group,)
+        return _offset(shape[:-2], idx)
+
+    def mask_rows(idx):
+        if mf is None:
+            return None
+        return [[mf[_offset(ms, idx + (i, j))] for j in range(n_k)] for i in range(n_q)]
+
+    cases = []
+    for idx in _indices(batch):
+        qm = _matrix(qf, qs, _offset(qb, idx))
+        km = _matrix(kf, ks, kv_index(idx, ks))
+        vm = _matrix(vf, vs, kv_index(idx, vs)) if vs is not None else None
+        cases.append((qm, km, vm, mask_rows(idx)))
+    mask_is_bool = mf is not None and _is_bool_mask(mf)
+    return cases, batch, n_q, n_k, (vs[-1] if vs is not None else 0), scale, mask_is_bool
+
+
+def scores(q, k, *, scale=None, mask=None, causal=False):
+    """Scaled, masked dot-product scores, shape (..., L_q, L_k)."""
+    cases, batch, n_q, n_k, _, scale, mask_is_bool = _prepare(q, k, None, mask, scale)
+    flat = []
+    for qm, km, _, mrows in cases:
+        for i in range(n_q):
+            flat.extend(_row_scores(qm[i], km, scale, i, n_q,
+                                    mrows[i] if mrows else None, mask_is_bool, causal))
+    return _nest(flat, batch + (n_q, n_k))
+
+
+def _attend_row(s, values, d_v):
+    """(output row, weights, lse) of one query from its scores."""
+    if any(math.isnan(x) for x in s):
+        return [_NAN] * d_v, [_NAN] * len(s), _NAN
+    visible = [j for j, x in enumerate(s) if x != -_INF]
+    if not visible:
+        return [0.0] * d_v, [0.0] * len(s), -_INF
+    m = max(s[j] for j in visible)
+    if m == _INF:
+        return [_NAN] * d_v, [_NAN] * len(s), _NAN
+    p = {j: math.exp(s[j] - m) for j in visible}
+    total = math.fsum(p.values())
+    out = [_sum(p[j] * values[j][c] for j in visible) / total for c in range(d_v)]
+    weights = [p[j] / total if j in p else 0.0 for j in range(len(s))]
+    return out, weights, m + math.log(total)
+
+
+def attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False,
+              return_lse=False):
+    """softmax(scale q k^T + mask) v with fastattn's semantics (see the module docstring)."""
+    cases, batch, n_q, n_k, d_v, scale, mask_is_bool = _prepare(q, k, v, mask, scale)
+    outs, weights, lses = [], [], []
+    for qm, km, vm, mrows in cases:
+        for i in range(n_q):
+            s = _row_scores(qm[i], km, scale, i, n_q, mrows[i] if mrows else None,
+                            mask_is_bool, causal)
+            o, w, lse = _attend_row(s, vm, d_v)
+            outs.extend(o)
+            weights.extend(w)
+            lses.append(lse)
+    result = [_nest(outs, batch + (n_q, d_v))]
+    if return_weights:
+        result.append(_nest(weights, batch + (n_q, n_k)))
+    if return_lse:
+        result.append(_nest(lses, batch + (n_q,)))
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
+                   causal=False, scale=None, return_weights=False, return_lse=False):
+    """Project x into q, k, v and attend; a 1-D x is one token."""
+    flat, shape = _flatten(x)
+    one_token = len(shape) == 1
+    if one_token:
+        x = [flat]
+    q, k, v = project(x, w_q, b_q), project(x, w_k, b_k), project(x, w_v, b_v)
+    result = attention(q, k, v, mask=mask, causal=causal, scale=scale,
+                       return_weights=return_weights, return_lse=return_lse)
+    if not one_token:
+        return result
+    if isinstance(result, tuple):
+        return tuple(r[0] for r in result)
+    return result[0]
+
