@@ -483,8 +483,8 @@ def _kernel_inputs(p):
     """The contiguous, compute-dtype arrays and index maps the kernels read."""
     compute = p.compute
     d_head = p.d_head
-    q = _contiguous(p.q, compute).reshape(-1, p.n_queries, d_head)
-    k = _contiguous(p.k, compute).reshape(-1, p.n_keys, d_head)
+    q = _contiguous(p.q, compute).reshape(math.prod(p.q_batch), p.n_queries, d_head)
+    k = _contiguous(p.k, compute).reshape(math.prod(p.kv_batch), p.n_keys, d_head)
     if d_head == 0:
         # An empty dot product is 0: give BLAS one zero column instead of a zero dimension.
         q = np.zeros(q.shape[:-1] + (1,), compute)
@@ -494,7 +494,7 @@ def _kernel_inputs(p):
     add_mask, bool_mask = empty_f, empty_b
     if p.mask_kind:
         full = np.broadcast_to(p.mask, p.mask_batch + (p.n_queries, p.n_keys))
-        full = full.reshape(-1, p.n_queries, p.n_keys)
+        full = full.reshape(math.prod(p.mask_batch), p.n_queries, p.n_keys)
         if p.mask_kind == 1:
             add_mask = _contiguous(full, compute)
         else:
@@ -564,7 +564,7 @@ def _attention(p, return_weights, return_lse, out, num_threads):
         target[...] = 0  # no key to attend to: every query is fully masked
     else:
         q, k, add_mask, bool_mask, q_index, kv_index, mask_index = _kernel_inputs(p)
-        v = _contiguous(p.v, compute).reshape(-1, p.n_keys, p.d_v)
+        v = _contiguous(p.v, compute).reshape(math.prod(p.kv_batch), p.n_keys, p.d_v)
         kernel_out = target
         if p.d_v == 0:
             # Nothing to average, but lse still needs the pass: use one zero column.

@@ -11,7 +11,8 @@ terms are finite. It follows the semantics of ../shared/DESIGN.md literally:
 - a visible score that is NaN or +inf makes the query's row NaN;
 - ``softmax`` of a row that is all -inf, or holds +inf or NaN, is NaN (as SciPy).
 
-Inputs may be nested lists/tuples of numbers (or anything with ``tolist()``).
+Inputs are nested lists/tuples of numbers, or array-likes with ``shape`` and ``tolist()``
+(read only through those two, so that empty axes keep their length).
 """
 
 import math
@@ -25,9 +26,12 @@ _INF = float("inf")
 # --------------------------------------------------------------------------- nested arrays
 
 def _flatten(a):
-    """(flat list, shape) of a nested list; ValueError if ragged."""
-    if hasattr(a, "tolist"):
-        a = a.tolist()
+    """(flat list, shape) of a nested list, or of an array-like with .shape and .tolist()
+    (whose shape survives empty axes, which nested lists lose); ValueError if ragged."""
+    if hasattr(a, "shape") and hasattr(a, "tolist"):
+        shape = tuple(a.shape)
+        flat, _ = _flatten(a.tolist())
+        return (flat if math.prod(shape) else []), shape
     if not isinstance(a, (list, tuple)):
         return [a], ()
     if not a:
@@ -38,6 +42,16 @@ def _flatten(a):
         raise ValueError("ragged nested list")
     flat = [x for f, _ in parts for x in f]
     return flat, (len(a),) + inner
+
+
+class _Shaped:
+    """A nested list that remembers its shape (nested lists forget empty axes)."""
+
+    def __init__(self, flat, shape):
+        self.shape, self._flat = shape, flat
+
+    def tolist(self):
+        return _nest(self._flat, self.shape)
 
 
 def _nest(flat, shape):
@@ -108,6 +122,10 @@ def _matrix(flat, shape, batch_pos):
 
 def project(x, w, b=None):
     """``x @ w + b`` for x (..., d_in), w (d_in, d_out), b (d_out,)."""
+    return _project(x, w, b).tolist()
+
+
+def _project(x, w, b):
     xf, xs = _flatten(x)
     wf, ws = _flatten(w)
     d_in, d_out = ws
@@ -119,7 +137,7 @@ def project(x, w, b=None):
     for r in range(len(xf) // d_in if d_in else math.prod(xs[:-1])):
         row = xf[r * d_in:(r + 1) * d_in]
         out.extend(_dot(row, cols[j]) + bias[j] for j in range(d_out))
-    return _nest(out, xs[:-1] + (d_out,))
+    return _Shaped(out, xs[:-1] + (d_out,))
 
 
 # --------------------------------------------------------------------------- softmax
@@ -301,9 +319,8 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
     """Project x into q, k, v and attend; a 1-D x is one token."""
     flat, shape = _flatten(x)
     one_token = len(shape) == 1
-    if one_token:
-        x = [flat]
-    q, k, v = project(x, w_q, b_q), project(x, w_k, b_k), project(x, w_v, b_v)
+    x = _Shaped(flat, (1,) + shape if one_token else shape)
+    q, k, v = _project(x, w_q, b_q), _project(x, w_k, b_k), _project(x, w_v, b_v)
     result = attention(q, k, v, mask=mask, causal=causal, scale=scale,
                        return_weights=return_weights, return_lse=return_lse)
     if not one_token:
