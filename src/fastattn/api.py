@@ -428,7 +428,7 @@ def _plan(q, k, v, mask, causal, scale, extra_named=()):
 
     # Grouped-query attention: query heads h share key/value head h // (H_q / H_kv).
     kv_ids = np.arange(math.prod(kv_batch), dtype=np.intp).reshape(kv_batch)
-    if q_batch and kv_batch and kv_batch[-1] not in (1, q_batch[-1]):
+    if q_batch and kv_batch and 1 not in (q_batch[-1], kv_batch[-1]) and kv_batch[-1] != q_batch[-1]:
         h_q, h_kv = q_batch[-1], kv_batch[-1]
         if h_kv == 0 or h_q % h_kv:
             raise ValueError(

@@ -228,7 +228,7 @@ def _prepare(q, k, v, mask, scale):
     kvb = _broadcast_shapes(kb, vb)
     group = 1
     kv_heads_as = kvb
-    if qb and kvb and kvb[-1] not in (1, qb[-1]):
+    if qb and kvb and 1 not in (qb[-1], kvb[-1]) and kvb[-1] != qb[-1]:
         if qb[-1] % kvb[-1]:
             raise ValueError("k/v heads must divide q heads")
         group = qb[-1] // kvb[-1]
