@@ -685,11 +685,6 @@ def _project_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v):
             )
         if b is not None and b.shape != (w.shape[1],):
             raise ValueError(f"{bname} must have shape ({w.shape[1]},) to match {name}.shape={w.shape}, got {bname}.shape={b.shape}")
-    if ws[0][1].shape[1] != ws[1][1].shape[1]:
-        raise ValueError(
-            f"w_q and w_k must give the same head dimension, got w_q.shape={ws[0][1].shape} "
-            f"and w_k.shape={ws[1][1].shape}"
-        )
     n_rows = math.prod(x.shape[:-1])
     if max(n_rows, d_model, *(w.shape[1] for _, w in ws)) > _INT_MAX:
         raise ValueError(f"dimensions above 2**31 - 1 are not supported, got x.shape={x.shape}")
@@ -749,6 +744,11 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
     return_weights = _check_flag("return_weights", return_weights)
     return_lse = _check_flag("return_lse", return_lse)
     (q, k, v), named, result_dtype = _project_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"w_q and w_k must give the same head dimension, got w_q.shape={np.shape(w_q)} "
+            f"and w_k.shape={np.shape(w_k)}"
+        )
     one_token = q.ndim == 1
     user_out = out
     if one_token:
