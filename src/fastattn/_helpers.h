@@ -16,6 +16,8 @@
 #ifndef FASTATTN_HELPERS_H
 #define FASTATTN_HELPERS_H
 
+#include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -28,10 +30,110 @@ static inline int fa_omp_thread_num(void) { return omp_get_thread_num(); }
 static inline int fa_openmp_enabled(void) { return 0; }
 static inline int fa_omp_max_threads(void) { return 1; }
 static inline int fa_omp_thread_num(void) { return 0; }
+/* Row reductions for the softmax, written so that GCC vectorises them without
+ * -ffast-math: a floating-point max or sum across a row is a serial dependency that GCC
+ * will not reassociate, so these keep FA_LANES independent partial results, updated
+ * element-wise (which vectorises), and combine them in a fixed order at the end. The
+ * result is therefore deterministic, and NaN is ignored by the max (x > m is false) just
+ * as in the scalar loop. */
+#define FA_LANES 16
+
+#define FA_DEFINE_ROW_OPS(T, SUFFIX, EXP)                                              \
+static inline T fa_row_max_##SUFFIX(const T *x, ptrdiff_t n)                            \
+{                                                                                        \
+    T acc[FA_LANES];                                                                     \
+    for (int t = 0; t < FA_LANES; t++) acc[t] = -INFINITY;                               \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] = x[j + t] > acc[t] ? x[j + t] : acc[t]; \
+    T m = -INFINITY;                                                                     \
+    for (int t = 0; t < FA_LANES; t++) m = acc[t] > m ? acc[t] : m;                      \
+    for (; j < n; j++) m = x[j] > m ? x[j] : m;                                          \
+    return m;                                                                            \
+}                                                                                        \
+/* x[j] = exp(x[j] - shift) in place; returns the sum of the new x, in double. */        \
+static inline double fa_exp_shift_sum_##SUFFIX(T *x, ptrdiff_t n, T shift)              \
+{                                                                                        \
+    for (ptrdiff_t j = 0; j < n; j++) x[j] = EXP(x[j] - shift);                          \
+    double acc[FA_LANES] = {0};                                                          \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] += (double)x[j + t];                   \
+    double total = 0;                                                                    \
+    for (; j < n; j++) total += (double)x[j];                                            \
+    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                  \
+    return total;                                                                        \
+}                                                                                        \
+/* The sum of exp(x[j] - shift), x unchanged (for log_softmax). */                      \
+static inline double fa_exp_shift_total_##SUFFIX(const T *x, ptrdiff_t n, T shift)      \
+{                                                                                        \
+    double acc[FA_LANES] = {0};                                                          \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] += (double)EXP(x[j + t] - shift);      \
+    double total = 0;                                                                    \
+    for (; j < n; j++) total += (double)EXP(x[j] - shift);                               \
+    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                  \
+    return total;                                                                        \
+}
+
+FA_DEFINE_ROW_OPS(float, f, fa_expf)
+FA_DEFINE_ROW_OPS(double, d, fa_exp)
+
 #endif
 
 #ifndef FASTATTN_BUILD_FLAGS
 #define FASTATTN_BUILD_FLAGS ""
+/* Row reductions for the softmax, written so that GCC vectorises them without
+ * -ffast-math: a floating-point max or sum across a row is a serial dependency that GCC
+ * will not reassociate, so these keep FA_LANES independent partial results, updated
+ * element-wise (which vectorises), and combine them in a fixed order at the end. The
+ * result is therefore deterministic, and NaN is ignored by the max (x > m is false) just
+ * as in the scalar loop. */
+#define FA_LANES 16
+
+#define FA_DEFINE_ROW_OPS(T, SUFFIX, EXP)                                              \
+static inline T fa_row_max_##SUFFIX(const T *x, ptrdiff_t n)                            \
+{                                                                                        \
+    T acc[FA_LANES];                                                                     \
+    for (int t = 0; t < FA_LANES; t++) acc[t] = -INFINITY;                               \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] = x[j + t] > acc[t] ? x[j + t] : acc[t]; \
+    T m = -INFINITY;                                                                     \
+    for (int t = 0; t < FA_LANES; t++) m = acc[t] > m ? acc[t] : m;                      \
+    for (; j < n; j++) m = x[j] > m ? x[j] : m;                                          \
+    return m;                                                                            \
+}                                                                                        \
+/* x[j] = exp(x[j] - shift) in place; returns the sum of the new x, in double. */        \
+static inline double fa_exp_shift_sum_##SUFFIX(T *x, ptrdiff_t n, T shift)              \
+{                                                                                        \
+    for (ptrdiff_t j = 0; j < n; j++) x[j] = EXP(x[j] - shift);                          \
+    double acc[FA_LANES] = {0};                                                          \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] += (double)x[j + t];                   \
+    double total = 0;                                                                    \
+    for (; j < n; j++) total += (double)x[j];                                            \
+    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                  \
+    return total;                                                                        \
+}                                                                                        \
+/* The sum of exp(x[j] - shift), x unchanged (for log_softmax). */                      \
+static inline double fa_exp_shift_total_##SUFFIX(const T *x, ptrdiff_t n, T shift)      \
+{                                                                                        \
+    double acc[FA_LANES] = {0};                                                          \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] += (double)EXP(x[j + t] - shift);      \
+    double total = 0;                                                                    \
+    for (; j < n; j++) total += (double)EXP(x[j] - shift);                               \
+    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                  \
+    return total;                                                                        \
+}
+
+FA_DEFINE_ROW_OPS(float, f, fa_expf)
+FA_DEFINE_ROW_OPS(double, d, fa_exp)
+
 #endif
 static const char *fa_build_flags = FASTATTN_BUILD_FLAGS;
 static const int fa_debug_build = FASTATTN_DEBUG_BUILD;
@@ -99,5 +201,55 @@ static inline double fa_exp(double x)
     memcpy(&s2, &b2, sizeof s2);
     return p * s1 * s2;
 }
+
+/* Row reductions for the softmax, written so that GCC vectorises them without
+ * -ffast-math: a floating-point max or sum across a row is a serial dependency that GCC
+ * will not reassociate, so these keep FA_LANES independent partial results, updated
+ * element-wise (which vectorises), and combine them in a fixed order at the end. The
+ * result is therefore deterministic, and NaN is ignored by the max (x > m is false) just
+ * as in the scalar loop. */
+#define FA_LANES 16
+
+#define FA_DEFINE_ROW_OPS(T, SUFFIX, EXP)                                              \
+static inline T fa_row_max_##SUFFIX(const T *x, ptrdiff_t n)                            \
+{                                                                                        \
+    T acc[FA_LANES];                                                                     \
+    for (int t = 0; t < FA_LANES; t++) acc[t] = -INFINITY;                               \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] = x[j + t] > acc[t] ? x[j + t] : acc[t]; \
+    T m = -INFINITY;                                                                     \
+    for (int t = 0; t < FA_LANES; t++) m = acc[t] > m ? acc[t] : m;                      \
+    for (; j < n; j++) m = x[j] > m ? x[j] : m;                                          \
+    return m;                                                                            \
+}                                                                                        \
+/* x[j] = exp(x[j] - shift) in place; returns the sum of the new x, in double. */        \
+static inline double fa_exp_shift_sum_##SUFFIX(T *x, ptrdiff_t n, T shift)              \
+{                                                                                        \
+    for (ptrdiff_t j = 0; j < n; j++) x[j] = EXP(x[j] - shift);                          \
+    double acc[FA_LANES] = {0};                                                          \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] += (double)x[j + t];                   \
+    double total = 0;                                                                    \
+    for (; j < n; j++) total += (double)x[j];                                            \
+    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                  \
+    return total;                                                                        \
+}                                                                                        \
+/* The sum of exp(x[j] - shift), x unchanged (for log_softmax). */                      \
+static inline double fa_exp_shift_total_##SUFFIX(const T *x, ptrdiff_t n, T shift)      \
+{                                                                                        \
+    double acc[FA_LANES] = {0};                                                          \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] += (double)EXP(x[j + t] - shift);      \
+    double total = 0;                                                                    \
+    for (; j < n; j++) total += (double)EXP(x[j] - shift);                               \
+    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                  \
+    return total;                                                                        \
+}
+
+FA_DEFINE_ROW_OPS(float, f, fa_expf)
+FA_DEFINE_ROW_OPS(double, d, fa_exp)
 
 #endif

@@ -16,8 +16,12 @@ contiguous memory with the vectorisable exp of ``_helpers.h``.
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport log, INFINITY
+from libc.stdlib cimport free
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
+
+cdef extern from "<stdlib.h>" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)  # C11; size a multiple of alignment
 
 cdef extern from "_helpers.h" nogil:
     float fa_expf(float x)
@@ -26,6 +30,12 @@ cdef extern from "_helpers.h" nogil:
     int fa_omp_max_threads()
     const char *fa_build_flags
     const int fa_debug_build
+    float fa_row_max_f(const float *x, Py_ssize_t n)
+    double fa_row_max_d(const double *x, Py_ssize_t n)
+    double fa_exp_shift_sum_f(float *x, Py_ssize_t n, float shift)
+    double fa_exp_shift_sum_d(double *x, Py_ssize_t n, double shift)
+    double fa_exp_shift_total_f(const float *x, Py_ssize_t n, float shift)
+    double fa_exp_shift_total_d(const double *x, Py_ssize_t n, double shift)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -69,12 +79,31 @@ cdef inline void _gemv_rows(int d_in, int d_out, const floating *x, const floati
 
 cdef inline floating _row_max(const floating *x, Py_ssize_t n) noexcept nogil:
     """max(x), ignoring NaN; -inf for an empty or all -inf/NaN row."""
-    cdef floating m = -INFINITY
-    cdef Py_ssize_t j
-    for j in range(n):
-        if x[j] > m:
-            m = x[j]
-    return m
+    if floating is float:
+        return fa_row_max_f(x, n)
+    else:
+        return fa_row_max_d(x, n)
+
+
+cdef inline double _exp_shift_sum(floating *x, Py_ssize_t n, floating shift) noexcept nogil:
+    """x = exp(x - shift) in place; returns sum(x) in double."""
+    if floating is float:
+        return fa_exp_shift_sum_f(x, n, shift)
+    else:
+        return fa_exp_shift_sum_d(x, n, shift)
+
+
+cdef inline double _exp_shift_total(const floating *x, Py_ssize_t n, floating shift) noexcept nogil:
+    """sum(exp(x - shift)) in double, x unchanged."""
+    if floating is float:
+        return fa_exp_shift_total_f(x, n, shift)
+    else:
+        return fa_exp_shift_total_d(x, n, shift)
+
+
+cdef inline Py_ssize_t _round_up(Py_ssize_t n, Py_ssize_t multiple) noexcept nogil:
+    """The least multiple of `multiple` that is >= n."""
+    return (n + multiple - 1) // multiple * multiple
 
 
 # --------------------------------------------------------------------------- build facts
@@ -167,29 +196,37 @@ cdef inline void _mask_row(floating *s, Py_ssize_t n, Py_ssize_t visible,
         s[j] = -INFINITY
 
 
-def scores(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
-           const floating[:, :, ::1] add_mask, const unsigned char[:, :, ::1] bool_mask,
-           const Py_ssize_t[::1] q_index, const Py_ssize_t[::1] kv_index,
-           const Py_ssize_t[::1] mask_index, int mask_kind, bint causal, double scale,
+def scores(const floating[:, :, ::1] q, const floating[:, :, ::1] k, object mask,
+           const Py_ssize_t[:, ::1] index, bint causal, double scale,
            floating[:, :, ::1] out):
-    """out[b] = scale * q[q_index[b]] @ k[kv_index[b]].T, masked (-inf where hidden, + add_mask)."""
+    """out[b] = scale * q[i0] @ k[i1].T, masked by mask[i2] ((i0, i1, i2) = index[:, b]):
+    -inf where a uint8 mask is 0 or causal hides the key, + a float mask."""
     cdef Py_ssize_t n_batch = out.shape[0], n_queries = out.shape[1], n_keys = out.shape[2]
     cdef int d_head = <int> q.shape[2]
-    cdef Py_ssize_t b, i, mb, visible
+    cdef Py_ssize_t b, i, visible
     cdef Py_ssize_t offset = n_keys - n_queries
+    cdef int mask_kind = 0
+    cdef const floating[:, :, ::1] add_mask
+    cdef const unsigned char[:, :, ::1] bool_mask
     cdef const floating *add_row = NULL
     cdef const unsigned char *bool_row = NULL
+    if mask is not None:
+        if mask.dtype.itemsize == 1:
+            bool_mask = mask
+            mask_kind = 2
+        else:
+            add_mask = mask
+            mask_kind = 1
     with nogil:
         for b in range(n_batch):
             _gemm(True, <int> n_queries, <int> n_keys, d_head, <floating> scale,
-                  &q[q_index[b], 0, 0], d_head, &k[kv_index[b], 0, 0], d_head,
+                  &q[index[0, b], 0, 0], d_head, &k[index[1, b], 0, 0], d_head,
                   0, &out[b, 0, 0], <int> n_keys)
-            mb = mask_index[b]
             for i in range(n_queries):
                 if mask_kind == 1:
-                    add_row = &add_mask[mb, i, 0]
+                    add_row = &add_mask[index[2, b], i, 0]
                 elif mask_kind == 2:
-                    bool_row = &bool_mask[mb, i, 0]
+                    bool_row = &bool_mask[index[2, b], i, 0]
                 visible = i + offset + 1 if causal else n_keys
                 _mask_row(&out[b, i, 0], n_keys, visible, mask_kind, add_row, bool_row)
 
@@ -200,8 +237,8 @@ cdef inline void _softmax_row(const floating *x, floating *y, Py_ssize_t n,
                               bint log_out, bint zero_masked) noexcept nogil:
     """y = softmax(x) or log_softmax(x), stable; the sum of exp is kept in double."""
     cdef floating m = _row_max(x, n)
-    cdef double total = 0
-    cdef floating e, shift
+    cdef double total
+    cdef floating shift, inv
     cdef Py_ssize_t j
     if zero_masked and m == -INFINITY:
         for j in range(n):
@@ -209,19 +246,16 @@ cdef inline void _softmax_row(const floating *x, floating *y, Py_ssize_t n,
         return
     # With m = -inf (all -inf) or +inf, x - m is NaN: the row is NaN, as in SciPy.
     if log_out:
-        for j in range(n):
-            total += _exp(x[j] - m)
-        shift = <floating> (m + log(total))
+        shift = <floating> (m + log(_exp_shift_total(x, n, m)))
         for j in range(n):
             y[j] = x[j] - shift
     else:
+        if y != x:
+            for j in range(n):
+                y[j] = x[j]
+        inv = <floating> (1.0 / _exp_shift_sum(y, n, m))
         for j in range(n):
-            e = _exp(x[j] - m)
-            y[j] = e
-            total += e
-        e = <floating> (1.0 / total)
-        for j in range(n):
-            y[j] = y[j] * e
+            y[j] = y[j] * inv
 
 
 def softmax(const floating[:, ::1] x, floating[:, ::1] out, bint log_out,
@@ -245,8 +279,7 @@ cdef void _attend_block(
     softmax over key blocks; lse (if not NULL) gets m + log(l) per row."""
     cdef Py_ssize_t offset = n_keys - n_queries   # causal: query i sees keys j <= i + offset
     cdef Py_ssize_t k_end = n_keys, k_start, k_rows, i, j, gi
-    cdef floating m_new, m_use, alpha, p, inv
-    cdef double row_sum
+    cdef floating m_new, m_use, alpha, inv
     cdef floating *s_row
     cdef floating *o_row
     if causal:
@@ -280,12 +313,7 @@ cdef void _attend_block(
             m_use = m_new if m_new != -INFINITY else 0
             alpha = _exp(m_run[i] - m_use)
             m_run[i] = m_new
-            row_sum = 0
-            for j in range(k_rows):
-                p = _exp(s_row[j] - m_use)
-                s_row[j] = p
-                row_sum += p
-            l_run[i] = l_run[i] * alpha + row_sum
+            l_run[i] = l_run[i] * alpha + _exp_shift_sum(s_row, k_rows, m_use)
             if alpha != 1:
                 o_row = o_acc + i * d_v
                 for j in range(d_v):
@@ -311,41 +339,62 @@ cdef void _attend_block(
 
 
 def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
-              const floating[:, :, ::1] v,
-              const floating[:, :, ::1] add_mask, const unsigned char[:, :, ::1] bool_mask,
-              const Py_ssize_t[::1] q_index, const Py_ssize_t[::1] kv_index,
-              const Py_ssize_t[::1] mask_index, int mask_kind, bint causal, double scale,
-              floating[:, :, ::1] out, floating[:, ::1] lse, bint want_lse,
-              Py_ssize_t q_block, Py_ssize_t k_block, int n_threads,
-              floating[:, ::1] scratch, double[:, ::1] l_scratch):
-    """out[b] = softmax(scale q[q_index[b]] k[kv_index[b]].T + mask) v[kv_index[b]], fused.
+              const floating[:, :, ::1] v, object mask, const Py_ssize_t[:, ::1] index,
+              bint causal, double scale, floating[:, :, ::1] out, floating[:, ::1] lse,
+              Py_ssize_t q_block, Py_ssize_t k_block, int n_threads):
+    """out[b] = softmax(scale q[i0] k[i1].T + mask[i2]) v[i1], (i0, i1, i2) = index[:, b], fused.
 
-    Work is split over (batch entry, query block); each item is computed start to end by
-    one thread with the same block sizes, so results do not depend on the thread count.
-    scratch holds, per thread, q_block*k_block + q_block*d_v + q_block values.
+    mask is None, a float array (added to the scores) or a uint8 array (0 = hidden), of
+    shape (n_masks, n_queries, n_keys). Work is split over (batch entry, query block);
+    each item is computed start to end by one thread with the same block sizes, so results
+    do not depend on the thread count. Returns 0, or -1 if the scratch cannot be allocated.
     """
     cdef Py_ssize_t n_batch = out.shape[0], n_queries = out.shape[1], d_v = out.shape[2]
     cdef Py_ssize_t n_keys = k.shape[1], d_head = q.shape[2]
     cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
     cdef Py_ssize_t n_work = n_batch * n_qblocks
+    # Per thread: the score tile, the output accumulator, the running max, then the
+    # running sum in double; each thread's part and the doubles start 64-byte aligned.
+    cdef Py_ssize_t l_offset = _round_up(q_block * (k_block + d_v + 1), 64 // sizeof(floating))
+    cdef Py_ssize_t per_thread = _round_up(l_offset + 2 * q_block, 64 // sizeof(floating))
     cdef Py_ssize_t w, b, q_start, tid
+    cdef int mask_kind = 0
+    cdef const floating[:, :, ::1] add_mask
+    cdef const unsigned char[:, :, ::1] bool_mask
+    cdef const floating *add_base = NULL
+    cdef const unsigned char *bool_base = NULL
+    cdef Py_ssize_t mask_stride = n_queries * n_keys
+    cdef floating *scratch
     cdef floating *buf
-    cdef const floating *add_ptr
-    cdef const unsigned char *bool_ptr
-    for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static', chunksize=1):
-        tid = threadid()
-        b = w // n_qblocks
-        q_start = (w % n_qblocks) * q_block
-        buf = &scratch[tid, 0]
-        add_ptr = &add_mask[mask_index[b], 0, 0] if mask_kind == 1 else NULL
-        bool_ptr = &bool_mask[mask_index[b], 0, 0] if mask_kind == 2 else NULL
-        _attend_block(&q[q_index[b], 0, 0], &k[kv_index[b], 0, 0], &v[kv_index[b], 0, 0],
-                      add_ptr, bool_ptr, mask_kind,
-                      q_start, min(q_block, n_queries - q_start), n_queries, n_keys,
-                      d_head, d_v, k_block, causal, <floating> scale,
-                      buf, buf + q_block * k_block, buf + q_block * k_block + q_block * d_v,
-                      &l_scratch[tid, 0],
-                      &out[b, 0, 0], &lse[b, 0] if want_lse else NULL)
+    if mask is not None:
+        if mask.dtype.itemsize == 1:
+            bool_mask = mask
+            bool_base = &bool_mask[0, 0, 0]
+            mask_kind = 2
+        else:
+            add_mask = mask
+            add_base = &add_mask[0, 0, 0]
+            mask_kind = 1
+    scratch = <floating*> aligned_alloc(64, n_threads * per_thread * sizeof(floating))
+    if scratch == NULL:
+        return -1
+    try:
+        for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static', chunksize=1):
+            tid = threadid()
+            b = w // n_qblocks
+            q_start = (w % n_qblocks) * q_block
+            buf = scratch + tid * per_thread
+            _attend_block(&q[index[0, b], 0, 0], &k[index[1, b], 0, 0], &v[index[1, b], 0, 0],
+                          add_base + index[2, b] * mask_stride if mask_kind == 1 else NULL,
+                          bool_base + index[2, b] * mask_stride if mask_kind == 2 else NULL,
+                          mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
+                          n_keys, d_head, d_v, k_block, causal, <floating> scale,
+                          buf, buf + q_block * k_block, buf + q_block * k_block + q_block * d_v,
+                          <double*> (buf + l_offset),
+                          &out[b, 0, 0], &lse[b, 0])
+    finally:
+        free(scratch)
+    return 0
 
 
 # --------------------------------------------------------------------------- testing aid

@@ -7,6 +7,7 @@ grouped-query heads become index arrays instead of copies, and every bad input r
 ``ValueError`` or ``TypeError`` that names the argument. The kernels never raise.
 """
 
+import functools
 import math
 import numbers
 import operator
@@ -67,9 +68,14 @@ def _as_array(name, a):
 
 def _dtypes(named):
     """Compute and result dtypes for several (name, array) pairs, promoting as NumPy does."""
+    return _dtypes_of(tuple(name for name, _ in named), tuple(a.dtype for _, a in named))
+
+
+@functools.lru_cache(maxsize=256)
+def _dtypes_of(names, dtypes):
     computes, results = [], []
-    for name, a in named:
-        c, r = _dtype_pair(name, a.dtype)
+    for name, dtype in zip(names, dtypes):
+        c, r = _dtype_pair(name, dtype)
         computes.append(c)
         results.append(r)
     compute = np.dtype(np.float64) if np.dtype(np.float64) in computes else np.dtype(np.float32)
@@ -159,7 +165,7 @@ def _kernel_target(out, shape, compute):
 def _batch_index(batch_shape, out_batch):
     """For each entry of the broadcast batch, the index of the stored entry it reads."""
     ids = np.arange(math.prod(batch_shape), dtype=np.intp).reshape(batch_shape)
-    return np.ascontiguousarray(np.broadcast_to(ids, out_batch).reshape(-1))
+    return np.broadcast_to(ids, out_batch).reshape(-1)
 
 
 def _broadcast(shapes, what):
@@ -391,40 +397,30 @@ class _Plan:
     """Everything the score and attention kernels need, after validation."""
 
 
-def _plan(q, k, v, mask, causal, scale, extra_named=()):
-    """Validate q, k, (v), mask; work out broadcasting, grouped-query heads and dtypes."""
-    q = _as_array("q", q)
-    k = _as_array("k", k)
-    named = [("q", q), ("k", k)]
-    if v is not None:
-        v = _as_array("v", v)
-        named.append(("v", v))
-    if mask is not None:
-        mask = _as_array("mask", mask)
-    causal = _check_flag("causal", causal)
-    compute, result_dtype = _dtypes(named)
-    for name, a in named:
-        if a.ndim < 2:
+@functools.lru_cache(maxsize=256)
+def _layout(q_shape, k_shape, v_shape, mask_shape):
+    """The shape logic of scores/attention: batch broadcasting, grouped-query heads and
+    the index maps. It depends on shapes only, so it is cached: a decoding loop calling
+    with the same shapes pays for it once. The index arrays are read-only (shared)."""
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if shape is not None and len(shape) < 2:
             want = "(..., L_k, D_v)" if name == "v" else f"(..., L_{name}, D)"
-            raise ValueError(f"{name} must have at least 2 dimensions {want}, got {name}.shape={a.shape}")
-    if q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"{name} must have at least 2 dimensions {want}, got {name}.shape={shape}")
+    if q_shape[-1] != k_shape[-1]:
         raise ValueError(
-            f"q and k must have the same head dimension D, got q.shape={q.shape} and k.shape={k.shape}"
+            f"q and k must have the same head dimension D, got q.shape={q_shape} and k.shape={k_shape}"
         )
-    n_queries, d_head = q.shape[-2:]
-    n_keys = k.shape[-2]
-    kv_batch = k.shape[:-2]
-    if v is not None:
-        if v.shape[-2] != n_keys:
+    n_queries, d_head = q_shape[-2:]
+    n_keys = k_shape[-2]
+    kv_batch = k_shape[:-2]
+    if v_shape is not None:
+        if v_shape[-2] != n_keys:
             raise ValueError(
-                f"k and v must have the same number of keys, got k.shape={k.shape} and v.shape={v.shape}"
+                f"k and v must have the same number of keys, got k.shape={k_shape} and v.shape={v_shape}"
             )
-        kv_batch = _broadcast([("k", k.shape[:-2]), ("v", v.shape[:-2])], "the batch dimensions of k and v")
-        if k.shape[:-2] != kv_batch:
-            k = np.broadcast_to(k, kv_batch + k.shape[-2:])
-        if v.shape[:-2] != kv_batch:
-            v = np.broadcast_to(v, kv_batch + v.shape[-2:])
-    q_batch = q.shape[:-2]
+        kv_batch = _broadcast([("k", k_shape[:-2]), ("v", v_shape[:-2])],
+                              "the batch dimensions of k and v")
+    q_batch = q_shape[:-2]
 
     # Grouped-query attention: query heads h share key/value head h // (H_q / H_kv).
     kv_ids = np.arange(math.prod(kv_batch), dtype=np.intp).reshape(kv_batch)
@@ -433,14 +429,58 @@ def _plan(q, k, v, mask, causal, scale, extra_named=()):
         if h_kv == 0 or h_q % h_kv:
             raise ValueError(
                 f"the head axis (-3) of k and v must divide that of q for grouped-query attention, "
-                f"got q.shape={q.shape} and k.shape={k.shape}"
+                f"got q.shape={q_shape} and k.shape={k_shape}"
             )
         kv_ids = np.repeat(kv_ids, h_q // h_kv, axis=-1)
     shapes = [("q", q_batch), ("k", kv_ids.shape)]
-
-    mask_kind = 0
     mask_batch = ()
+    if mask_shape is not None:
+        mask_batch = mask_shape[:-2] if len(mask_shape) > 2 else ()
+        shapes.append(("mask", mask_batch))
+    batch = _broadcast(shapes, "the batch dimensions of q, k/v and mask")
+    if mask_shape is not None:
+        tail = mask_shape[-2:]
+        try:
+            ok = np.broadcast_shapes(tail, (n_queries, n_keys)) == (n_queries, n_keys)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"mask must broadcast to (..., L_q, L_k) = {batch + (n_queries, n_keys)}, "
+                f"got mask.shape={mask_shape}"
+            )
+    p = _Plan()
+    p.batch, p.q_batch, p.kv_batch, p.mask_batch = batch, q_batch, kv_batch, mask_batch
+    p.n_queries, p.n_keys, p.d_head = n_queries, n_keys, d_head
+    p.d_v = v_shape[-1] if v_shape is not None else 0
+    p.n_batch = math.prod(batch)
+    # index[:, b]: the stored q, k/v and mask entries that batch entry b reads.
+    p.index = _frozen(np.stack([
+        _batch_index(q_batch, batch),
+        np.broadcast_to(kv_ids, batch).reshape(-1),
+        _batch_index(mask_batch, batch),
+    ]))
+    return p
+
+
+def _frozen(a):
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+def _plan(q, k, v, mask, causal, scale):
+    """Validate q, k, (v), mask and the flags; the arrays are not converted yet."""
+    q = _as_array("q", q)
+    k = _as_array("k", k)
+    named = [("q", q), ("k", k)]
+    if v is not None:
+        v = _as_array("v", v)
+        named.append(("v", v))
+    compute, result_dtype = _dtypes(named)
+    mask_kind = 0
     if mask is not None:
+        mask = _as_array("mask", mask)
         if mask.dtype.kind == "b":
             mask_kind = 2
         elif mask.dtype.kind == "f" and mask.dtype.itemsize in (2, 4, 8):
@@ -450,59 +490,33 @@ def _plan(q, k, v, mask, causal, scale, extra_named=()):
                 f"mask must be boolean (True = may attend) or floating (added to the scores), "
                 f"got dtype {mask.dtype}"
             )
-        mask_batch = mask.shape[:-2] if mask.ndim > 2 else ()
-        shapes.append(("mask", mask_batch))
-    batch = _broadcast(shapes, "the batch dimensions of q, k/v and mask")
-    if mask is not None:
-        tail = mask.shape[-2:] if mask.ndim >= 2 else mask.shape
-        try:
-            ok = np.broadcast_shapes(tail, (n_queries, n_keys)) == (n_queries, n_keys)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"mask must broadcast to (..., L_q, L_k) = {batch + (n_queries, n_keys)}, "
-                f"got mask.shape={mask.shape}"
-            )
-
-    p = _Plan()
-    p.q, p.k, p.v, p.mask = q, k, v, mask
-    p.named = named + ([("mask", mask)] if mask is not None else []) + list(extra_named)
-    p.compute, p.result_dtype = compute, result_dtype
-    p.batch, p.q_batch, p.kv_batch, p.mask_batch = batch, q_batch, kv_batch, mask_batch
-    p.kv_ids = kv_ids
-    p.n_queries, p.n_keys, p.d_head = n_queries, n_keys, d_head
-    p.d_v = v.shape[-1] if v is not None else 0
-    p.causal, p.mask_kind = causal, mask_kind
-    p.scale = _check_scale(scale, d_head)
-    p.n_batch = math.prod(batch)
-    return p
+        named.append(("mask", mask))
+    layout = _layout(q.shape, k.shape, None if v is None else v.shape,
+                     None if mask is None else mask.shape)
+    return (layout, q, k, v, mask, mask_kind, _check_flag("causal", causal),
+            _check_scale(scale, layout.d_head), compute, result_dtype, named)
 
 
-def _kernel_inputs(p):
-    """The contiguous, compute-dtype arrays and index maps the kernels read."""
-    compute = p.compute
-    d_head = p.d_head
-    q = _contiguous(p.q, compute).reshape(math.prod(p.q_batch), p.n_queries, d_head)
-    k = _contiguous(p.k, compute).reshape(math.prod(p.kv_batch), p.n_keys, d_head)
+def _kernel_inputs(layout, q, k, mask, mask_kind, compute):
+    """The contiguous, compute-dtype q, k and mask the kernels read (mask may be None;
+    a boolean mask goes as uint8, a float one in the compute dtype)."""
+    d_head = layout.d_head
+    q = _contiguous(q, compute).reshape(math.prod(layout.q_batch), layout.n_queries, d_head)
+    if k.shape[:-2] != layout.kv_batch:
+        k = np.broadcast_to(k, layout.kv_batch + k.shape[-2:])
+    k = _contiguous(k, compute).reshape(math.prod(layout.kv_batch), layout.n_keys, d_head)
     if d_head == 0:
         # An empty dot product is 0: give BLAS one zero column instead of a zero dimension.
         q = np.zeros(q.shape[:-1] + (1,), compute)
         k = np.zeros(k.shape[:-1] + (1,), compute)
-    empty_f = np.zeros((1, 1, 1), compute)
-    empty_b = np.zeros((1, 1, 1), np.uint8)
-    add_mask, bool_mask = empty_f, empty_b
-    if p.mask_kind:
-        full = np.broadcast_to(p.mask, p.mask_batch + (p.n_queries, p.n_keys))
-        full = full.reshape(math.prod(p.mask_batch), p.n_queries, p.n_keys)
-        if p.mask_kind == 1:
-            add_mask = _contiguous(full, compute)
+    if mask_kind:
+        mask = np.broadcast_to(mask, layout.mask_batch + (layout.n_queries, layout.n_keys))
+        mask = mask.reshape(math.prod(layout.mask_batch), layout.n_queries, layout.n_keys)
+        if mask_kind == 1:
+            mask = _contiguous(mask, compute)
         else:
-            bool_mask = _contiguous(full, np.bool_).view(np.uint8)
-    q_index = _batch_index(p.q_batch, p.batch)
-    kv_index = np.ascontiguousarray(np.broadcast_to(p.kv_ids, p.batch).reshape(-1))
-    mask_index = _batch_index(p.mask_batch, p.batch)
-    return q, k, add_mask, bool_mask, q_index, kv_index, mask_index
+            mask = _contiguous(mask, np.bool_).view(np.uint8)
+    return q, k, mask
 
 
 def scores(q, k, *, scale=None, mask=None, causal=False):
@@ -537,65 +551,66 @@ def scores(q, k, *, scale=None, mask=None, causal=False):
     array([[ 2.,  2., -inf],
            [ 2.,  2.,  2.]])
     """
-    p = _plan(q, k, None, mask, causal, scale)
-    shape = p.batch + (p.n_queries, p.n_keys)
-    result = np.empty((p.n_batch, p.n_queries, p.n_keys), p.compute)
+    layout, q, k, _, mask, mask_kind, causal, scale, compute, result_dtype, _ = _plan(
+        q, k, None, mask, causal, scale)
+    shape = layout.batch + (layout.n_queries, layout.n_keys)
+    result = np.empty((layout.n_batch, layout.n_queries, layout.n_keys), compute)
     if result.size:
-        q_, k_, add_mask, bool_mask, q_index, kv_index, mask_index = _kernel_inputs(p)
-        _kernels.scores(q_, k_, add_mask, bool_mask, q_index, kv_index, mask_index,
-                        p.mask_kind, p.causal, p.scale, result)
-    return _finish(result.reshape(shape), p.result_dtype, None)
+        q, k, mask = _kernel_inputs(layout, q, k, mask, mask_kind, compute)
+        _kernels.scores(q, k, mask, layout.index, causal, scale, result)
+    return _finish(result.reshape(shape), result_dtype, None)
 
 
-def _attention(p, return_weights, return_lse, out, num_threads):
+def _attention(plan, return_weights, return_lse, out, num_threads):
     """Run the fused kernel for a plan; returns (out, weights or None, lse or None)."""
-    compute = p.compute
+    layout, q, k, v, mask, mask_kind, causal, scale, compute, result_dtype, named = plan
     n_threads = _check_threads(num_threads)
-    out_shape = p.batch + (p.n_queries, p.d_v)
+    n_batch, n_queries, n_keys, d_v = layout.n_batch, layout.n_queries, layout.n_keys, layout.d_v
+    out_shape = layout.batch + (n_queries, d_v)
     if out is not None:
-        _check_out(out, out_shape, p.result_dtype, p.named)
-    flat = (p.n_batch, p.n_queries, p.d_v)
+        _check_out(out, out_shape, result_dtype, named)
+    flat = (n_batch, n_queries, d_v)
     target = _kernel_target(out, flat, compute)
-    lse = np.full((p.n_batch, p.n_queries), -np.inf, compute)
+    lse = np.empty((n_batch, n_queries), compute)
     weights = None
-    if p.n_batch == 0 or p.n_queries == 0:
+    if n_batch == 0 or n_queries == 0:
         pass
-    elif p.n_keys == 0:
+    elif n_keys == 0:
         target[...] = 0  # no key to attend to: every query is fully masked
+        lse[...] = -np.inf
     else:
-        q, k, add_mask, bool_mask, q_index, kv_index, mask_index = _kernel_inputs(p)
-        v = _contiguous(p.v, compute).reshape(math.prod(p.kv_batch), p.n_keys, p.d_v)
+        q, k, mask = _kernel_inputs(layout, q, k, mask, mask_kind, compute)
+        if v.shape[:-2] != layout.kv_batch:
+            v = np.broadcast_to(v, layout.kv_batch + v.shape[-2:])
+        v = _contiguous(v, compute).reshape(math.prod(layout.kv_batch), n_keys, d_v)
         kernel_out = target
-        if p.d_v == 0:
+        if d_v == 0:
             # Nothing to average, but lse still needs the pass: use one zero column.
             v = np.zeros(v.shape[:-1] + (1,), compute)
             kernel_out = np.empty(flat[:-1] + (1,), compute)
         d_v = v.shape[-1]
-        q_block = min(_Q_BLOCK, p.n_queries)
-        k_block = min(_K_BLOCK, p.n_keys)
-        n_work = p.n_batch * -(-p.n_queries // q_block)
-        flops = 2.0 * p.n_batch * p.n_queries * p.n_keys * (q.shape[-1] + d_v)
+        q_block = min(_Q_BLOCK, n_queries)
+        k_block = min(_K_BLOCK, n_keys)
+        n_work = n_batch * -(-n_queries // q_block)
+        flops = 2.0 * n_batch * n_queries * n_keys * (q.shape[-1] + d_v)
         n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_work)
-        scratch = np.empty((n_threads, q_block * k_block + q_block * d_v + q_block), compute)
-        l_scratch = np.empty((n_threads, q_block), np.float64)
-        mnk = q_block * k_block * max(q.shape[-1], d_v)
-        with _blas_guard(mnk):
-            _kernels.attention(q, k, v, add_mask, bool_mask, q_index, kv_index, mask_index,
-                               p.mask_kind, p.causal, p.scale, kernel_out, lse, return_lse,
-                               q_block, k_block, n_threads, scratch, l_scratch)
+        with _blas_guard(q_block * k_block * max(q.shape[-1], d_v)):
+            status = _kernels.attention(q, k, v, mask, layout.index, causal, scale,
+                                        kernel_out, lse, q_block, k_block, n_threads)
+        if status:
+            raise MemoryError("attention: cannot allocate the per-thread scratch")
         if return_weights:
-            w = np.empty((p.n_batch, p.n_queries, p.n_keys), compute)
-            _kernels.scores(q, k, add_mask, bool_mask, q_index, kv_index, mask_index,
-                            p.mask_kind, p.causal, p.scale, w)
-            _kernels.softmax(w.reshape(-1, p.n_keys), w.reshape(-1, p.n_keys), False, True,
-                             n_threads)
+            w = np.empty((n_batch, n_queries, n_keys), compute)
+            _kernels.scores(q, k, mask, layout.index, causal, scale, w)
+            w2 = w.reshape(-1, n_keys)
+            _kernels.softmax(w2, w2, False, True, n_threads)
             weights = w
     if return_weights and weights is None:
-        weights = np.zeros((p.n_batch, p.n_queries, p.n_keys), compute)
-    result = _finish(target.reshape(out_shape), p.result_dtype, out)
+        weights = np.zeros((n_batch, n_queries, n_keys), compute)
+    result = _finish(target.reshape(out_shape), result_dtype, out)
     if weights is not None:
-        weights = _finish(weights.reshape(p.batch + (p.n_queries, p.n_keys)), p.result_dtype, None)
-    return result, weights, lse.reshape(p.batch + (p.n_queries,))
+        weights = _finish(weights.reshape(layout.batch + (n_queries, n_keys)), result_dtype, None)
+    return result, weights, lse.reshape(layout.batch + (n_queries,))
 
 
 def _pack(result, weights, lse, return_weights, return_lse):
@@ -660,8 +675,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=Fa
     """
     return_weights = _check_flag("return_weights", return_weights)
     return_lse = _check_flag("return_lse", return_lse)
-    p = _plan(q, k, v, mask, causal, scale)
-    return _pack(*_attention(p, return_weights, return_lse, out, num_threads),
+    plan = _plan(q, k, v, mask, causal, scale)
+    return _pack(*_attention(plan, return_weights, return_lse, out, num_threads),
                  return_weights, return_lse)
 
 
@@ -756,9 +771,11 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
         if out is not None:
             _check_out(out, (v.shape[-1],), result_dtype, named)
             out = out[None]
-    p = _plan(q, k, v, mask, causal, scale, extra_named=named)
-    p.result_dtype = result_dtype
-    result, weights, lse = _attention(p, return_weights, return_lse, out, num_threads)
+    plan = _plan(q, k, v, mask, causal, scale)
+    # The projections ran in the compute dtype; the result takes the dtype of x and the
+    # weights, and out= may not overlap any of them.
+    plan = plan[:-2] + (result_dtype, plan[-1] + named)
+    result, weights, lse = _attention(plan, return_weights, return_lse, out, num_threads)
     if one_token:
         result, lse = result[0], lse[0]
         weights = weights[0] if weights is not None else None
