@@ -6,6 +6,7 @@ initialisation checks back on (a debug build for finding out-of-bounds access);
 """
 
 import os
+import platform
 import sys
 
 from Cython.Build import cythonize
@@ -42,23 +43,42 @@ if sys.platform == "win32":  # MSVC spells these differently
     compile_args = ["/O2"] + (["/openmp"] if openmp else [])
     link_args = []
 
-build_flags = " ".join(compile_args)
-ext = Extension(
-    "fastattn._kernels",
-    sources=["src/fastattn/_kernels.pyx"],
-    include_dirs=["src/fastattn"],
-    extra_compile_args=compile_args,
-    extra_link_args=link_args,
-    define_macros=[
-        ("FASTATTN_BUILD_FLAGS", '"%s"' % build_flags),
-        ("FASTATTN_DEBUG_BUILD", "1" if debug else "0"),
-        ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
-    ],
-)
+# One implementation (_kernels_impl.pxi), one extension per instruction set; _dispatch.py
+# imports the best one the CPU runs. The instruction set matters: on a 2-core AVX-512
+# machine float32 attention (1, 8, 2048, 2048, 64) took 70 ms baseline, 55 ms with AVX2+FMA
+# and 51 ms with AVX-512; float64 (1, 8, 512, 512, 64) 9.6, 6.7 and 5.8 ms.
+ISA_FLAGS = {"_kernels": ("baseline", [])}
+if platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32":
+    ISA_FLAGS["_kernels_avx2"] = ("avx2", ["-mavx2", "-mfma"])
+    ISA_FLAGS["_kernels_avx512"] = (
+        "avx512",
+        ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
+         "-mprefer-vector-width=512"],
+    )
+
+
+def extension(module, isa, isa_flags):
+    flags = compile_args + isa_flags
+    return Extension(
+        f"fastattn.{module}",
+        sources=[f"src/fastattn/{module}.pyx"],
+        include_dirs=["src/fastattn"],
+        depends=["src/fastattn/_kernels_impl.pxi", "src/fastattn/_helpers.h"],
+        extra_compile_args=flags,
+        extra_link_args=link_args,
+        define_macros=[
+            ("FASTATTN_BUILD_FLAGS", '"%s"' % " ".join(flags)),
+            ("FASTATTN_ISA", '"%s"' % isa),
+            ("FASTATTN_DEBUG_BUILD", "1" if debug else "0"),
+        ],
+    )
+
+
+extensions = [extension(module, isa, flags) for module, (isa, flags) in ISA_FLAGS.items()]
 
 setup(
     ext_modules=cythonize(
-        [ext],
+        extensions,
         compiler_directives=directives,
     ),
 )

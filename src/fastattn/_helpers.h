@@ -136,6 +136,30 @@ FA_DEFINE_ROW_OPS(double, d, fa_exp)
 
 #endif
 static const char *fa_build_flags = FASTATTN_BUILD_FLAGS;
+#ifndef FASTATTN_ISA
+#define FASTATTN_ISA "baseline"
+#endif
+static const char *fa_isa_name = FASTATTN_ISA;
+
+/* CPU features, for choosing a build at import. GCC's __builtin_cpu_supports also checks
+ * that the OS saves the AVX / AVX-512 register state (XGETBV), not just CPUID. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+static inline int fa_cpu_has_avx2_fma(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+static inline int fa_cpu_has_avx512(void)
+{
+    __builtin_cpu_init();
+    return fa_cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl");
+}
+#else
+static inline int fa_cpu_has_avx2_fma(void) { return 0; }
+static inline int fa_cpu_has_avx512(void) { return 0; }
+#endif
 static const int fa_debug_build = FASTATTN_DEBUG_BUILD;
 
 static inline float fa_expf(float x)

@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from . import _kernels
+from ._dispatch import kernels as _kernels
 
 __all__ = ["project", "scores", "softmax", "log_softmax", "attention", "self_attention"]
 
@@ -196,8 +196,12 @@ class _SerialBlas:
         if self._libs is None:
             from threadpoolctl import ThreadpoolController
 
-            ctl = ThreadpoolController().select(user_api="blas")
-            self._libs = [lib for lib in ctl.lib_controllers]
+            libs = ThreadpoolController().select(user_api="blas").lib_controllers
+            # Only the BLAS that scipy.linalg.cython_blas calls: NumPy ships its own
+            # OpenBLAS, and other threads of the program may be using it meanwhile.
+            # Where the two are one library (a system or conda BLAS), hold that one.
+            scipy_libs = [lib for lib in libs if "scipy" in lib.filepath and "numpy" not in lib.filepath]
+            self._libs = scipy_libs or libs
         return self._libs
 
     def __enter__(self):
@@ -237,6 +241,15 @@ def _blas_guard(mnk):
 
 
 # --------------------------------------------------------------------------- projection
+
+def _row_blocks(n_rows, work_per_row):
+    """(rows per GEMM block, threads) for a projection. The block depends on the shape
+    only, so results do not depend on the thread count; small work stays serial."""
+    row_block = 128 if n_rows >= 512 else 32
+    flops = 2.0 * n_rows * work_per_row
+    n_threads = 1 if flops < _SERIAL_FLOPS else min(_check_threads(None), -(-n_rows // row_block))
+    return row_block, n_threads
+
 
 def project(x, w, b=None, *, out=None):
     """Project embeddings: ``x @ w + b``.
@@ -300,7 +313,9 @@ def project(x, w, b=None, *, out=None):
         x2 = _contiguous(x, compute).reshape(n_rows, d_in)
         w2 = _contiguous(w, compute)
         b2 = _contiguous(b, compute) if b is not None else np.zeros(1, compute)
-        _kernels.project(x2, w2, b2, b is not None, target)
+        row_block, n_threads = _row_blocks(n_rows, d_in * d_out)
+        with _blas_guard(min(n_rows, row_block) * d_in * d_out):
+            _kernels.project(x2, w2, b2, b is not None, target, row_block, n_threads)
     return _finish(target.reshape(out_shape), result_dtype, out)
 
 
@@ -710,8 +725,10 @@ def _project_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v):
         outs_k = [o if o.shape[1] else np.empty((n_rows, 1), compute) for o in outs]
         b2 = [_contiguous(b, compute) if b is not None and b.size else np.zeros(1, compute) for _, b in bs]
         has = [b is not None and b.size > 0 for _, b in bs]
-        row_block = max(1, (256 * 1024) // (d_model * compute.itemsize))
-        _kernels.project_qkv(x2, *w2, *b2, *has, row_block, *outs_k)
+        width = sum(w.shape[1] for w in w2)
+        row_block, n_threads = _row_blocks(n_rows, d_model * width)
+        with _blas_guard(min(n_rows, row_block) * d_model * max(w.shape[1] for w in w2)):
+            _kernels.project_qkv(x2, *w2, *b2, *has, row_block, *outs_k, n_threads)
     elif n_rows:
         for o, (_, b) in zip(outs, bs):
             o[...] = 0 if b is None else _contiguous(b, compute)

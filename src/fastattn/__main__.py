@@ -1,0 +1,55 @@
+"""Command line: ``python -m fastattn bench [...]`` and ``python -m fastattn info``."""
+
+import sys
+
+
+def info():
+    """Print the version, how the kernels were built, OpenMP, threads and BLAS."""
+    import os
+    import platform
+
+    import numpy as np
+
+    import fastattn
+    from fastattn import _dispatch
+
+    _kernels = _dispatch.kernels
+    b = _kernels.build_info()
+    print(f"fastattn {fastattn.__version__}")
+    print(f"instruction set: {b['isa']} (runnable here: {', '.join(_dispatch.available())}; "
+          f"FASTATTN_ISA={os.environ.get('FASTATTN_ISA', '')!r})")
+    print(f"kernels: {_kernels.__file__}")
+    print(f"compiler flags: {b['compile_flags']}")
+    print(f"debug checks: {'on' if b['debug_checks'] else 'off'}")
+    print(f"OpenMP: {'on' if b['openmp'] else 'off'}, default threads {b['max_threads']}")
+    print(f"python {platform.python_version()} on {platform.machine()}, NumPy {np.__version__}")
+    try:
+        from threadpoolctl import threadpool_info
+
+        for lib in threadpool_info():
+            print(f"{lib['user_api']}: {lib['internal_api']} {lib.get('version')} "
+                  f"({lib.get('architecture', '?')}, {lib['num_threads']} threads) {lib['filepath']}")
+    except ImportError:  # pragma: no cover
+        pass
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m fastattn {bench,info} [options]\n"
+              "  bench   time attention, softmax and projection against NumPy (and PyTorch)\n"
+              "  info    version, build flags, OpenMP, threads and BLAS")
+        return 0 if argv else 2
+    if argv[0] == "bench":
+        from fastattn.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv[0] == "info":
+        return info()
+    print(f"unknown command {argv[0]!r}; use bench or info", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

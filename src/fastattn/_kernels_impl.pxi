@@ -1,0 +1,425 @@
+# The kernels, included by _kernels.pyx, _kernels_avx2.pyx and _kernels_avx512.pyx: one
+# source compiled once per instruction set (setup.py), chosen at import (_dispatch.py).
+#
+# Design: this module computes and trusts its inputs. `api.py` has already checked every
+# shape and dtype, made the arrays C-contiguous in the compute dtype (float32 or float64),
+# materialised masks to `(n_masks, n_queries, n_keys)`, turned broadcasting and grouped-query
+# heads into one index array (`index[:, b]` says which stored q, k/v and mask entries batch
+# entry `b` reads, so nothing broadcast is ever copied) and held BLAS to one thread where
+# these kernels call it from several threads. Nothing here raises: a kernel that can fail
+# (allocation) returns a status and the wrapper raises.
+#
+# GEMM-shaped tile work goes to the BLAS that SciPy ships, reached through
+# `scipy.linalg.cython_blas` as scikit-learn's pairwise reductions do; this module owns the
+# rest: scaling, masking, the online softmax and its rescaling, written as loops over
+# contiguous memory with the vectorisable exp of `_helpers.h`.
+
+from cython cimport floating
+from cython.parallel cimport prange, parallel, threadid
+from libc.math cimport log, INFINITY
+from libc.stdlib cimport free
+from libc.string cimport memset
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
+
+cdef extern from "<stdlib.h>" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)  # C11; size a multiple of alignment
+
+cdef extern from "_helpers.h" nogil:
+    float fa_expf(float x)
+    double fa_exp(double x)
+    int fa_openmp_enabled()
+    int fa_omp_max_threads()
+    const char *fa_build_flags
+    const char *fa_isa_name
+    const int fa_debug_build
+    int fa_cpu_has_avx2_fma()
+    int fa_cpu_has_avx512()
+    float fa_row_max_f(const float *x, Py_ssize_t n)
+    double fa_row_max_d(const double *x, Py_ssize_t n)
+    double fa_exp_shift_sum_f(float *x, Py_ssize_t n, float shift)
+    double fa_exp_shift_sum_d(double *x, Py_ssize_t n, double shift)
+    double fa_exp_shift_total_f(const float *x, Py_ssize_t n, float shift)
+    double fa_exp_shift_total_d(const double *x, Py_ssize_t n, double shift)
+
+
+# --------------------------------------------------------------------------- helpers
+
+cdef inline floating _exp(floating x) noexcept nogil:
+    """exp(x), vectorisable, exact at -inf, NaN-preserving."""
+    if floating is float:
+        return fa_expf(x)
+    else:
+        return fa_exp(x)
+
+
+cdef inline void _gemm(bint trans_b, int m, int n, int k, floating alpha,
+                       const floating *a, int lda, const floating *b, int ldb,
+                       floating beta, floating *c, int ldc) noexcept nogil:
+    """Row-major C (m x n) = alpha * A (m x k) @ op(B) + beta * C; op(B) = B.T (B is n x k) if trans_b."""
+    # BLAS is column-major: row-major C = A op(B) is column-major C.T = op(B).T A.T, so BLAS
+    # is handed B first and A second, with m and n swapped.
+    cdef char ta = b'T' if trans_b else b'N'
+    cdef char tb = b'N'
+    if floating is float:
+        sgemm(&ta, &tb, &n, &m, &k, &alpha, <float*> b, &ldb, <float*> a, &lda,
+              &beta, c, &ldc)
+    else:
+        dgemm(&ta, &tb, &n, &m, &k, &alpha, <double*> b, &ldb, <double*> a, &lda,
+              &beta, c, &ldc)
+
+
+cdef inline void _gemv_rows(int d_in, int d_out, const floating *x, const floating *w,
+                            floating beta, floating *y) noexcept nogil:
+    """y (d_out) = x (d_in) @ W (d_in x d_out, row-major) + beta * y."""
+    # Row-major W is column-major W.T (d_out x d_in), so y = W.T x is gemv 'N'.
+    cdef char trans = b'N'
+    cdef int inc = 1
+    cdef floating one = 1
+    if floating is float:
+        sgemv(&trans, &d_out, &d_in, &one, <float*> w, &d_out, <float*> x, &inc, &beta, y, &inc)
+    else:
+        dgemv(&trans, &d_out, &d_in, &one, <double*> w, &d_out, <double*> x, &inc, &beta, y, &inc)
+
+
+cdef inline floating _row_max(const floating *x, Py_ssize_t n) noexcept nogil:
+    """max(x), ignoring NaN; -inf for an empty or all -inf/NaN row."""
+    if floating is float:
+        return fa_row_max_f(x, n)
+    else:
+        return fa_row_max_d(x, n)
+
+
+cdef inline double _exp_shift_sum(floating *x, Py_ssize_t n, floating shift) noexcept nogil:
+    """x = exp(x - shift) in place; returns sum(x) in double."""
+    if floating is float:
+        return fa_exp_shift_sum_f(x, n, shift)
+    else:
+        return fa_exp_shift_sum_d(x, n, shift)
+
+
+cdef inline double _exp_shift_total(const floating *x, Py_ssize_t n, floating shift) noexcept nogil:
+    """sum(exp(x - shift)) in double, x unchanged."""
+    if floating is float:
+        return fa_exp_shift_total_f(x, n, shift)
+    else:
+        return fa_exp_shift_total_d(x, n, shift)
+
+
+cdef inline Py_ssize_t _round_up(Py_ssize_t n, Py_ssize_t multiple) noexcept nogil:
+    """The least multiple of `multiple` that is >= n."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+# --------------------------------------------------------------------------- build facts
+
+def build_info():
+    """The facts of this build: compiler flags, OpenMP, debug checks, default threads."""
+    return {
+        "isa": fa_isa_name.decode(),
+        "compile_flags": fa_build_flags.decode(),
+        "openmp": bool(fa_openmp_enabled()),
+        "debug_checks": bool(fa_debug_build),
+        "max_threads": fa_omp_max_threads(),
+    }
+
+
+def cpu_features():
+    """What this CPU (and OS) can run: {"avx2": bool, "avx512": bool}."""
+    return {"avx2": bool(fa_cpu_has_avx2_fma()), "avx512": bool(fa_cpu_has_avx512())}
+
+
+def max_threads():
+    """OpenMP's default team size (honours OMP_NUM_THREADS); 1 without OpenMP."""
+    return fa_omp_max_threads()
+
+
+# --------------------------------------------------------------------------- projection
+
+def project(const floating[:, ::1] x, const floating[:, ::1] w, const floating[::1] b,
+            bint has_bias, floating[:, ::1] out, Py_ssize_t row_block, int n_threads):
+    """out = x @ w (+ b), in blocks of rows spread over threads (GEMV for one row)."""
+    cdef Py_ssize_t n_rows = x.shape[0], n_blocks = (n_rows + row_block - 1) // row_block
+    cdef int d_in = <int> x.shape[1], d_out = <int> w.shape[1], nr
+    cdef Py_ssize_t blk, r0, i
+    cdef floating beta = 1 if has_bias else 0
+    if n_rows == 1:
+        with nogil:
+            if has_bias:
+                out[0, :] = b
+            _gemv_rows(d_in, d_out, &x[0, 0], &w[0, 0], beta, &out[0, 0])
+        return
+    # The block size depends on the shape only, never on the thread count, so each block
+    # is the same GEMM whichever thread runs it: results are bitwise thread-invariant.
+    for blk in prange(n_blocks, nogil=True, num_threads=n_threads, schedule='static'):
+        r0 = blk * row_block
+        nr = <int> min(row_block, n_rows - r0)
+        if has_bias:
+            for i in range(r0, r0 + nr):
+                out[i, :] = b
+        _gemm(False, nr, d_out, d_in, 1, &x[r0, 0], d_in, &w[0, 0], d_out,
+              beta, &out[r0, 0], d_out)
+
+
+def project_qkv(const floating[:, ::1] x,
+                const floating[:, ::1] w_q, const floating[:, ::1] w_k, const floating[:, ::1] w_v,
+                const floating[::1] b_q, const floating[::1] b_k, const floating[::1] b_v,
+                bint has_bq, bint has_bk, bint has_bv, Py_ssize_t row_block,
+                floating[:, ::1] q_out, floating[:, ::1] k_out, floating[:, ::1] v_out,
+                int n_threads):
+    """q, k, v = x @ w_q (+ b_q), x @ w_k (+ b_k), x @ w_v (+ b_v), reading x once."""
+    cdef Py_ssize_t n_rows = x.shape[0], n_blocks = (n_rows + row_block - 1) // row_block
+    cdef Py_ssize_t blk, r0, i
+    cdef int d_in = <int> x.shape[1], nr
+    cdef int d_q = <int> w_q.shape[1], d_k = <int> w_k.shape[1], d_v = <int> w_v.shape[1]
+    cdef floating beta_q = 1 if has_bq else 0
+    cdef floating beta_k = 1 if has_bk else 0
+    cdef floating beta_v = 1 if has_bv else 0
+    # A block of rows of x stays in cache while the three products read it.
+    for blk in prange(n_blocks, nogil=True, num_threads=n_threads, schedule='static'):
+        r0 = blk * row_block
+        nr = <int> min(row_block, n_rows - r0)
+        for i in range(r0, r0 + nr):
+            if has_bq:
+                q_out[i, :] = b_q
+            if has_bk:
+                k_out[i, :] = b_k
+            if has_bv:
+                v_out[i, :] = b_v
+        _gemm(False, nr, d_q, d_in, 1, &x[r0, 0], d_in, &w_q[0, 0], d_q,
+              beta_q, &q_out[r0, 0], d_q)
+        _gemm(False, nr, d_k, d_in, 1, &x[r0, 0], d_in, &w_k[0, 0], d_k,
+              beta_k, &k_out[r0, 0], d_k)
+        _gemm(False, nr, d_v, d_in, 1, &x[r0, 0], d_in, &w_v[0, 0], d_v,
+              beta_v, &v_out[r0, 0], d_v)
+
+
+# --------------------------------------------------------------------------- masking
+
+cdef inline void _mask_row(floating *s, Py_ssize_t n, Py_ssize_t visible,
+                           int mask_kind, const floating *add_row,
+                           const unsigned char *bool_row) noexcept nogil:
+    """Apply one query's masks to its scores s[0:n]: keys j >= visible (causal) and
+    keys whose boolean mask is False become -inf; an additive mask is added."""
+    cdef Py_ssize_t j
+    if mask_kind == 1:
+        for j in range(n):
+            s[j] = s[j] + add_row[j]
+    elif mask_kind == 2:
+        for j in range(n):
+            if not bool_row[j]:
+                s[j] = -INFINITY
+    if visible < 0:
+        visible = 0
+    for j in range(visible, n):
+        s[j] = -INFINITY
+
+
+def scores(const floating[:, :, ::1] q, const floating[:, :, ::1] k, object mask,
+           const Py_ssize_t[:, ::1] index, bint causal, double scale,
+           floating[:, :, ::1] out):
+    """out[b] = scale * q[i0] @ k[i1].T, masked by mask[i2] ((i0, i1, i2) = index[:, b]):
+    -inf where a uint8 mask is 0 or causal hides the key, + a float mask."""
+    cdef Py_ssize_t n_batch = out.shape[0], n_queries = out.shape[1], n_keys = out.shape[2]
+    cdef int d_head = <int> q.shape[2]
+    cdef Py_ssize_t b, i, visible
+    cdef Py_ssize_t offset = n_keys - n_queries
+    cdef int mask_kind = 0
+    cdef const floating[:, :, ::1] add_mask
+    cdef const unsigned char[:, :, ::1] bool_mask
+    cdef const floating *add_row = NULL
+    cdef const unsigned char *bool_row = NULL
+    if mask is not None:
+        if mask.dtype.itemsize == 1:
+            bool_mask = mask
+            mask_kind = 2
+        else:
+            add_mask = mask
+            mask_kind = 1
+    with nogil:
+        for b in range(n_batch):
+            _gemm(True, <int> n_queries, <int> n_keys, d_head, <floating> scale,
+                  &q[index[0, b], 0, 0], d_head, &k[index[1, b], 0, 0], d_head,
+                  0, &out[b, 0, 0], <int> n_keys)
+            for i in range(n_queries):
+                if mask_kind == 1:
+                    add_row = &add_mask[index[2, b], i, 0]
+                elif mask_kind == 2:
+                    bool_row = &bool_mask[index[2, b], i, 0]
+                visible = i + offset + 1 if causal else n_keys
+                _mask_row(&out[b, i, 0], n_keys, visible, mask_kind, add_row, bool_row)
+
+
+# --------------------------------------------------------------------------- softmax
+
+cdef inline void _softmax_row(const floating *x, floating *y, Py_ssize_t n,
+                              bint log_out, bint zero_masked) noexcept nogil:
+    """y = softmax(x) or log_softmax(x), stable; the sum of exp is kept in double."""
+    cdef floating m = _row_max(x, n)
+    cdef double total
+    cdef floating shift, inv
+    cdef Py_ssize_t j
+    if zero_masked and m == -INFINITY:
+        for j in range(n):
+            y[j] = 0
+        return
+    # With m = -inf (all -inf) or +inf, x - m is NaN: the row is NaN, as in SciPy.
+    if log_out:
+        shift = <floating> (m + log(_exp_shift_total(x, n, m)))
+        for j in range(n):
+            y[j] = x[j] - shift
+    else:
+        if y != x:
+            for j in range(n):
+                y[j] = x[j]
+        inv = <floating> (1.0 / _exp_shift_sum(y, n, m))
+        for j in range(n):
+            y[j] = y[j] * inv
+
+
+def softmax(const floating[:, ::1] x, floating[:, ::1] out, bint log_out,
+            bint zero_masked, int n_threads):
+    """out[i] = softmax(x[i]) (or log_softmax); zero_masked: an all -inf row gives zeros."""
+    cdef Py_ssize_t n_rows = x.shape[0], n = x.shape[1], i
+    for i in prange(n_rows, nogil=True, num_threads=n_threads, schedule='static'):
+        _softmax_row(&x[i, 0], &out[i, 0], n, log_out, zero_masked)
+
+
+# --------------------------------------------------------------------------- attention
+
+cdef void _attend_block(
+        const floating *q, const floating *k, const floating *v,
+        const floating *add_mask, const unsigned char *bool_mask, int mask_kind,
+        Py_ssize_t q_start, Py_ssize_t q_rows, Py_ssize_t n_queries, Py_ssize_t n_keys,
+        Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, floating scale,
+        floating *s_tile, floating *o_acc, floating *m_run, double *l_run,
+        floating *out, floating *lse) noexcept nogil:
+    """out rows [q_start, q_start + q_rows) of softmax(scale q k.T + mask) v, by an online
+    softmax over key blocks; lse (if not NULL) gets m + log(l) per row."""
+    cdef Py_ssize_t offset = n_keys - n_queries   # causal: query i sees keys j <= i + offset
+    cdef Py_ssize_t k_end = n_keys, k_start, k_rows, i, j, gi
+    cdef floating m_new, m_use, alpha, inv
+    cdef floating *s_row
+    cdef floating *o_row
+    if causal:
+        # The block's last query sees keys up to q_start + q_rows - 1 + offset: later key
+        # blocks are skipped whole, never computed and then masked.
+        k_end = min(n_keys, q_start + q_rows + offset)
+    for i in range(q_rows):
+        m_run[i] = -INFINITY
+        l_run[i] = 0
+    memset(o_acc, 0, q_rows * d_v * sizeof(floating))
+
+    k_start = 0
+    while k_start < k_end:
+        k_rows = min(k_block, k_end - k_start)
+        # s_tile (q_rows x k_rows) = scale * Q_blk @ K_blk.T
+        _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
+              q + q_start * d_head, <int> d_head, k + k_start * d_head, <int> d_head,
+              0, s_tile, <int> k_rows)
+        for i in range(q_rows):
+            gi = q_start + i
+            s_row = s_tile + i * k_rows
+            _mask_row(s_row, k_rows,
+                      gi + offset + 1 - k_start if causal else k_rows, mask_kind,
+                      add_mask + gi * n_keys + k_start if mask_kind == 1 else NULL,
+                      bool_mask + gi * n_keys + k_start if mask_kind == 2 else NULL)
+            m_new = _row_max(s_row, k_rows)
+            if m_run[i] > m_new:
+                m_new = m_run[i]
+            # Until a row has seen a visible key its max is -inf; shift by 0 then, so that
+            # exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
+            m_use = m_new if m_new != -INFINITY else 0
+            alpha = _exp(m_run[i] - m_use)
+            m_run[i] = m_new
+            l_run[i] = l_run[i] * alpha + _exp_shift_sum(s_row, k_rows, m_use)
+            if alpha != 1:
+                o_row = o_acc + i * d_v
+                for j in range(d_v):
+                    o_row[j] = o_row[j] * alpha
+        # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
+        _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1,
+              s_tile, <int> k_rows, v + k_start * d_v, <int> d_v,
+              1, o_acc, <int> d_v)
+        k_start = k_start + k_rows
+
+    for i in range(q_rows):
+        o_row = out + (q_start + i) * d_v
+        if l_run[i] == 0:
+            # Every key hidden from this query: zeros, as PyTorch and FlashAttention give.
+            for j in range(d_v):
+                o_row[j] = 0
+        else:
+            inv = <floating> (1.0 / l_run[i])
+            for j in range(d_v):
+                o_row[j] = o_acc[i * d_v + j] * inv
+        if lse != NULL:
+            lse[q_start + i] = <floating> (m_run[i] + log(l_run[i]))
+
+
+def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
+              const floating[:, :, ::1] v, object mask, const Py_ssize_t[:, ::1] index,
+              bint causal, double scale, floating[:, :, ::1] out, floating[:, ::1] lse,
+              Py_ssize_t q_block, Py_ssize_t k_block, int n_threads):
+    """out[b] = softmax(scale q[i0] k[i1].T + mask[i2]) v[i1], (i0, i1, i2) = index[:, b], fused.
+
+    mask is None, a float array (added to the scores) or a uint8 array (0 = hidden), of
+    shape (n_masks, n_queries, n_keys). Work is split over (batch entry, query block);
+    each item is computed start to end by one thread with the same block sizes, so results
+    do not depend on the thread count. Returns 0, or -1 if the scratch cannot be allocated.
+    """
+    cdef Py_ssize_t n_batch = out.shape[0], n_queries = out.shape[1], d_v = out.shape[2]
+    cdef Py_ssize_t n_keys = k.shape[1], d_head = q.shape[2]
+    cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
+    cdef Py_ssize_t n_work = n_batch * n_qblocks
+    # Per thread: the score tile, the output accumulator, the running max, then the
+    # running sum in double; each thread's part and the doubles start 64-byte aligned.
+    cdef Py_ssize_t l_offset = _round_up(q_block * (k_block + d_v + 1), 64 // sizeof(floating))
+    cdef Py_ssize_t per_thread = _round_up(l_offset + 2 * q_block, 64 // sizeof(floating))
+    cdef Py_ssize_t w, b, q_start, tid
+    cdef int mask_kind = 0
+    cdef const floating[:, :, ::1] add_mask
+    cdef const unsigned char[:, :, ::1] bool_mask
+    cdef const floating *add_base = NULL
+    cdef const unsigned char *bool_base = NULL
+    cdef Py_ssize_t mask_stride = n_queries * n_keys
+    cdef floating *scratch
+    cdef floating *buf
+    if mask is not None:
+        if mask.dtype.itemsize == 1:
+            bool_mask = mask
+            bool_base = &bool_mask[0, 0, 0]
+            mask_kind = 2
+        else:
+            add_mask = mask
+            add_base = &add_mask[0, 0, 0]
+            mask_kind = 1
+    scratch = <floating*> aligned_alloc(64, n_threads * per_thread * sizeof(floating))
+    if scratch == NULL:
+        return -1
+    try:
+        for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static', chunksize=1):
+            tid = threadid()
+            b = w // n_qblocks
+            q_start = (w % n_qblocks) * q_block
+            buf = scratch + tid * per_thread
+            _attend_block(&q[index[0, b], 0, 0], &k[index[1, b], 0, 0], &v[index[1, b], 0, 0],
+                          add_base + index[2, b] * mask_stride if mask_kind == 1 else NULL,
+                          bool_base + index[2, b] * mask_stride if mask_kind == 2 else NULL,
+                          mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
+                          n_keys, d_head, d_v, k_block, causal, <floating> scale,
+                          buf, buf + q_block * k_block, buf + q_block * k_block + q_block * d_v,
+                          <double*> (buf + l_offset),
+                          &out[b, 0, 0], &lse[b, 0])
+    finally:
+        free(scratch)
+    return 0
+
+
+# --------------------------------------------------------------------------- testing aid
+
+def exp(const floating[::1] x, floating[::1] out):
+    """out = exp(x) with the kernels' own exp (for the accuracy tests)."""
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(x.shape[0]):
+            out[i] = _exp(x[i])

@@ -1,0 +1,329 @@
+"""The benchmark behind ``python -m fastattn bench``.
+
+Method: every contender is warmed up, then the contenders of a row are timed in turn
+(fastattn, NumPy, PyTorch, fastattn, ...) so that a noisy neighbour slows them alike;
+each sample runs enough calls to last ``min_time``; a row reports the median sample per
+contender and the ratio peer time / fastattn time (above 1: fastattn is faster).
+Between samples the harness sleeps ``gap`` seconds: each library keeps a pool of worker
+threads that spin for a while after a call (NumPy's OpenBLAS, SciPy's OpenBLAS, PyTorch's
+and fastattn's OpenMP), and on a 2-core machine the next contender's threads would fight
+them (measured here: a NumPy matmul right after a SciPy-BLAS call ran 2-80x slower). The
+gap lets each contender start on an idle machine, as it would in a program of its own. The
+machine's own ceilings, a large float32 NumPy matmul (GFLOP/s) and a large copy (GB/s),
+are measured in the same run so the figures can be read against them.
+"""
+
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import api
+from ._dispatch import kernels as _kernels
+
+__all__ = ["Case", "DEFAULT_CASES", "QUICK_CASES", "run", "main"]
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str            # "attention", "projection", "softmax" or "memory"
+    shape: tuple
+    dtype: str = "float32"
+    causal: bool = False
+    repeat: int = 7
+    notes: str = field(default="")
+
+
+DEFAULT_CASES = [
+    Case("tiny", "attention", (1, 1, 16, 16, 64)),
+    Case("small", "attention", (1, 8, 128, 128, 64)),
+    Case("medium", "attention", (4, 8, 512, 512, 64)),
+    Case("long", "attention", (1, 8, 4096, 4096, 64), repeat=5),
+    Case("causal", "attention", (1, 8, 2048, 2048, 64), causal=True),
+    Case("wide head", "attention", (1, 8, 2048, 2048, 128)),
+    Case("float64", "attention", (1, 8, 512, 512, 64), dtype="float64"),
+    Case("projection", "projection", (4096, 768, 2304)),
+    Case("softmax", "softmax", (8192, 4096)),
+    Case("memory", "memory", (1, 8, 16384, 16384, 64), repeat=1),
+]
+
+QUICK_CASES = [
+    Case("tiny", "attention", (1, 1, 16, 16, 64), repeat=3),
+    Case("small", "attention", (1, 8, 128, 128, 64), repeat=3),
+    Case("causal", "attention", (1, 4, 256, 256, 64), causal=True, repeat=3),
+    Case("float64", "attention", (1, 2, 256, 256, 32), dtype="float64", repeat=3),
+    Case("projection", "projection", (256, 128, 384), repeat=3),
+    Case("softmax", "softmax", (256, 1024), repeat=3),
+]
+
+
+# --------------------------------------------------------------------------- peers
+
+def numpy_attention(q, k, v, causal=False):
+    """The plain NumPy formulation: scores, max-subtracted softmax, weighted sum."""
+    s = q @ np.swapaxes(k, -1, -2)
+    s *= s.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        n_q, n_k = s.shape[-2:]
+        s[..., np.arange(n_k) > np.arange(n_q)[:, None] + (n_k - n_q)] = -np.inf
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s @ v
+
+
+def numpy_softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+# --------------------------------------------------------------------------- timing
+
+def _calibrate(fn, min_time):
+    """Calls per sample so that a sample lasts at least min_time (fn already warm)."""
+    t = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t
+    return max(1, int(min_time / max(once, 1e-9)) + 1) if once < min_time else 1
+
+
+def _sample(fn, number):
+    t = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t) / number
+
+
+def time_alternating(contenders, repeat, min_time, gap=0.0):
+    """Median seconds per call of each contender, sampled in turn, `gap` s apart."""
+    numbers = {}
+    for name, fn in contenders.items():
+        fn()  # warm-up: first-touch, thread pools, caches
+        numbers[name] = _calibrate(fn, min_time)
+    samples = {name: [] for name in contenders}
+    for _ in range(repeat):
+        for name, fn in contenders.items():
+            time.sleep(gap)
+            samples[name].append(_sample(fn, numbers[name]))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def ceilings(min_time=0.2):
+    """The machine's float32 matmul GFLOP/s and copy GB/s, measured now."""
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    t = time_alternating({"matmul": lambda: a @ a}, 5, min_time)["matmul"]
+    src = np.ones(64 * 2**20 // 8)  # 64 MiB, far beyond the caches
+    dst = np.empty_like(src)
+    c = time_alternating({"copy": lambda: np.copyto(dst, src)}, 5, min_time)["copy"]
+    return {"matmul_gflops": 2 * n**3 / t / 1e9, "copy_gbs": 2 * src.nbytes / c / 1e9}
+
+
+def _peak_rss_reset():
+    """Reset the kernel's peak-RSS mark for this process (Linux); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kib(field_name):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field_name)
+
+
+# --------------------------------------------------------------------------- rows
+
+def _attention_row(case, against, threads, min_time, gap):
+    b, h, n_q, n_k, d = case.shape
+    dtype = np.dtype(case.dtype)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((b, h, n_q, d)).astype(dtype)
+    k = rng.standard_normal((b, h, n_k, d)).astype(dtype)
+    v = rng.standard_normal((b, h, n_k, d)).astype(dtype)
+    out = np.empty_like(q)
+    contenders = {"fastattn": lambda: api.attention(q, k, v, causal=case.causal, out=out,
+                                                    num_threads=threads)}
+    if "numpy" in against:
+        contenders["numpy"] = lambda: numpy_attention(q, k, v, case.causal)
+    torch = _torch() if "torch" in against else None
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def run_torch():
+            with torch.no_grad():
+                return sdpa(tq, tk, tv, is_causal=case.causal)
+
+        contenders["torch"] = run_torch
+    times = time_alternating(contenders, case.repeat, min_time, gap)
+    flops = 4.0 * b * h * n_q * n_k * d / (2 if case.causal else 1)
+    return times, {"rate": flops / times["fastattn"] / 1e9, "unit": "GFLOP/s"}
+
+
+def _projection_row(case, against, threads, min_time, gap):
+    m, k_, n = case.shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k_)).astype(np.float32)
+    w = rng.standard_normal((k_, n)).astype(np.float32)
+    out = np.empty((m, n), np.float32)
+    contenders = {"fastattn": lambda: api.project(x, w, out=out),
+                  "numpy": lambda: np.matmul(x, w, out=out)}
+    times = time_alternating(contenders, case.repeat, min_time, gap)
+    return times, {"rate": 2.0 * m * k_ * n / times["fastattn"] / 1e9, "unit": "GFLOP/s"}
+
+
+def _softmax_row(case, against, threads, min_time, gap):
+    rows, cols = case.shape
+    x = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    out = np.empty_like(x)
+    contenders = {"fastattn": lambda: api.softmax(x, out=out),
+                  "numpy": lambda: numpy_softmax(x)}
+    try:
+        from scipy.special import softmax as scipy_softmax
+
+        contenders["scipy"] = lambda: scipy_softmax(x, axis=-1)
+    except ImportError:
+        pass
+    times = time_alternating(contenders, case.repeat, min_time, gap)
+    return times, {"rate": 2.0 * x.nbytes / times["fastattn"] / 1e9, "unit": "GB/s"}
+
+
+def _memory_row(case, against, threads, min_time, gap):
+    """Peak resident memory beyond inputs and output during one fused call."""
+    b, h, n_q, n_k, d = case.shape
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((b, h, n_q, d), dtype=np.float32)
+    k = rng.standard_normal((b, h, n_k, d), dtype=np.float32)
+    v = rng.standard_normal((b, h, n_k, d), dtype=np.float32)
+    out = np.ones_like(q)  # touched: its pages count as the output's, not as extra
+    api.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], num_threads=threads)  # warm-up
+    time.sleep(gap)
+    before = _rss_kib("VmRSS")
+    supported = _peak_rss_reset()
+    t = time.perf_counter()
+    api.attention(q, k, v, out=out, num_threads=threads)
+    elapsed = time.perf_counter() - t
+    extra = (_rss_kib("VmHWM") - before) / 1024 if supported else float("nan")
+    times = {"fastattn": elapsed}
+    torch = _torch() if "torch" in against else None
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+        time.sleep(gap)
+        with torch.no_grad():
+            t = time.perf_counter()
+            torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+            times["torch"] = time.perf_counter() - t
+    flops = 4.0 * b * h * n_q * n_k * d
+    return times, {"rate": flops / elapsed / 1e9, "unit": "GFLOP/s", "extra_mib": extra}
+
+
+_ROWS = {"attention": _attention_row, "projection": _projection_row,
+         "softmax": _softmax_row, "memory": _memory_row}
+
+
+# --------------------------------------------------------------------------- report
+
+def _fmt_time(t):
+    if t is None:
+        return "—"
+    return f"{t * 1e6:.1f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _header(threads, against):
+    info = _kernels.build_info()
+    torch = _torch() if "torch" in against else None
+    lines = [
+        f"fastattn {sys.modules['fastattn'].__version__}, NumPy {np.__version__}"
+        + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ""),
+        f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cpus, "
+        f"fastattn threads {threads}, OpenMP {'on' if info['openmp'] else 'off'}, "
+        f"kernels {info['isa']} ({info['compile_flags']})",
+    ]
+    return lines
+
+
+def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys.stdout):
+    """Run the cases and print the table; returns the rows as dictionaries."""
+    threads = api._check_threads(threads)
+    torch = _torch() if "torch" in against else None
+    if "torch" in against and torch is None:
+        print("torch is not installed: its columns are left empty", file=out)
+    if torch is not None:
+        torch.set_num_threads(threads)
+    for line in _header(threads, against):
+        print(line, file=out)
+    ceil = ceilings()
+    print(f"ceilings measured now: float32 matmul (2048^3) {ceil['matmul_gflops']:.1f} GFLOP/s, "
+          f"copy (64 MiB) {ceil['copy_gbs']:.1f} GB/s", file=out)
+    print(file=out)
+    print("| case | shape | fastattn | rate | NumPy | NumPy / fastattn | torch | torch / fastattn |",
+          file=out)
+    print("|---|---|---|---|---|---|---|---|", file=out)
+    rows = []
+    for case in cases:
+        times, extra = _ROWS[case.kind](case, against, threads, min_time, gap)
+        fa = times["fastattn"]
+        peer = times.get("numpy")
+        tt = times.get("torch")
+        label = case.name + (" (scipy: %s, x%.2f)" % (_fmt_time(times["scipy"]), times["scipy"] / fa)
+                             if "scipy" in times else "")
+        shape = ", ".join(map(str, case.shape)) + ("" if case.dtype == "float32" else f", {case.dtype}") \
+            + (", causal" if case.causal else "")
+        rate = f"{extra['rate']:.1f} {extra['unit']}"
+        if case.kind == "attention" or case.kind == "memory":
+            rate += f" ({100 * extra['rate'] / ceil['matmul_gflops']:.0f}% of matmul)"
+        if "extra_mib" in extra:
+            rate += f", peak extra {extra['extra_mib']:.0f} MiB"
+        print(f"| {label} | {shape} | {_fmt_time(fa)} | {rate} | {_fmt_time(peer)} | "
+              f"{'—' if peer is None else f'{peer / fa:.2f}x'} | {_fmt_time(tt)} | "
+              f"{'—' if tt is None else f'{tt / fa:.2f}x'} |", file=out, flush=True)
+        rows.append({"case": case, "times": times, **extra})
+    return rows
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastattn bench",
+                                     description="Time fastattn against NumPy (and PyTorch).")
+    parser.add_argument("--against", action="append", choices=["numpy", "torch"],
+                        help="peers to time (default: numpy, and torch when installed)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--threads", type=int, default=None, help="threads for every contender")
+    parser.add_argument("--cases", help="comma-separated case names to run")
+    parser.add_argument("--min-time", type=float, default=0.05, help="seconds per sample")
+    parser.add_argument("--gap", type=float, default=0.2,
+                        help="idle seconds before each sample, so thread pools go quiet")
+    args = parser.parse_args(argv)
+    against = set(args.against or ["numpy"] + (["torch"] if _torch() is not None else []))
+    against.add("numpy")
+    cases = QUICK_CASES if args.quick else DEFAULT_CASES
+    if args.cases:
+        wanted = {c.strip() for c in args.cases.split(",")}
+        unknown = wanted - {c.name for c in cases}
+        if unknown:
+            parser.error(f"unknown cases {sorted(unknown)}; choose from {[c.name for c in cases]}")
+        cases = [c for c in cases if c.name in wanted]
+    run(cases, tuple(sorted(against)), args.threads, args.min_time, args.gap)
+    return 0

@@ -1,0 +1,92 @@
+"""The installed package: compiled, documented, typed, and its examples run."""
+
+import doctest
+import importlib.machinery
+import importlib.resources
+import os
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import _dispatch, api, layers
+
+_kernels = _dispatch.kernels
+
+
+@pytest.mark.parametrize("isa", _dispatch.available())
+def test_kernels_are_compiled_extensions_with_openmp(isa):
+    # A pure-Python fallback must never pass silently.
+    module = _dispatch.load(isa)
+    assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    info = module.build_info()
+    assert info["isa"] == isa
+    assert info["openmp"], "built without OpenMP"
+    assert "-ffast-math" not in info["compile_flags"]
+
+
+def test_dispatch_picks_the_best_runnable_build_or_the_forced_one():
+    runnable = _dispatch.available()
+    forced = os.environ.get("FASTATTN_ISA")
+    assert _dispatch.isa == (forced or runnable[-1])
+    with pytest.raises(ImportError, match="FASTATTN_ISA"):
+        _dispatch.load("sse9")
+
+
+def test_every_runnable_build_agrees():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 70, 24)) for _ in range(3))
+    results = {}
+    for isa in _dispatch.available():
+        module = _dispatch.load(isa)
+        out = np.empty_like(q)
+        lse = np.empty((2, 70))
+        index = np.array([[0, 1]] * 3, dtype=np.intp)
+        assert module.attention(q, k, v, None, index, True, 0.2, out, lse, 16, 32, 1) == 0
+        results[isa] = out
+    for isa, out in results.items():
+        np.testing.assert_allclose(out, results["baseline"], rtol=1e-12, atol=1e-14, err_msg=isa)
+
+
+def test_package_ships_stub_and_py_typed():
+    files = importlib.resources.files("fastattn")
+    assert files.joinpath("py.typed").is_file()
+    assert files.joinpath("_kernels.pyi").is_file()
+
+
+def test_public_names():
+    assert fastattn.__version__
+    for name in fastattn.__all__:
+        assert hasattr(fastattn, name), name
+    for name in ("project", "scores", "softmax", "log_softmax", "attention", "self_attention"):
+        assert callable(getattr(fastattn.reference, name)), name
+
+
+@pytest.mark.parametrize("module", [api, layers], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("name", ["project", "scores", "softmax", "log_softmax", "attention",
+                                  "self_attention"])
+def test_every_public_function_is_documented(name):
+    doc = getattr(fastattn, name).__doc__
+    for section in ("Parameters", "Returns", "Notes", "Examples"):
+        assert section in doc, f"{name} lacks {section}"
+
+
+def test_exp_accuracy_and_special_values():
+    for dtype in (np.float32, np.float64):
+        x = np.linspace(-80 if dtype == np.float32 else -700, 80 if dtype == np.float32 else 700,
+                        200001).astype(dtype)
+        got = np.empty_like(x)
+        _kernels.exp(x, got)
+        want = np.exp(x.astype(np.longdouble))
+        ulps = np.abs(got - want) / np.spacing(want.astype(dtype)).astype(np.longdouble)
+        assert float(ulps.max()) < 1.5, dtype
+        special = np.array([-np.inf, np.inf, np.nan, 0.0, -1e30, 1e30], dtype)
+        got = np.empty_like(special)
+        _kernels.exp(special, got)
+        assert got[0] == 0.0 and got[1] == np.inf and np.isnan(got[2]) and got[3] == 1.0
+        assert got[4] == 0.0 and got[5] == np.inf
