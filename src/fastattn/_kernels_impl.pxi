@@ -356,6 +356,29 @@ cdef void _attend_block(
             lse[q_start + i] = <floating> (m_run[i] + log(l_run[i]))
 
 
+cdef inline void _attend_item(
+        Py_ssize_t w, Py_ssize_t n_qblocks, Py_ssize_t q_block, Py_ssize_t k_block,
+        const floating *q, const floating *k, const floating *v,
+        const floating *add_base, const unsigned char *bool_base, int mask_kind,
+        const Py_ssize_t *index, Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys,
+        Py_ssize_t d_head, Py_ssize_t d_v, bint causal, floating scale,
+        floating *buf, Py_ssize_t l_offset, floating *out, floating *lse) noexcept nogil:
+    """Work item w: query block w % n_qblocks of batch entry w // n_qblocks."""
+    cdef Py_ssize_t b = w // n_qblocks
+    cdef Py_ssize_t q_start = (w % n_qblocks) * q_block
+    cdef Py_ssize_t q_item = index[b], kv_item = index[n_batch + b]
+    cdef Py_ssize_t mask_item = index[2 * n_batch + b]
+    _attend_block(q + q_item * n_queries * d_head, k + kv_item * n_keys * d_head,
+                  v + kv_item * n_keys * d_v,
+                  add_base + mask_item * n_queries * n_keys if mask_kind == 1 else NULL,
+                  bool_base + mask_item * n_queries * n_keys if mask_kind == 2 else NULL,
+                  mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
+                  n_keys, d_head, d_v, k_block, causal, scale,
+                  buf, buf + q_block * k_block, buf + q_block * k_block + q_block * d_v,
+                  <double*> (buf + l_offset),
+                  out + b * n_queries * d_v, lse + b * n_queries)
+
+
 def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
               const floating[:, :, ::1] v, object mask, const Py_ssize_t[:, ::1] index,
               bint causal, double scale, floating[:, :, ::1] out, floating[:, ::1] lse,
@@ -375,15 +398,13 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     # running sum in double; each thread's part and the doubles start 64-byte aligned.
     cdef Py_ssize_t l_offset = _round_up(q_block * (k_block + d_v + 1), 64 // sizeof(floating))
     cdef Py_ssize_t per_thread = _round_up(l_offset + 2 * q_block, 64 // sizeof(floating))
-    cdef Py_ssize_t w, b, q_start, tid
+    cdef Py_ssize_t w
     cdef int mask_kind = 0
     cdef const floating[:, :, ::1] add_mask
     cdef const unsigned char[:, :, ::1] bool_mask
     cdef const floating *add_base = NULL
     cdef const unsigned char *bool_base = NULL
-    cdef Py_ssize_t mask_stride = n_queries * n_keys
     cdef floating *scratch
-    cdef floating *buf
     if mask is not None:
         if mask.dtype.itemsize == 1:
             bool_mask = mask
@@ -397,19 +418,22 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     if scratch == NULL:
         return -1
     try:
-        for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static', chunksize=1):
-            tid = threadid()
-            b = w // n_qblocks
-            q_start = (w % n_qblocks) * q_block
-            buf = scratch + tid * per_thread
-            _attend_block(&q[index[0, b], 0, 0], &k[index[1, b], 0, 0], &v[index[1, b], 0, 0],
-                          add_base + index[2, b] * mask_stride if mask_kind == 1 else NULL,
-                          bool_base + index[2, b] * mask_stride if mask_kind == 2 else NULL,
-                          mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
-                          n_keys, d_head, d_v, k_block, causal, <floating> scale,
-                          buf, buf + q_block * k_block, buf + q_block * k_block + q_block * d_v,
-                          <double*> (buf + l_offset),
-                          &out[b, 0, 0], &lse[b, 0])
+        if n_threads == 1:
+            # No OpenMP region for serial work: entering one costs more than a tiny call.
+            with nogil:
+                for w in range(n_work):
+                    _attend_item(w, n_qblocks, q_block, k_block, &q[0, 0, 0], &k[0, 0, 0],
+                                 &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
+                                 n_batch, n_queries, n_keys, d_head, d_v, causal,
+                                 <floating> scale, scratch, l_offset, &out[0, 0, 0], &lse[0, 0])
+        else:
+            for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static',
+                            chunksize=1):
+                _attend_item(w, n_qblocks, q_block, k_block, &q[0, 0, 0], &k[0, 0, 0],
+                             &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
+                             n_batch, n_queries, n_keys, d_head, d_v, causal,
+                             <floating> scale, scratch + threadid() * per_thread, l_offset,
+                             &out[0, 0, 0], &lse[0, 0])
     finally:
         free(scratch)
     return 0

@@ -135,7 +135,8 @@ def _check_out(out, shape, dtype, inputs):
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     for name, a in inputs:
-        if isinstance(a, np.ndarray) and _overlaps(out, a):
+        # may_share_memory compares bounds only (cheap); shares_memory decides exactly.
+        if isinstance(a, np.ndarray) and np.may_share_memory(out, a) and _overlaps(out, a):
             raise ValueError(f"out overlaps the input {name}; pass a separate array")
 
 
@@ -147,16 +148,18 @@ def _overlaps(a, b):
 
 
 def _finish(result, result_dtype, out):
-    """Cast the computed array to the result dtype, into out= when given."""
+    """Cast the computed array to the result dtype, into out= when given (no copy when the
+    kernel already wrote into out itself)."""
     if out is None:
         return result if result.dtype == result_dtype else result.astype(result_dtype)
-    if result is not out:
+    if result.base is not out and result is not out:
         out[...] = result
     return out
 
 
 def _kernel_target(out, shape, compute):
-    """Where the kernel writes: out itself when it is C-contiguous in the compute dtype."""
+    """Where the kernel writes: a view of out itself when out is C-contiguous in the
+    compute dtype (then ``_finish`` has nothing to copy), else a new array."""
     if out is not None and out.dtype == compute and out.flags.c_contiguous:
         return out.reshape(shape)
     return np.empty(shape, dtype=compute)
@@ -469,6 +472,8 @@ def _layout(q_shape, k_shape, v_shape, mask_shape):
     p.n_queries, p.n_keys, p.d_head = n_queries, n_keys, d_head
     p.d_v = v_shape[-1] if v_shape is not None else 0
     p.n_batch = math.prod(batch)
+    p.n_q_items, p.n_kv_items = math.prod(q_batch), math.prod(kv_batch)
+    p.n_mask_items = math.prod(mask_batch)
     # index[:, b]: the stored q, k/v and mask entries that batch entry b reads.
     p.index = _frozen(np.stack([
         _batch_index(q_batch, batch),
@@ -488,11 +493,13 @@ def _plan(q, k, v, mask, causal, scale):
     """Validate q, k, (v), mask and the flags; the arrays are not converted yet."""
     q = _as_array("q", q)
     k = _as_array("k", k)
-    named = [("q", q), ("k", k)]
-    if v is not None:
+    if v is None:
+        named = [("q", q), ("k", k)]
+        compute, result_dtype = _dtypes_of(("q", "k"), (q.dtype, k.dtype))
+    else:
         v = _as_array("v", v)
-        named.append(("v", v))
-    compute, result_dtype = _dtypes(named)
+        named = [("q", q), ("k", k), ("v", v)]
+        compute, result_dtype = _dtypes_of(("q", "k", "v"), (q.dtype, k.dtype, v.dtype))
     mask_kind = 0
     if mask is not None:
         mask = _as_array("mask", mask)
@@ -516,17 +523,17 @@ def _kernel_inputs(layout, q, k, mask, mask_kind, compute):
     """The contiguous, compute-dtype q, k and mask the kernels read (mask may be None;
     a boolean mask goes as uint8, a float one in the compute dtype)."""
     d_head = layout.d_head
-    q = _contiguous(q, compute).reshape(math.prod(layout.q_batch), layout.n_queries, d_head)
+    q = _contiguous(q, compute).reshape(layout.n_q_items, layout.n_queries, d_head)
     if k.shape[:-2] != layout.kv_batch:
         k = np.broadcast_to(k, layout.kv_batch + k.shape[-2:])
-    k = _contiguous(k, compute).reshape(math.prod(layout.kv_batch), layout.n_keys, d_head)
+    k = _contiguous(k, compute).reshape(layout.n_kv_items, layout.n_keys, d_head)
     if d_head == 0:
         # An empty dot product is 0: give BLAS one zero column instead of a zero dimension.
         q = np.zeros(q.shape[:-1] + (1,), compute)
         k = np.zeros(k.shape[:-1] + (1,), compute)
     if mask_kind:
         mask = np.broadcast_to(mask, layout.mask_batch + (layout.n_queries, layout.n_keys))
-        mask = mask.reshape(math.prod(layout.mask_batch), layout.n_queries, layout.n_keys)
+        mask = mask.reshape(layout.n_mask_items, layout.n_queries, layout.n_keys)
         if mask_kind == 1:
             mask = _contiguous(mask, compute)
         else:
@@ -597,7 +604,7 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
         q, k, mask = _kernel_inputs(layout, q, k, mask, mask_kind, compute)
         if v.shape[:-2] != layout.kv_batch:
             v = np.broadcast_to(v, layout.kv_batch + v.shape[-2:])
-        v = _contiguous(v, compute).reshape(math.prod(layout.kv_batch), n_keys, d_v)
+        v = _contiguous(v, compute).reshape(layout.n_kv_items, n_keys, d_v)
         kernel_out = target
         if d_v == 0:
             # Nothing to average, but lse still needs the pass: use one zero column.
@@ -609,7 +616,11 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
         n_work = n_batch * -(-n_queries // q_block)
         flops = 2.0 * n_batch * n_queries * n_keys * (q.shape[-1] + d_v)
         n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_work)
-        with _blas_guard(q_block * k_block * max(q.shape[-1], d_v)):
+        if q_block * k_block * max(q.shape[-1], d_v) > _BLAS_SERIAL_MNK:
+            with _serial_blas:
+                status = _kernels.attention(q, k, v, mask, layout.index, causal, scale,
+                                            kernel_out, lse, q_block, k_block, n_threads)
+        else:  # OpenBLAS runs such tiles on the calling thread anyway
             status = _kernels.attention(q, k, v, mask, layout.index, causal, scale,
                                         kernel_out, lse, q_block, k_block, n_threads)
         if status:
