@@ -16,25 +16,6 @@ def project(
     b: npt.NDArray[np.floating],        # const floating[::1]     (d_out,) or a dummy
     has_bias: bool,                     # bint
     out: npt.NDArray[np.floating],      # floating[:, ::1]        (n_rows, d_out)
-    row_block: int,                     # Py_ssize_t
-    n_threads: int,                     # int
-) -> None: ...
-def project_qkv(
-    x: npt.NDArray[np.floating],        # const floating[:, ::1]
-    w_q: npt.NDArray[np.floating],      # const floating[:, ::1]
-    w_k: npt.NDArray[np.floating],      # const floating[:, ::1]
-    w_v: npt.NDArray[np.floating],      # const floating[:, ::1]
-    b_q: npt.NDArray[np.floating],      # const floating[::1]
-    b_k: npt.NDArray[np.floating],      # const floating[::1]
-    b_v: npt.NDArray[np.floating],      # const floating[::1]
-    has_bq: bool,                       # bint
-    has_bk: bool,                       # bint
-    has_bv: bool,                       # bint
-    row_block: int,                     # Py_ssize_t
-    q_out: npt.NDArray[np.floating],    # floating[:, ::1]
-    k_out: npt.NDArray[np.floating],    # floating[:, ::1]
-    v_out: npt.NDArray[np.floating],    # floating[:, ::1]
-    n_threads: int,                     # int
 ) -> None: ...
 def scores(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_q_stored, L_q, D)

@@ -136,61 +136,20 @@ def max_threads():
 # --------------------------------------------------------------------------- projection
 
 def project(const floating[:, ::1] x, const floating[:, ::1] w, const floating[::1] b,
-            bint has_bias, floating[:, ::1] out, Py_ssize_t row_block, int n_threads):
-    """out = x @ w (+ b), in blocks of rows spread over threads (GEMV for one row)."""
-    cdef Py_ssize_t n_rows = x.shape[0], n_blocks = (n_rows + row_block - 1) // row_block
-    cdef int d_in = <int> x.shape[1], d_out = <int> w.shape[1], nr
-    cdef Py_ssize_t blk, r0, i
+            bint has_bias, floating[:, ::1] out):
+    """out = x @ w (+ b): one GEMM (GEMV for one row), threaded by the BLAS itself."""
+    cdef int n_rows = <int> x.shape[0], d_in = <int> x.shape[1], d_out = <int> w.shape[1]
+    cdef Py_ssize_t i
     cdef floating beta = 1 if has_bias else 0
-    if n_rows == 1:
-        with nogil:
-            if has_bias:
-                out[0, :] = b
-            _gemv_rows(d_in, d_out, &x[0, 0], &w[0, 0], beta, &out[0, 0])
-        return
-    # The block size depends on the shape only, never on the thread count, so each block
-    # is the same GEMM whichever thread runs it: results are bitwise thread-invariant.
-    for blk in prange(n_blocks, nogil=True, num_threads=n_threads, schedule='static'):
-        r0 = blk * row_block
-        nr = <int> min(row_block, n_rows - r0)
+    with nogil:
         if has_bias:
-            for i in range(r0, r0 + nr):
+            for i in range(n_rows):
                 out[i, :] = b
-        _gemm(False, nr, d_out, d_in, 1, &x[r0, 0], d_in, &w[0, 0], d_out,
-              beta, &out[r0, 0], d_out)
-
-
-def project_qkv(const floating[:, ::1] x,
-                const floating[:, ::1] w_q, const floating[:, ::1] w_k, const floating[:, ::1] w_v,
-                const floating[::1] b_q, const floating[::1] b_k, const floating[::1] b_v,
-                bint has_bq, bint has_bk, bint has_bv, Py_ssize_t row_block,
-                floating[:, ::1] q_out, floating[:, ::1] k_out, floating[:, ::1] v_out,
-                int n_threads):
-    """q, k, v = x @ w_q (+ b_q), x @ w_k (+ b_k), x @ w_v (+ b_v), reading x once."""
-    cdef Py_ssize_t n_rows = x.shape[0], n_blocks = (n_rows + row_block - 1) // row_block
-    cdef Py_ssize_t blk, r0, i
-    cdef int d_in = <int> x.shape[1], nr
-    cdef int d_q = <int> w_q.shape[1], d_k = <int> w_k.shape[1], d_v = <int> w_v.shape[1]
-    cdef floating beta_q = 1 if has_bq else 0
-    cdef floating beta_k = 1 if has_bk else 0
-    cdef floating beta_v = 1 if has_bv else 0
-    # A block of rows of x stays in cache while the three products read it.
-    for blk in prange(n_blocks, nogil=True, num_threads=n_threads, schedule='static'):
-        r0 = blk * row_block
-        nr = <int> min(row_block, n_rows - r0)
-        for i in range(r0, r0 + nr):
-            if has_bq:
-                q_out[i, :] = b_q
-            if has_bk:
-                k_out[i, :] = b_k
-            if has_bv:
-                v_out[i, :] = b_v
-        _gemm(False, nr, d_q, d_in, 1, &x[r0, 0], d_in, &w_q[0, 0], d_q,
-              beta_q, &q_out[r0, 0], d_q)
-        _gemm(False, nr, d_k, d_in, 1, &x[r0, 0], d_in, &w_k[0, 0], d_k,
-              beta_k, &k_out[r0, 0], d_k)
-        _gemm(False, nr, d_v, d_in, 1, &x[r0, 0], d_in, &w_v[0, 0], d_v,
-              beta_v, &v_out[r0, 0], d_v)
+        if n_rows == 1:
+            _gemv_rows(d_in, d_out, &x[0, 0], &w[0, 0], beta, &out[0, 0])
+        else:
+            _gemm(False, n_rows, d_out, d_in, 1, &x[0, 0], d_in, &w[0, 0], d_out,
+                  beta, &out[0, 0], d_out)
 
 
 # --------------------------------------------------------------------------- masking
