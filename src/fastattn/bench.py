@@ -293,7 +293,7 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
         if case.kind == "attention" or case.kind == "memory":
             rate += f" ({100 * extra['rate'] / ceil['matmul_gflops']:.0f}% of matmul)"
         if "extra_mib" in extra:
-            rate += f", peak extra {extra['extra_mib']:.0f} MiB"
+            rate += f", peak extra {extra['extra_mib']:.1f} MiB"
         print(f"| {label} | {shape} | {_fmt_time(fa)} | {rate} | {_fmt_time(peer)} | "
               f"{'—' if peer is None else f'{peer / fa:.2f}x'} | {_fmt_time(tt)} | "
               f"{'—' if tt is None else f'{tt / fa:.2f}x'} |", file=out, flush=True)
