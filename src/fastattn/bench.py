@@ -237,6 +237,59 @@ def _memory_row(case, against, threads, min_time, gap):
     return times, {"rate": flops / elapsed / 1e9, "unit": "GFLOP/s", "extra_mib": extra}
 
 
+def call_overhead(repeat=7):
+    """Seconds per call on the tiny shape: the whole public call, and the kernel alone
+    with its inputs already prepared (the difference is validation and dispatch)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, 16, 64), dtype=np.float32) for _ in range(3))
+    out = np.empty((1, 16, 64), np.float32)
+    lse = np.empty((1, 16), np.float32)
+    index = np.zeros((3, 1), np.intp)
+    q3, k3, v3 = q[0], k[0], v[0]
+    times = time_alternating({
+        "public": lambda: api.attention(q, k, v),
+        "kernel": lambda: _kernels.attention(q3, k3, v3, None, index, False, 0.125, out, lse,
+                                             16, 16, 1),
+    }, repeat, 0.05)
+    return times["public"], times["kernel"]
+
+
+def plot(path, against=("numpy",), threads=None, lengths=(128, 256, 512, 1024, 2048, 4096)):
+    """GFLOP/s against sequence length (batch 1, 8 heads, D 64, float32) as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'fastattn[bench]'") from None
+    threads = api._check_threads(threads)
+    series = {}
+    for n in lengths:
+        case = Case(f"L={n}", "attention", (1, 8, n, n, 64), repeat=3)
+        times, _ = _attention_row(case, against, threads, 0.05, 0.2)
+        flops = 4.0 * 8 * n * n * 64
+        for name, t in times.items():
+            series.setdefault(name, []).append(flops / t / 1e9)
+        print(f"L={n}: " + ", ".join(f"{k} {flops / t / 1e9:.1f} GFLOP/s" for k, t in times.items()),
+              flush=True)
+    ceil = ceilings()["matmul_gflops"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, values in series.items():
+        ax.plot(lengths, values, marker="o", label=name)
+    ax.axhline(ceil, color="grey", linestyle="--", label=f"NumPy float32 matmul ({ceil:.0f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("sequence length (L_q = L_k), batch 1, 8 heads, D 64, float32")
+    ax.set_ylabel("GFLOP/s (4 B H L^2 D / time)")
+    ax.set_title(f"attention on {os.cpu_count()} cores, {threads} threads each")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 _ROWS = {"attention": _attention_row, "projection": _projection_row,
          "softmax": _softmax_row, "memory": _memory_row}
 
@@ -275,6 +328,10 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
     ceil = ceilings()
     print(f"ceilings measured now: float32 matmul (2048^3) {ceil['matmul_gflops']:.1f} GFLOP/s, "
           f"copy (64 MiB) {ceil['copy_gbs']:.1f} GB/s", file=out)
+    public, kernel = call_overhead()
+    print(f"per-call cost on the tiny shape: {public * 1e6:.1f} us public call = "
+          f"{(public - kernel) * 1e6:.1f} us validation and dispatch + {kernel * 1e6:.1f} us kernel",
+          file=out)
     print(file=out)
     print("| case | shape | fastattn | rate | NumPy | NumPy / fastattn | torch | torch / fastattn |",
           file=out)
@@ -312,11 +369,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="threads for every contender")
     parser.add_argument("--cases", help="comma-separated case names to run")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per sample")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="instead of the table, plot GFLOP/s against sequence length to FILE (PNG)")
     parser.add_argument("--gap", type=float, default=0.2,
                         help="idle seconds before each sample, so thread pools go quiet")
     args = parser.parse_args(argv)
     against = set(args.against or ["numpy"] + (["torch"] if _torch() is not None else []))
     against.add("numpy")
+    if args.plot:
+        plot(args.plot, tuple(sorted(against)), args.threads)
+        return 0
     cases = QUICK_CASES if args.quick else DEFAULT_CASES
     if args.cases:
         wanted = {c.strip() for c in args.cases.split(",")}
