@@ -12,7 +12,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-"$root/wheelhouse"}
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap '/bin/rm -rf "$work"' EXIT  # absolute: the test PATH below has no rm
 
 python3 -m venv "$work/build-env"
 "$work/build-env/bin/python" -m pip install --quiet --upgrade pip
@@ -40,9 +40,9 @@ for suffix in ("_kernels.pyi", "py.typed"):
 print(f"sdist: {len(s)} files, wheel: {len(w)} files: contents checked")
 PY
 
-"$work/build-env/bin/auditwheel" repair --wheel-dir "$work/repaired" "$wheel"
+PATH="$work/build-env/bin:$PATH" "$work/build-env/bin/auditwheel" repair --wheel-dir "$work/repaired" "$wheel"
 repaired=$(ls "$work"/repaired/fastattn-*.whl)
-"$work/build-env/bin/auditwheel" show "$repaired"
+PATH="$work/build-env/bin:$PATH" "$work/build-env/bin/auditwheel" show "$repaired"
 mkdir -p "$out"
 cp "$repaired" "$sdist" "$out/"
 ls -l "$out"/fastattn-*
