@@ -685,8 +685,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=Fa
     ``s_ij = scale q_i . k_j`` (+ mask), computed by an online softmax over key blocks
     without building the L_q x L_k matrix. A query whose keys are all masked gets zeros
     (never NaN). NaN or +inf reaching a visible score makes that query's row NaN. A key
-    hidden by a boolean or causal mask has weight exactly 0 whatever its score; whether a
-    NaN in a hidden key's value reaches the output is unspecified (0 * NaN in the GEMM).
+    hidden by a boolean or causal mask has weight exactly 0 whatever its score; whether
+    NaN or inf in the value of a key with weight 0 reaches the output is unspecified
+    (0 * inf in the GEMM is NaN).
 
     Examples
     --------
@@ -698,7 +699,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=Fa
     """
     return_weights = _check_flag("return_weights", return_weights)
     return_lse = _check_flag("return_lse", return_lse)
-    plan = _plan(q, k, v, mask, causal, scale)
+    # v=None must be refused as a bad value, not taken for scores()'s "no v".
+    plan = _plan(q, k, _as_array("v", v), mask, causal, scale)
     return _pack(*_attention(plan, return_weights, return_lse, out, num_threads),
                  return_weights, return_lse)
 
