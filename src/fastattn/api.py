@@ -11,6 +11,8 @@ import functools
 import math
 import numbers
 import operator
+import os
+import sys
 import threading
 
 import numpy as np
@@ -91,6 +93,27 @@ def _dtypes_of(names, dtypes):
 def _contiguous(a, dtype):
     """a as a C-contiguous, native-byte-order array of dtype: at most one copy."""
     return np.ascontiguousarray(a, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- sizes
+
+@functools.lru_cache(maxsize=1)
+def _memory_limit():
+    """Bytes of physical memory: no single array fastattn allocates may exceed it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+        return sys.maxsize
+
+
+def _refuse_huge(what, n_elements, itemsize, detail):
+    """ValueError, before anything is allocated, for an array that could not be."""
+    n_bytes = n_elements * itemsize  # Python ints: no overflow
+    if n_bytes > min(_memory_limit(), sys.maxsize):
+        raise ValueError(
+            f"{what} would need {n_bytes / 2**30:.4g} GiB ({detail}), more than the "
+            f"{_memory_limit() / 2**30:.4g} GiB of memory of this machine"
+        )
 
 
 # --------------------------------------------------------------------------- arguments
@@ -303,6 +326,8 @@ def project(x, w, b=None, *, out=None):
     n_rows = math.prod(x.shape[:-1])
     if max(n_rows, d_in, d_out) > _INT_MAX:
         raise ValueError(f"project: dimensions above 2**31 - 1 are not supported, got x.shape={x.shape}, w.shape={w.shape}")
+    _refuse_huge("the output", n_rows * d_out, compute.itemsize, f"x.shape={x.shape}, w.shape={w.shape}")
+    _refuse_huge("the copy of x", x.size, compute.itemsize, f"x.shape={x.shape}")
 
     target = _kernel_target(out, (n_rows, d_out), compute)
     _project_rows(_contiguous(x, compute).reshape(n_rows, d_in), w, b, target)
@@ -324,6 +349,7 @@ def _softmax(x, axis, out, log_out, name):
         raise AxisError(f"{name}: axis {axis} is out of bounds for x of dimension {x.ndim} (x.shape={x.shape})")
     if out is not None:
         _check_out(out, x.shape, result_dtype, [("x", x)])
+    _refuse_huge("the result", x.size, compute.itemsize, f"x.shape={x.shape}")
     if x.size == 0:
         return _finish(np.empty(x.shape, compute), result_dtype, out)
     moved = np.moveaxis(x, axis, -1)
@@ -428,7 +454,8 @@ def _layout(q_shape, k_shape, v_shape, mask_shape):
     q_batch = q_shape[:-2]
 
     # Grouped-query attention: query heads h share key/value head h // (H_q / H_kv).
-    kv_ids = np.arange(math.prod(kv_batch), dtype=np.intp).reshape(kv_batch)
+    group = 1
+    kv_heads_as = kv_batch
     if q_batch and kv_batch and 1 not in (q_batch[-1], kv_batch[-1]) and kv_batch[-1] != q_batch[-1]:
         h_q, h_kv = q_batch[-1], kv_batch[-1]
         if h_kv == 0 or h_q % h_kv:
@@ -436,8 +463,9 @@ def _layout(q_shape, k_shape, v_shape, mask_shape):
                 f"the head axis (-3) of k and v must divide that of q for grouped-query attention, "
                 f"got q.shape={q_shape} and k.shape={k_shape}"
             )
-        kv_ids = np.repeat(kv_ids, h_q // h_kv, axis=-1)
-    shapes = [("q", q_batch), ("k", kv_ids.shape)]
+        group = h_q // h_kv
+        kv_heads_as = kv_batch[:-1] + (h_q,)
+    shapes = [("q", q_batch), ("k", kv_heads_as)]
     mask_batch = ()
     if mask_shape is not None:
         mask_batch = mask_shape[:-2] if len(mask_shape) > 2 else ()
@@ -454,6 +482,16 @@ def _layout(q_shape, k_shape, v_shape, mask_shape):
                 f"mask must broadcast to (..., L_q, L_k) = {batch + (n_queries, n_keys)}, "
                 f"got mask.shape={mask_shape}"
             )
+    if max(n_queries, n_keys, d_head, v_shape[-1] if v_shape is not None else 0) > _INT_MAX:
+        raise ValueError(
+            f"L_q, L_k, D and D_v above 2**31 - 1 are not supported (BLAS dimensions are C ints), "
+            f"got q.shape={q_shape} and k.shape={k_shape}"
+        )
+    _refuse_huge("the batch index", 3 * math.prod(batch) + math.prod(kv_batch), 8,
+                 f"broadcast batch {batch} from q.shape={q_shape} and k.shape={k_shape}")
+    kv_ids = np.arange(math.prod(kv_batch), dtype=np.intp).reshape(kv_batch)
+    if group > 1:
+        kv_ids = np.repeat(kv_ids, group, axis=-1)
     p = _Plan()
     p.batch, p.q_batch, p.kv_batch, p.mask_batch = batch, q_batch, kv_batch, mask_batch
     p.n_queries, p.n_keys, p.d_head = n_queries, n_keys, d_head
@@ -504,6 +542,24 @@ def _plan(q, k, v, mask, causal, scale):
                      None if mask is None else mask.shape)
     return (layout, q, k, v, mask, mask_kind, _check_flag("causal", causal),
             _check_scale(scale, layout.d_head), compute, result_dtype, named)
+
+
+def _refuse_huge_plan(layout, q, k, v, mask_kind, compute, results):
+    """Refuse, naming the shapes, a call whose arrays could not be allocated: the results
+    (name, element count) and the contiguous copies the kernels would need."""
+    shapes = f"q.shape={q.shape}, k.shape={k.shape}" + ("" if v is None else f", v.shape={v.shape}")
+    for name, n in results:
+        _refuse_huge(f"the {name}", n, compute.itemsize, shapes)
+    copies = [("copy of q", q, layout.n_q_items * layout.n_queries * layout.d_head),
+              ("copy of k", k, layout.n_kv_items * layout.n_keys * layout.d_head)]
+    if v is not None:
+        copies.append(("copy of v", v, layout.n_kv_items * layout.n_keys * layout.d_v))
+    for name, a, n in copies:
+        if a.dtype != compute or not a.flags.c_contiguous or a.size != n:
+            _refuse_huge(f"the {name}", n, compute.itemsize, shapes)
+    if mask_kind:
+        _refuse_huge("the mask", layout.n_mask_items * layout.n_queries * layout.n_keys,
+                     compute.itemsize if mask_kind == 1 else 1, shapes)
 
 
 def _kernel_inputs(layout, q, k, mask, mask_kind, compute):
@@ -563,6 +619,8 @@ def scores(q, k, *, scale=None, mask=None, causal=False):
     layout, q, k, _, mask, mask_kind, causal, scale, compute, result_dtype, _ = _plan(
         q, k, None, mask, causal, scale)
     shape = layout.batch + (layout.n_queries, layout.n_keys)
+    _refuse_huge_plan(layout, q, k, None, mask_kind, compute,
+                      [("scores", layout.n_batch * layout.n_queries * layout.n_keys)])
     result = np.empty((layout.n_batch, layout.n_queries, layout.n_keys), compute)
     if result.size:
         q, k, mask = _kernel_inputs(layout, q, k, mask, mask_kind, compute)
@@ -579,6 +637,10 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
     if out is not None:
         _check_out(out, out_shape, result_dtype, named)
     flat = (n_batch, n_queries, d_v)
+    results = [("output", n_batch * n_queries * d_v), ("log-sum-exp", n_batch * n_queries)]
+    if return_weights:
+        results.append(("weights", n_batch * n_queries * n_keys))
+    _refuse_huge_plan(layout, q, k, v, mask_kind, compute, results)
     target = _kernel_target(out, flat, compute)
     lse = np.empty((n_batch, n_queries), compute)
     weights = None
@@ -728,6 +790,9 @@ def _project_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v):
     n_rows = math.prod(x.shape[:-1])
     if max(n_rows, d_model, *(w.shape[1] for _, w in ws)) > _INT_MAX:
         raise ValueError(f"dimensions above 2**31 - 1 are not supported, got x.shape={x.shape}")
+    for name, w in ws:
+        _refuse_huge(f"the projection by {name}", n_rows * w.shape[1], compute.itemsize,
+                     f"x.shape={x.shape}, {name}.shape={w.shape}")
     # Three whole-matrix GEMMs. Measured against the alternatives (float32, 2 threads):
     # blocks of rows of x kept in cache re-pack the weights per block and ran up to 1.4x
     # slower; one GEMM against [w_q | w_k | w_v] was within 6% (noise) and needs a copy of
