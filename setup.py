@@ -2,7 +2,9 @@
 
 Compiler directives live here, once. ``FASTATTN_DEBUG=1`` turns bounds, wraparound and
 initialisation checks back on (a debug build for finding out-of-bounds access);
-``FASTATTN_NO_OPENMP=1`` builds without OpenMP (the kernels then run single-threaded).
+``FASTATTN_NO_OPENMP=1`` builds without OpenMP (the kernels then run single-threaded);
+``FASTATTN_SANITIZE=1`` builds with AddressSanitizer and UndefinedBehaviorSanitizer (load
+it with libasan preloaded: tools/sanitize.sh does it all).
 """
 
 import os
@@ -19,6 +21,7 @@ def _flag(name):
 
 debug = _flag("FASTATTN_DEBUG")
 openmp = not _flag("FASTATTN_NO_OPENMP")
+sanitize = _flag("FASTATTN_SANITIZE")
 
 directives = {
     "language_level": 3,
@@ -36,6 +39,11 @@ compile_args = ["-O3", "-fno-trapping-math"]
 link_args = []
 if debug:
     compile_args = ["-O1", "-g"]
+if sanitize:
+    sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer"]
+    compile_args = ["-O1", "-g"] + sanitizers
+    link_args = link_args + sanitizers
 if openmp:
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")

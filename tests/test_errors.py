@@ -126,3 +126,13 @@ def test_multi_head_attention_errors():
         fastattn.MultiHeadAttention.from_torch_state_dict(
             {"in_proj_weight": np.ones((24, 8)), "bias_k": np.ones((1, 1, 8)),
              "out_proj.weight": w}, num_heads=2)
+
+
+def test_merge_attention_errors():
+    out, lse = np.ones((3, 2)), np.zeros(3)
+    with pytest.raises(ValueError, match=r"out_a and out_b.*\(3, 2\).*\(3, 3\)"):
+        fastattn.merge_attention(out, lse, np.ones((3, 3)), lse)
+    with pytest.raises(ValueError, match=r"lse_a and lse_b must have shape \(3,\)"):
+        fastattn.merge_attention(out, np.zeros(4), out, lse)
+    with pytest.raises(TypeError, match=r"lse_b.*complex128"):
+        fastattn.merge_attention(out, lse, out, lse.astype(complex))

@@ -70,7 +70,7 @@ def test_docstring_examples_run(module):
     assert result.attempted > 0 and result.failed == 0
 
 
-@pytest.mark.parametrize("name", ["project", "scores", "softmax", "log_softmax", "attention",
+@pytest.mark.parametrize("name", ["project", "scores", "softmax", "log_softmax", "attention", "merge_attention",
                                   "self_attention"])
 def test_every_public_function_is_documented(name):
     doc = getattr(fastattn, name).__doc__

@@ -7,7 +7,8 @@ that every kernel is checked against.
 
 from . import reference
 from ._version import __version__
-from .api import attention, log_softmax, project, scores, self_attention, softmax
+from .api import (attention, log_softmax, merge_attention, project, scores, self_attention,
+                  softmax)
 from .layers import MultiHeadAttention
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "__version__",
     "attention",
     "log_softmax",
+    "merge_attention",
     "project",
     "reference",
     "scores",

@@ -41,6 +41,35 @@ static const char *fa_build_flags = FASTATTN_BUILD_FLAGS;
 #endif
 static const char *fa_isa_name = FASTATTN_ISA;
 
+/* In a sanitizer build (FASTATTN_SANITIZE=1), the operands handed to BLAS are checked
+ * from instrumented code before each call: BLAS itself is not instrumented, so without this
+ * AddressSanitizer would never see a GEMM read past q, k or v. Elsewhere it compiles away. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <stdio.h>
+#include <stdlib.h>
+static inline void fa_check_matrix(const void *p, ptrdiff_t rows, ptrdiff_t cols,
+                                   ptrdiff_t ld, size_t item)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const char *row = (const char *)p + r * ld * (ptrdiff_t)item;
+        void *bad = __asan_region_is_poisoned((void *)row, (size_t)cols * item);
+        if (bad) {
+            fprintf(stderr, "fastattn: AddressSanitizer: BLAS operand out of bounds "
+                            "(row %td of %td x %td, ld %td)\n", r, rows, cols, ld);
+            __asan_describe_address(bad);
+            abort();
+        }
+    }
+}
+#else
+static inline void fa_check_matrix(const void *p, ptrdiff_t rows, ptrdiff_t cols,
+                                   ptrdiff_t ld, size_t item)
+{
+    (void)p; (void)rows; (void)cols; (void)ld; (void)item;
+}
+#endif
+
 /* CPU features, for choosing a build at import. GCC's __builtin_cpu_supports also checks
  * that the OS saves the AVX / AVX-512 register state (XGETBV), not just CPUID. */
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -84,7 +113,9 @@ static inline float fa_expf(float x)
     memcpy(&ti, &t, sizeof ti);
     int32_t ni = ti - 0x4B400000;                /* the integer n, read from t's mantissa */
     int32_t n1 = ni >> 1, n2 = ni - n1;          /* each in [-75, 64]: both 2^n1, 2^n2 normal */
-    int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    /* Shift as unsigned: for NaN input n is garbage and n + 127 may be negative (the
+     * result is NaN anyway, but a negative left shift would be undefined behaviour). */
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
     float s1, s2;
     memcpy(&s1, &b1, sizeof s1);
     memcpy(&s2, &b2, sizeof s2);
@@ -119,7 +150,7 @@ static inline double fa_exp(double x)
     memcpy(&ti, &t, sizeof ti);
     int64_t ni = ti - 0x4338000000000000LL;
     int64_t n1 = ni >> 1, n2 = ni - n1;
-    int64_t b1 = (n1 + 1023) << 52, b2 = (n2 + 1023) << 52;
+    uint64_t b1 = (uint64_t)(n1 + 1023) << 52, b2 = (uint64_t)(n2 + 1023) << 52;
     double s1, s2;
     memcpy(&s1, &b1, sizeof s1);
     memcpy(&s2, &b2, sizeof s2);

@@ -32,6 +32,8 @@ cdef extern from "_helpers.h" nogil:
     const char *fa_build_flags
     const char *fa_isa_name
     const int fa_debug_build
+    void fa_check_matrix(const void *p, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld,
+                         size_t item)
     int fa_cpu_has_avx2_fma()
     int fa_cpu_has_avx512()
     float fa_row_max_f(const float *x, Py_ssize_t n)
@@ -60,6 +62,9 @@ cdef inline void _gemm(bint trans_b, int m, int n, int k, floating alpha,
     # is handed B first and A second, with m and n swapped.
     cdef char ta = b'T' if trans_b else b'N'
     cdef char tb = b'N'
+    fa_check_matrix(a, m, k, lda, sizeof(floating))
+    fa_check_matrix(b, n if trans_b else k, k if trans_b else n, ldb, sizeof(floating))
+    fa_check_matrix(c, m, n, ldc, sizeof(floating))
     if floating is float:
         sgemm(&ta, &tb, &n, &m, &k, &alpha, <float*> b, &ldb, <float*> a, &lda,
               &beta, c, &ldc)
@@ -75,6 +80,9 @@ cdef inline void _gemv_rows(int d_in, int d_out, const floating *x, const floati
     cdef char trans = b'N'
     cdef int inc = 1
     cdef floating one = 1
+    fa_check_matrix(x, 1, d_in, d_in, sizeof(floating))
+    fa_check_matrix(w, d_in, d_out, d_out, sizeof(floating))
+    fa_check_matrix(y, 1, d_out, d_out, sizeof(floating))
     if floating is float:
         sgemv(&trans, &d_out, &d_in, &one, <float*> w, &d_out, <float*> x, &inc, &beta, y, &inc)
     else:

@@ -19,7 +19,8 @@ import numpy as np
 
 from ._dispatch import kernels as _kernels
 
-__all__ = ["project", "scores", "softmax", "log_softmax", "attention", "self_attention"]
+__all__ = ["project", "scores", "softmax", "log_softmax", "attention", "self_attention",
+           "merge_attention"]
 
 try:  # NumPy >= 1.25
     from numpy.exceptions import AxisError
@@ -869,3 +870,60 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
     if user_out is not None:
         result = user_out
     return _pack(result, weights, lse, return_weights, return_lse)
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Combine attention over two disjoint sets of keys into attention over their union.
+
+    Parameters
+    ----------
+    out_a, out_b : array_like, shape (..., L_q, D_v)
+        ``attention(q, k_a, v_a)`` and ``attention(q, k_b, v_b)``.
+    lse_a, lse_b : array_like, shape (..., L_q)
+        Their log-sum-exps (``return_lse=True``).
+
+    Returns
+    -------
+    out : ndarray, shape (..., L_q, D_v)
+    lse : ndarray, shape (..., L_q)
+        Equal (to rounding) to ``attention(q, k, v, return_lse=True)`` with ``k``/``v`` the
+        two key sets together: the building block for splitting keys across workers.
+
+    Notes
+    -----
+    ``lse = log(exp(lse_a) + exp(lse_b))`` computed as ``m + log(exp(lse_a - m) +
+    exp(lse_b - m))``, ``m = max(lse_a, lse_b)``, and ``out = exp(lse_a - lse) out_a +
+    exp(lse_b - lse) out_b``. A side with no visible key (lse ``-inf``) contributes
+    nothing; both empty gives zeros and ``-inf``. NaN propagates.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> q, k, v = np.ones((1, 2)), np.eye(2), np.array([[1.0], [3.0]])
+    >>> a = fastattn.attention(q, k[:1], v[:1], return_lse=True)
+    >>> b = fastattn.attention(q, k[1:], v[1:], return_lse=True)
+    >>> fastattn.merge_attention(*a, *b)[0]
+    array([[2.]])
+    """
+    named = [(n, _as_array(n, a)) for n, a in
+             (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b))]
+    compute, result_dtype = _dtypes(named)
+    (_, out_a), (_, lse_a), (_, out_b), (_, lse_b) = named
+    if out_a.ndim < 1 or out_a.shape != out_b.shape:
+        raise ValueError(f"out_a and out_b must have the same shape (..., L_q, D_v), "
+                         f"got out_a.shape={out_a.shape} and out_b.shape={out_b.shape}")
+    if lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]:
+        raise ValueError(f"lse_a and lse_b must have shape {out_a.shape[:-1]} (out without its "
+                         f"last axis), got lse_a.shape={lse_a.shape} and lse_b.shape={lse_b.shape}")
+    lse_a, lse_b = lse_a.astype(compute), lse_b.astype(compute)
+    m = np.maximum(lse_a, lse_b)
+    empty = m == -np.inf
+    m_safe = np.where(empty, 0, m)  # both sides empty: exp(-inf - 0) = 0, not NaN
+    with np.errstate(invalid="ignore", divide="ignore"):
+        wa, wb = np.exp(lse_a - m_safe), np.exp(lse_b - m_safe)
+        total = wa + wb
+        lse = np.where(empty, -np.inf, m_safe + np.log(total))
+        scale_a = np.where(empty, 0, wa / total)[..., None]
+        scale_b = np.where(empty, 0, wb / total)[..., None]
+    out = scale_a * out_a.astype(compute) + scale_b * out_b.astype(compute)
+    return out.astype(result_dtype, copy=False), lse

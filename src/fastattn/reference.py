@@ -17,7 +17,8 @@ Inputs are nested lists/tuples of numbers, or array-likes with ``shape`` and ``t
 
 import math
 
-__all__ = ["project", "scores", "softmax", "log_softmax", "attention", "self_attention"]
+__all__ = ["project", "scores", "softmax", "log_softmax", "attention", "self_attention",
+           "merge_attention"]
 
 _NAN = float("nan")
 _INF = float("inf")
@@ -329,3 +330,26 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
         return tuple(r[0] for r in result)
     return result[0]
 
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Attention over two disjoint key sets, combined from their outputs and log-sum-exps."""
+    oa, shape = _flatten(out_a)
+    ob, _ = _flatten(out_b)
+    la, lshape = _flatten(lse_a)
+    lb, _ = _flatten(lse_b)
+    d_v = shape[-1] if shape else 0
+    out, lse = [], []
+    for r, (a, b) in enumerate(zip(la, lb)):
+        row_a, row_b = oa[r * d_v:(r + 1) * d_v], ob[r * d_v:(r + 1) * d_v]
+        if a == -_INF and b == -_INF:
+            out.extend([0.0] * d_v)
+            lse.append(-_INF)
+            continue
+        m = max(a, b) if not (math.isnan(a) or math.isnan(b)) else _NAN
+        total = math.exp(a - m) + math.exp(b - m)
+        merged = m + math.log(total)
+        ca, cb = math.exp(a - merged), math.exp(b - merged)
+        out.extend(ca * x + cb * y for x, y in zip(row_a, row_b))
+        lse.append(merged)
+    return _nest(out, shape), _nest(lse, lshape)
