@@ -46,7 +46,7 @@ def attention(
     q_block: int,                       # Py_ssize_t
     k_block: int,                       # Py_ssize_t
     n_threads: int,                     # int
-) -> int: ...
+) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def exp(
     x: npt.NDArray[np.floating],        # const floating[::1]
     out: npt.NDArray[np.floating],      # floating[::1]

@@ -29,6 +29,7 @@ cdef extern from "_helpers.h" nogil:
     double fa_exp(double x)
     int fa_openmp_enabled()
     int fa_omp_max_threads()
+    int fa_omp_team_size()
     const char *fa_build_flags
     const char *fa_isa_name
     const int fa_debug_build
@@ -355,7 +356,8 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     mask is None, a float array (added to the scores) or a uint8 array (0 = hidden), of
     shape (n_masks, n_queries, n_keys). Work is split over (batch entry, query block);
     each item is computed start to end by one thread with the same block sizes, so results
-    do not depend on the thread count. Returns 0, or -1 if the scratch cannot be allocated.
+    do not depend on the thread count. Returns the number of threads that ran (the OpenMP
+    team), or -1 if the scratch cannot be allocated.
     """
     cdef Py_ssize_t n_batch = out.shape[0], n_queries = out.shape[1], d_v = out.shape[2]
     cdef Py_ssize_t n_keys = k.shape[1], d_head = q.shape[2]
@@ -372,6 +374,8 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     cdef const floating *add_base = NULL
     cdef const unsigned char *bool_base = NULL
     cdef floating *scratch
+    cdef int team = 1
+    cdef int *team_out = &team
     if mask is not None:
         if mask.dtype.itemsize == 1:
             bool_mask = mask
@@ -401,9 +405,10 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                              n_batch, n_queries, n_keys, d_head, d_v, causal,
                              <floating> scale, scratch + threadid() * per_thread, l_offset,
                              &out[0, 0, 0], &lse[0, 0])
+                team_out[0] = fa_omp_team_size()  # every thread writes the same value
     finally:
         free(scratch)
-    return 0
+    return team
 
 
 # --------------------------------------------------------------------------- testing aid

@@ -257,6 +257,9 @@ class _SerialBlas:
 
 _serial_blas = _SerialBlas()
 
+# What the latest attention call of this Python thread ran with (tests and debugging).
+_last_call = threading.local()
+
 
 # --------------------------------------------------------------------------- projection
 
@@ -672,8 +675,9 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
         else:  # OpenBLAS runs such tiles on the calling thread anyway
             status = _kernels.attention(q, k, v, mask, layout.index, causal, scale,
                                         kernel_out, lse, q_block, k_block, n_threads)
-        if status:
+        if status < 0:
             raise MemoryError("attention: cannot allocate the per-thread scratch")
+        _last_call.threads = status
         if return_weights:
             w = np.empty((n_batch, n_queries, n_keys), compute)
             _kernels.scores(q, k, mask, layout.index, causal, scale, w)
