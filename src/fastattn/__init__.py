@@ -9,9 +9,11 @@ from . import reference
 from ._version import __version__
 from .api import (attention, log_softmax, merge_attention, project, scores, self_attention,
                   softmax)
+from .cache import KVCache
 from .layers import MultiHeadAttention
 
 __all__ = [
+    "KVCache",
     "MultiHeadAttention",
     "__version__",
     "attention",

@@ -209,4 +209,61 @@ static inline double fa_exp_shift_total_##SUFFIX(const T *x, ptrdiff_t n, T shif
 FA_DEFINE_ROW_OPS(float, f, fa_expf)
 FA_DEFINE_ROW_OPS(double, d, fa_exp)
 
+/* Single-query attention (decoding): one work item is the G query rows that share a
+ * key/value head, against keys [0, n_keys) of that head, read once, in blocks of
+ * FA_DECODE_BLOCK keys with an online softmax. It leaves the partial state m[g] (running
+ * max), l[g] (running sum, double) and o[g][:] (unnormalised output), to be merged with the
+ * other key chunks of the same head in a fixed order. Dot products keep FA_LANES partial
+ * sums (vectorisable, deterministic); the weighted sum of values is an axpy per key. */
+#define FA_DECODE_BLOCK 64
+
+#define FA_DEFINE_DECODE(T, SUFFIX, EXP)                                                  \
+static inline T fa_dot_##SUFFIX(const T *a, const T *b, ptrdiff_t n)                      \
+{                                                                                          \
+    T acc[FA_LANES];                                                                       \
+    for (int t = 0; t < FA_LANES; t++) acc[t] = 0;                                         \
+    ptrdiff_t i = 0;                                                                       \
+    for (; i + FA_LANES <= n; i += FA_LANES)                                               \
+        for (int t = 0; t < FA_LANES; t++) acc[t] += a[i + t] * b[i + t];                  \
+    T total = 0;                                                                           \
+    for (; i < n; i++) total += a[i] * b[i];                                               \
+    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                    \
+    return total;                                                                          \
+}                                                                                          \
+static inline void fa_decode_chunk_##SUFFIX(                                               \
+    const T *q, ptrdiff_t n_rows, ptrdiff_t d, const T *k, const T *v, ptrdiff_t d_v,      \
+    ptrdiff_t n_keys, T scale, T *m, double *l, T *o, T *s)                                \
+{                                                                                          \
+    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }                \
+    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;                                 \
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
+        ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;      \
+        for (ptrdiff_t j = 0; j < nb; j++) {                                               \
+            const T *kr = k + (j0 + j) * d;                                                \
+            for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
+                s[g * FA_DECODE_BLOCK + j] = scale * fa_dot_##SUFFIX(q + g * d, kr, d);    \
+        }                                                                                  \
+        for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
+            T *sr = s + g * FA_DECODE_BLOCK;                                               \
+            T m_new = fa_row_max_##SUFFIX(sr, nb);                                         \
+            if (m[g] > m_new) m_new = m[g];                                                \
+            T m_use = m_new == -INFINITY ? 0 : m_new;                                      \
+            T alpha = EXP(m[g] - m_use);                                                   \
+            m[g] = m_new;                                                                  \
+            l[g] = l[g] * alpha + fa_exp_shift_sum_##SUFFIX(sr, nb, m_use);                \
+            T *orow = o + g * d_v;                                                         \
+            if (alpha != 1)                                                                \
+                for (ptrdiff_t c = 0; c < d_v; c++) orow[c] *= alpha;                      \
+            for (ptrdiff_t j = 0; j < nb; j++) {                                           \
+                const T p = sr[j];                                                         \
+                const T *vr = v + (j0 + j) * d_v;                                          \
+                for (ptrdiff_t c = 0; c < d_v; c++) orow[c] += p * vr[c];                  \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+}
+
+FA_DEFINE_DECODE(float, f, fa_expf)
+FA_DEFINE_DECODE(double, d, fa_exp)
+
 #endif

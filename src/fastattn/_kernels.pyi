@@ -47,6 +47,17 @@ def attention(
     k_block: int,                       # Py_ssize_t
     n_threads: int,                     # int
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
+def decode(
+    q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)
+    k: npt.NDArray[np.floating],        # const floating[:, :, :]    (n_kv, L_k, D), rows contiguous
+    v: npt.NDArray[np.floating],        # const floating[:, :, :]    (n_kv, L_k, D_v), rows contiguous
+    kv_index: npt.NDArray[np.intp],     # const Py_ssize_t[::1]      (n_groups,)
+    scale: float,                       # double
+    out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_groups, G, D_v)
+    lse: npt.NDArray[np.floating],      # floating[:, ::1]           (n_groups, G)
+    chunk: int,                         # Py_ssize_t
+    n_threads: int,                     # int
+) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def exp(
     x: npt.NDArray[np.floating],        # const floating[::1]
     out: npt.NDArray[np.floating],      # floating[::1]

@@ -17,7 +17,7 @@
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport log, INFINITY
-from libc.stdlib cimport free
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
@@ -33,6 +33,13 @@ cdef extern from "_helpers.h" nogil:
     const char *fa_build_flags
     const char *fa_isa_name
     const int fa_debug_build
+    void fa_decode_chunk_f(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const float *k,
+                           const float *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
+                           float *m, double *l, float *o, float *s)
+    void fa_decode_chunk_d(const double *q, Py_ssize_t n_rows, Py_ssize_t d, const double *k,
+                           const double *v, Py_ssize_t d_v, Py_ssize_t n_keys, double scale,
+                           double *m, double *l, double *o, double *s)
+    int FA_DECODE_BLOCK
     void fa_check_matrix(const void *p, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld,
                          size_t item)
     int fa_cpu_has_avx2_fma()
@@ -408,6 +415,100 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                 team_out[0] = fa_omp_team_size()  # every thread writes the same value
     finally:
         free(scratch)
+    return team
+
+
+# --------------------------------------------------------------------------- decoding
+
+def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
+           const floating[:, :, :] v, const Py_ssize_t[::1] kv_index, double scale,
+           floating[:, :, ::1] out, floating[:, ::1] lse, Py_ssize_t chunk, int n_threads):
+    """out[i] = softmax(scale q[i] k[kv_index[i]].T) v[kv_index[i]] for groups of single queries.
+
+    q is (n_groups, G, D): the G query heads that share one key/value head, each with one
+    query; k, v are (n_kv, L_k, D) and (n_kv, L_k, D_v) with contiguous rows (the caller
+    checks) and any stride between kv heads (a cache's storage is read in place). The keys are split in chunks of `chunk` (fixed,
+    not the thread count); the work items (group, chunk) run in parallel and their partial
+    states are merged per group in chunk order, so results are bitwise thread-invariant.
+    Returns the number of threads that ran, or -1 if the scratch cannot be allocated.
+    """
+    cdef Py_ssize_t n_groups = q.shape[0], n_rows = q.shape[1], d = q.shape[2]
+    cdef Py_ssize_t n_keys = k.shape[1], d_v = v.shape[2]
+    cdef Py_ssize_t k_item = k.strides[0] // sizeof(floating)
+    cdef Py_ssize_t v_item = v.strides[0] // sizeof(floating)
+    cdef Py_ssize_t n_chunks = (n_keys + chunk - 1) // chunk
+    cdef Py_ssize_t n_work = n_groups * n_chunks
+    # Partial state per work item: m (n_rows), o (n_rows * d_v), in floating; l in double.
+    cdef Py_ssize_t part = n_rows * (1 + d_v)
+    cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK
+    cdef floating *parts = <floating*> malloc(n_work * part * sizeof(floating))
+    cdef double *l_parts = <double*> malloc(n_work * n_rows * sizeof(double))
+    cdef floating *s_all = <floating*> malloc(n_threads * s_size * sizeof(floating))
+    cdef Py_ssize_t w, grp, c, k0, g, col, i
+    cdef floating m_max, weight
+    cdef double total
+    cdef floating *o_row
+    cdef int team = 1
+    cdef int *team_out = &team
+    if parts == NULL or l_parts == NULL or s_all == NULL:
+        free(parts)
+        free(l_parts)
+        free(s_all)
+        return -1
+    try:
+        for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static'):
+            grp = w // n_chunks
+            k0 = (w % n_chunks) * chunk
+            if floating is float:
+                fa_decode_chunk_f(&q[grp, 0, 0], n_rows, d,
+                                  &k[0, 0, 0] + kv_index[grp] * k_item + k0 * d,
+                                  &v[0, 0, 0] + kv_index[grp] * v_item + k0 * d_v, d_v,
+                                  min(chunk, n_keys - k0), <float> scale,
+                                  parts + w * part, l_parts + w * n_rows,
+                                  parts + w * part + n_rows, s_all + threadid() * s_size)
+            else:
+                fa_decode_chunk_d(&q[grp, 0, 0], n_rows, d,
+                                  &k[0, 0, 0] + kv_index[grp] * k_item + k0 * d,
+                                  &v[0, 0, 0] + kv_index[grp] * v_item + k0 * d_v, d_v,
+                                  min(chunk, n_keys - k0), scale,
+                                  parts + w * part, l_parts + w * n_rows,
+                                  parts + w * part + n_rows, s_all + threadid() * s_size)
+            team_out[0] = fa_omp_team_size()
+        with nogil:
+            # Merge the chunks of each group in order: lse = m + log(sum_c l_c e^(m_c - m)).
+            for grp in range(n_groups):
+                for g in range(n_rows):
+                    m_max = -INFINITY
+                    for c in range(n_chunks):
+                        if parts[(grp * n_chunks + c) * part + g] > m_max:
+                            m_max = parts[(grp * n_chunks + c) * part + g]
+                    # As in _attend_block: shift by 0 while no key is visible, and decide
+                    # "every key hidden" by the sum, so that NaN scores stay NaN.
+                    if m_max == -INFINITY:
+                        m_max = 0
+                    o_row = &out[grp, g, 0]
+                    for col in range(d_v):
+                        o_row[col] = 0
+                    total = 0
+                    for c in range(n_chunks):
+                        i = grp * n_chunks + c
+                        weight = _exp(parts[i * part + g] - m_max)
+                        total += l_parts[i * n_rows + g] * weight
+                        for col in range(d_v):
+                            o_row[col] += parts[i * part + n_rows + g * d_v + col] * weight
+                    if total == 0:  # every key hidden (or none): zeros, lse -inf
+                        for col in range(d_v):
+                            o_row[col] = 0
+                        lse[grp, g] = -INFINITY
+                        continue
+                    weight = <floating> (1.0 / total)
+                    for col in range(d_v):
+                        o_row[col] = o_row[col] * weight
+                    lse[grp, g] = <floating> (m_max + log(total))
+    finally:
+        free(parts)
+        free(l_parts)
+        free(s_all)
     return team
 
 

@@ -37,6 +37,9 @@ _K_BLOCK = 512
 # threads share the work evenly. A constant, not the thread count: tile sizes must depend
 # on the shape alone for results to be bitwise identical for any number of threads.
 _MIN_WORK_ITEMS = 8
+# Single-query attention splits the keys in chunks of this many, merged in a fixed order:
+# a constant, so that results do not depend on the thread count.
+_DECODE_CHUNK = 512
 # Below this many floating-point operations a call runs on one thread: waking a team of
 # threads costs more than it saves.
 _SERIAL_FLOPS = 2_000_000
@@ -509,7 +512,21 @@ def _layout(q_shape, k_shape, v_shape, mask_shape):
         np.broadcast_to(kv_ids, batch).reshape(-1),
         _batch_index(mask_batch, batch),
     ]))
+    p.decode_group, p.decode_kv = _decode_groups(p.index[1])
     return p
+
+
+def _decode_groups(kv_index):
+    """For single-query attention: the number G of consecutive batch entries that read
+    the same key/value entry (the query heads of a grouped-query group, or everything
+    when k/v are broadcast), and the kv entry of each group. G = 1 when there is none."""
+    n = kv_index.shape[0]
+    if n == 0:
+        return 1, kv_index
+    run = int(np.argmax(kv_index != kv_index[0])) or n
+    if n % run == 0 and np.all(kv_index.reshape(-1, run) == kv_index[::run, None]):
+        return run, _frozen(kv_index[::run])
+    return 1, kv_index
 
 
 def _frozen(a):
@@ -654,6 +671,11 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
         target[...] = 0  # no key to attend to: every query is fully masked
         lse[...] = -np.inf
     else:
+        if (n_queries == 1 and mask_kind == 0 and layout.q_batch == layout.batch
+                and layout.d_head > 0 and d_v > 0 and not return_weights):
+            _decode(layout, q, k, v, scale, compute, target, lse, n_threads)
+            return (_finish(target.reshape(out_shape), result_dtype, out), None,
+                    lse.reshape(layout.batch + (n_queries,)))
         q, k, mask = _kernel_inputs(layout, q, k, mask, mask_kind, compute)
         if v.shape[:-2] != layout.kv_batch:
             v = np.broadcast_to(v, layout.kv_batch + v.shape[-2:])
@@ -692,6 +714,39 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
     return result, weights, lse.reshape(layout.batch + (n_queries,))
 
 
+def _kv_items(a, layout, n_keys, width, compute):
+    """k or v as (n_kv_items, L_k, width) in the compute dtype, without copying when the
+    last two axes are already contiguous (a KVCache's storage is read in place)."""
+    if a.shape[:-2] != layout.kv_batch:
+        a = np.broadcast_to(a, layout.kv_batch + a.shape[-2:])
+    itemsize = compute.itemsize
+    if not (a.dtype == compute and a.strides[-1] == itemsize
+            and (n_keys == 1 or a.strides[-2] == width * itemsize)):
+        a = _contiguous(a, compute)
+    items = a.reshape(layout.n_kv_items, n_keys, width)  # a view whenever strides allow
+    if items.strides[0] % itemsize:  # pragma: no cover - exotic byte strides
+        items = _contiguous(items, compute)
+    return items
+
+
+def _decode(layout, q, k, v, scale, compute, target, lse, n_threads):
+    """Single-query attention: one pass over each key/value head for its group of queries."""
+    group = layout.decode_group
+    n_groups = layout.n_batch // group
+    q3 = _contiguous(q, compute).reshape(n_groups, group, layout.d_head)
+    k3 = _kv_items(k, layout, layout.n_keys, layout.d_head, compute)
+    v3 = _kv_items(v, layout, layout.n_keys, layout.d_v, compute)
+    n_chunks = -(-layout.n_keys // _DECODE_CHUNK)
+    flops = 2.0 * layout.n_batch * layout.n_keys * (layout.d_head + layout.d_v)
+    n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_groups * n_chunks)
+    team = _kernels.decode(q3, k3, v3, layout.decode_kv, scale,
+                           target.reshape(n_groups, group, layout.d_v),
+                           lse.reshape(n_groups, group), _DECODE_CHUNK, n_threads)
+    if team < 0:
+        raise MemoryError("attention: cannot allocate the decoding scratch")
+    _last_call.threads = team
+
+
 def _tiles(n_batch, n_queries, n_keys, causal, compute):
     """(query rows, keys) per tile for a shape; never depends on the thread count."""
     # Causal rows see a triangle: smaller query blocks skip more and balance better.
@@ -710,8 +765,8 @@ def _pack(result, weights, lse, return_weights, return_lse):
     return (result, *extra)
 
 
-def attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False,
-              return_lse=False, out=None, num_threads=None):
+def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, scale=None,
+              return_weights=False, return_lse=False, out=None, num_threads=None):
     """Scaled dot-product attention, fused: ``softmax(scale q k^T + mask) v``.
 
     Parameters
@@ -722,6 +777,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=Fa
         Leading dimensions broadcast as in NumPy. When the head axis (-3) of ``k``/``v``
         divides that of ``q``, query head ``h`` reads key/value head ``h // (H_q / H_kv)``
         (grouped-query attention), without copying them.
+    cache : KVCache, optional
+        Attend to the cached keys and values instead, after appending ``k`` and ``v`` to
+        the cache when they are given. With ``causal=True`` the queries are the last
+        ``L_q`` tokens of the cache (bottom-right alignment).
     mask : array_like, bool or float, broadcastable to (..., L_q, L_k), optional
         Boolean: True = may attend (PyTorch's convention). Float: added to the scores.
     causal : bool, default False
@@ -766,6 +825,18 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=Fa
     """
     return_weights = _check_flag("return_weights", return_weights)
     return_lse = _check_flag("return_lse", return_lse)
+    if cache is not None:
+        from .cache import KVCache
+
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a fastattn.KVCache, got {type(cache).__name__}")
+        if (k is None) != (v is None):
+            raise ValueError("pass both k and v to append them to the cache, or neither")
+        if k is not None:
+            cache.append(k, v)
+        k, v = cache.keys, cache.values
+    elif k is None:
+        raise TypeError("attention needs k and v (or a cache)")
     # v=None must be refused as a bad value, not taken for scores()'s "no v".
     plan = _plan(q, k, _as_array("v", v), mask, causal, scale)
     return _pack(*_attention(plan, return_weights, return_lse, out, num_threads),

@@ -127,7 +127,7 @@ class MultiHeadAttention:
         x = x.reshape(x.shape[:-1] + (n_heads, self.head_dim))
         return np.moveaxis(x, -2, -3)
 
-    def __call__(self, query, key=None, value=None, *, mask=None, causal=False,
+    def __call__(self, query, key=None, value=None, *, cache=None, mask=None, causal=None,
                  scale=None, return_weights=False, num_threads=None):
         """Attend ``query`` to ``key``/``value`` (self-attention when they are omitted).
 
@@ -138,10 +138,18 @@ class MultiHeadAttention:
             Defaults to ``query``.
         value : array_like, shape (..., L_k, vdim), optional
             Defaults to ``key``.
+        cache : KVCache, optional
+            Incremental decoding (self-attention only): the new tokens' keys and values
+            are projected, appended to the cache (shape (batch, num_kv_heads, capacity,
+            head_dim); ``query`` is (batch, L_new, embed_dim), or (L_new, embed_dim) for a
+            batch of one), and the queries attend to everything cached.
         mask : array_like, bool or float, broadcastable to (..., num_heads, L_q, L_k)
             As in :func:`fastattn.attention` (True = may attend). A per-batch mask of
             shape (B, L_q, L_k) needs a head axis: ``mask[:, None]``.
-        causal, scale, num_threads
+        causal : bool, optional
+            As in :func:`fastattn.attention`; defaults to True with a cache (the new tokens
+            see the cached ones and each other up to themselves), False otherwise.
+        scale, num_threads
             As in :func:`fastattn.attention`.
         return_weights : bool, default False
             Also return the weights of every head, shape (..., num_heads, L_q, L_k).
@@ -152,7 +160,10 @@ class MultiHeadAttention:
         weights : ndarray, if ``return_weights``
         """
         return_weights = _check_flag("return_weights", return_weights)
+        causal = cache is not None if causal is None else causal
         query = _as_array("query", query)
+        if cache is not None and (key is not None or value is not None):
+            raise ValueError("a cache is for self-attention: pass query only")
         if key is None and value is None:
             (q, k, v), _, result_dtype = _project_qkv(query, self.w_q, self.w_k, self.w_v,
                                                       self.b_q, self.b_k, self.b_v)
@@ -173,12 +184,20 @@ class MultiHeadAttention:
                 f"query, key and value must have at least 2 dimensions (..., L, features), "
                 f"got query.shape={query.shape}"
             )
-        heads = attention(self._split_heads(q, self.num_heads),
-                          self._split_heads(k, self.num_kv_heads),
-                          self._split_heads(v, self.num_kv_heads),
-                          mask=mask, causal=causal, scale=scale,
+        q, k, v = (self._split_heads(q, self.num_heads), self._split_heads(k, self.num_kv_heads),
+                   self._split_heads(v, self.num_kv_heads))
+        unbatched = cache is not None and q.ndim == 3
+        if cache is not None:
+            if unbatched:  # (L_new, embed_dim): a batch of one
+                q, k, v = q[None], k[None], v[None]
+            cache.append(k, v)
+            k, v = cache.keys, cache.values
+        heads = attention(q, k, v, mask=mask, causal=causal, scale=scale,
                           return_weights=return_weights, num_threads=num_threads)
         heads, weights = heads if return_weights else (heads, None)
+        if unbatched:
+            heads = heads[0]
+            weights = None if weights is None else weights[0]
         merged = np.moveaxis(heads, -3, -2)
         merged = merged.reshape(merged.shape[:-2] + (-1,))
         out = project(merged, self.w_o, self.b_o)

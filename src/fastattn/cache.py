@@ -1,0 +1,179 @@
+"""KVCache: preallocated keys and values for incremental decoding."""
+
+import numpy as np
+
+from .api import _as_array
+
+__all__ = ["KVCache"]
+
+
+def _positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one attention layer.
+
+    Parameters
+    ----------
+    batch, kv_heads, capacity, head_dim : int
+        Storage shape ``(batch, kv_heads, capacity, head_dim)``, allocated once.
+    value_dim : int, optional
+        Width of the values (defaults to ``head_dim``).
+    dtype : float32 or float64, default float32
+    window : int, optional
+        Keep only the last ``window`` tokens (sliding-window attention); ``window <=
+        capacity``. The cache is then a ring in which each token is written twice, so the
+        last ``window`` tokens are always one contiguous, chronological view and nothing is
+        moved as tokens come and go. Appends never overflow, but one append may not bring
+        more than ``window`` tokens (its first queries would need keys it evicts).
+    on_full : {"raise", "grow"}, default "raise"
+        Without a window: what appending past ``capacity`` does. "raise": a ValueError,
+        and the cache is unchanged. "grow": reallocate with at least twice the capacity.
+
+    Notes
+    -----
+    ``append`` validates everything first and writes nothing on error; if the write itself
+    is interrupted (KeyboardInterrupt), the rows it overwrote are restored, so the cache
+    always holds exactly the tokens of the appends that completed.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> cache = fastattn.KVCache(1, 2, 16, 4)
+    >>> cache.append(np.ones((1, 2, 3, 4)), np.ones((1, 2, 3, 4)))
+    >>> len(cache), cache.keys.shape
+    (3, (1, 2, 3, 4))
+    """
+
+    def __init__(self, batch, kv_heads, capacity, head_dim, *, value_dim=None,
+                 dtype=np.float32, window=None, on_full="raise"):
+        batch = _positive_int("batch", batch)
+        kv_heads = _positive_int("kv_heads", kv_heads)
+        capacity = _positive_int("capacity", capacity)
+        head_dim = _positive_int("head_dim", head_dim)
+        value_dim = _positive_int("value_dim", value_dim, allow_none=True) or head_dim
+        window = _positive_int("window", window, allow_none=True)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if on_full not in ("raise", "grow"):
+            raise ValueError(f"on_full must be 'raise' or 'grow', got {on_full!r}")
+        if window is not None and window > capacity:
+            raise ValueError(f"window ({window}) must not exceed capacity ({capacity})")
+        self.batch, self.kv_heads, self.head_dim, self.value_dim = batch, kv_heads, head_dim, value_dim
+        self.dtype, self.window, self.on_full = dtype, window, on_full
+        rows = 2 * window if window is not None else capacity
+        self._k = np.zeros((batch, kv_heads, rows, head_dim), dtype)
+        self._v = np.zeros((batch, kv_heads, rows, value_dim), dtype)
+        self._seen = 0  # tokens appended since the last reset
+
+    # ------------------------------------------------------------------ state
+    @property
+    def capacity(self):
+        """Tokens the cache can hold (the window, when there is one)."""
+        return self.window if self.window is not None else self._k.shape[2]
+
+    @property
+    def seen(self):
+        """Tokens appended since the last reset (the position of the next token)."""
+        return self._seen
+
+    def __len__(self):
+        """Tokens held now: all seen, or the last ``window``."""
+        return self._seen if self.window is None else min(self._seen, self.window)
+
+    def _span(self):
+        n = len(self)
+        start = 0 if self.window is None else (self._seen - n) % self.window
+        return start, start + n
+
+    @property
+    def keys(self):
+        """View of the held keys, oldest first: (batch, kv_heads, len, head_dim)."""
+        start, stop = self._span()
+        return self._k[:, :, start:stop]
+
+    @property
+    def values(self):
+        """View of the held values, oldest first: (batch, kv_heads, len, value_dim)."""
+        start, stop = self._span()
+        return self._v[:, :, start:stop]
+
+    def reset(self):
+        """Forget every token (the storage is kept)."""
+        self._seen = 0
+
+    def __repr__(self):
+        window = "" if self.window is None else f", window={self.window}"
+        return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, len={len(self)}, "
+                f"capacity={self.capacity}, head_dim={self.head_dim}, "
+                f"value_dim={self.value_dim}, dtype={self.dtype}{window})")
+
+    # ------------------------------------------------------------------ append
+    def _checked(self, name, a, width):
+        a = _as_array(name, a)
+        if a.dtype.kind not in "fiub" or (a.dtype.kind == "f" and a.dtype.itemsize > 8):
+            raise TypeError(f"{name} has unsupported dtype {a.dtype}; expected a real floating, "
+                            "integer or boolean array")
+        expected = (self.batch, self.kv_heads, width)
+        if a.ndim != 4 or (a.shape[0], a.shape[1], a.shape[3]) != expected:
+            raise ValueError(
+                f"{name} must have shape (batch, kv_heads, n_new, {'head_dim' if name == 'k' else 'value_dim'})"
+                f" = ({self.batch}, {self.kv_heads}, n_new, {width}), got {name}.shape={a.shape}"
+            )
+        return a
+
+    def append(self, k, v):
+        """Append ``n_new`` tokens: ``k`` (batch, kv_heads, n_new, head_dim) and ``v``
+        (batch, kv_heads, n_new, value_dim). Nothing is written unless all of it is valid."""
+        k = self._checked("k", k, self.head_dim)
+        v = self._checked("v", v, self.value_dim)
+        n = k.shape[2]
+        if v.shape[2] != n:
+            raise ValueError(f"k and v must bring the same number of tokens, got k.shape={k.shape} "
+                             f"and v.shape={v.shape}")
+        if n == 0:
+            return
+        if self.window is not None:
+            if n > self.window:
+                raise ValueError(f"one append may bring at most window={self.window} tokens, got {n}")
+            slots = (self._seen + np.arange(n)) % self.window
+            rows = np.concatenate([slots, slots + self.window])
+            self._write(rows, np.concatenate([k, k], axis=2), np.concatenate([v, v], axis=2))
+        else:
+            if self._seen + n > self._k.shape[2]:
+                if self.on_full == "raise":
+                    raise ValueError(
+                        f"KVCache is full: capacity {self._k.shape[2]}, holding {self._seen}, "
+                        f"appending {n}; construct it with a larger capacity or on_full='grow'"
+                    )
+                self._grow(self._seen + n)
+            self._write(np.arange(self._seen, self._seen + n), k, v)
+        self._seen += n
+
+    def _write(self, rows, k, v):
+        """Write tokens into storage rows; on any exception put the old rows back."""
+        old_k, old_v = self._k[:, :, rows], self._v[:, :, rows]
+        try:
+            self._k[:, :, rows] = k
+            self._v[:, :, rows] = v
+        except BaseException:
+            self._k[:, :, rows] = old_k
+            self._v[:, :, rows] = old_v
+            raise
+
+    def _grow(self, needed):
+        capacity = max(needed, 2 * self._k.shape[2])
+        k = np.zeros(self._k.shape[:2] + (capacity, self.head_dim), self.dtype)
+        v = np.zeros(self._v.shape[:2] + (capacity, self.value_dim), self.dtype)
+        k[:, :, :self._seen] = self._k[:, :, :self._seen]
+        v[:, :, :self._seen] = self._v[:, :, :self._seen]
+        self._k, self._v = k, v
