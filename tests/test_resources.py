@@ -1,6 +1,7 @@
 """Ten thousand calls of each public function leave memory flat (tracemalloc and RSS)."""
 
 import gc
+import os
 import tracemalloc
 
 import numpy as np
@@ -12,7 +13,6 @@ import fastattn
 def _rss_bytes():
     try:
         with open("/proc/self/statm") as f:
-            import os
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         pytest.skip("needs /proc")
@@ -67,4 +67,7 @@ def test_ten_thousand_calls_leave_memory_flat(name):
     rss_growth = _rss_bytes() - rss_before
     # A leak of even 100 bytes per call would show as 1 MB here.
     assert traced < 64 * 1024, f"{name}: {traced} bytes still traced after 10,000 calls"
-    assert rss_growth < 4 * 2**20, f"{name}: RSS grew by {rss_growth} bytes"
+    # Under AddressSanitizer freed memory waits in a quarantine (up to 256 MiB by design),
+    # so RSS grows without a leak there; ASan runs keep the tracemalloc half only.
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        assert rss_growth < 4 * 2**20, f"{name}: RSS grew by {rss_growth} bytes"

@@ -26,7 +26,7 @@ import numpy as np
 from . import api
 from ._dispatch import kernels as _kernels
 
-__all__ = ["Case", "DEFAULT_CASES", "QUICK_CASES", "run", "main"]
+__all__ = ["Case", "DEFAULT_CASES", "DECODE_CASES", "QUICK_CASES", "run", "main"]
 
 
 @dataclass
@@ -51,6 +51,13 @@ DEFAULT_CASES = [
     Case("projection", "projection", (4096, 768, 2304)),
     Case("softmax", "softmax", (8192, 4096)),
     Case("memory", "memory", (1, 8, 16384, 16384, 64), repeat=1),
+]
+
+# Incremental decoding: one query per head against a cache of n tokens; shape (batch,
+# heads, n cached, head dim). Bandwidth-bound: the figure is the K+V bytes read per second.
+DECODE_CASES = [
+    Case("decode 4096", "decode", (1, 32, 4096, 128), repeat=9),
+    Case("decode 128", "decode", (1, 32, 128, 128), repeat=9),
 ]
 
 QUICK_CASES = [
@@ -290,7 +297,34 @@ def plot(path, against=("numpy",), threads=None, lengths=(128, 256, 512, 1024, 2
     print(f"wrote {path}")
 
 
-_ROWS = {"attention": _attention_row, "projection": _projection_row,
+def _decode_row(case, against, threads, min_time, gap):
+    from .cache import KVCache
+
+    b, h, n, d = case.shape
+    rng = np.random.default_rng(0)
+    cache = KVCache(b, h, n, d, dtype=np.float32)
+    cache.append(rng.standard_normal((b, h, n, d), dtype=np.float32),
+                 rng.standard_normal((b, h, n, d), dtype=np.float32))
+    q = rng.standard_normal((b, h, 1, d), dtype=np.float32)
+    contenders = {"fastattn": lambda: api.attention(q, cache=cache, num_threads=threads)}
+    if "numpy" in against:
+        contenders["numpy"] = lambda: numpy_attention(q, cache.keys, cache.values)
+    torch = _torch() if "torch" in against else None
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q, cache.keys, cache.values))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def run_torch():
+            with torch.no_grad():
+                return sdpa(tq, tk, tv)
+
+        contenders["torch"] = run_torch
+    times = time_alternating(contenders, case.repeat, min_time, gap)
+    moved = cache.keys.nbytes + cache.values.nbytes
+    return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s"}
+
+
+_ROWS = {"attention": _attention_row, "decode": _decode_row, "projection": _projection_row,
          "softmax": _softmax_row, "memory": _memory_row}
 
 
@@ -344,9 +378,12 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
         tt = times.get("torch")
         label = case.name + (" (scipy: %s, x%.2f)" % (_fmt_time(times["scipy"]), times["scipy"] / fa)
                              if "scipy" in times else "")
-        shape = ", ".join(map(str, case.shape)) + ("" if case.dtype == "float32" else f", {case.dtype}") \
+        dims = case.shape if case.kind != "decode" else case.shape[:2] + (1,) + case.shape[2:]
+        shape = ", ".join(map(str, dims)) + ("" if case.dtype == "float32" else f", {case.dtype}") \
             + (", causal" if case.causal else "")
         rate = f"{extra['rate']:.1f} {extra['unit']}"
+        if case.kind == "decode":
+            rate += f" ({100 * extra['rate'] / ceil['copy_gbs']:.0f}% of copy)"
         if case.kind == "attention" or case.kind == "memory":
             rate += f" ({100 * extra['rate'] / ceil['matmul_gflops']:.0f}% of matmul)"
         if "extra_mib" in extra:
@@ -366,6 +403,8 @@ def main(argv=None):
     parser.add_argument("--against", action="append", choices=["numpy", "torch"],
                         help="peers to time (default: numpy, and torch when installed)")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--decode", action="store_true",
+                        help="incremental decoding: one query per head against a KVCache")
     parser.add_argument("--threads", type=int, default=None, help="threads for every contender")
     parser.add_argument("--cases", help="comma-separated case names to run")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per sample")
@@ -379,7 +418,7 @@ def main(argv=None):
     if args.plot:
         plot(args.plot, tuple(sorted(against)), args.threads)
         return 0
-    cases = QUICK_CASES if args.quick else DEFAULT_CASES
+    cases = DECODE_CASES if args.decode else QUICK_CASES if args.quick else DEFAULT_CASES
     if args.cases:
         wanted = {c.strip() for c in args.cases.split(",")}
         unknown = wanted - {c.name for c in cases}
