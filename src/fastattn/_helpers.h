@@ -216,19 +216,23 @@ FA_DEFINE_ROW_OPS(double, d, fa_exp)
  * other key chunks of the same head in a fixed order. Dot products keep FA_LANES partial
  * sums (vectorisable, deterministic); the weighted sum of values is an axpy per key. */
 #define FA_DECODE_BLOCK 64
+#define FA_DOT_LANES 64
 
 #define FA_DEFINE_DECODE(T, SUFFIX, EXP)                                                  \
 static inline T fa_dot_##SUFFIX(const T *a, const T *b, ptrdiff_t n)                      \
 {                                                                                          \
-    T acc[FA_LANES];                                                                       \
-    for (int t = 0; t < FA_LANES; t++) acc[t] = 0;                                         \
+    /* FA_DOT_LANES partial sums: several independent vector FMA chains rather than  */  \
+    /* one (a dot of 128 floats was a chain of 8 dependent FMAs), combined as a tree  */  \
+    /* in a fixed order, so the result stays deterministic.                           */  \
+    T acc[FA_DOT_LANES];                                                                   \
+    for (int t = 0; t < FA_DOT_LANES; t++) acc[t] = 0;                                     \
     ptrdiff_t i = 0;                                                                       \
-    for (; i + FA_LANES <= n; i += FA_LANES)                                               \
-        for (int t = 0; t < FA_LANES; t++) acc[t] += a[i + t] * b[i + t];                  \
-    T total = 0;                                                                           \
-    for (; i < n; i++) total += a[i] * b[i];                                               \
-    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                    \
-    return total;                                                                          \
+    for (; i + FA_DOT_LANES <= n; i += FA_DOT_LANES)                                       \
+        for (int t = 0; t < FA_DOT_LANES; t++) acc[t] += a[i + t] * b[i + t];              \
+    for (int t = 0; i + t < n; t++) acc[t] += a[i + t] * b[i + t];                         \
+    for (int w = FA_DOT_LANES / 2; w > 0; w /= 2)                                          \
+        for (int t = 0; t < w; t++) acc[t] += acc[t + w];                                  \
+    return acc[0];                                                                         \
 }                                                                                          \
 static inline void fa_decode_chunk_##SUFFIX(                                               \
     const T *q, ptrdiff_t n_rows, ptrdiff_t d, const T *k, const T *v, ptrdiff_t d_v,      \
@@ -252,12 +256,23 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
             m[g] = m_new;                                                                  \
             l[g] = l[g] * alpha + fa_exp_shift_sum_##SUFFIX(sr, nb, m_use);                \
             T *orow = o + g * d_v;                                                         \
-            if (alpha != 1)                                                                \
-                for (ptrdiff_t c = 0; c < d_v; c++) orow[c] *= alpha;                      \
-            for (ptrdiff_t j = 0; j < nb; j++) {                                           \
-                const T p = sr[j];                                                         \
-                const T *vr = v + (j0 + j) * d_v;                                          \
-                for (ptrdiff_t c = 0; c < d_v; c++) orow[c] += p * vr[c];                  \
+            /* o = alpha o + sum_j p_j v_j, FA_DOT_LANES columns at a time kept in       */ \
+            /* registers across the block's keys (not loaded and stored once per key).  */ \
+            ptrdiff_t c0 = 0;                                                              \
+            for (; c0 + FA_DOT_LANES <= d_v; c0 += FA_DOT_LANES) {                         \
+                T acc[FA_DOT_LANES];                                                       \
+                for (int t = 0; t < FA_DOT_LANES; t++) acc[t] = orow[c0 + t] * alpha;      \
+                for (ptrdiff_t j = 0; j < nb; j++) {                                       \
+                    const T p = sr[j];                                                     \
+                    const T *vr = v + (j0 + j) * d_v + c0;                                 \
+                    for (int t = 0; t < FA_DOT_LANES; t++) acc[t] += p * vr[t];            \
+                }                                                                          \
+                for (int t = 0; t < FA_DOT_LANES; t++) orow[c0 + t] = acc[t];              \
+            }                                                                              \
+            for (ptrdiff_t c = c0; c < d_v; c++) {                                         \
+                T acc = orow[c] * alpha;                                                   \
+                for (ptrdiff_t j = 0; j < nb; j++) acc += sr[j] * v[(j0 + j) * d_v + c];   \
+                orow[c] = acc;                                                             \
             }                                                                              \
         }                                                                                  \
     }                                                                                      \

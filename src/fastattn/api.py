@@ -513,6 +513,12 @@ def _layout(q_shape, k_shape, v_shape, mask_shape):
         _batch_index(mask_batch, batch),
     ]))
     p.decode_group, p.decode_kv = _decode_groups(p.index[1])
+    # The most elements any array of a call can have: only calls that might not fit in
+    # memory go through the detailed check (_refuse_huge_plan), which costs microseconds.
+    p.max_elements = max(p.n_batch * n_queries * max(n_keys, p.d_v, 1),
+                         p.n_q_items * n_queries * d_head,
+                         p.n_kv_items * n_keys * max(d_head, p.d_v),
+                         p.n_mask_items * n_queries * n_keys)
     return p
 
 
@@ -568,6 +574,8 @@ def _plan(q, k, v, mask, causal, scale):
 def _refuse_huge_plan(layout, q, k, v, mask_kind, compute, results):
     """Refuse, naming the shapes, a call whose arrays could not be allocated: the results
     (name, element count) and the contiguous copies the kernels would need."""
+    if layout.max_elements * compute.itemsize <= _memory_limit():
+        return
     shapes = f"q.shape={q.shape}, k.shape={k.shape}" + ("" if v is None else f", v.shape={v.shape}")
     for name, n in results:
         _refuse_huge(f"the {name}", n, compute.itemsize, shapes)
