@@ -4,7 +4,7 @@ Compiler directives live here, once. ``FASTATTN_DEBUG=1`` turns bounds, wraparou
 initialisation checks back on (a debug build for finding out-of-bounds access);
 ``FASTATTN_NO_OPENMP=1`` builds without OpenMP (the kernels then run single-threaded);
 ``FASTATTN_SANITIZE=1`` builds with AddressSanitizer and UndefinedBehaviorSanitizer (load
-it with libasan preloaded: tools/sanitize.sh does it all).
+it with libasan preloaded: tools/check_build.sh does it all).
 """
 
 import os

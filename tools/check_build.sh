@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Run the whole test suite against a checked build of the kernels, in one command.
-#   tools/sanitize.sh debug    Cython bounds, wraparound and initialisation checks on
-#                              (FASTATTN_DEBUG=1): an out-of-range memoryview index raises.
-#   tools/sanitize.sh address  AddressSanitizer + UndefinedBehaviorSanitizer
-#                              (FASTATTN_SANITIZE=1): any out-of-bounds read or write of a
-#                              heap buffer (NumPy's arrays, the kernels' scratch) or any
-#                              undefined behaviour aborts the run with a report.
+# Run the whole test suite against another build of the kernels, in one command.
+#   tools/check_build.sh debug      Cython bounds, wraparound and initialisation checks on
+#                                   (FASTATTN_DEBUG=1): an out-of-range index raises.
+#   tools/check_build.sh address    AddressSanitizer + UndefinedBehaviorSanitizer
+#                                   (FASTATTN_SANITIZE=1): any out-of-bounds read or write
+#                                   of a heap buffer (NumPy's arrays, the kernels' scratch,
+#                                   BLAS operands) or any undefined behaviour aborts the run.
+#   tools/check_build.sh no-openmp  The build without OpenMP (FASTATTN_NO_OPENMP=1): the
+#                                   same results, single-threaded.
 # The build happens in a copy of the sources, in a fresh virtual environment, so the
 # checkout and its in-place build are left alone. Extra arguments go to pytest.
 set -euo pipefail
@@ -63,8 +65,13 @@ PY
         FASTATTN_ISA=$isa PYTHONPATH=src python -m pytest -q -p no:cacheprovider tests "$@"
     done
     ;;
+no-openmp)
+    FASTATTN_NO_OPENMP=1 python setup.py --quiet build_ext --inplace
+    PYTHONPATH=src python -m fastattn info | sed -n '4,6p'
+    FASTATTN_NO_OPENMP=1 PYTHONPATH=src python -m pytest -q -p no:cacheprovider tests "$@"
+    ;;
 *)
-    echo "usage: tools/sanitize.sh debug|address [pytest args]" >&2
+    echo "usage: tools/check_build.sh debug|address|no-openmp [pytest args]" >&2
     exit 2
     ;;
 esac
