@@ -44,7 +44,7 @@ def test_every_runnable_build_agrees():
         out = np.empty_like(q)
         lse = np.empty((2, 70))
         index = np.array([[0, 1]] * 3, dtype=np.intp)
-        assert module.attention(q, k, v, None, index, True, 0.2, out, lse, 16, 32, 1) == 1  # threads
+        assert module.attention(q, k, v, None, index, True, 0, 0.2, out, lse, 16, 32, 1) == 1  # threads
         results[isa] = out
     for isa, out in results.items():
         np.testing.assert_allclose(out, results["baseline"], rtol=1e-12, atol=1e-14, err_msg=isa)

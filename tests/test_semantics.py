@@ -272,3 +272,34 @@ def test_long_sequence_against_numpy():
         out32 = fastattn.attention(q.astype(np.float32), k.astype(np.float32),
                                    v.astype(np.float32), causal=causal)
         assert_close(out32, expected, np.float32, f"float32 causal={causal}")
+
+
+# --------------------------------------------------------------------------- sliding window
+
+@pytest.mark.parametrize("n_q,n_k,window", [(9, 9, 3), (4, 11, 5), (11, 4, 2), (300, 300, 70),
+                                            (130, 600, 1)])
+def test_sliding_window_equals_its_band_mask(block_sizes, n_q, n_k, window):
+    rng = np.random.default_rng(n_q * 1000 + n_k)
+    q, k, v = rng.standard_normal((2, n_q, 8)), rng.standard_normal((2, n_k, 8)), rng.standard_normal((2, n_k, 3))
+    i, j = np.arange(n_q)[:, None] + (n_k - n_q), np.arange(n_k)[None, :]
+    band = (j <= i) & (j > i - window)
+    out, lse = fastattn.attention(q, k, v, causal=True, window=window, return_lse=True)
+    masked, masked_lse = fastattn.attention(q, k, v, mask=band, return_lse=True)
+    assert_close(out, masked, np.float64, f"window {window}", magnitude=4)
+    assert_close(lse, masked_lse, np.float64, f"window {window} lse", magnitude=20)
+    s = fastattn.scores(q, k, causal=True, window=window)
+    assert np.array_equal(np.isfinite(s[0]), band)
+    if n_q * n_k <= 200:
+        r = reference.attention(q, k, v, causal=True, window=window)
+        assert_close(out, r, np.float64, f"window {window} reference", magnitude=4)
+        assert_close(s, reference.scores(q, k, causal=True, window=window), np.float64, "scores")
+
+
+def test_window_errors():
+    q = np.ones((3, 4))
+    with pytest.raises(ValueError, match="window needs causal=True"):
+        fastattn.attention(q, q, q, window=2)
+    with pytest.raises(ValueError, match="window must be a positive integer"):
+        fastattn.attention(q, q, q, causal=True, window=0)
+    with pytest.raises(TypeError, match="window must be a positive integer"):
+        fastattn.scores(q, q, causal=True, window=1.5)

@@ -23,6 +23,7 @@ def scores(
     mask: Optional[np.ndarray],         # object: None, uint8 or floating (n_masks, L_q, L_k)
     index: npt.NDArray[np.intp],        # const Py_ssize_t[:, ::1]   (3, n_batch)
     causal: bool,                       # bint
+    window: int,                        # Py_ssize_t (0: no sliding window)
     scale: float,                       # double
     out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_batch, L_q, L_k)
 ) -> None: ...
@@ -40,6 +41,7 @@ def attention(
     mask: Optional[np.ndarray],         # object: None, uint8 or floating (n_masks, L_q, L_k)
     index: npt.NDArray[np.intp],        # const Py_ssize_t[:, ::1]   (3, n_batch)
     causal: bool,                       # bint
+    window: int,                        # Py_ssize_t (0: no sliding window)
     scale: float,                       # double
     out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_batch, L_q, D_v)
     lse: npt.NDArray[np.floating],      # floating[:, ::1]           (n_batch, L_q)

@@ -170,11 +170,12 @@ def project(const floating[:, ::1] x, const floating[:, ::1] w, const floating[:
 
 # --------------------------------------------------------------------------- masking
 
-cdef inline void _mask_row(floating *s, Py_ssize_t n, Py_ssize_t visible,
+cdef inline void _mask_row(floating *s, Py_ssize_t n, Py_ssize_t first, Py_ssize_t visible,
                            int mask_kind, const floating *add_row,
                            const unsigned char *bool_row) noexcept nogil:
-    """Apply one query's masks to its scores s[0:n]: keys j >= visible (causal) and
-    keys whose boolean mask is False become -inf; an additive mask is added."""
+    """Apply one query's masks to its scores s[0:n]: keys j < first (sliding window),
+    j >= visible (causal) and keys whose boolean mask is False become -inf; an additive
+    mask is added."""
     cdef Py_ssize_t j
     if mask_kind == 1:
         for j in range(n):
@@ -187,10 +188,12 @@ cdef inline void _mask_row(floating *s, Py_ssize_t n, Py_ssize_t visible,
         visible = 0
     for j in range(visible, n):
         s[j] = -INFINITY
+    for j in range(min(first, n)):
+        s[j] = -INFINITY
 
 
 def scores(const floating[:, :, ::1] q, const floating[:, :, ::1] k, object mask,
-           const Py_ssize_t[:, ::1] index, bint causal, double scale,
+           const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
            floating[:, :, ::1] out):
     """out[b] = scale * q[i0] @ k[i1].T, masked by mask[i2] ((i0, i1, i2) = index[:, b]):
     -inf where a uint8 mask is 0 or causal hides the key, + a float mask."""
@@ -221,7 +224,8 @@ def scores(const floating[:, :, ::1] q, const floating[:, :, ::1] k, object mask
                 elif mask_kind == 2:
                     bool_row = &bool_mask[index[2, b], i, 0]
                 visible = i + offset + 1 if causal else n_keys
-                _mask_row(&out[b, i, 0], n_keys, visible, mask_kind, add_row, bool_row)
+                _mask_row(&out[b, i, 0], n_keys, i + offset + 1 - window if window else 0,
+                          visible, mask_kind, add_row, bool_row)
 
 
 # --------------------------------------------------------------------------- softmax
@@ -265,8 +269,8 @@ cdef void _attend_block(
         const floating *q, const floating *k, const floating *v,
         const floating *add_mask, const unsigned char *bool_mask, int mask_kind,
         Py_ssize_t q_start, Py_ssize_t q_rows, Py_ssize_t n_queries, Py_ssize_t n_keys,
-        Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, floating scale,
-        floating *s_tile, floating *o_acc, floating *m_run, double *l_run,
+        Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, Py_ssize_t window,
+        floating scale, floating *s_tile, floating *o_acc, floating *m_run, double *l_run,
         floating *out, floating *lse) noexcept nogil:
     """out rows [q_start, q_start + q_rows) of softmax(scale q k.T + mask) v, by an online
     softmax over key blocks; lse (if not NULL) gets m + log(l) per row."""
@@ -275,16 +279,20 @@ cdef void _attend_block(
     cdef floating m_new, m_use, alpha, inv
     cdef floating *s_row
     cdef floating *o_row
+    cdef Py_ssize_t k_begin = 0
     if causal:
         # The block's last query sees keys up to q_start + q_rows - 1 + offset: later key
         # blocks are skipped whole, never computed and then masked.
         k_end = min(n_keys, q_start + q_rows + offset)
+    if window:
+        # ...and its first query sees none before q_start + offset - window + 1.
+        k_begin = max(0, q_start + offset - window + 1)
     for i in range(q_rows):
         m_run[i] = -INFINITY
         l_run[i] = 0
     memset(o_acc, 0, q_rows * d_v * sizeof(floating))
 
-    k_start = 0
+    k_start = k_begin
     while k_start < k_end:
         k_rows = min(k_block, k_end - k_start)
         # s_tile (q_rows x k_rows) = scale * Q_blk @ K_blk.T
@@ -294,7 +302,7 @@ cdef void _attend_block(
         for i in range(q_rows):
             gi = q_start + i
             s_row = s_tile + i * k_rows
-            _mask_row(s_row, k_rows,
+            _mask_row(s_row, k_rows, gi + offset + 1 - window - k_start if window else 0,
                       gi + offset + 1 - k_start if causal else k_rows, mask_kind,
                       add_mask + gi * n_keys + k_start if mask_kind == 1 else NULL,
                       bool_mask + gi * n_keys + k_start if mask_kind == 2 else NULL)
@@ -336,7 +344,7 @@ cdef inline void _attend_item(
         const floating *q, const floating *k, const floating *v,
         const floating *add_base, const unsigned char *bool_base, int mask_kind,
         const Py_ssize_t *index, Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys,
-        Py_ssize_t d_head, Py_ssize_t d_v, bint causal, floating scale,
+        Py_ssize_t d_head, Py_ssize_t d_v, bint causal, Py_ssize_t window, floating scale,
         floating *buf, Py_ssize_t l_offset, floating *out, floating *lse) noexcept nogil:
     """Work item w: query block w % n_qblocks of batch entry w // n_qblocks."""
     cdef Py_ssize_t b = w // n_qblocks
@@ -348,7 +356,7 @@ cdef inline void _attend_item(
                   add_base + mask_item * n_queries * n_keys if mask_kind == 1 else NULL,
                   bool_base + mask_item * n_queries * n_keys if mask_kind == 2 else NULL,
                   mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
-                  n_keys, d_head, d_v, k_block, causal, scale,
+                  n_keys, d_head, d_v, k_block, causal, window, scale,
                   buf, buf + q_block * k_block, buf + q_block * k_block + q_block * d_v,
                   <double*> (buf + l_offset),
                   out + b * n_queries * d_v, lse + b * n_queries)
@@ -356,9 +364,13 @@ cdef inline void _attend_item(
 
 def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
               const floating[:, :, ::1] v, object mask, const Py_ssize_t[:, ::1] index,
-              bint causal, double scale, floating[:, :, ::1] out, floating[:, ::1] lse,
+              bint causal, Py_ssize_t window, double scale, floating[:, :, ::1] out,
+              floating[:, ::1] lse,
               Py_ssize_t q_block, Py_ssize_t k_block, int n_threads):
     """out[b] = softmax(scale q[i0] k[i1].T + mask[i2]) v[i1], (i0, i1, i2) = index[:, b], fused.
+
+    causal hides keys after each query's own position; window (0: none) also hides keys
+    at or before `window` positions back. Key blocks that are entirely hidden are skipped.
 
     mask is None, a float array (added to the scores) or a uint8 array (0 = hidden), of
     shape (n_masks, n_queries, n_keys). Work is split over (batch entry, query block);
@@ -402,14 +414,14 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                 for w in range(n_work):
                     _attend_item(w, n_qblocks, q_block, k_block, &q[0, 0, 0], &k[0, 0, 0],
                                  &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
-                                 n_batch, n_queries, n_keys, d_head, d_v, causal,
+                                 n_batch, n_queries, n_keys, d_head, d_v, causal, window,
                                  <floating> scale, scratch, l_offset, &out[0, 0, 0], &lse[0, 0])
         else:
             for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static',
                             chunksize=1):
                 _attend_item(w, n_qblocks, q_block, k_block, &q[0, 0, 0], &k[0, 0, 0],
                              &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
-                             n_batch, n_queries, n_keys, d_head, d_v, causal,
+                             n_batch, n_queries, n_keys, d_head, d_v, causal, window,
                              <floating> scale, scratch + threadid() * per_thread, l_offset,
                              &out[0, 0, 0], &lse[0, 0])
                 team_out[0] = fa_omp_team_size()  # every thread writes the same value

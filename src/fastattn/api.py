@@ -541,7 +541,20 @@ def _frozen(a):
     return a
 
 
-def _plan(q, k, v, mask, causal, scale):
+def _check_window(window, causal):
+    """The sliding window: None (0 for the kernels) or a positive int, with causal=True."""
+    if window is None:
+        return 0
+    if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)):
+        raise TypeError(f"window must be a positive integer or None, got {window!r}")
+    if window < 1:
+        raise ValueError(f"window must be a positive integer or None, got {window}")
+    if not causal:
+        raise ValueError("window needs causal=True: it bounds how far back a query sees")
+    return int(window)
+
+
+def _plan(q, k, v, mask, causal, scale, window=None):
     """Validate q, k, (v), mask and the flags; the arrays are not converted yet."""
     q = _as_array("q", q)
     k = _as_array("k", k)
@@ -567,7 +580,8 @@ def _plan(q, k, v, mask, causal, scale):
         named.append(("mask", mask))
     layout = _layout(q.shape, k.shape, None if v is None else v.shape,
                      None if mask is None else mask.shape)
-    return (layout, q, k, v, mask, mask_kind, _check_flag("causal", causal),
+    causal = _check_flag("causal", causal)
+    return (layout, q, k, v, mask, mask_kind, causal, _check_window(window, causal),
             _check_scale(scale, layout.d_head), compute, result_dtype, named)
 
 
@@ -613,7 +627,7 @@ def _kernel_inputs(layout, q, k, mask, mask_kind, compute):
     return q, k, mask
 
 
-def scores(q, k, *, scale=None, mask=None, causal=False):
+def scores(q, k, *, scale=None, mask=None, causal=False, window=None):
     """Scaled dot-product scores, masked.
 
     Parameters
@@ -629,6 +643,9 @@ def scores(q, k, *, scale=None, mask=None, causal=False):
     causal : bool, default False
         Query ``i`` sees keys ``j <= i + (L_k - L_q)`` (aligned bottom-right); later keys
         score ``-inf``.
+    window : int, optional
+        With ``causal=True``: query ``i`` also sees no key ``j <= i + (L_k - L_q) - window``
+        (sliding-window attention: the ``window`` most recent keys, itself included).
 
     Returns
     -------
@@ -645,21 +662,21 @@ def scores(q, k, *, scale=None, mask=None, causal=False):
     array([[ 2.,  2., -inf],
            [ 2.,  2.,  2.]])
     """
-    layout, q, k, _, mask, mask_kind, causal, scale, compute, result_dtype, _ = _plan(
-        q, k, None, mask, causal, scale)
+    layout, q, k, _, mask, mask_kind, causal, window, scale, compute, result_dtype, _ = _plan(
+        q, k, None, mask, causal, scale, window)
     shape = layout.batch + (layout.n_queries, layout.n_keys)
     _refuse_huge_plan(layout, q, k, None, mask_kind, compute,
                       [("scores", layout.n_batch * layout.n_queries * layout.n_keys)])
     result = np.empty((layout.n_batch, layout.n_queries, layout.n_keys), compute)
     if result.size:
         q, k, mask = _kernel_inputs(layout, q, k, mask, mask_kind, compute)
-        _kernels.scores(q, k, mask, layout.index, causal, scale, result)
+        _kernels.scores(q, k, mask, layout.index, causal, window, scale, result)
     return _finish(result.reshape(shape), result_dtype, None)
 
 
 def _attention(plan, return_weights, return_lse, out, num_threads):
     """Run the fused kernel for a plan; returns (out, weights or None, lse or None)."""
-    layout, q, k, v, mask, mask_kind, causal, scale, compute, result_dtype, named = plan
+    layout, q, k, v, mask, mask_kind, causal, window, scale, compute, result_dtype, named = plan
     n_threads = _check_threads(num_threads)
     n_batch, n_queries, n_keys, d_v = layout.n_batch, layout.n_queries, layout.n_keys, layout.d_v
     out_shape = layout.batch + (n_queries, d_v)
@@ -679,7 +696,7 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
         target[...] = 0  # no key to attend to: every query is fully masked
         lse[...] = -np.inf
     else:
-        if (n_queries == 1 and mask_kind == 0 and layout.q_batch == layout.batch
+        if (n_queries == 1 and mask_kind == 0 and not window and layout.q_batch == layout.batch
                 and layout.d_head > 0 and d_v > 0 and not return_weights):
             _decode(layout, q, k, v, scale, compute, target, lse, n_threads)
             return (_finish(target.reshape(out_shape), result_dtype, out), None,
@@ -700,17 +717,17 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
         n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_work)
         if q_block * k_block * max(q.shape[-1], d_v) > _BLAS_SERIAL_MNK:
             with _serial_blas:
-                status = _kernels.attention(q, k, v, mask, layout.index, causal, scale,
+                status = _kernels.attention(q, k, v, mask, layout.index, causal, window, scale,
                                             kernel_out, lse, q_block, k_block, n_threads)
         else:  # OpenBLAS runs such tiles on the calling thread anyway
-            status = _kernels.attention(q, k, v, mask, layout.index, causal, scale,
+            status = _kernels.attention(q, k, v, mask, layout.index, causal, window, scale,
                                         kernel_out, lse, q_block, k_block, n_threads)
         if status < 0:
             raise MemoryError("attention: cannot allocate the per-thread scratch")
         _last_call.threads = status
         if return_weights:
             w = np.empty((n_batch, n_queries, n_keys), compute)
-            _kernels.scores(q, k, mask, layout.index, causal, scale, w)
+            _kernels.scores(q, k, mask, layout.index, causal, window, scale, w)
             w2 = w.reshape(-1, n_keys)
             _kernels.softmax(w2, w2, False, True, n_threads)
             weights = w
@@ -773,8 +790,8 @@ def _pack(result, weights, lse, return_weights, return_lse):
     return (result, *extra)
 
 
-def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, scale=None,
-              return_weights=False, return_lse=False, out=None, num_threads=None):
+def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=None,
+              scale=None, return_weights=False, return_lse=False, out=None, num_threads=None):
     """Scaled dot-product attention, fused: ``softmax(scale q k^T + mask) v``.
 
     Parameters
@@ -794,6 +811,10 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, scale=N
     causal : bool, default False
         Query ``i`` sees keys ``j <= i + (L_k - L_q)``: aligned bottom-right, as in
         FlashAttention 2.1+ and as decoding with a cache needs (top-left when L_q == L_k).
+    window : int, optional
+        With ``causal=True``: sliding-window attention, query ``i`` sees only the
+        ``window`` keys ``i + (L_k - L_q) - window < j <= i + (L_k - L_q)``. Key blocks
+        outside every query's window are skipped; no mask array is built.
     scale : float, optional
         Defaults to ``1 / sqrt(D)`` (1 when ``D == 0``).
     return_weights : bool, default False
@@ -846,7 +867,7 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, scale=N
     elif k is None:
         raise TypeError("attention needs k and v (or a cache)")
     # v=None must be refused as a bad value, not taken for scores()'s "no v".
-    plan = _plan(q, k, _as_array("v", v), mask, causal, scale)
+    plan = _plan(q, k, _as_array("v", v), mask, causal, scale, window)
     return _pack(*_attention(plan, return_weights, return_lse, out, num_threads),
                  return_weights, return_lse)
 
@@ -891,8 +912,8 @@ def _project_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v):
 
 
 def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
-                   causal=False, scale=None, return_weights=False, return_lse=False,
-                   out=None, num_threads=None):
+                   causal=False, window=None, scale=None, return_weights=False,
+                   return_lse=False, out=None, num_threads=None):
     """Single-head self-attention from embeddings: project, then attend.
 
     Parameters
@@ -904,7 +925,7 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
     w_v : array_like, shape (d_model, d_v)
     b_q, b_k, b_v : array_like, optional
         Biases of the projections.
-    mask, causal, scale, return_weights, return_lse, out, num_threads
+    mask, causal, window, scale, return_weights, return_lse, out, num_threads
         As in :func:`attention`.
 
     Returns
@@ -942,7 +963,7 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
         if out is not None:
             _check_out(out, (v.shape[-1],), result_dtype, named)
             out = out[None]
-    plan = _plan(q, k, v, mask, causal, scale)
+    plan = _plan(q, k, v, mask, causal, scale, window)
     # The projections ran in the compute dtype; the result takes the dtype of x and the
     # weights, and out= may not overlap any of them.
     plan = plan[:-2] + (result_dtype, plan[-1] + named)

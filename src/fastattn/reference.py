@@ -197,11 +197,13 @@ def _is_bool_mask(flat):
     return all(isinstance(v, bool) for v in flat)
 
 
-def _row_scores(q_row, keys, scale, i, n_queries, mask_row, mask_is_bool, causal):
+def _row_scores(q_row, keys, scale, i, n_queries, mask_row, mask_is_bool, causal, window=None):
     n_keys = len(keys)
     s = []
     for j, k_row in enumerate(keys):
         hidden = causal and j > i + (n_keys - n_queries)
+        if window is not None and j <= i + (n_keys - n_queries) - window:
+            hidden = True
         if mask_row is not None and mask_is_bool and not mask_row[j]:
             hidden = True
         if hidden:
@@ -266,14 +268,14 @@ def _prepare(q, k, v, mask, scale):
     return cases, batch, n_q, n_k, (vs[-1] if vs is not None else 0), scale, mask_is_bool
 
 
-def scores(q, k, *, scale=None, mask=None, causal=False):
-    """Scaled, masked dot-product scores, shape (..., L_q, L_k)."""
+def scores(q, k, *, scale=None, mask=None, causal=False, window=None):
+    """Scaled, masked dot-product scores, shape (..., L_q, L_k); window: sliding window."""
     cases, batch, n_q, n_k, _, scale, mask_is_bool = _prepare(q, k, None, mask, scale)
     flat = []
     for qm, km, _, mrows in cases:
         for i in range(n_q):
             flat.extend(_row_scores(qm[i], km, scale, i, n_q,
-                                    mrows[i] if mrows else None, mask_is_bool, causal))
+                                    mrows[i] if mrows else None, mask_is_bool, causal, window))
     return _nest(flat, batch + (n_q, n_k))
 
 
@@ -294,15 +296,15 @@ def _attend_row(s, values, d_v):
     return out, weights, m + math.log(total)
 
 
-def attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False,
-              return_lse=False):
+def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
+              return_weights=False, return_lse=False):
     """softmax(scale q k^T + mask) v with fastattn's semantics (see the module docstring)."""
     cases, batch, n_q, n_k, d_v, scale, mask_is_bool = _prepare(q, k, v, mask, scale)
     outs, weights, lses = [], [], []
     for qm, km, vm, mrows in cases:
         for i in range(n_q):
             s = _row_scores(qm[i], km, scale, i, n_q, mrows[i] if mrows else None,
-                            mask_is_bool, causal)
+                            mask_is_bool, causal, window)
             o, w, lse = _attend_row(s, vm, d_v)
             outs.extend(o)
             weights.extend(w)
