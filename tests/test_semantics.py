@@ -303,3 +303,38 @@ def test_window_errors():
         fastattn.attention(q, q, q, causal=True, window=0)
     with pytest.raises(TypeError, match="window must be a positive integer"):
         fastattn.scores(q, q, causal=True, window=1.5)
+
+
+# --------------------------------------------------------------------------- micro-kernels
+
+def _float64_attention(q, k, v, mask):
+    s = q.astype(np.float64) @ np.swapaxes(k.astype(np.float64), -1, -2) / np.sqrt(q.shape[-1])
+    s = np.where(mask, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(m), m, 0))
+    total = p.sum(-1, keepdims=True)
+    return np.where(total > 0, (p / np.where(total > 0, total, 1)) @ v.astype(np.float64), 0)
+
+
+@pytest.mark.parametrize("d,d_v", [(16, 16), (32, 48), (64, 64), (64, 80), (128, 128), (48, 16)])
+@pytest.mark.parametrize("n_q,n_k", [(1, 1), (7, 33), (37, 70), (300, 601)])
+def test_float32_head_sizes_of_the_micro_kernels(block_sizes, d, d_v, n_q, n_k):
+    # float32 with head sizes that are multiples of 16 run in the AVX-512 build's
+    # micro-kernels: odd row and key counts exercise their edges (8-row, 32-key blocks).
+    rng = np.random.default_rng(d * 7 + n_k)
+    q = rng.standard_normal((2, n_q, d), dtype=np.float32)
+    k = rng.standard_normal((2, n_k, d), dtype=np.float32)
+    v = rng.standard_normal((2, n_k, d_v), dtype=np.float32)
+    i, j = np.arange(n_q)[:, None] + (n_k - n_q), np.arange(n_k)[None, :]
+    keep = rng.random((n_q, n_k)) > 0.2
+    for label, kwargs, mask in (("plain", {}, np.ones((n_q, n_k), bool)),
+                                ("causal", {"causal": True}, j <= i),
+                                ("window", {"causal": True, "window": 5}, (j <= i) & (j > i - 5)),
+                                ("bool mask", {"mask": keep}, keep)):
+        out = fastattn.attention(q, k, v, **kwargs)
+        assert out.dtype == np.float32
+        assert_close(out, _float64_attention(q, k, v, mask), np.float32, f"{label} d={d} d_v={d_v}",
+                     magnitude=4)
+    if n_q * n_k <= 300:
+        assert_close(fastattn.attention(q, k, v, causal=True),
+                     reference.attention(q, k, v, causal=True), np.float32, "reference", magnitude=4)

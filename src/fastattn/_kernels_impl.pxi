@@ -40,6 +40,13 @@ cdef extern from "_helpers.h" nogil:
                            const double *v, Py_ssize_t d_v, Py_ssize_t n_keys, double scale,
                            double *m, double *l, double *o, double *s)
     int FA_DECODE_BLOCK
+    int FA_MICROKERNELS
+    void fa_mk_scores(const float *q, Py_ssize_t rows, Py_ssize_t d, const float *kt,
+                      Py_ssize_t n_cols, float *s, Py_ssize_t ld)
+    void fa_mk_pv(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *v,
+                  Py_ssize_t n_keys, Py_ssize_t d_v, float *o)
+    void fa_transpose_keys(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kt,
+                           Py_ssize_t ld)
     void fa_check_matrix(const void *p, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld,
                          size_t item)
     int fa_cpu_has_avx2_fma()
@@ -271,15 +278,20 @@ cdef void _attend_block(
         Py_ssize_t q_start, Py_ssize_t q_rows, Py_ssize_t n_queries, Py_ssize_t n_keys,
         Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, Py_ssize_t window,
         floating scale, floating *s_tile, floating *o_acc, floating *m_run, double *l_run,
-        floating *out, floating *lse) noexcept nogil:
+        floating *kt, floating *qs, bint micro, floating *out, floating *lse) noexcept nogil:
     """out rows [q_start, q_start + q_rows) of softmax(scale q k.T + mask) v, by an online
-    softmax over key blocks; lse (if not NULL) gets m + log(l) per row."""
+    softmax over key blocks; lse (if not NULL) gets m + log(l) per row.
+
+    micro: the tile GEMMs run in the AVX-512 micro-kernels (float32, d_head and d_v
+    multiples of 16) instead of BLAS: the query block is scaled once into qs, each key
+    block is transposed into kt (padded with zero keys to a multiple of 32), and the score
+    tile then has that padded width as its row stride."""
     cdef Py_ssize_t offset = n_keys - n_queries   # causal: query i sees keys j <= i + offset
     cdef Py_ssize_t k_end = n_keys, k_start, k_rows, i, j, gi
     cdef floating m_new, m_use, alpha, inv
     cdef floating *s_row
     cdef floating *o_row
-    cdef Py_ssize_t k_begin = 0
+    cdef Py_ssize_t k_begin = 0, ld = 0
     if causal:
         # The block's last query sees keys up to q_start + q_rows - 1 + offset: later key
         # blocks are skipped whole, never computed and then masked.
@@ -291,17 +303,30 @@ cdef void _attend_block(
         m_run[i] = -INFINITY
         l_run[i] = 0
     memset(o_acc, 0, q_rows * d_v * sizeof(floating))
+    if floating is float:
+        if micro:
+            for i in range(q_rows * d_head):
+                qs[i] = q[q_start * d_head + i] * scale
 
     k_start = k_begin
     while k_start < k_end:
         k_rows = min(k_block, k_end - k_start)
-        # s_tile (q_rows x k_rows) = scale * Q_blk @ K_blk.T
-        _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
-              q + q_start * d_head, <int> d_head, k + k_start * d_head, <int> d_head,
-              0, s_tile, <int> k_rows)
+        ld = k_rows
+        if floating is float:
+            if micro:
+                # kt (d_head x ld) = K_blk.T, zero keys up to a multiple of 32; then
+                # s_tile (q_rows x ld) = (scale Q_blk) @ kt
+                ld = _round_up(k_rows, 32)
+                fa_transpose_keys(k + k_start * d_head, k_rows, d_head, kt, ld)
+                fa_mk_scores(qs, q_rows, d_head, kt, ld, s_tile, ld)
+        if not micro:
+            # s_tile (q_rows x k_rows) = scale * Q_blk @ K_blk.T
+            _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
+                  q + q_start * d_head, <int> d_head, k + k_start * d_head, <int> d_head,
+                  0, s_tile, <int> k_rows)
         for i in range(q_rows):
             gi = q_start + i
-            s_row = s_tile + i * k_rows
+            s_row = s_tile + i * ld
             _mask_row(s_row, k_rows, gi + offset + 1 - window - k_start if window else 0,
                       gi + offset + 1 - k_start if causal else k_rows, mask_kind,
                       add_mask + gi * n_keys + k_start if mask_kind == 1 else NULL,
@@ -320,9 +345,13 @@ cdef void _attend_block(
                 for j in range(d_v):
                     o_row[j] = o_row[j] * alpha
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
-        _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1,
-              s_tile, <int> k_rows, v + k_start * d_v, <int> d_v,
-              1, o_acc, <int> d_v)
+        if floating is float:
+            if micro:
+                fa_mk_pv(s_tile, ld, q_rows, v + k_start * d_v, k_rows, d_v, o_acc)
+        if not micro:
+            _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1,
+                  s_tile, <int> k_rows, v + k_start * d_v, <int> d_v,
+                  1, o_acc, <int> d_v)
         k_start = k_start + k_rows
 
     for i in range(q_rows):
@@ -345,7 +374,8 @@ cdef inline void _attend_item(
         const floating *add_base, const unsigned char *bool_base, int mask_kind,
         const Py_ssize_t *index, Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys,
         Py_ssize_t d_head, Py_ssize_t d_v, bint causal, Py_ssize_t window, floating scale,
-        floating *buf, Py_ssize_t l_offset, floating *out, floating *lse) noexcept nogil:
+        floating *buf, Py_ssize_t l_offset, Py_ssize_t s_width, bint micro,
+        floating *out, floating *lse) noexcept nogil:
     """Work item w: query block w % n_qblocks of batch entry w // n_qblocks."""
     cdef Py_ssize_t b = w // n_qblocks
     cdef Py_ssize_t q_start = (w % n_qblocks) * q_block
@@ -357,8 +387,10 @@ cdef inline void _attend_item(
                   bool_base + mask_item * n_queries * n_keys if mask_kind == 2 else NULL,
                   mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
                   n_keys, d_head, d_v, k_block, causal, window, scale,
-                  buf, buf + q_block * k_block, buf + q_block * k_block + q_block * d_v,
+                  buf, buf + q_block * s_width, buf + q_block * (s_width + d_v),
                   <double*> (buf + l_offset),
+                  buf + q_block * (s_width + d_v + 1),
+                  buf + q_block * (s_width + d_v + 1) + d_head * s_width, micro,
                   out + b * n_queries * d_v, lse + b * n_queries)
 
 
@@ -382,9 +414,17 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     cdef Py_ssize_t n_keys = k.shape[1], d_head = q.shape[2]
     cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
     cdef Py_ssize_t n_work = n_batch * n_qblocks
-    # Per thread: the score tile, the output accumulator, the running max, then the
-    # running sum in double; each thread's part and the doubles start 64-byte aligned.
-    cdef Py_ssize_t l_offset = _round_up(q_block * (k_block + d_v + 1), 64 // sizeof(floating))
+    # The AVX-512 micro-kernels take float32 tiles whose head sizes are multiples of 16.
+    cdef bint micro = (floating is float and FA_MICROKERNELS and d_head % 16 == 0
+                       and d_v % 16 == 0)
+    # Score tile width: k_block, or rounded up to the micro-kernel's 32 keys.
+    cdef Py_ssize_t s_width = _round_up(k_block, 32) if micro else k_block
+    # Per thread: the score tile, the output accumulator, the running max, the transposed
+    # key block and the scaled queries (micro-kernels only), then the running sum in
+    # double; each thread's part and the doubles start 64-byte aligned.
+    cdef Py_ssize_t l_offset = _round_up(
+        q_block * (s_width + d_v + 1) + ((d_head * s_width + q_block * d_head) if micro else 0),
+        64 // sizeof(floating))
     cdef Py_ssize_t per_thread = _round_up(l_offset + 2 * q_block, 64 // sizeof(floating))
     cdef Py_ssize_t w
     cdef int mask_kind = 0
@@ -415,7 +455,8 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                     _attend_item(w, n_qblocks, q_block, k_block, &q[0, 0, 0], &k[0, 0, 0],
                                  &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
                                  n_batch, n_queries, n_keys, d_head, d_v, causal, window,
-                                 <floating> scale, scratch, l_offset, &out[0, 0, 0], &lse[0, 0])
+                                 <floating> scale, scratch, l_offset, s_width, micro,
+                                 &out[0, 0, 0], &lse[0, 0])
         else:
             for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static',
                             chunksize=1):
@@ -423,7 +464,7 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                              &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
                              n_batch, n_queries, n_keys, d_head, d_v, causal, window,
                              <floating> scale, scratch + threadid() * per_thread, l_offset,
-                             &out[0, 0, 0], &lse[0, 0])
+                             s_width, micro, &out[0, 0, 0], &lse[0, 0])
                 team_out[0] = fa_omp_team_size()  # every thread writes the same value
     finally:
         free(scratch)
