@@ -139,6 +139,7 @@ def build_info():
     """The facts of this build: compiler flags, OpenMP, debug checks, default threads."""
     return {
         "isa": fa_isa_name.decode(),
+        "microkernels": bool(FA_MICROKERNELS),
         "compile_flags": fa_build_flags.decode(),
         "openmp": bool(fa_openmp_enabled()),
         "debug_checks": bool(fa_debug_build),

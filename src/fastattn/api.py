@@ -28,9 +28,10 @@ except ImportError:  # pragma: no cover
     from numpy import AxisError
 
 # Largest tiles of the fused kernel (query rows x keys); _tiles() picks per shape. Sweep
-# of q_block in 32..256 x k_block in 128..512 on this 2-core AVX-512 machine (float32,
-# D=64, 2 threads): 256 x 512 was fastest for long sequences (2048 tokens: 43.8 ms against
-# 53.1 ms at 64 x 256), 128 x 512 for causal (25.5 against 27.1 ms), 256 x 256 for float64.
+# of q_block in 32..256 x k_block in 128..1024 on this 2-core AVX-512 machine (float32,
+# D=64, 2 threads): 256 x 512 was fastest for long sequences (2048 tokens, BLAS tiles:
+# 43.8 ms against 53.1 ms at 64 x 256; micro-kernel tiles: 24.2 against 28.1 ms), half the
+# query rows for causal, 256 x 256 for float64; others were within 3%.
 _Q_BLOCK = 256
 _K_BLOCK = 512
 # Query blocks are halved until a call has this many work items, so that up to this many
@@ -48,6 +49,9 @@ _SERIAL_FLOPS = 2_000_000
 # threads inside ours, so fastattn holds it to one thread for such calls.
 _BLAS_SERIAL_MNK = 65536 * 4
 _INT_MAX = 2**31 - 1  # BLAS dimensions are C ints
+# The AVX-512 build computes float32 tiles whose head sizes are multiples of 16 in its own
+# micro-kernels, calling no BLAS: no BLAS threads to hold for those calls.
+_MICROKERNELS = _kernels.build_info()["microkernels"]
 
 
 # --------------------------------------------------------------------------- dtypes
@@ -715,7 +719,9 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
         n_work = n_batch * -(-n_queries // q_block)
         flops = 2.0 * n_batch * n_queries * n_keys * (q.shape[-1] + d_v)
         n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_work)
-        if q_block * k_block * max(q.shape[-1], d_v) > _BLAS_SERIAL_MNK:
+        uses_blas = not (_MICROKERNELS and compute == np.float32 and q.shape[-1] % 16 == 0
+                         and d_v % 16 == 0)
+        if uses_blas and q_block * k_block * max(q.shape[-1], d_v) > _BLAS_SERIAL_MNK:
             with _serial_blas:
                 status = _kernels.attention(q, k, v, mask, layout.index, causal, window, scale,
                                             kernel_out, lse, q_block, k_block, n_threads)
