@@ -244,6 +244,13 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
         ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;      \
         for (ptrdiff_t j = 0; j < nb; j++) {                                               \
             const T *kr = k + (j0 + j) * d;                                                \
+            /* The next block's rows, a block ahead of use (prefetch never faults).   */  \
+            if (j0 + FA_DECODE_BLOCK + j < n_keys) {                                       \
+                for (ptrdiff_t c = 0; c < d; c += 64 / (ptrdiff_t)sizeof(T))               \
+                    __builtin_prefetch(kr + FA_DECODE_BLOCK * d + c);                      \
+                for (ptrdiff_t c = 0; c < d_v; c += 64 / (ptrdiff_t)sizeof(T))             \
+                    __builtin_prefetch(v + (j0 + FA_DECODE_BLOCK + j) * d_v + c);          \
+            }                                                                              \
             for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
                 s[g * FA_DECODE_BLOCK + j] = scale * fa_dot_##SUFFIX(q + g * d, kr, d);    \
         }                                                                                  \
