@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .api import _as_array
+from .api import _as_array, _dtype_pair
 
 __all__ = ["KVCache"]
 
@@ -120,9 +120,7 @@ class KVCache:
     # ------------------------------------------------------------------ append
     def _checked(self, name, a, width):
         a = _as_array(name, a)
-        if a.dtype.kind not in "fiub" or (a.dtype.kind == "f" and a.dtype.itemsize > 8):
-            raise TypeError(f"{name} has unsupported dtype {a.dtype}; expected a real floating, "
-                            "integer or boolean array")
+        _dtype_pair(name, a.dtype)  # the API's dtype rule: TypeError naming the dtype
         expected = (self.batch, self.kv_heads, width)
         if a.ndim != 4 or (a.shape[0], a.shape[1], a.shape[3]) != expected:
             raise ValueError(
