@@ -609,14 +609,24 @@ def _refuse_huge_plan(layout, q, k, v, mask_kind, compute, results):
                      compute.itemsize if mask_kind == 1 else 1, shapes)
 
 
+def _kv_stored(a, layout):
+    """k or v with the batch shape of the stored key/value entries (a view)."""
+    if a.shape[:-2] != layout.kv_batch:
+        a = np.broadcast_to(a, layout.kv_batch + a.shape[-2:])
+    return a
+
+
+def _kv_contiguous(a, layout, width, compute):
+    """k or v as C-contiguous (n_kv_items, L_k, width) in the compute dtype."""
+    return _contiguous(_kv_stored(a, layout), compute).reshape(layout.n_kv_items, layout.n_keys, width)
+
+
 def _kernel_inputs(layout, q, k, mask, mask_kind, compute):
     """The contiguous, compute-dtype q, k and mask the kernels read (mask may be None;
     a boolean mask goes as uint8, a float one in the compute dtype)."""
     d_head = layout.d_head
     q = _contiguous(q, compute).reshape(layout.n_q_items, layout.n_queries, d_head)
-    if k.shape[:-2] != layout.kv_batch:
-        k = np.broadcast_to(k, layout.kv_batch + k.shape[-2:])
-    k = _contiguous(k, compute).reshape(layout.n_kv_items, layout.n_keys, d_head)
+    k = _kv_contiguous(k, layout, d_head, compute)
     if d_head == 0:
         # An empty dot product is 0: give BLAS one zero column instead of a zero dimension.
         q = np.zeros(q.shape[:-1] + (1,), compute)
@@ -706,9 +716,7 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
             return (_finish(target.reshape(out_shape), result_dtype, out), None,
                     lse.reshape(layout.batch + (n_queries,)))
         q, k, mask = _kernel_inputs(layout, q, k, mask, mask_kind, compute)
-        if v.shape[:-2] != layout.kv_batch:
-            v = np.broadcast_to(v, layout.kv_batch + v.shape[-2:])
-        v = _contiguous(v, compute).reshape(layout.n_kv_items, n_keys, d_v)
+        v = _kv_contiguous(v, layout, d_v, compute)
         kernel_out = target
         if d_v == 0:
             # Nothing to average, but lse still needs the pass: use one zero column.
@@ -748,8 +756,7 @@ def _attention(plan, return_weights, return_lse, out, num_threads):
 def _kv_items(a, layout, n_keys, width, compute):
     """k or v as (n_kv_items, L_k, width) in the compute dtype, without copying when the
     last two axes are already contiguous (a KVCache's storage is read in place)."""
-    if a.shape[:-2] != layout.kv_batch:
-        a = np.broadcast_to(a, layout.kv_batch + a.shape[-2:])
+    a = _kv_stored(a, layout)
     itemsize = compute.itemsize
     if not (a.dtype == compute and a.strides[-1] == itemsize
             and (n_keys == 1 or a.strides[-2] == width * itemsize)):
