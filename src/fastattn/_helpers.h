@@ -25,12 +25,10 @@
 #include <omp.h>
 static inline int fa_openmp_enabled(void) { return 1; }
 static inline int fa_omp_max_threads(void) { return omp_get_max_threads(); }
-static inline int fa_omp_thread_num(void) { return omp_get_thread_num(); }
 static inline int fa_omp_team_size(void) { return omp_get_num_threads(); }
 #else
 static inline int fa_openmp_enabled(void) { return 0; }
 static inline int fa_omp_max_threads(void) { return 1; }
-static inline int fa_omp_thread_num(void) { return 0; }
 static inline int fa_omp_team_size(void) { return 1; }
 #endif
 

@@ -15,7 +15,7 @@
 # contiguous memory with the vectorisable exp of `_helpers.h`.
 
 from cython cimport floating
-from cython.parallel cimport prange, parallel, threadid
+from cython.parallel cimport prange, threadid
 from libc.math cimport log, INFINITY
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset

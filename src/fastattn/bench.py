@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,7 +37,6 @@ class Case:
     dtype: str = "float32"
     causal: bool = False
     repeat: int = 7
-    notes: str = field(default="")
 
 
 DEFAULT_CASES = [
