@@ -68,6 +68,42 @@ def test_single_query_kernel_matches_reference_and_general_kernel():
         assert_close(out, general, np.float64, f"{shapes} vs general", magnitude=4)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d,d_v", [(16, 16), (64, 176), (128, 128), (48, 80), (256, 32), (8, 2),
+                                   (5, 16), (16, 7)])
+@pytest.mark.parametrize("n_k", [1, 15, 17, 97, 1100])
+def test_single_query_kernel_head_sizes_of_every_vector_width(dtype, d, d_v, n_k):
+    # Head sizes that the widest vectors of the build divide (16 floats for AVX-512, 2
+    # doubles for SSE2) take the vectorised path: N keys per score group, then 8, 2 and 1
+    # vectors of output columns. Key counts that are not multiples of N or of the 64-key
+    # block, and several 512-key chunks, reach every edge; 3 query heads share a kv head.
+    rng = np.random.default_rng(d * 1000 + d_v + n_k)
+    q = rng.standard_normal((2, 3, 1, d)).astype(dtype)
+    k = rng.standard_normal((2, 1, n_k, d)).astype(dtype)
+    v = rng.standard_normal((2, 1, n_k, d_v)).astype(dtype)
+    k[1, 0, n_k // 2] *= 30  # one dominant key
+    out, lse = fastattn.attention(q, k, v, return_lse=True)
+    expected = _float64_attention(q, k, v)
+    assert_close(out, expected[0], dtype, f"d={d} d_v={d_v} n_k={n_k}", magnitude=4)
+    assert_close(lse, expected[1], dtype, f"lse d={d} d_v={d_v} n_k={n_k}", magnitude=40)
+    if n_k <= 17:
+        r_out, r_lse = reference.attention(q, k, v, return_lse=True)
+        assert_close(out, r_out, dtype, "reference", magnitude=4)
+        assert_close(lse, r_lse, dtype, "reference lse", magnitude=40)
+
+
+def _float64_attention(q, k, v):
+    """Plain float64 NumPy attention and its log-sum-exp (with GQA heads by repetition)."""
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    group = q.shape[-3] // k.shape[-3]
+    k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
+    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    total = p.sum(-1, keepdims=True)
+    return (p / total) @ v, (m + np.log(total))[..., 0]
+
+
 def test_single_query_kernel_special_values():
     rng = np.random.default_rng(4)
     q, k, v = rng.standard_normal((2, 1, 4)), rng.standard_normal((2, 1100, 4)), rng.standard_normal((2, 1100, 3))

@@ -211,46 +211,149 @@ FA_DEFINE_ROW_OPS(double, d, fa_exp)
  * key/value head, against keys [0, n_keys) of that head, read once, in blocks of
  * FA_DECODE_BLOCK keys with an online softmax. It leaves the partial state m[g] (running
  * max), l[g] (running sum, double) and o[g][:] (unnormalised output), to be merged with the
- * other key chunks of the same head in a fixed order. Dot products keep FA_LANES partial
- * sums (vectorisable, deterministic); the weighted sum of values is an axpy per key. */
+ * other key chunks of the same head in a fixed order.
+ *
+ * The work per key is two short dot products' worth of FMAs, so what decides the speed is
+ * how the partial sums are combined. With GCC's vector extensions, in the widest vectors
+ * of the build (N lanes: 16 floats for AVX-512), when N divides both head sizes:
+ *  - scores: N keys at once, one accumulator vector each, q loaded once per N FMAs; the
+ *    N accumulators are then summed across lanes together by a transposing tree
+ *    (log2 N levels of two shuffles and an add), which leaves key u's score in lane u;
+ *  - P V: the output row's columns stay in registers (8 vectors) across the block.
+ * Other head sizes take a scalar loop (FA_DOT_LANES partial sums, combined as a tree).
+ * Both orders are fixed by the shape alone, so results are deterministic and independent
+ * of the thread count. (A first version kept 64 partial sums combined in a loop over the
+ * tree's levels: GCC summed them through the stack one scalar at a time, 27 ns a key.) */
 #define FA_DECODE_BLOCK 64
 #define FA_DOT_LANES 64
+#if defined(__AVX512F__)
+#define FA_VBYTES 64
+#elif defined(__AVX__)
+#define FA_VBYTES 32
+#else
+#define FA_VBYTES 16
+#endif
 
-#define FA_DEFINE_DECODE(T, SUFFIX, EXP)                                                  \
+#define FA_DEFINE_DECODE(T, IT, SUFFIX, EXP)                                              \
+typedef T fa_vec_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                         \
+typedef T fa_vecu_##SUFFIX __attribute__((vector_size(FA_VBYTES), aligned(sizeof(T))));    \
+typedef IT fa_ivec_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                       \
+enum { FA_N_##SUFFIX = FA_VBYTES / sizeof(T) };                                            \
+static const IT fa_iota_##SUFFIX[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; \
 static inline T fa_dot_##SUFFIX(const T *a, const T *b, ptrdiff_t n)                      \
 {                                                                                          \
-    /* FA_DOT_LANES partial sums: several independent vector FMA chains rather than  */  \
-    /* one (a dot of 128 floats was a chain of 8 dependent FMAs), combined as a tree  */  \
-    /* in a fixed order, so the result stays deterministic.                           */  \
     T acc[FA_DOT_LANES];                                                                   \
     for (int t = 0; t < FA_DOT_LANES; t++) acc[t] = 0;                                     \
     ptrdiff_t i = 0;                                                                       \
     for (; i + FA_DOT_LANES <= n; i += FA_DOT_LANES)                                       \
         for (int t = 0; t < FA_DOT_LANES; t++) acc[t] += a[i + t] * b[i + t];              \
     for (int t = 0; i + t < n; t++) acc[t] += a[i + t] * b[i + t];                         \
-    for (int w = FA_DOT_LANES / 2; w > 0; w /= 2)                                          \
-        for (int t = 0; t < w; t++) acc[t] += acc[t + w];                                  \
-    return acc[0];                                                                         \
+    for (int t = 0; t < 32; t++) acc[t] += acc[t + 32];                                    \
+    for (int t = 0; t < 16; t++) acc[t] += acc[t + 16];                                    \
+    for (int t = 0; t < 8; t++) acc[t] += acc[t + 8];                                      \
+    for (int t = 0; t < 4; t++) acc[t] += acc[t + 4];                                      \
+    for (int t = 0; t < 2; t++) acc[t] += acc[t + 2];                                      \
+    return acc[0] + acc[1];                                                                \
+}                                                                                          \
+/* r[u] = sum of the lanes of x[u], u < N (x is overwritten). Level w combines pairs of  */ \
+/* vectors whose segments of 2w lanes each hold one key's partial sums into segments of  */ \
+/* w lanes, lower keys first, so lane u ends up with key u. The shuffle masks are        */ \
+/* arithmetic on a constant 0..N-1 vector, which GCC folds to constants.                 */ \
+static inline __attribute__((always_inline)) fa_vec_##SUFFIX                              \
+fa_lane_sums_##SUFFIX(fa_vec_##SUFFIX *x)                                                  \
+{                                                                                          \
+    const int n = FA_N_##SUFFIX;                                                           \
+    fa_ivec_##SUFFIX iota;                                                                 \
+    memcpy(&iota, fa_iota_##SUFFIX, sizeof iota);                                          \
+    int count = n;                                                                         \
+    _Pragma("GCC unroll 8")                                                                \
+    for (int w = n / 2; w >= 1; w /= 2) {                                                  \
+        const int segs = n / (2 * w);                                                      \
+        fa_ivec_##SUFFIX seg = iota / w;                                                   \
+        fa_ivec_##SUFFIX lo = ((seg >= segs) & n) + (seg % segs) * (2 * w) + iota % w;     \
+        fa_ivec_##SUFFIX hi = lo + w;                                                      \
+        _Pragma("GCC unroll 16")                                                           \
+        for (int p = 0; p < count / 2; p++)                                                \
+            x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo)                           \
+                 + __builtin_shuffle(x[2 * p], x[2 * p + 1], hi);                          \
+        count /= 2;                                                                        \
+    }                                                                                      \
+    return x[0];                                                                           \
+}                                                                                          \
+/* s[g][u] = scale q[g] . k[u] for N keys (u < count; lanes from count on are garbage,  */ \
+/* computed on the last key again), for the n_rows query rows.                           */ \
+static inline __attribute__((always_inline)) void fa_dec_scores_##SUFFIX(                 \
+    const T *q, ptrdiff_t n_rows, ptrdiff_t d, const T *k, int count, T scale, T *s)       \
+{                                                                                          \
+    const int n = FA_N_##SUFFIX;                                                           \
+    for (ptrdiff_t g = 0; g < n_rows; g++) {                                               \
+        fa_vec_##SUFFIX acc[FA_N_##SUFFIX];                                                \
+        for (int u = 0; u < n; u++) acc[u] = (fa_vec_##SUFFIX){0};                         \
+        for (ptrdiff_t t = 0; t < d; t += n) {                                             \
+            fa_vec_##SUFFIX qv = *(const fa_vecu_##SUFFIX *)(q + g * d + t);               \
+            _Pragma("GCC unroll 16")                                                       \
+            for (int u = 0; u < n; u++)                                                    \
+                acc[u] += qv * *(const fa_vecu_##SUFFIX *)(k + (u < count ? u : count - 1) * d + t); \
+        }                                                                                  \
+        *(fa_vecu_##SUFFIX *)(s + g * FA_DECODE_BLOCK) = fa_lane_sums_##SUFFIX(acc) * scale; \
+    }                                                                                      \
+}                                                                                          \
+/* o[c] = alpha o[c] + sum_j p[j] v[j][c] for c < d_v, nb keys: W vectors of columns at  */ \
+/* a time held in registers across the keys.                                             */ \
+static inline void fa_dec_pv_##SUFFIX(const T *p, ptrdiff_t nb, const T *v, ptrdiff_t d_v, \
+                                      T alpha, T *o)                                       \
+{                                                                                          \
+    const int n = FA_N_##SUFFIX;                                                           \
+    ptrdiff_t c = 0;                                                                       \
+    for (; c + 8 * n <= d_v; c += 8 * n) {                                                 \
+        fa_vec_##SUFFIX acc[8];                                                            \
+        for (int i = 0; i < 8; i++) acc[i] = *(fa_vecu_##SUFFIX *)(o + c + i * n) * alpha; \
+        for (ptrdiff_t j = 0; j < nb; j++) {                                               \
+            const T pj = p[j];                                                             \
+            for (int i = 0; i < 8; i++)                                                    \
+                acc[i] += pj * *(const fa_vecu_##SUFFIX *)(v + j * d_v + c + i * n);       \
+        }                                                                                  \
+        for (int i = 0; i < 8; i++) *(fa_vecu_##SUFFIX *)(o + c + i * n) = acc[i];         \
+    }                                                                                      \
+    for (; c + 2 * n <= d_v; c += 2 * n) {                                                 \
+        fa_vec_##SUFFIX acc[2];                                                            \
+        for (int i = 0; i < 2; i++) acc[i] = *(fa_vecu_##SUFFIX *)(o + c + i * n) * alpha; \
+        for (ptrdiff_t j = 0; j < nb; j++) {                                               \
+            const T pj = p[j];                                                             \
+            for (int i = 0; i < 2; i++)                                                    \
+                acc[i] += pj * *(const fa_vecu_##SUFFIX *)(v + j * d_v + c + i * n);       \
+        }                                                                                  \
+        for (int i = 0; i < 2; i++) *(fa_vecu_##SUFFIX *)(o + c + i * n) = acc[i];         \
+    }                                                                                      \
+    for (; c < d_v; c += n) {                                                              \
+        fa_vec_##SUFFIX acc = *(fa_vecu_##SUFFIX *)(o + c) * alpha;                        \
+        for (ptrdiff_t j = 0; j < nb; j++)                                                 \
+            acc += p[j] * *(const fa_vecu_##SUFFIX *)(v + j * d_v + c);                    \
+        *(fa_vecu_##SUFFIX *)(o + c) = acc;                                                \
+    }                                                                                      \
 }                                                                                          \
 static inline void fa_decode_chunk_##SUFFIX(                                               \
     const T *q, ptrdiff_t n_rows, ptrdiff_t d, const T *k, const T *v, ptrdiff_t d_v,      \
     ptrdiff_t n_keys, T scale, T *m, double *l, T *o, T *s)                                \
 {                                                                                          \
+    const int n = FA_N_##SUFFIX;                                                           \
+    const int vec = d % n == 0 && d_v % n == 0;                                            \
     for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }                \
     for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;                                 \
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
         ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;      \
-        for (ptrdiff_t j = 0; j < nb; j++) {                                               \
-            const T *kr = k + (j0 + j) * d;                                                \
-            /* The next block's rows, a block ahead of use (prefetch never faults).   */  \
-            if (j0 + FA_DECODE_BLOCK + j < n_keys) {                                       \
-                for (ptrdiff_t c = 0; c < d; c += 64 / (ptrdiff_t)sizeof(T))               \
-                    __builtin_prefetch(kr + FA_DECODE_BLOCK * d + c);                      \
-                for (ptrdiff_t c = 0; c < d_v; c += 64 / (ptrdiff_t)sizeof(T))             \
-                    __builtin_prefetch(v + (j0 + FA_DECODE_BLOCK + j) * d_v + c);          \
-            }                                                                              \
-            for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
-                s[g * FA_DECODE_BLOCK + j] = scale * fa_dot_##SUFFIX(q + g * d, kr, d);    \
+        if (vec) {                                                                         \
+            ptrdiff_t j = 0;                                                               \
+            for (; j + n <= nb; j += n)                                                    \
+                fa_dec_scores_##SUFFIX(q, n_rows, d, k + (j0 + j) * d, n, scale, s + j);   \
+            if (j < nb)                                                                    \
+                fa_dec_scores_##SUFFIX(q, n_rows, d, k + (j0 + j) * d, (int)(nb - j),      \
+                                       scale, s + j);                                      \
+        } else {                                                                           \
+            for (ptrdiff_t j = 0; j < nb; j++)                                             \
+                for (ptrdiff_t g = 0; g < n_rows; g++)                                     \
+                    s[g * FA_DECODE_BLOCK + j] =                                           \
+                        scale * fa_dot_##SUFFIX(q + g * d, k + (j0 + j) * d, d);           \
         }                                                                                  \
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
             T *sr = s + g * FA_DECODE_BLOCK;                                               \
@@ -261,20 +364,11 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
             m[g] = m_new;                                                                  \
             l[g] = l[g] * alpha + fa_exp_shift_sum_##SUFFIX(sr, nb, m_use);                \
             T *orow = o + g * d_v;                                                         \
-            /* o = alpha o + sum_j p_j v_j, FA_DOT_LANES columns at a time kept in       */ \
-            /* registers across the block's keys (not loaded and stored once per key).  */ \
-            ptrdiff_t c0 = 0;                                                              \
-            for (; c0 + FA_DOT_LANES <= d_v; c0 += FA_DOT_LANES) {                         \
-                T acc[FA_DOT_LANES];                                                       \
-                for (int t = 0; t < FA_DOT_LANES; t++) acc[t] = orow[c0 + t] * alpha;      \
-                for (ptrdiff_t j = 0; j < nb; j++) {                                       \
-                    const T p = sr[j];                                                     \
-                    const T *vr = v + (j0 + j) * d_v + c0;                                 \
-                    for (int t = 0; t < FA_DOT_LANES; t++) acc[t] += p * vr[t];            \
-                }                                                                          \
-                for (int t = 0; t < FA_DOT_LANES; t++) orow[c0 + t] = acc[t];              \
+            if (vec) {                                                                     \
+                fa_dec_pv_##SUFFIX(sr, nb, v + j0 * d_v, d_v, alpha, orow);                \
+                continue;                                                                  \
             }                                                                              \
-            for (ptrdiff_t c = c0; c < d_v; c++) {                                         \
+            for (ptrdiff_t c = 0; c < d_v; c++) {                                          \
                 T acc = orow[c] * alpha;                                                   \
                 for (ptrdiff_t j = 0; j < nb; j++) acc += sr[j] * v[(j0 + j) * d_v + c];   \
                 orow[c] = acc;                                                             \
@@ -283,8 +377,8 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
     }                                                                                      \
 }
 
-FA_DEFINE_DECODE(float, f, fa_expf)
-FA_DEFINE_DECODE(double, d, fa_exp)
+FA_DEFINE_DECODE(float, int32_t, f, fa_expf)
+FA_DEFINE_DECODE(double, int64_t, d, fa_exp)
 
 /* Micro-kernels for the two GEMMs of a float32 attention tile, in the AVX-512 build.
  * Measured on this project's machine (one thread, 64 tiles of 256 queries x 512 keys x
