@@ -144,6 +144,14 @@ def test_cache_views_are_in_place_and_chronological():
     assert len(cache) == 0 and cache.keys.shape == (1, 1, 0, 2)
 
 
+def test_cache_storage_starts_on_a_cache_line_also_after_growing():
+    cache = fastattn.KVCache(1, 2, 3, 16, dtype=np.float32, on_full="grow")
+    for _ in range(2):
+        assert cache.keys.ctypes.data % 64 == 0 and cache.values.ctypes.data % 64 == 0
+        cache.append(np.ones((1, 2, 4, 16)), np.ones((1, 2, 4, 16)))
+    assert cache.capacity >= 4 and np.all(cache.keys == 1)
+
+
 def test_cache_overflow_raises_and_leaves_the_cache_unchanged():
     cache = fastattn.KVCache(1, 2, 4, 3)
     cache.append(np.ones((1, 2, 3, 3)), np.ones((1, 2, 3, 3)))

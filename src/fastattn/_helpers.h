@@ -375,6 +375,40 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
+}                                                                                          \
+/* The result of one group from the partial states of its n_chunks key chunks, merged  */ \
+/* in chunk order: lse = m + log(sum_c l_c e^(m_c - m)), out = sum_c o_c e^(m_c - m) / l. */ \
+/* parts holds per chunk m[n_rows] then o[n_rows][d_v]; l_parts l[n_rows] per chunk.    */ \
+static inline void fa_decode_merge_##SUFFIX(const T *parts, const double *l_parts,        \
+                                            ptrdiff_t n_chunks, ptrdiff_t n_rows,          \
+                                            ptrdiff_t d_v, T *restrict out, T *lse)        \
+{                                                                                          \
+    const ptrdiff_t part = n_rows * (1 + d_v);                                             \
+    for (ptrdiff_t g = 0; g < n_rows; g++) {                                               \
+        T *restrict orow = out + g * d_v;                                                  \
+        T m_max = -INFINITY;                                                               \
+        for (ptrdiff_t c = 0; c < n_chunks; c++)                                           \
+            if (parts[c * part + g] > m_max) m_max = parts[c * part + g];                  \
+        /* As in the attention kernel: shift by 0 while no key is visible, and decide */  \
+        /* "every key hidden" by the sum, so that NaN scores stay NaN.                */  \
+        if (m_max == -INFINITY) m_max = 0;                                                 \
+        for (ptrdiff_t col = 0; col < d_v; col++) orow[col] = 0;                           \
+        double total = 0;                                                                  \
+        for (ptrdiff_t c = 0; c < n_chunks; c++) {                                         \
+            const T weight = EXP(parts[c * part + g] - m_max);                             \
+            const T *restrict oc = parts + c * part + n_rows + g * d_v;                    \
+            total += l_parts[c * n_rows + g] * weight;                                     \
+            for (ptrdiff_t col = 0; col < d_v; col++) orow[col] += oc[col] * weight;       \
+        }                                                                                  \
+        if (total == 0) {  /* every key hidden (or none): zeros, lse -inf */               \
+            for (ptrdiff_t col = 0; col < d_v; col++) orow[col] = 0;                       \
+            lse[g] = -INFINITY;                                                            \
+            continue;                                                                      \
+        }                                                                                  \
+        const T inv = (T)(1.0 / total);                                                    \
+        for (ptrdiff_t col = 0; col < d_v; col++) orow[col] *= inv;                        \
+        lse[g] = (T)(m_max + log(total));                                                  \
+    }                                                                                      \
 }
 
 FA_DEFINE_DECODE(float, int32_t, f, fa_expf)

@@ -15,7 +15,7 @@
 # contiguous memory with the vectorisable exp of `_helpers.h`.
 
 from cython cimport floating
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport log, INFINITY
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -39,6 +39,10 @@ cdef extern from "_helpers.h" nogil:
     void fa_decode_chunk_d(const double *q, Py_ssize_t n_rows, Py_ssize_t d, const double *k,
                            const double *v, Py_ssize_t d_v, Py_ssize_t n_keys, double scale,
                            double *m, double *l, double *o, double *s)
+    void fa_decode_merge_f(const float *parts, const double *l_parts, Py_ssize_t n_chunks,
+                           Py_ssize_t n_rows, Py_ssize_t d_v, float *out, float *lse)
+    void fa_decode_merge_d(const double *parts, const double *l_parts, Py_ssize_t n_chunks,
+                           Py_ssize_t n_rows, Py_ssize_t d_v, double *out, double *lse)
     int FA_DECODE_BLOCK
     int FA_MICROKERNELS
     void fa_mk_scores(const float *q, Py_ssize_t rows, Py_ssize_t d, const float *kt,
@@ -494,14 +498,13 @@ def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
     cdef Py_ssize_t n_work = n_groups * n_chunks
     # Partial state per work item: m (n_rows), o (n_rows * d_v), in floating; l in double.
     cdef Py_ssize_t part = n_rows * (1 + d_v)
+    # The scores of each thread start on a cache line (rows of FA_DECODE_BLOCK keys are
+    # whole lines): the kernel stores and reloads them as full vectors.
     cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK
     cdef floating *parts = <floating*> malloc(n_work * part * sizeof(floating))
     cdef double *l_parts = <double*> malloc(n_work * n_rows * sizeof(double))
-    cdef floating *s_all = <floating*> malloc(n_threads * s_size * sizeof(floating))
-    cdef Py_ssize_t w, grp, c, k0, g, col, i
-    cdef floating m_max, weight
-    cdef double total
-    cdef floating *o_row
+    cdef floating *s_all = <floating*> aligned_alloc(64, n_threads * s_size * sizeof(floating))
+    cdef Py_ssize_t w, grp, k0
     cdef int team = 1
     cdef int *team_out = &team
     if parts == NULL or l_parts == NULL or s_all == NULL:
@@ -510,55 +513,33 @@ def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
         free(s_all)
         return -1
     try:
-        for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static'):
-            grp = w // n_chunks
-            k0 = (w % n_chunks) * chunk
-            if floating is float:
-                fa_decode_chunk_f(&q[grp, 0, 0], n_rows, d,
-                                  &k[0, 0, 0] + kv_index[grp] * k_item + k0 * d,
-                                  &v[0, 0, 0] + kv_index[grp] * v_item + k0 * d_v, d_v,
-                                  min(chunk, n_keys - k0), <float> scale,
-                                  parts + w * part, l_parts + w * n_rows,
-                                  parts + w * part + n_rows, s_all + threadid() * s_size)
-            else:
-                fa_decode_chunk_d(&q[grp, 0, 0], n_rows, d,
-                                  &k[0, 0, 0] + kv_index[grp] * k_item + k0 * d,
-                                  &v[0, 0, 0] + kv_index[grp] * v_item + k0 * d_v, d_v,
-                                  min(chunk, n_keys - k0), scale,
-                                  parts + w * part, l_parts + w * n_rows,
-                                  parts + w * part + n_rows, s_all + threadid() * s_size)
-            team_out[0] = fa_omp_team_size()
-        with nogil:
-            # Merge the chunks of each group in order: lse = m + log(sum_c l_c e^(m_c - m)).
-            for grp in range(n_groups):
-                for g in range(n_rows):
-                    m_max = -INFINITY
-                    for c in range(n_chunks):
-                        if parts[(grp * n_chunks + c) * part + g] > m_max:
-                            m_max = parts[(grp * n_chunks + c) * part + g]
-                    # As in _attend_block: shift by 0 while no key is visible, and decide
-                    # "every key hidden" by the sum, so that NaN scores stay NaN.
-                    if m_max == -INFINITY:
-                        m_max = 0
-                    o_row = &out[grp, g, 0]
-                    for col in range(d_v):
-                        o_row[col] = 0
-                    total = 0
-                    for c in range(n_chunks):
-                        i = grp * n_chunks + c
-                        weight = _exp(parts[i * part + g] - m_max)
-                        total += l_parts[i * n_rows + g] * weight
-                        for col in range(d_v):
-                            o_row[col] += parts[i * part + n_rows + g * d_v + col] * weight
-                    if total == 0:  # every key hidden (or none): zeros, lse -inf
-                        for col in range(d_v):
-                            o_row[col] = 0
-                        lse[grp, g] = -INFINITY
-                        continue
-                    weight = <floating> (1.0 / total)
-                    for col in range(d_v):
-                        o_row[col] = o_row[col] * weight
-                    lse[grp, g] = <floating> (m_max + log(total))
+        with nogil, parallel(num_threads=n_threads):
+            for w in prange(n_work, schedule='static'):
+                grp = w // n_chunks
+                k0 = (w % n_chunks) * chunk
+                if floating is float:
+                    fa_decode_chunk_f(&q[grp, 0, 0], n_rows, d,
+                                      &k[0, 0, 0] + kv_index[grp] * k_item + k0 * d,
+                                      &v[0, 0, 0] + kv_index[grp] * v_item + k0 * d_v, d_v,
+                                      min(chunk, n_keys - k0), <float> scale,
+                                      parts + w * part, l_parts + w * n_rows,
+                                      parts + w * part + n_rows, s_all + threadid() * s_size)
+                else:
+                    fa_decode_chunk_d(&q[grp, 0, 0], n_rows, d,
+                                      &k[0, 0, 0] + kv_index[grp] * k_item + k0 * d,
+                                      &v[0, 0, 0] + kv_index[grp] * v_item + k0 * d_v, d_v,
+                                      min(chunk, n_keys - k0), scale,
+                                      parts + w * part, l_parts + w * n_rows,
+                                      parts + w * part + n_rows, s_all + threadid() * s_size)
+                team_out[0] = fa_omp_team_size()
+            # Each group's chunks, merged in chunk order (after the loop's barrier).
+            for grp in prange(n_groups, schedule='static'):
+                if floating is float:
+                    fa_decode_merge_f(parts + grp * n_chunks * part, l_parts + grp * n_chunks * n_rows,
+                                      n_chunks, n_rows, d_v, &out[grp, 0, 0], &lse[grp, 0])
+                else:
+                    fa_decode_merge_d(parts + grp * n_chunks * part, l_parts + grp * n_chunks * n_rows,
+                                      n_chunks, n_rows, d_v, &out[grp, 0, 0], &lse[grp, 0])
     finally:
         free(parts)
         free(l_parts)
