@@ -246,3 +246,12 @@ def test_constructor_and_cache_argument_errors():
         fastattn.attention(np.ones((1, 1, 1, 2)), np.ones((1, 1, 1, 2)), cache=cache)
     with pytest.raises(TypeError, match="needs k and v"):
         fastattn.attention(np.ones((1, 2)))
+
+
+def test_decode_benchmark_row_times_the_public_call_and_the_kernel_alone():
+    from fastattn import bench
+
+    case = bench.Case("decode tiny", "decode", (1, 2, 8, 16), repeat=1)
+    times, extra = bench._decode_row(case, ("numpy",), 1, 0.001, 0.0)
+    assert set(times) == {"fastattn", "numpy"} and extra["unit"] == "GB/s"
+    assert extra["kernel"] > 0 and extra["rate"] > 0

@@ -32,7 +32,7 @@ __all__ = ["Case", "DEFAULT_CASES", "DECODE_CASES", "QUICK_CASES", "run", "main"
 @dataclass
 class Case:
     name: str
-    kind: str            # "attention", "projection", "softmax" or "memory"
+    kind: str            # "attention", "decode", "projection", "softmax" or "memory"
     shape: tuple
     dtype: str = "float32"
     causal: bool = False
@@ -305,7 +305,14 @@ def _decode_row(case, against, threads, min_time, gap):
     cache.append(rng.standard_normal((b, h, n, d), dtype=np.float32),
                  rng.standard_normal((b, h, n, d), dtype=np.float32))
     q = rng.standard_normal((b, h, 1, d), dtype=np.float32)
-    contenders = {"fastattn": lambda: api.attention(q, cache=cache, num_threads=threads)}
+    # The kernel alone, its inputs prepared as the public call prepares them (the
+    # difference between the two is validation and dispatch).
+    kernel_args = (q.reshape(b * h, 1, d), cache.keys.reshape(b * h, n, d),
+                   cache.values.reshape(b * h, n, d), np.arange(b * h, dtype=np.intp),
+                   1 / np.sqrt(d), np.empty((b * h, 1, d), np.float32),
+                   np.empty((b * h, 1), np.float32), api._DECODE_CHUNK, threads)
+    contenders = {"fastattn": lambda: api.attention(q, cache=cache, num_threads=threads),
+                  "kernel": lambda: _kernels.decode(*kernel_args)}
     if "numpy" in against:
         contenders["numpy"] = lambda: numpy_attention(q, cache.keys, cache.values)
     torch = _torch() if "torch" in against else None
@@ -320,7 +327,8 @@ def _decode_row(case, against, threads, min_time, gap):
         contenders["torch"] = run_torch
     times = time_alternating(contenders, case.repeat, min_time, gap)
     moved = cache.keys.nbytes + cache.values.nbytes
-    return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s"}
+    return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s",
+                   "kernel": times.pop("kernel")}
 
 
 _ROWS = {"attention": _attention_row, "decode": _decode_row, "projection": _projection_row,
@@ -382,7 +390,8 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
             + (", causal" if case.causal else "")
         rate = f"{extra['rate']:.1f} {extra['unit']}"
         if case.kind == "decode":
-            rate += f" ({100 * extra['rate'] / ceil['copy_gbs']:.0f}% of copy)"
+            rate += (f" ({100 * extra['rate'] / ceil['copy_gbs']:.0f}% of copy), "
+                     f"kernel alone {_fmt_time(extra['kernel'])}")
         if case.kind == "attention" or case.kind == "memory":
             rate += f" ({100 * extra['rate'] / ceil['matmul_gflops']:.0f}% of matmul)"
         if "extra_mib" in extra:
