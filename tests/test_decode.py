@@ -255,3 +255,59 @@ def test_decode_benchmark_row_times_the_public_call_and_the_kernel_alone():
     times, extra = bench._decode_row(case, ("numpy",), 1, 0.001, 0.0)
     assert set(times) == {"fastattn", "numpy"} and extra["unit"] == "GB/s"
     assert extra["kernel"] > 0 and extra["rate"] > 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch,heads,kv_heads,d,d_v", [(1, 4, 4, 16, 16), (2, 6, 2, 5, 7),
+                                                        (2, 3, 1, 32, 48), (1, 8, 2, 128, 128)])
+@pytest.mark.parametrize("window", [None, 6])
+def test_cache_step_is_bitwise_the_general_path(monkeypatch, dtype, batch, heads, kv_heads, d, d_v,
+                                                window):
+    # attention(q, cache=cache) with one query per head in the cache's dtype takes a short
+    # path to the decoding kernel; it must give exactly what the general path gives for the
+    # same keys and values, with every option it accepts.
+    taken = []
+    short_path = api._decode_step
+    monkeypatch.setattr(api, "_decode_step",
+                        lambda *args: taken.append(short_path(*args)) or taken[-1])
+    rng = np.random.default_rng(batch * 100 + heads * 10 + d)
+    cache = fastattn.KVCache(batch, kv_heads, 4 if window is None else 6, d, value_dim=d_v, dtype=dtype,
+                             window=window,
+                             on_full="grow" if window is None else "raise")
+    for step in range(9):  # grows past capacity, or wraps the window's ring
+        kv = (rng.standard_normal((batch, kv_heads, 1, d)), rng.standard_normal((batch, kv_heads, 1, d_v)))
+        q = rng.standard_normal((batch, heads, 1, d)).astype(dtype)
+        out, lse = fastattn.attention(q, *kv, cache=cache, return_lse=True)
+        general = fastattn.attention(q, cache.keys, cache.values, return_lse=True)
+        assert out.dtype == dtype and out.shape == (batch, heads, 1, d_v)
+        assert np.array_equal(out, general[0]) and np.array_equal(lse, general[1]), f"step {step}"
+        for kwargs in ({"causal": True}, {"scale": 0.3}, {"num_threads": 1}, {"num_threads": 2}):
+            assert np.array_equal(fastattn.attention(q, cache=cache, **kwargs),
+                                  fastattn.attention(q, cache.keys, cache.values, **kwargs)), kwargs
+    assert len(taken) == 9 * 5 and all(t is not None for t in taken)  # the short path ran
+
+
+def test_cache_step_falls_back_to_full_validation(monkeypatch):
+    taken = []
+    short_path = api._decode_step
+    monkeypatch.setattr(api, "_decode_step",
+                        lambda *args: taken.append(short_path(*args)) or taken[-1])
+    cache = fastattn.KVCache(1, 2, 8, 4, dtype=np.float32)
+    q = np.ones((1, 2, 1, 4), np.float32)
+    assert not fastattn.attention(q, cache=cache).any()  # empty cache: zeros, as the general path
+    cache.append(np.ones((1, 2, 3, 4)), np.ones((1, 2, 3, 4)))
+    expected = fastattn.attention(q, cache.keys, cache.values)
+    for other in (q.astype(np.float16), q.astype(np.float64), q.tolist(), q[0], q.repeat(2, axis=3)[..., ::2]):
+        got = fastattn.attention(other, cache=cache)
+        assert_close(np.asarray(got, np.float64).reshape(expected.shape), expected, np.float32, "fallback")
+    assert taken == [None] * 6  # the empty cache and each of these took the general path
+    with pytest.raises(ValueError, match="q.shape"):
+        fastattn.attention(np.ones((1, 2, 1, 5), np.float32), cache=cache)
+    with pytest.raises(ValueError, match="q.shape"):
+        fastattn.attention(np.ones((1, 3, 1, 4), np.float32), cache=cache)
+    with pytest.raises(TypeError, match="causal"):
+        fastattn.attention(q, cache=cache, causal=1)
+    with pytest.raises(ValueError, match="scale"):
+        fastattn.attention(q, cache=cache, scale=np.inf)
+    with pytest.raises(ValueError, match="num_threads"):
+        fastattn.attention(q, cache=cache, num_threads=0)

@@ -266,6 +266,7 @@ _serial_blas = _SerialBlas()
 
 # What the latest attention call of this Python thread ran with (tests and debugging).
 _last_call = threading.local()
+_KVCache = None
 
 
 # --------------------------------------------------------------------------- projection
@@ -785,6 +786,49 @@ def _decode(layout, q, k, v, scale, compute, target, lse, n_threads):
     _last_call.threads = team
 
 
+def _decode_step(q, cache, causal, scale, num_threads, return_lse):
+    """One decoding step against a cache, or None to take the general path.
+
+    The common call while generating, ``attention(q, cache=cache)`` with q of shape
+    (batch, heads, 1, head_dim) in the cache's dtype, C-contiguous: the same kernel call
+    as the general path (so bitwise the same result) without its shape planning, which
+    cost about 6 us of a 38 us step over 32 heads x 128 tokens. Anything else (other
+    shapes or dtypes, an empty cache) returns None and goes through the full validation.
+    """
+    if not (type(q) is np.ndarray and q.dtype == cache.dtype and q.ndim == 4
+            and q.flags.c_contiguous):
+        return None
+    batch, heads, n_queries, d_head = q.shape
+    kv_heads, n_keys = cache.kv_heads, len(cache)
+    if (batch != cache.batch or n_queries != 1 or d_head != cache.head_dim
+            or heads == 0 or heads % kv_heads or n_keys == 0):
+        return None
+    _check_flag("causal", causal)  # one query, the newest token: causal changes nothing
+    scale = _check_scale(scale, d_head)
+    n_threads = _check_threads(num_threads)
+    group, n_groups, d_v = heads // kv_heads, batch * kv_heads, cache.value_dim
+    start, stop = cache._span()  # cache.keys and .values, without a second _span
+    k, v = cache._k[:, :, start:stop], cache._v[:, :, start:stop]
+    result = np.empty((n_groups, group, d_v), q.dtype)
+    lse = np.empty((n_groups, group), q.dtype)
+    flops = 2.0 * batch * heads * n_keys * (d_head + d_v)
+    n_chunks = -(-n_keys // _DECODE_CHUNK)
+    n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_groups * n_chunks)
+    team = _kernels.decode(q.reshape(n_groups, group, d_head),
+                           k.reshape(n_groups, n_keys, d_head), v.reshape(n_groups, n_keys, d_v),
+                           _identity_index(n_groups), scale, result, lse, _DECODE_CHUNK, n_threads)
+    if team < 0:
+        raise MemoryError("attention: cannot allocate the decoding scratch")
+    _last_call.threads = team
+    result = result.reshape(batch, heads, 1, d_v)
+    return (result, lse.reshape(batch, heads, 1)) if return_lse else result
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_index(n):
+    return _frozen(np.arange(n, dtype=np.intp))
+
+
 def _tiles(n_batch, n_queries, n_keys, causal, compute):
     """(query rows, keys) per tile for a shape; never depends on the thread count."""
     # Causal rows see a triangle: smaller query blocks skip more and balance better.
@@ -868,14 +912,19 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
     return_weights = _check_flag("return_weights", return_weights)
     return_lse = _check_flag("return_lse", return_lse)
     if cache is not None:
-        from .cache import KVCache
-
-        if not isinstance(cache, KVCache):
+        global _KVCache
+        if _KVCache is None:  # imported on first use: fastattn.cache imports this module
+            from .cache import KVCache as _KVCache
+        if not isinstance(cache, _KVCache):
             raise TypeError(f"cache must be a fastattn.KVCache, got {type(cache).__name__}")
         if (k is None) != (v is None):
             raise ValueError("pass both k and v to append them to the cache, or neither")
         if k is not None:
             cache.append(k, v)
+        if mask is None and window is None and out is None and not return_weights:
+            result = _decode_step(q, cache, causal, scale, num_threads, return_lse)
+            if result is not None:
+                return result
         k, v = cache.keys, cache.values
     elif k is None:
         raise TypeError("attention needs k and v (or a cache)")

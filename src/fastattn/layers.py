@@ -191,8 +191,8 @@ class MultiHeadAttention:
             if unbatched:  # (L_new, embed_dim): a batch of one
                 q, k, v = q[None], k[None], v[None]
             cache.append(k, v)
-            k, v = cache.keys, cache.values
-        heads = attention(q, k, v, mask=mask, causal=causal, scale=scale,
+            k = v = None  # attention reads them from the cache
+        heads = attention(q, k, v, cache=cache, mask=mask, causal=causal, scale=scale,
                           return_weights=return_weights, num_threads=num_threads)
         heads, weights = heads if return_weights else (heads, None)
         if unbatched:
