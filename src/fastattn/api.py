@@ -443,8 +443,8 @@ class _Plan:
 @functools.lru_cache(maxsize=256)
 def _layout(q_shape, k_shape, v_shape, mask_shape):
     """The shape logic of scores/attention: batch broadcasting, grouped-query heads and
-    the index maps. It depends on shapes only, so it is cached: a decoding loop calling
-    with the same shapes pays for it once. The index arrays are read-only (shared)."""
+    the index maps. It depends on shapes only, so it is cached, and so are the index maps
+    by batch shapes alone (_index_maps). The index arrays are read-only (shared)."""
     for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
         if shape is not None and len(shape) < 2:
             want = "(..., L_k, D_v)" if name == "v" else f"(..., L_{name}, D)"
@@ -501,9 +501,6 @@ def _layout(q_shape, k_shape, v_shape, mask_shape):
         )
     _refuse_huge("the batch index", 3 * math.prod(batch) + math.prod(kv_batch), 8,
                  f"broadcast batch {batch} from q.shape={q_shape} and k.shape={k_shape}")
-    kv_ids = np.arange(math.prod(kv_batch), dtype=np.intp).reshape(kv_batch)
-    if group > 1:
-        kv_ids = np.repeat(kv_ids, group, axis=-1)
     p = _Plan()
     p.batch, p.q_batch, p.kv_batch, p.mask_batch = batch, q_batch, kv_batch, mask_batch
     p.n_queries, p.n_keys, p.d_head = n_queries, n_keys, d_head
@@ -511,13 +508,7 @@ def _layout(q_shape, k_shape, v_shape, mask_shape):
     p.n_batch = math.prod(batch)
     p.n_q_items, p.n_kv_items = math.prod(q_batch), math.prod(kv_batch)
     p.n_mask_items = math.prod(mask_batch)
-    # index[:, b]: the stored q, k/v and mask entries that batch entry b reads.
-    p.index = _frozen(np.stack([
-        _batch_index(q_batch, batch),
-        np.broadcast_to(kv_ids, batch).reshape(-1),
-        _batch_index(mask_batch, batch),
-    ]))
-    p.decode_group, p.decode_kv = _decode_groups(p.index[1])
+    p.index, p.decode_group, p.decode_kv = _index_maps(q_batch, kv_batch, group, mask_batch, batch)
     # The most elements any array of a call can have: only calls that might not fit in
     # memory go through the detailed check (_refuse_huge_plan), which costs microseconds.
     p.max_elements = max(p.n_batch * n_queries * max(n_keys, p.d_v, 1),
@@ -525,6 +516,22 @@ def _layout(q_shape, k_shape, v_shape, mask_shape):
                          p.n_kv_items * n_keys * max(d_head, p.d_v),
                          p.n_mask_items * n_queries * n_keys)
     return p
+
+
+@functools.lru_cache(maxsize=256)
+def _index_maps(q_batch, kv_batch, group, mask_batch, batch):
+    """index[:, b], the stored q, k/v and mask entries that batch entry b reads, and the
+    decoding groups: the costly part of _layout (about 20 us), cached by the batch shapes
+    alone, so that a new key or query length (every step of a growing cache) reuses it."""
+    kv_ids = np.arange(math.prod(kv_batch), dtype=np.intp).reshape(kv_batch)
+    if group > 1:
+        kv_ids = np.repeat(kv_ids, group, axis=-1)
+    index = _frozen(np.stack([
+        _batch_index(q_batch, batch),
+        np.broadcast_to(kv_ids, batch).reshape(-1),
+        _batch_index(mask_batch, batch),
+    ]))
+    return (index, *_decode_groups(index[1]))
 
 
 def _decode_groups(kv_index):
