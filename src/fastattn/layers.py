@@ -125,7 +125,7 @@ class MultiHeadAttention:
     def _split_heads(self, x, n_heads):
         """(..., L, n_heads * head_dim) -> (..., n_heads, L, head_dim), a view."""
         x = x.reshape(x.shape[:-1] + (n_heads, self.head_dim))
-        return np.moveaxis(x, -2, -3)
+        return x.swapaxes(-2, -3)  # moveaxis of adjacent axes, without its ~3 us of Python
 
     def __call__(self, query, key=None, value=None, *, cache=None, mask=None, causal=None,
                  scale=None, return_weights=False, num_threads=None):
@@ -198,7 +198,7 @@ class MultiHeadAttention:
         if unbatched:
             heads = heads[0]
             weights = None if weights is None else weights[0]
-        merged = np.moveaxis(heads, -3, -2)
+        merged = heads.swapaxes(-3, -2)
         merged = merged.reshape(merged.shape[:-2] + (-1,))
         out = project(merged, self.w_o, self.b_o)
         out = out.astype(np.result_type(result_dtype, out.dtype), copy=False)
