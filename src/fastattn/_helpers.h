@@ -234,6 +234,36 @@ FA_DEFINE_ROW_OPS(double, d, fa_exp)
 #define FA_VBYTES 16
 #endif
 
+/* One pass of P V over W vectors of output columns from column c (see fa_dec_pv). With
+ * fewer than 8 vectors, W chains of FMAs would wait on the FMA latency (a d_v of 64 floats
+ * ran at a quarter of the FMA rate), so two sets of accumulators take alternate keys and
+ * are added at the end: a fixed order, set by the shape alone. */
+#define FA_DEC_PV_PASS(T, SUFFIX, W)                                                      \
+    for (; c + (W) * n <= d_v; c += (W) * n) {                                             \
+        fa_vec_##SUFFIX a0[W], a1[W];                                                      \
+        for (int i = 0; i < (W); i++) {                                                    \
+            a0[i] = *(fa_vecu_##SUFFIX *)(o + c + i * n) * alpha;                          \
+            a1[i] = (fa_vec_##SUFFIX){0};                                                  \
+        }                                                                                  \
+        ptrdiff_t j = 0;                                                                   \
+        if ((W) < 8)                                                                       \
+            for (; j + 2 <= nb; j += 2) {                                                  \
+                const T p0 = p[j], p1 = p[j + 1];                                          \
+                const T *v0 = v + j * d_v + c, *v1 = v0 + d_v;                             \
+                for (int i = 0; i < (W); i++) {                                            \
+                    a0[i] += p0 * *(const fa_vecu_##SUFFIX *)(v0 + i * n);                 \
+                    a1[i] += p1 * *(const fa_vecu_##SUFFIX *)(v1 + i * n);                 \
+                }                                                                          \
+            }                                                                              \
+        for (; j < nb; j++) {                                                              \
+            const T pj = p[j];                                                             \
+            for (int i = 0; i < (W); i++)                                                  \
+                a0[i] += pj * *(const fa_vecu_##SUFFIX *)(v + j * d_v + c + i * n);        \
+        }                                                                                  \
+        for (int i = 0; i < (W); i++)                                                      \
+            *(fa_vecu_##SUFFIX *)(o + c + i * n) = (W) < 8 ? a0[i] + a1[i] : a0[i];        \
+    }
+
 #define FA_DEFINE_DECODE(T, IT, SUFFIX, EXP)                                              \
 typedef T fa_vec_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                         \
 typedef T fa_vecu_##SUFFIX __attribute__((vector_size(FA_VBYTES), aligned(sizeof(T))));    \
@@ -298,39 +328,17 @@ static inline __attribute__((always_inline)) void fa_dec_scores_##SUFFIX(       
         *(fa_vecu_##SUFFIX *)(s + g * FA_DECODE_BLOCK) = fa_lane_sums_##SUFFIX(acc) * scale; \
     }                                                                                      \
 }                                                                                          \
-/* o[c] = alpha o[c] + sum_j p[j] v[j][c] for c < d_v, nb keys: W vectors of columns at  */ \
-/* a time held in registers across the keys.                                             */ \
+/* o[c] = alpha o[c] + sum_j p[j] v[j][c] for c < d_v, nb keys, in passes of 8, 4, 2 and  */ \
+/* 1 vectors of columns held in registers across the keys (FA_DEC_PV_PASS).              */ \
 static inline void fa_dec_pv_##SUFFIX(const T *p, ptrdiff_t nb, const T *v, ptrdiff_t d_v, \
                                       T alpha, T *o)                                       \
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
     ptrdiff_t c = 0;                                                                       \
-    for (; c + 8 * n <= d_v; c += 8 * n) {                                                 \
-        fa_vec_##SUFFIX acc[8];                                                            \
-        for (int i = 0; i < 8; i++) acc[i] = *(fa_vecu_##SUFFIX *)(o + c + i * n) * alpha; \
-        for (ptrdiff_t j = 0; j < nb; j++) {                                               \
-            const T pj = p[j];                                                             \
-            for (int i = 0; i < 8; i++)                                                    \
-                acc[i] += pj * *(const fa_vecu_##SUFFIX *)(v + j * d_v + c + i * n);       \
-        }                                                                                  \
-        for (int i = 0; i < 8; i++) *(fa_vecu_##SUFFIX *)(o + c + i * n) = acc[i];         \
-    }                                                                                      \
-    for (; c + 2 * n <= d_v; c += 2 * n) {                                                 \
-        fa_vec_##SUFFIX acc[2];                                                            \
-        for (int i = 0; i < 2; i++) acc[i] = *(fa_vecu_##SUFFIX *)(o + c + i * n) * alpha; \
-        for (ptrdiff_t j = 0; j < nb; j++) {                                               \
-            const T pj = p[j];                                                             \
-            for (int i = 0; i < 2; i++)                                                    \
-                acc[i] += pj * *(const fa_vecu_##SUFFIX *)(v + j * d_v + c + i * n);       \
-        }                                                                                  \
-        for (int i = 0; i < 2; i++) *(fa_vecu_##SUFFIX *)(o + c + i * n) = acc[i];         \
-    }                                                                                      \
-    for (; c < d_v; c += n) {                                                              \
-        fa_vec_##SUFFIX acc = *(fa_vecu_##SUFFIX *)(o + c) * alpha;                        \
-        for (ptrdiff_t j = 0; j < nb; j++)                                                 \
-            acc += p[j] * *(const fa_vecu_##SUFFIX *)(v + j * d_v + c);                    \
-        *(fa_vecu_##SUFFIX *)(o + c) = acc;                                                \
-    }                                                                                      \
+    FA_DEC_PV_PASS(T, SUFFIX, 8)                                                           \
+    FA_DEC_PV_PASS(T, SUFFIX, 4)                                                           \
+    FA_DEC_PV_PASS(T, SUFFIX, 2)                                                           \
+    FA_DEC_PV_PASS(T, SUFFIX, 1)                                                           \
 }                                                                                          \
 static inline void fa_decode_chunk_##SUFFIX(                                               \
     const T *q, ptrdiff_t n_rows, ptrdiff_t d, const T *k, const T *v, ptrdiff_t d_v,      \
@@ -344,6 +352,14 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
         ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;      \
         if (vec) {                                                                         \
             ptrdiff_t j = 0;                                                               \
+            /* With d a constant, the N rows are one pointer plus constant offsets; with */ \
+            /* d a variable, GCC keeps N row pointers and spills them (a load per FMA).  */ \
+            if (d == 64)                                                                   \
+                for (; j + n <= nb; j += n)                                                \
+                    fa_dec_scores_##SUFFIX(q, n_rows, 64, k + (j0 + j) * 64, n, scale, s + j); \
+            else if (d == 128)                                                             \
+                for (; j + n <= nb; j += n)                                                \
+                    fa_dec_scores_##SUFFIX(q, n_rows, 128, k + (j0 + j) * 128, n, scale, s + j); \
             for (; j + n <= nb; j += n)                                                    \
                 fa_dec_scores_##SUFFIX(q, n_rows, d, k + (j0 + j) * d, n, scale, s + j);   \
             if (j < nb)                                                                    \
