@@ -782,12 +782,19 @@ def _decode(layout, q, k, v, scale, compute, target, lse, n_threads):
     q3 = _contiguous(q, compute).reshape(n_groups, group, layout.d_head)
     k3 = _kv_items(k, layout, layout.n_keys, layout.d_head, compute)
     v3 = _kv_items(v, layout, layout.n_keys, layout.d_v, compute)
-    n_chunks = -(-layout.n_keys // _DECODE_CHUNK)
-    flops = 2.0 * layout.n_batch * layout.n_keys * (layout.d_head + layout.d_v)
+    _run_decode(q3, k3, v3, layout.decode_kv, scale, target.reshape(n_groups, group, layout.d_v),
+                lse.reshape(n_groups, group), n_threads)
+
+
+def _run_decode(q3, k3, v3, kv_index, scale, out3, lse2, n_threads):
+    """The decoding kernel on prepared arrays: q3 (n_groups, G, D), k3/v3 (n_kv, L_k,
+    D or D_v), out3 (n_groups, G, D_v), lse2 (n_groups, G); small work runs serially."""
+    n_groups, group, d_head = q3.shape
+    n_keys, d_v = k3.shape[1], v3.shape[2]
+    flops = 2.0 * n_groups * group * n_keys * (d_head + d_v)
+    n_chunks = -(-n_keys // _DECODE_CHUNK)
     n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_groups * n_chunks)
-    team = _kernels.decode(q3, k3, v3, layout.decode_kv, scale,
-                           target.reshape(n_groups, group, layout.d_v),
-                           lse.reshape(n_groups, group), _DECODE_CHUNK, n_threads)
+    team = _kernels.decode(q3, k3, v3, kv_index, scale, out3, lse2, _DECODE_CHUNK, n_threads)
     if team < 0:
         raise MemoryError("attention: cannot allocate the decoding scratch")
     _last_call.threads = team
@@ -814,19 +821,12 @@ def _decode_step(q, cache, causal, scale, num_threads, return_lse):
     scale = _check_scale(scale, d_head)
     n_threads = _check_threads(num_threads)
     group, n_groups, d_v = heads // kv_heads, batch * kv_heads, cache.value_dim
-    start, stop = cache._span()  # cache.keys and .values, without a second _span
-    k, v = cache._k[:, :, start:stop], cache._v[:, :, start:stop]
     result = np.empty((n_groups, group, d_v), q.dtype)
     lse = np.empty((n_groups, group), q.dtype)
-    flops = 2.0 * batch * heads * n_keys * (d_head + d_v)
-    n_chunks = -(-n_keys // _DECODE_CHUNK)
-    n_threads = 1 if flops < _SERIAL_FLOPS else min(n_threads, n_groups * n_chunks)
-    team = _kernels.decode(q.reshape(n_groups, group, d_head),
-                           k.reshape(n_groups, n_keys, d_head), v.reshape(n_groups, n_keys, d_v),
-                           _identity_index(n_groups), scale, result, lse, _DECODE_CHUNK, n_threads)
-    if team < 0:
-        raise MemoryError("attention: cannot allocate the decoding scratch")
-    _last_call.threads = team
+    # The cache's views, (batch, kv_heads, n_keys, D): rows contiguous, read in place.
+    _run_decode(q.reshape(n_groups, group, d_head), cache.keys.reshape(n_groups, n_keys, d_head),
+                cache.values.reshape(n_groups, n_keys, d_v), _identity_index(n_groups), scale,
+                result, lse, n_threads)
     result = result.reshape(batch, heads, 1, d_v)
     return (result, lse.reshape(batch, heads, 1)) if return_lse else result
 
