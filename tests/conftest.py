@@ -88,3 +88,26 @@ def block_sizes(request, monkeypatch):
         monkeypatch.setattr(api, "_Q_BLOCK", 3)
         monkeypatch.setattr(api, "_K_BLOCK", 5)
     return request.param
+
+
+def float64_attention(q, k, v, mask=None):
+    """Plain float64 NumPy attention and its log-sum-exp, an oracle for the kernels.
+
+    Grouped-query heads (axis -3 of k/v dividing that of q) by repetition; a boolean mask
+    (True = may attend); a query with every key hidden gets zeros and a -inf lse.
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    if q.ndim >= 3 and k.ndim >= 3:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
+    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    shift = np.where(np.isfinite(m), m, 0)
+    p = np.exp(s - shift)
+    total = p.sum(-1, keepdims=True)
+    out = np.where(total > 0, (p / np.where(total > 0, total, 1)) @ v, 0)
+    with np.errstate(divide="ignore"):
+        lse = (shift + np.log(total))[..., 0]
+    return out, np.where(total[..., 0] > 0, lse, -np.inf)

@@ -5,7 +5,7 @@ import pytest
 
 import fastattn
 from fastattn import _dispatch, api, reference
-from conftest import assert_close
+from conftest import assert_close, float64_attention
 
 OPENMP = _dispatch.kernels.build_info()["openmp"]
 
@@ -83,25 +83,13 @@ def test_single_query_kernel_head_sizes_of_every_vector_width(dtype, d, d_v, n_k
     v = rng.standard_normal((2, 1, n_k, d_v)).astype(dtype)
     k[1, 0, n_k // 2] *= 30  # one dominant key
     out, lse = fastattn.attention(q, k, v, return_lse=True)
-    expected = _float64_attention(q, k, v)
+    expected = float64_attention(q, k, v)
     assert_close(out, expected[0], dtype, f"d={d} d_v={d_v} n_k={n_k}", magnitude=4)
     assert_close(lse, expected[1], dtype, f"lse d={d} d_v={d_v} n_k={n_k}", magnitude=40)
     if n_k <= 17:
         r_out, r_lse = reference.attention(q, k, v, return_lse=True)
         assert_close(out, r_out, dtype, "reference", magnitude=4)
         assert_close(lse, r_lse, dtype, "reference lse", magnitude=40)
-
-
-def _float64_attention(q, k, v):
-    """Plain float64 NumPy attention and its log-sum-exp (with GQA heads by repetition)."""
-    q, k, v = (a.astype(np.float64) for a in (q, k, v))
-    group = q.shape[-3] // k.shape[-3]
-    k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
-    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
-    m = s.max(-1, keepdims=True)
-    p = np.exp(s - m)
-    total = p.sum(-1, keepdims=True)
-    return (p / total) @ v, (m + np.log(total))[..., 0]
 
 
 def test_single_query_kernel_special_values():
