@@ -7,6 +7,7 @@ initialisation checks back on (a debug build for finding out-of-bounds access);
 it with libasan preloaded: tools/check_build.sh does it all).
 """
 
+import importlib.util
 import os
 import platform
 import sys
@@ -51,27 +52,32 @@ if sys.platform == "win32":  # MSVC spells these differently
     compile_args = ["/O2"] + (["/openmp"] if openmp else [])
     link_args = []
 
-# One implementation (_kernels_impl.pxi), one extension per instruction set; _dispatch.py
-# imports the best one the CPU runs. The instruction set matters: on a 2-core AVX-512
-# machine float32 attention (1, 8, 2048, 2048, 64) took 70 ms baseline, 55 ms with AVX2+FMA
-# and 51 ms with AVX-512; float64 (1, 8, 512, 512, 64) 9.6, 6.7 and 5.8 ms.
-ISA_FLAGS = {"_kernels": ("baseline", [])}
-if platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32":
-    ISA_FLAGS["_kernels_avx2"] = ("avx2", ["-mavx2", "-mfma"])
-    ISA_FLAGS["_kernels_avx512"] = (
-        "avx512",
-        ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
-         "-mprefer-vector-width=512"],
-    )
+
+def _load_isa_table():
+    """src/fastattn/_isa.py, loaded by path: the package is not built yet."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src", "fastattn", "_isa.py")
+    spec = importlib.util.spec_from_file_location("_fastattn_isa", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def extension(module, isa, isa_flags):
-    flags = compile_args + isa_flags
+# One implementation (_kernels_impl.pxi), one extension per instruction set of _isa.BUILDS;
+# _dispatch.py imports the best one the CPU runs, as the _cpu probe (baseline flags) says.
+_isa = _load_isa_table()
+x86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+builds = [b for b in _isa.BUILDS if x86 or b.name not in _isa.X86_ONLY]
+headers = ["src/fastattn/" + h for h in ("fa_platform.h", "fa_exp.h", "fa_decode.h",
+                                          "fa_microkernels.h")]
+
+
+def extension(module, isa, isa_flags, depends):
+    flags = compile_args + list(isa_flags)
     return Extension(
         f"fastattn.{module}",
         sources=[f"src/fastattn/{module}.pyx"],
         include_dirs=["src/fastattn"],
-        depends=["src/fastattn/_kernels_impl.pxi", "src/fastattn/_helpers.h"],
+        depends=depends,
         extra_compile_args=flags,
         extra_link_args=link_args,
         define_macros=[
@@ -82,7 +88,9 @@ def extension(module, isa, isa_flags):
     )
 
 
-extensions = [extension(module, isa, flags) for module, (isa, flags) in ISA_FLAGS.items()]
+extensions = [extension(b.module, b.name, b.flags, ["src/fastattn/_kernels_impl.pxi"] + headers)
+              for b in builds]
+extensions.append(extension("_cpu", "baseline", (), ["src/fastattn/fa_cpu.h"]))
 
 setup(
     ext_modules=cythonize(

@@ -82,11 +82,11 @@ def with_layout(a, layout):
 def block_sizes(request, monkeypatch):
     """Run with the shipped tile sizes and with tiny ones, so that small inputs still
     cross query- and key-block boundaries."""
-    from fastattn import api
+    from fastattn import _plan
 
     if request.param == "tiny":
-        monkeypatch.setattr(api, "_Q_BLOCK", 3)
-        monkeypatch.setattr(api, "_K_BLOCK", 5)
+        monkeypatch.setattr(_plan, "Q_BLOCK", 3)
+        monkeypatch.setattr(_plan, "K_BLOCK", 5)
     return request.param
 
 

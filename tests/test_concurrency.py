@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import _dispatch, api
+from fastattn import _dispatch, _run
 
 OPENMP = _dispatch.kernels.build_info()["openmp"]
 
@@ -39,7 +39,7 @@ def test_many_python_threads_get_the_serial_results():
     for s, a, b in zip(seeds, serial, concurrent):
         for x, y in zip(a, b):
             assert np.array_equal(x, y), f"seed {s}"
-    assert api._serial_blas._depth == 0  # every BLAS hold was released
+    assert _run.serial_blas._depth == 0  # every BLAS hold was released
 
 
 def test_the_gil_is_released_during_a_long_kernel():
@@ -73,9 +73,9 @@ def test_num_threads_is_honoured():
     for n in (1, 2):
         fastattn.attention(q, q, q, num_threads=n)
         # OpenMP gives the team asked for (no dynamic adjustment); a build without it, one.
-        assert api._last_call.threads == (n if OPENMP else 1)
+        assert _run.last_call.threads == (n if OPENMP else 1)
     fastattn.attention(q[:, :, :4], q[:, :, :4], q[:, :, :4], num_threads=2)
-    assert api._last_call.threads == 1  # too small to be worth a second thread
+    assert _run.last_call.threads == 1  # too small to be worth a second thread
 
 
 def test_threadpoolctl_limits_are_honoured():
@@ -85,14 +85,14 @@ def test_threadpoolctl_limits_are_honoured():
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
         assert _dispatch.kernels.max_threads() == 1
         fastattn.attention(q, q, q)
-        assert api._last_call.threads == 1
+        assert _run.last_call.threads == 1
     assert _dispatch.kernels.max_threads() == default
 
 
 def test_omp_num_threads_is_honoured():
-    code = ("import numpy as np, fastattn; from fastattn import api, _dispatch; "
+    code = ("import numpy as np, fastattn; from fastattn import _run, _dispatch; "
             "q = np.ones((1, 8, 512, 64)); fastattn.attention(q, q, q); "
-            "print(_dispatch.kernels.max_threads(), api._last_call.threads)")
+            "print(_dispatch.kernels.max_threads(), _run.last_call.threads)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
@@ -106,13 +106,13 @@ def test_keyboard_interrupt_during_a_long_call_leaves_everything_usable():
     rng = np.random.default_rng(1)
     q = rng.standard_normal((1, 8, 1024, 64), dtype=np.float32)
     expected = fastattn.attention(q, q, q)
-    blas_before = [lib.num_threads for lib in api._serial_blas._controllers()]
+    blas_before = [lib.num_threads for lib in _run.serial_blas._controllers()]
     timer = threading.Timer(0.01, signal.raise_signal, args=(signal.SIGINT,))
     timer.start()
     with pytest.raises(KeyboardInterrupt):
         for _ in range(1000):  # long enough that the signal lands during a call
             fastattn.attention(q, q, q)
     timer.join()
-    assert api._serial_blas._depth == 0
-    assert [lib.num_threads for lib in api._serial_blas._controllers()] == blas_before
+    assert _run.serial_blas._depth == 0
+    assert [lib.num_threads for lib in _run.serial_blas._controllers()] == blas_before
     assert np.array_equal(fastattn.attention(q, q, q), expected)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import _dispatch, api, reference
+from fastattn import _dispatch, _run, reference
+from fastattn import cache as cache_module
 from conftest import assert_close, float64_attention
 
 OPENMP = _dispatch.kernels.build_info()["openmp"]
@@ -115,7 +116,7 @@ def test_decoding_is_bitwise_identical_for_any_thread_count(dtype):
     results = []
     for n in (1, 2, 3):
         results.append(fastattn.attention(q, cache=cache, num_threads=n))
-        assert api._last_call.threads == (n if OPENMP else 1)
+        assert _run.last_call.threads == (n if OPENMP else 1)
     for r in results[1:]:
         assert np.array_equal(r, results[0])
 
@@ -255,8 +256,8 @@ def test_cache_step_is_bitwise_the_general_path(monkeypatch, dtype, batch, heads
     # path to the decoding kernel; it must give exactly what the general path gives for the
     # same keys and values, with every option it accepts.
     taken = []
-    short_path = api._decode_step
-    monkeypatch.setattr(api, "_decode_step",
+    short_path = cache_module.decode_step
+    monkeypatch.setattr(cache_module, "decode_step",
                         lambda *args: taken.append(short_path(*args)) or taken[-1])
     rng = np.random.default_rng(batch * 100 + heads * 10 + d)
     cache = fastattn.KVCache(batch, kv_heads, 4 if window is None else 6, d, value_dim=d_v, dtype=dtype,
@@ -277,8 +278,8 @@ def test_cache_step_is_bitwise_the_general_path(monkeypatch, dtype, batch, heads
 
 def test_cache_step_falls_back_to_full_validation(monkeypatch):
     taken = []
-    short_path = api._decode_step
-    monkeypatch.setattr(api, "_decode_step",
+    short_path = cache_module.decode_step
+    monkeypatch.setattr(cache_module, "decode_step",
                         lambda *args: taken.append(short_path(*args)) or taken[-1])
     cache = fastattn.KVCache(1, 2, 8, 4, dtype=np.float32)
     q = np.ones((1, 2, 1, 4), np.float32)

@@ -10,6 +10,7 @@ import pytest
 
 import fastattn
 from fastattn import _dispatch, api, layers
+from fastattn._plan import MaskKind
 
 _kernels = _dispatch.kernels
 
@@ -44,7 +45,8 @@ def test_every_runnable_build_agrees():
         out = np.empty_like(q)
         lse = np.empty((2, 70))
         index = np.array([[0, 1]] * 3, dtype=np.intp)
-        assert module.attention(q, k, v, None, index, True, 0, 0.2, out, lse, 16, 32, 1) == 1  # threads
+        assert module.attention(q, k, v, None, MaskKind.NONE, index, True, 0, 0.2, out, lse, 16, 32,
+                                False, 1) == 1  # threads (float64: BLAS tiles)
         results[isa] = out
     for isa, out in results.items():
         np.testing.assert_allclose(out, results["baseline"], rtol=1e-12, atol=1e-14, err_msg=isa)

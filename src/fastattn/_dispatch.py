@@ -1,32 +1,34 @@
 """Choose the compiled kernels for this CPU, once, at import.
 
-The same kernels are built for several instruction sets (setup.py): baseline x86-64,
-AVX2 + FMA, and AVX-512. The best one the CPU and OS can run is imported;
-``FASTATTN_ISA=baseline|avx2|avx512`` forces one (for testing every build on one
-machine), and forcing one the CPU cannot run is an error rather than a crash.
+The same kernels are built for each instruction set of ``_isa.BUILDS`` (setup.py). The
+best one the CPU and OS can run (``_cpu.cpu_features()``) is imported;
+``FASTATTN_ISA=<name>`` forces one (for testing every build on one machine), and forcing
+one the CPU cannot run is an error rather than a crash.
 """
 
 import importlib
 import os
 
-from . import _kernels as _baseline
+from ._cpu import cpu_features
+from ._isa import BUILDS
 
 __all__ = ["kernels", "isa", "available", "load"]
 
-_MODULES = {"baseline": "_kernels", "avx2": "_kernels_avx2", "avx512": "_kernels_avx512"}
+_MODULES = {b.name: b.module for b in BUILDS}
 
 
 def available():
     """The instruction sets that are both built into this install and runnable here."""
-    features = _baseline.cpu_features()
-    found = ["baseline"]
-    for name in ("avx2", "avx512"):
-        if features[name]:
-            try:
-                importlib.import_module(f"fastattn.{_MODULES[name]}")
-            except ImportError:
-                continue
-            found.append(name)
+    features = cpu_features()
+    found = []
+    for build in BUILDS:
+        if build.cpu is not None and not features.get(build.cpu, False):
+            continue
+        try:
+            importlib.import_module(f"fastattn.{build.module}")
+        except ImportError:
+            continue
+        found.append(build.name)
     return found
 
 

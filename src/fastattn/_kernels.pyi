@@ -1,5 +1,6 @@
 # Stub for the compiled module fastattn._kernels (see _kernels.pyx). The kernels trust
-# their inputs: fastattn.api validates and normalises everything first. Trailing
+# their inputs: fastattn._validation and fastattn._plan check and normalise everything
+# first, and fastattn._run is their only caller. Trailing
 # comments give the C type of each argument; `floating` is float32 or float64, the same
 # for every floating argument of one call.
 
@@ -21,6 +22,7 @@ def scores(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_q_stored, L_q, D)
     k: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_kv_stored, L_k, D)
     mask: Optional[np.ndarray],         # object: None, uint8 or floating (n_masks, L_q, L_k)
+    mask_kind: int,                     # int: fastattn._plan.MaskKind (NONE, ADD, BOOL)
     index: npt.NDArray[np.intp],        # const Py_ssize_t[:, ::1]   (3, n_batch)
     causal: bool,                       # bint
     window: int,                        # Py_ssize_t (0: no sliding window)
@@ -39,6 +41,7 @@ def attention(
     k: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_kv_stored, L_k, D)
     v: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_kv_stored, L_k, D_v)
     mask: Optional[np.ndarray],         # object: None, uint8 or floating (n_masks, L_q, L_k)
+    mask_kind: int,                     # int: fastattn._plan.MaskKind (NONE, ADD, BOOL)
     index: npt.NDArray[np.intp],        # const Py_ssize_t[:, ::1]   (3, n_batch)
     causal: bool,                       # bint
     window: int,                        # Py_ssize_t (0: no sliding window)
@@ -47,6 +50,7 @@ def attention(
     lse: npt.NDArray[np.floating],      # floating[:, ::1]           (n_batch, L_q)
     q_block: int,                       # Py_ssize_t
     k_block: int,                       # Py_ssize_t
+    microkernels: bool,                 # bint: fastattn._plan.use_microkernels
     n_threads: int,                     # int
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def decode(

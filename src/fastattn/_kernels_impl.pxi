@@ -12,7 +12,8 @@
 # GEMM-shaped tile work goes to the BLAS that SciPy ships, reached through
 # `scipy.linalg.cython_blas` as scikit-learn's pairwise reductions do; this module owns the
 # rest: scaling, masking, the online softmax and its rescaling, written as loops over
-# contiguous memory with the vectorisable exp of `_helpers.h`.
+# contiguous memory with the vectorisable exp of `fa_exp.h`. The decoding kernel is in C
+# (`fa_decode.h`), and so are the AVX-512 micro-kernels (`fa_microkernels.h`).
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
@@ -24,15 +25,28 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 cdef extern from "<stdlib.h>" nogil:
     void *aligned_alloc(size_t alignment, size_t size)  # C11; size a multiple of alignment
 
-cdef extern from "_helpers.h" nogil:
-    float fa_expf(float x)
-    double fa_exp(double x)
+cdef extern from "fa_platform.h" nogil:
     int fa_openmp_enabled()
     int fa_omp_max_threads()
     int fa_omp_team_size()
     const char *fa_build_flags
     const char *fa_isa_name
     const int fa_debug_build
+    void fa_check_matrix(const void *p, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld,
+                         size_t item)
+
+cdef extern from "fa_exp.h" nogil:
+    float fa_expf(float x)
+    double fa_exp(double x)
+    float fa_row_max_f(const float *x, Py_ssize_t n)
+    double fa_row_max_d(const double *x, Py_ssize_t n)
+    double fa_exp_shift_sum_f(float *x, Py_ssize_t n, float shift)
+    double fa_exp_shift_sum_d(double *x, Py_ssize_t n, double shift)
+    double fa_exp_shift_total_f(const float *x, Py_ssize_t n, float shift)
+    double fa_exp_shift_total_d(const double *x, Py_ssize_t n, double shift)
+
+cdef extern from "fa_decode.h" nogil:
+    int FA_DECODE_BLOCK
     void fa_decode_chunk_f(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const float *k,
                            const float *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                            float *m, double *l, float *o, float *s)
@@ -43,7 +57,8 @@ cdef extern from "_helpers.h" nogil:
                            Py_ssize_t n_rows, Py_ssize_t d_v, float *out, float *lse)
     void fa_decode_merge_d(const double *parts, const double *l_parts, Py_ssize_t n_chunks,
                            Py_ssize_t n_rows, Py_ssize_t d_v, double *out, double *lse)
-    int FA_DECODE_BLOCK
+
+cdef extern from "fa_microkernels.h" nogil:
     int FA_MICROKERNELS
     void fa_mk_scores(const float *q, Py_ssize_t rows, Py_ssize_t d, const float *kt,
                       Py_ssize_t n_cols, float *s, Py_ssize_t ld)
@@ -51,16 +66,12 @@ cdef extern from "_helpers.h" nogil:
                   Py_ssize_t n_keys, Py_ssize_t d_v, float *o)
     void fa_transpose_keys(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kt,
                            Py_ssize_t ld)
-    void fa_check_matrix(const void *p, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld,
-                         size_t item)
-    int fa_cpu_has_avx2_fma()
-    int fa_cpu_has_avx512()
-    float fa_row_max_f(const float *x, Py_ssize_t n)
-    double fa_row_max_d(const double *x, Py_ssize_t n)
-    double fa_exp_shift_sum_f(float *x, Py_ssize_t n, float shift)
-    double fa_exp_shift_sum_d(double *x, Py_ssize_t n, double shift)
-    double fa_exp_shift_total_f(const float *x, Py_ssize_t n, float shift)
-    double fa_exp_shift_total_d(const double *x, Py_ssize_t n, double shift)
+
+# The mask kinds, as fastattn._plan.MaskKind numbers them.
+cdef enum:
+    MASK_NONE = 0
+    MASK_ADD = 1    # floating, added to the scores
+    MASK_BOOL = 2   # uint8, 0 = hidden
 
 
 # --------------------------------------------------------------------------- helpers
@@ -151,11 +162,6 @@ def build_info():
     }
 
 
-def cpu_features():
-    """What this CPU (and OS) can run: {"avx2": bool, "avx512": bool}."""
-    return {"avx2": bool(fa_cpu_has_avx2_fma()), "avx512": bool(fa_cpu_has_avx512())}
-
-
 def max_threads():
     """OpenMP's default team size (honours OMP_NUM_THREADS); 1 without OpenMP."""
     return fa_omp_max_threads()
@@ -189,10 +195,10 @@ cdef inline void _mask_row(floating *s, Py_ssize_t n, Py_ssize_t first, Py_ssize
     j >= visible (causal) and keys whose boolean mask is False become -inf; an additive
     mask is added."""
     cdef Py_ssize_t j
-    if mask_kind == 1:
+    if mask_kind == MASK_ADD:
         for j in range(n):
             s[j] = s[j] + add_row[j]
-    elif mask_kind == 2:
+    elif mask_kind == MASK_BOOL:
         for j in range(n):
             if not bool_row[j]:
                 s[j] = -INFINITY
@@ -205,35 +211,32 @@ cdef inline void _mask_row(floating *s, Py_ssize_t n, Py_ssize_t first, Py_ssize
 
 
 def scores(const floating[:, :, ::1] q, const floating[:, :, ::1] k, object mask,
-           const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
-           floating[:, :, ::1] out):
+           int mask_kind, const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window,
+           double scale, floating[:, :, ::1] out):
     """out[b] = scale * q[i0] @ k[i1].T, masked by mask[i2] ((i0, i1, i2) = index[:, b]):
-    -inf where a uint8 mask is 0 or causal hides the key, + a float mask."""
+    -inf where a uint8 mask (MASK_BOOL) is 0 or causal hides the key, + a float mask
+    (MASK_ADD)."""
     cdef Py_ssize_t n_batch = out.shape[0], n_queries = out.shape[1], n_keys = out.shape[2]
     cdef int d_head = <int> q.shape[2]
     cdef Py_ssize_t b, i, visible
     cdef Py_ssize_t offset = n_keys - n_queries
-    cdef int mask_kind = 0
     cdef const floating[:, :, ::1] add_mask
     cdef const unsigned char[:, :, ::1] bool_mask
     cdef const floating *add_row = NULL
     cdef const unsigned char *bool_row = NULL
-    if mask is not None:
-        if mask.dtype.itemsize == 1:
-            bool_mask = mask
-            mask_kind = 2
-        else:
-            add_mask = mask
-            mask_kind = 1
+    if mask_kind == MASK_BOOL:
+        bool_mask = mask
+    elif mask_kind == MASK_ADD:
+        add_mask = mask
     with nogil:
         for b in range(n_batch):
             _gemm(True, <int> n_queries, <int> n_keys, d_head, <floating> scale,
                   &q[index[0, b], 0, 0], d_head, &k[index[1, b], 0, 0], d_head,
                   0, &out[b, 0, 0], <int> n_keys)
             for i in range(n_queries):
-                if mask_kind == 1:
+                if mask_kind == MASK_ADD:
                     add_row = &add_mask[index[2, b], i, 0]
-                elif mask_kind == 2:
+                elif mask_kind == MASK_BOOL:
                     bool_row = &bool_mask[index[2, b], i, 0]
                 visible = i + offset + 1 if causal else n_keys
                 _mask_row(&out[b, i, 0], n_keys, i + offset + 1 - window if window else 0,
@@ -288,7 +291,7 @@ cdef void _attend_block(
     softmax over key blocks; lse (if not NULL) gets m + log(l) per row.
 
     micro: the tile GEMMs run in the AVX-512 micro-kernels (float32, d_head and d_v
-    multiples of 16) instead of BLAS: the query block is scaled once into qs, each key
+    multiples of 16: fastattn._plan.use_microkernels) instead of BLAS: the query block is scaled once into qs, each key
     block is transposed into kt (padded with zero keys to a multiple of 32), and the score
     tile then has that padded width as its row stride."""
     cdef Py_ssize_t offset = n_keys - n_queries   # causal: query i sees keys j <= i + offset
@@ -334,8 +337,8 @@ cdef void _attend_block(
             s_row = s_tile + i * ld
             _mask_row(s_row, k_rows, gi + offset + 1 - window - k_start if window else 0,
                       gi + offset + 1 - k_start if causal else k_rows, mask_kind,
-                      add_mask + gi * n_keys + k_start if mask_kind == 1 else NULL,
-                      bool_mask + gi * n_keys + k_start if mask_kind == 2 else NULL)
+                      add_mask + gi * n_keys + k_start if mask_kind == MASK_ADD else NULL,
+                      bool_mask + gi * n_keys + k_start if mask_kind == MASK_BOOL else NULL)
             m_new = _row_max(s_row, k_rows)
             if m_run[i] > m_new:
                 m_new = m_run[i]
@@ -373,13 +376,41 @@ cdef void _attend_block(
             lse[q_start + i] = <floating> (m_run[i] + log(l_run[i]))
 
 
+# The per-thread scratch of the fused kernel, in floating elements from the start of one
+# thread's part (computed once per call by _scratch_layout, carved by _attend_item).
+cdef enum:
+    SCR_S_TILE = 0  # score tile, q_block x s_width
+    SCR_O_ACC       # output accumulator, q_block x d_v
+    SCR_M_RUN       # running max, q_block
+    SCR_KT          # transposed key block, d_head x s_width (micro-kernels only)
+    SCR_QS          # scaled query block, q_block x d_head (micro-kernels only)
+    SCR_L_RUN       # running sum, q_block doubles, 64-byte aligned
+    SCR_SIZE        # the whole part, a multiple of 64 bytes
+    SCR_N
+
+
+cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t d_head,
+                          Py_ssize_t d_v, bint micro, size_t item,
+                          Py_ssize_t *at) noexcept nogil:
+    """at[SCR_*] = where each buffer starts in one thread's scratch (in elements of item
+    bytes), and at[SCR_SIZE] its length: each part and the doubles start 64-byte aligned."""
+    cdef Py_ssize_t per_line = 64 // item
+    at[SCR_S_TILE] = 0
+    at[SCR_O_ACC] = at[SCR_S_TILE] + q_block * s_width
+    at[SCR_M_RUN] = at[SCR_O_ACC] + q_block * d_v
+    at[SCR_KT] = at[SCR_M_RUN] + q_block
+    at[SCR_QS] = at[SCR_KT] + (d_head * s_width if micro else 0)
+    at[SCR_L_RUN] = _round_up(at[SCR_QS] + (q_block * d_head if micro else 0), per_line)
+    at[SCR_SIZE] = _round_up(at[SCR_L_RUN] + q_block * (sizeof(double) // item), per_line)
+
+
 cdef inline void _attend_item(
         Py_ssize_t w, Py_ssize_t n_qblocks, Py_ssize_t q_block, Py_ssize_t k_block,
         const floating *q, const floating *k, const floating *v,
         const floating *add_base, const unsigned char *bool_base, int mask_kind,
         const Py_ssize_t *index, Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys,
         Py_ssize_t d_head, Py_ssize_t d_v, bint causal, Py_ssize_t window, floating scale,
-        floating *buf, Py_ssize_t l_offset, Py_ssize_t s_width, bint micro,
+        floating *buf, const Py_ssize_t *at, bint micro,
         floating *out, floating *lse) noexcept nogil:
     """Work item w: query block w % n_qblocks of batch entry w // n_qblocks."""
     cdef Py_ssize_t b = w // n_qblocks
@@ -388,51 +419,42 @@ cdef inline void _attend_item(
     cdef Py_ssize_t mask_item = index[2 * n_batch + b]
     _attend_block(q + q_item * n_queries * d_head, k + kv_item * n_keys * d_head,
                   v + kv_item * n_keys * d_v,
-                  add_base + mask_item * n_queries * n_keys if mask_kind == 1 else NULL,
-                  bool_base + mask_item * n_queries * n_keys if mask_kind == 2 else NULL,
+                  add_base + mask_item * n_queries * n_keys if mask_kind == MASK_ADD else NULL,
+                  bool_base + mask_item * n_queries * n_keys if mask_kind == MASK_BOOL else NULL,
                   mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
                   n_keys, d_head, d_v, k_block, causal, window, scale,
-                  buf, buf + q_block * s_width, buf + q_block * (s_width + d_v),
-                  <double*> (buf + l_offset),
-                  buf + q_block * (s_width + d_v + 1),
-                  buf + q_block * (s_width + d_v + 1) + d_head * s_width, micro,
+                  buf + at[SCR_S_TILE], buf + at[SCR_O_ACC], buf + at[SCR_M_RUN],
+                  <double*> (buf + at[SCR_L_RUN]), buf + at[SCR_KT], buf + at[SCR_QS], micro,
                   out + b * n_queries * d_v, lse + b * n_queries)
 
 
 def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
-              const floating[:, :, ::1] v, object mask, const Py_ssize_t[:, ::1] index,
-              bint causal, Py_ssize_t window, double scale, floating[:, :, ::1] out,
-              floating[:, ::1] lse,
-              Py_ssize_t q_block, Py_ssize_t k_block, int n_threads):
+              const floating[:, :, ::1] v, object mask, int mask_kind,
+              const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
+              floating[:, :, ::1] out, floating[:, ::1] lse,
+              Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels, int n_threads):
     """out[b] = softmax(scale q[i0] k[i1].T + mask[i2]) v[i1], (i0, i1, i2) = index[:, b], fused.
 
     causal hides keys after each query's own position; window (0: none) also hides keys
     at or before `window` positions back. Key blocks that are entirely hidden are skipped.
 
-    mask is None, a float array (added to the scores) or a uint8 array (0 = hidden), of
-    shape (n_masks, n_queries, n_keys). Work is split over (batch entry, query block);
-    each item is computed start to end by one thread with the same block sizes, so results
-    do not depend on the thread count. Returns the number of threads that ran (the OpenMP
-    team), or -1 if the scratch cannot be allocated.
+    mask is None (MASK_NONE), a float array added to the scores (MASK_ADD) or a uint8 array,
+    0 = hidden (MASK_BOOL), of shape (n_masks, n_queries, n_keys). microkernels: run the
+    tile GEMMs in this build's micro-kernels (the caller decides; ignored where the build
+    has none) instead of BLAS. Work is split over (batch entry, query block); each item is
+    computed start to end by one thread with the same block sizes, so results do not
+    depend on the thread count. Returns the number of threads that ran (the OpenMP team),
+    or -1 if the scratch cannot be allocated.
     """
     cdef Py_ssize_t n_batch = out.shape[0], n_queries = out.shape[1], d_v = out.shape[2]
     cdef Py_ssize_t n_keys = k.shape[1], d_head = q.shape[2]
     cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
     cdef Py_ssize_t n_work = n_batch * n_qblocks
-    # The AVX-512 micro-kernels take float32 tiles whose head sizes are multiples of 16.
-    cdef bint micro = (floating is float and FA_MICROKERNELS and d_head % 16 == 0
-                       and d_v % 16 == 0)
+    cdef bint micro = floating is float and FA_MICROKERNELS and microkernels
     # Score tile width: k_block, or rounded up to the micro-kernel's 32 keys.
     cdef Py_ssize_t s_width = _round_up(k_block, 32) if micro else k_block
-    # Per thread: the score tile, the output accumulator, the running max, the transposed
-    # key block and the scaled queries (micro-kernels only), then the running sum in
-    # double; each thread's part and the doubles start 64-byte aligned.
-    cdef Py_ssize_t l_offset = _round_up(
-        q_block * (s_width + d_v + 1) + ((d_head * s_width + q_block * d_head) if micro else 0),
-        64 // sizeof(floating))
-    cdef Py_ssize_t per_thread = _round_up(l_offset + 2 * q_block, 64 // sizeof(floating))
+    cdef Py_ssize_t at[SCR_N]
     cdef Py_ssize_t w
-    cdef int mask_kind = 0
     cdef const floating[:, :, ::1] add_mask
     cdef const unsigned char[:, :, ::1] bool_mask
     cdef const floating *add_base = NULL
@@ -440,16 +462,14 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     cdef floating *scratch
     cdef int team = 1
     cdef int *team_out = &team
-    if mask is not None:
-        if mask.dtype.itemsize == 1:
-            bool_mask = mask
-            bool_base = &bool_mask[0, 0, 0]
-            mask_kind = 2
-        else:
-            add_mask = mask
-            add_base = &add_mask[0, 0, 0]
-            mask_kind = 1
-    scratch = <floating*> aligned_alloc(64, n_threads * per_thread * sizeof(floating))
+    _scratch_layout(q_block, s_width, d_head, d_v, micro, sizeof(floating), at)
+    if mask_kind == MASK_BOOL:
+        bool_mask = mask
+        bool_base = &bool_mask[0, 0, 0]
+    elif mask_kind == MASK_ADD:
+        add_mask = mask
+        add_base = &add_mask[0, 0, 0]
+    scratch = <floating*> aligned_alloc(64, n_threads * at[SCR_SIZE] * sizeof(floating))
     if scratch == NULL:
         return -1
     try:
@@ -460,7 +480,7 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                     _attend_item(w, n_qblocks, q_block, k_block, &q[0, 0, 0], &k[0, 0, 0],
                                  &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
                                  n_batch, n_queries, n_keys, d_head, d_v, causal, window,
-                                 <floating> scale, scratch, l_offset, s_width, micro,
+                                 <floating> scale, scratch, at, micro,
                                  &out[0, 0, 0], &lse[0, 0])
         else:
             for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static',
@@ -468,8 +488,8 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                 _attend_item(w, n_qblocks, q_block, k_block, &q[0, 0, 0], &k[0, 0, 0],
                              &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
                              n_batch, n_queries, n_keys, d_head, d_v, causal, window,
-                             <floating> scale, scratch + threadid() * per_thread, l_offset,
-                             s_width, micro, &out[0, 0, 0], &lse[0, 0])
+                             <floating> scale, scratch + threadid() * at[SCR_SIZE], at,
+                             micro, &out[0, 0, 0], &lse[0, 0])
                 team_out[0] = fa_omp_team_size()  # every thread writes the same value
     finally:
         free(scratch)

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import api
+from . import _plan, api
 from ._dispatch import kernels as _kernels
+from ._validation import check_threads
 
 __all__ = ["Case", "DEFAULT_CASES", "DECODE_CASES", "QUICK_CASES", "run", "main"]
 
@@ -252,10 +253,11 @@ def call_overhead(repeat=7):
     lse = np.empty((1, 16), np.float32)
     index = np.zeros((3, 1), np.intp)
     q3, k3, v3 = q[0], k[0], v[0]
+    micro = _plan.use_microkernels(q.dtype, 64, 64)
     times = time_alternating({
         "public": lambda: api.attention(q, k, v),
-        "kernel": lambda: _kernels.attention(q3, k3, v3, None, index, False, 0, 0.125, out, lse,
-                                             16, 16, 1),
+        "kernel": lambda: _kernels.attention(q3, k3, v3, None, _plan.MaskKind.NONE, index, False,
+                                             0, 0.125, out, lse, 16, 16, micro, 1),
     }, repeat, 0.05)
     return times["public"], times["kernel"]
 
@@ -269,7 +271,7 @@ def plot(path, against=("numpy",), threads=None, lengths=(128, 256, 512, 1024, 2
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install 'fastattn[bench]'") from None
-    threads = api._check_threads(threads)
+    threads = check_threads(threads)
     series = {}
     for n in lengths:
         case = Case(f"L={n}", "attention", (1, 8, n, n, 64), repeat=3)
@@ -310,7 +312,7 @@ def _decode_row(case, against, threads, min_time, gap):
     kernel_args = (q.reshape(b * h, 1, d), cache.keys.reshape(b * h, n, d),
                    cache.values.reshape(b * h, n, d), np.arange(b * h, dtype=np.intp),
                    1 / np.sqrt(d), np.empty((b * h, 1, d), np.float32),
-                   np.empty((b * h, 1), np.float32), api._DECODE_CHUNK, threads)
+                   np.empty((b * h, 1), np.float32), _plan.DECODE_CHUNK, threads)
     contenders = {"fastattn": lambda: api.attention(q, cache=cache, num_threads=threads),
                   "kernel": lambda: _kernels.decode(*kernel_args)}
     if "numpy" in against:
@@ -358,7 +360,7 @@ def _header(threads, against):
 
 def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys.stdout):
     """Run the cases and print the table; returns the rows as dictionaries."""
-    threads = api._check_threads(threads)
+    threads = check_threads(threads)
     torch = _torch() if "torch" in against else None
     if "torch" in against and torch is None:
         print("torch is not installed: its columns are left empty", file=out)

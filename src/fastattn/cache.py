@@ -1,10 +1,13 @@
-"""KVCache: preallocated keys and values for incremental decoding."""
+"""KVCache: preallocated keys and values for incremental decoding, and the decoding
+step on it (``attention(q, cache=cache)``'s short path)."""
 
 import numpy as np
 
-from .api import _as_array, _dtype_pair
+from ._run import identity_index, run_decode
+from ._validation import (as_array, check_flag, check_scale, check_threads, dtype_pair,
+                          positive_int)
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "decode_step"]
 
 
 def _zeros_aligned(shape, dtype, align=64):
@@ -15,14 +18,6 @@ def _zeros_aligned(shape, dtype, align=64):
     buf = np.zeros(nbytes + align, np.uint8)
     start = -buf.ctypes.data % align
     return buf[start:start + nbytes].view(dtype).reshape(shape)
-
-
-def _positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 class KVCache:
@@ -62,12 +57,12 @@ class KVCache:
 
     def __init__(self, batch, kv_heads, capacity, head_dim, *, value_dim=None,
                  dtype=np.float32, window=None, on_full="raise"):
-        batch = _positive_int("batch", batch)
-        kv_heads = _positive_int("kv_heads", kv_heads)
-        capacity = _positive_int("capacity", capacity)
-        head_dim = _positive_int("head_dim", head_dim)
-        value_dim = _positive_int("value_dim", value_dim, allow_none=True) or head_dim
-        window = _positive_int("window", window, allow_none=True)
+        batch = positive_int("batch", batch)
+        kv_heads = positive_int("kv_heads", kv_heads)
+        capacity = positive_int("capacity", capacity)
+        head_dim = positive_int("head_dim", head_dim)
+        value_dim = positive_int("value_dim", value_dim, allow_none=True) or head_dim
+        window = positive_int("window", window, allow_none=True)
         try:
             dtype = np.dtype(dtype)
         except TypeError:
@@ -129,8 +124,8 @@ class KVCache:
 
     # ------------------------------------------------------------------ append
     def _checked(self, name, a, width):
-        a = _as_array(name, a)
-        _dtype_pair(name, a.dtype)  # the API's dtype rule: TypeError naming the dtype
+        a = as_array(name, a)
+        dtype_pair(name, a.dtype)  # the API's dtype rule: TypeError naming the dtype
         expected = (self.batch, self.kv_heads, width)
         if a.ndim != 4 or (a.shape[0], a.shape[1], a.shape[3]) != expected:
             raise ValueError(
@@ -185,3 +180,34 @@ class KVCache:
         k[:, :, :self._seen] = self._k[:, :, :self._seen]
         v[:, :, :self._seen] = self._v[:, :, :self._seen]
         self._k, self._v = k, v
+
+
+def decode_step(q, cache, causal, scale, num_threads, return_lse):
+    """One decoding step against a cache, or None to take the general path.
+
+    The common call while generating, ``attention(q, cache=cache)`` with q of shape
+    (batch, heads, 1, head_dim) in the cache's dtype, C-contiguous: the same kernel call
+    as the general path (so bitwise the same result) without its shape planning, which
+    cost about 6 us of a 38 us step over 32 heads x 128 tokens. Anything else (other
+    shapes or dtypes, an empty cache) returns None and goes through the full validation.
+    """
+    if not (type(q) is np.ndarray and q.dtype == cache.dtype and q.ndim == 4
+            and q.flags.c_contiguous):
+        return None
+    batch, heads, n_queries, d_head = q.shape
+    kv_heads, n_keys = cache.kv_heads, len(cache)
+    if (batch != cache.batch or n_queries != 1 or d_head != cache.head_dim
+            or heads == 0 or heads % kv_heads or n_keys == 0):
+        return None
+    check_flag("causal", causal)  # one query, the newest token: causal changes nothing
+    scale = check_scale(scale, d_head)
+    n_threads = check_threads(num_threads)
+    group, n_groups, d_v = heads // kv_heads, batch * kv_heads, cache.value_dim
+    result = np.empty((n_groups, group, d_v), q.dtype)
+    lse = np.empty((n_groups, group), q.dtype)
+    # The cache's views, (batch, kv_heads, n_keys, D): rows contiguous, read in place.
+    run_decode(q.reshape(n_groups, group, d_head), cache.keys.reshape(n_groups, n_keys, d_head),
+               cache.values.reshape(n_groups, n_keys, d_v), identity_index(n_groups), scale,
+               result, lse, n_threads)
+    result = result.reshape(batch, heads, 1, d_v)
+    return (result, lse.reshape(batch, heads, 1)) if return_lse else result

@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from .api import _as_array, _check_flag, _dtypes, _project_qkv, attention, project
+from ._run import project_qkv
+from ._validation import as_array, check_flag, dtypes, positive_int, qkv_arguments
+from .api import attention, project
 
 __all__ = ["MultiHeadAttention"]
 
@@ -44,19 +46,16 @@ class MultiHeadAttention:
     def __init__(self, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None,
                  b_q=None, b_k=None, b_v=None, b_o=None):
         names = ("w_q", "w_k", "w_v", "w_o")
-        ws = [_as_array(n, w) for n, w in zip(names, (w_q, w_k, w_v, w_o))]
+        ws = [as_array(n, w) for n, w in zip(names, (w_q, w_k, w_v, w_o))]
         for n, w in zip(names, ws):
             if w.ndim != 2:
                 raise ValueError(f"{n} must be 2-D, got {n}.shape={w.shape}")
-        if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
-            raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, (int, np.integer))
-                or num_kv_heads < 1 or num_heads % num_kv_heads):
-            raise ValueError(
-                f"num_kv_heads must be a positive integer dividing num_heads={num_heads}, "
-                f"got {num_kv_heads!r}"
-            )
+        num_heads = positive_int("num_heads", num_heads)
+        dividing = f"a positive integer dividing num_heads={num_heads}"
+        num_kv_heads = positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads,
+                                    what=dividing)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must be {dividing}, got {num_kv_heads}")
         w_q, w_k, w_v, w_o = ws
         if w_q.shape[1] % num_heads:
             raise ValueError(f"w_q.shape[1] must be a multiple of num_heads={num_heads}, got w_q.shape={w_q.shape}")
@@ -73,7 +72,7 @@ class MultiHeadAttention:
         for n, b, width in (("b_q", b_q, w_q.shape[1]), ("b_k", b_k, kv_width),
                             ("b_v", b_v, kv_width), ("b_o", b_o, w_o.shape[1])):
             if b is not None:
-                b = _as_array(n, b)
+                b = as_array(n, b)
                 if b.shape != (width,):
                     raise ValueError(f"{n} must have shape ({width},), got {n}.shape={b.shape}")
             biases[n] = b
@@ -159,21 +158,22 @@ class MultiHeadAttention:
         out : ndarray, shape (..., L_q, out_dim)
         weights : ndarray, if ``return_weights``
         """
-        return_weights = _check_flag("return_weights", return_weights)
+        return_weights = check_flag("return_weights", return_weights)
         causal = cache is not None if causal is None else causal
-        query = _as_array("query", query)
+        query = as_array("query", query)
         if cache is not None and (key is not None or value is not None):
             raise ValueError("a cache is for self-attention: pass query only")
         if key is None and value is None:
-            (q, k, v), _, result_dtype = _project_qkv(query, self.w_q, self.w_k, self.w_v,
-                                                      self.b_q, self.b_k, self.b_v)
+            query, ws, bs, _, compute, result_dtype = qkv_arguments(
+                query, self.w_q, self.w_k, self.w_v, self.b_q, self.b_k, self.b_v)
+            q, k, v = project_qkv(query, ws, bs, compute)
         else:
-            key = query if key is None else _as_array("key", key)
-            value = key if value is None else _as_array("value", value)
+            key = query if key is None else as_array("key", key)
+            value = key if value is None else as_array("value", value)
             params = [(n, a) for n, a in (("w_q", self.w_q), ("w_k", self.w_k), ("w_v", self.w_v),
                                           ("b_q", self.b_q), ("b_k", self.b_k), ("b_v", self.b_v))
                       if a is not None]
-            compute, result_dtype = _dtypes([("query", query), ("key", key), ("value", value)] + params)
+            compute, result_dtype = dtypes([("query", query), ("key", key), ("value", value)] + params)
             # Intermediates stay in the compute dtype (float32 for float16 inputs).
             query, key, value = (a.astype(compute, copy=False) for a in (query, key, value))
             q = project(query, self.w_q, self.b_q)

@@ -1,0 +1,3 @@
+# Stub for the compiled module fastattn._cpu (see _cpu.pyx).
+
+def cpu_features() -> dict[str, bool]: ...

@@ -1,0 +1,372 @@
+"""From validated arguments to what the kernels need: the plan of a scores/attention call.
+
+Design: a call is planned in two steps. ``layout()`` does the shape logic (batch
+broadcasting, grouped-query heads, the index maps that replace copies of broadcast
+entries) and depends on shapes alone, so it is cached. ``plan_attention()`` adds the
+arrays, the mask kind, the flags and the dtypes, and returns a frozen ``AttentionPlan``.
+The tile sizes, the thread count and whether a tile runs in the micro-kernels are decided
+here too, by named rules that depend on the shape (never on the thread count, so that
+results are bitwise identical for any number of threads).
+"""
+
+import dataclasses
+import enum
+import functools
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+from ._dispatch import kernels as _kernels
+from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_window, contiguous,
+                          dtypes_of, memory_limit, refuse_huge)
+
+__all__ = ["MaskKind", "Layout", "AttentionPlan", "layout", "plan_attention", "tiles",
+           "use_microkernels", "decode_eligible", "kernel_inputs", "kv_contiguous", "kv_items",
+           "frozen", "Q_BLOCK", "K_BLOCK", "MIN_Q_BLOCK", "MIN_WORK_ITEMS", "DECODE_CHUNK",
+           "SERIAL_FLOPS", "SOFTMAX_PARALLEL_ELEMENTS"]
+
+
+# --------------------------------------------------------------------------- named thresholds
+
+# Largest tiles of the fused kernel (query rows x keys); tiles() picks per shape. Sweep of
+# q_block in 32..256 x k_block in 128..1024 on a 2-core AVX-512 AMD EPYC (float32, D=64,
+# 2 threads): 256 x 512 was fastest for long sequences (2048 tokens, BLAS tiles: 43.8 ms
+# against 53.1 ms at 64 x 256; micro-kernel tiles: 24.2 against 28.1 ms), half the query
+# rows for causal, 256 x 256 for float64; others were within 3%.
+Q_BLOCK = 256
+K_BLOCK = 512
+# Query blocks are halved until a call has this many work items, so that up to this many
+# threads share the work evenly. A constant, not the thread count: tile sizes must depend
+# on the shape alone for results to be bitwise identical for any number of threads.
+MIN_WORK_ITEMS = 8
+# ...but never below this many query rows: a smaller tile leaves the GEMMs too thin.
+MIN_Q_BLOCK = 32
+# Single-query attention splits the keys in chunks of this many, merged in a fixed order:
+# a constant, so that results do not depend on the thread count.
+DECODE_CHUNK = 512
+# Below this many floating-point operations a call runs on one thread: waking a team of
+# threads costs more than it saves.
+SERIAL_FLOPS = 2_000_000
+# softmax/log_softmax run on one thread below this many elements, for the same reason.
+SOFTMAX_PARALLEL_ELEMENTS = 100_000
+# The micro-kernels' register blocks are 16 float32 lanes wide (fa_microkernels.h).
+MICROKERNEL_WIDTH = 16
+# Whether this build has micro-kernels at all (the AVX-512 build does).
+HAS_MICROKERNELS = _kernels.build_info()["microkernels"]
+
+
+class MaskKind(enum.IntEnum):
+    """How the kernels read a mask (the numbers are the kernels' MASK_* constants)."""
+    NONE = 0
+    ADD = 1     # floating, added to the scores
+    BOOL = 2    # boolean, passed as uint8: 0 = hidden
+
+    @classmethod
+    def of(cls, mask):
+        """The kind of a mask array, or TypeError for a dtype that is neither."""
+        if mask is None:
+            return cls.NONE
+        if mask.dtype.kind == "b":
+            return cls.BOOL
+        if mask.dtype.kind == "f" and mask.dtype.itemsize in (2, 4, 8):
+            return cls.ADD
+        raise TypeError(
+            f"mask must be boolean (True = may attend) or floating (added to the scores), "
+            f"got dtype {mask.dtype}"
+        )
+
+
+# --------------------------------------------------------------------------- layout
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The shape logic of one call: shapes, counts and index maps (read-only arrays)."""
+    batch: tuple                # the broadcast batch shape of the results
+    q_batch: tuple              # the stored batch shapes of q, k/v and the mask
+    kv_batch: tuple
+    mask_batch: tuple
+    n_queries: int
+    n_keys: int
+    d_head: int
+    d_v: int                    # 0 when there is no v (scores)
+    n_batch: int                # entries of batch, q_batch, kv_batch and mask_batch
+    n_q_items: int
+    n_kv_items: int
+    n_mask_items: int
+    index: np.ndarray           # (3, n_batch): the stored q, k/v and mask entry of each
+    decode_group: int           # single-query attention: batch entries per kv entry
+    decode_kv: np.ndarray       # ...and the kv entry of each group
+    max_elements: int           # the most elements any array of the call can have
+
+
+def _broadcast(shapes, what):
+    try:
+        return np.broadcast_shapes(*(s for _, s in shapes))
+    except ValueError:
+        described = " and ".join(f"{name}.shape={s}" for name, s in shapes)
+        raise ValueError(f"{what} do not broadcast: {described}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def layout(q_shape, k_shape, v_shape, mask_shape):
+    """The Layout of a call from its shapes (v_shape None for scores, mask_shape None
+    without a mask); ValueError naming the shapes when they do not fit together."""
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if shape is not None and len(shape) < 2:
+            want = "(..., L_k, D_v)" if name == "v" else f"(..., L_{name}, D)"
+            raise ValueError(f"{name} must have at least 2 dimensions {want}, got {name}.shape={shape}")
+    if q_shape[-1] != k_shape[-1]:
+        raise ValueError(
+            f"q and k must have the same head dimension D, got q.shape={q_shape} and k.shape={k_shape}"
+        )
+    n_queries, d_head = q_shape[-2:]
+    n_keys = k_shape[-2]
+    kv_batch = k_shape[:-2]
+    if v_shape is not None:
+        if v_shape[-2] != n_keys:
+            raise ValueError(
+                f"k and v must have the same number of keys, got k.shape={k_shape} and v.shape={v_shape}"
+            )
+        kv_batch = _broadcast([("k", k_shape[:-2]), ("v", v_shape[:-2])],
+                              "the batch dimensions of k and v")
+    q_batch = q_shape[:-2]
+
+    # Grouped-query attention: query heads h share key/value head h // (H_q / H_kv).
+    group = 1
+    kv_heads_as = kv_batch
+    if q_batch and kv_batch and 1 not in (q_batch[-1], kv_batch[-1]) and kv_batch[-1] != q_batch[-1]:
+        h_q, h_kv = q_batch[-1], kv_batch[-1]
+        if h_kv == 0 or h_q % h_kv:
+            raise ValueError(
+                f"the head axis (-3) of k and v must divide that of q for grouped-query attention, "
+                f"got q.shape={q_shape} and k.shape={k_shape}"
+            )
+        group = h_q // h_kv
+        kv_heads_as = kv_batch[:-1] + (h_q,)
+    shapes = [("q", q_batch), ("k", kv_heads_as)]
+    mask_batch = ()
+    if mask_shape is not None:
+        mask_batch = mask_shape[:-2] if len(mask_shape) > 2 else ()
+        shapes.append(("mask", mask_batch))
+    batch = _broadcast(shapes, "the batch dimensions of q, k/v and mask")
+    if mask_shape is not None:
+        tail = mask_shape[-2:]
+        try:
+            ok = np.broadcast_shapes(tail, (n_queries, n_keys)) == (n_queries, n_keys)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"mask must broadcast to (..., L_q, L_k) = {batch + (n_queries, n_keys)}, "
+                f"got mask.shape={mask_shape}"
+            )
+    d_v = v_shape[-1] if v_shape is not None else 0
+    if max(n_queries, n_keys, d_head, d_v) > INT_MAX:
+        raise ValueError(
+            f"L_q, L_k, D and D_v above 2**31 - 1 are not supported (BLAS dimensions are C ints), "
+            f"got q.shape={q_shape} and k.shape={k_shape}"
+        )
+    refuse_huge("the batch index", 3 * math.prod(batch) + math.prod(kv_batch), 8,
+                f"broadcast batch {batch} from q.shape={q_shape} and k.shape={k_shape}")
+    n_batch, n_q_items = math.prod(batch), math.prod(q_batch)
+    n_kv_items, n_mask_items = math.prod(kv_batch), math.prod(mask_batch)
+    index, decode_group, decode_kv = _index_maps(q_batch, kv_batch, group, mask_batch, batch)
+    return Layout(
+        batch=batch, q_batch=q_batch, kv_batch=kv_batch, mask_batch=mask_batch,
+        n_queries=n_queries, n_keys=n_keys, d_head=d_head, d_v=d_v,
+        n_batch=n_batch, n_q_items=n_q_items, n_kv_items=n_kv_items, n_mask_items=n_mask_items,
+        index=index, decode_group=decode_group, decode_kv=decode_kv,
+        # Only calls that might not fit in memory go through the detailed check
+        # (refuse_huge_plan), which costs microseconds.
+        max_elements=max(n_batch * n_queries * max(n_keys, d_v, 1),
+                         n_q_items * n_queries * d_head,
+                         n_kv_items * n_keys * max(d_head, d_v),
+                         n_mask_items * n_queries * n_keys),
+    )
+
+
+def _batch_index(batch_shape, out_batch):
+    """For each entry of the broadcast batch, the index of the stored entry it reads."""
+    ids = np.arange(math.prod(batch_shape), dtype=np.intp).reshape(batch_shape)
+    return np.broadcast_to(ids, out_batch).reshape(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _index_maps(q_batch, kv_batch, group, mask_batch, batch):
+    """index[:, b], the stored q, k/v and mask entries that batch entry b reads, and the
+    decoding groups: the costly part of layout() (about 20 us), cached by the batch shapes
+    alone, so that a new key or query length (every step of a growing cache) reuses it."""
+    kv_ids = np.arange(math.prod(kv_batch), dtype=np.intp).reshape(kv_batch)
+    if group > 1:
+        kv_ids = np.repeat(kv_ids, group, axis=-1)
+    index = frozen(np.stack([
+        _batch_index(q_batch, batch),
+        np.broadcast_to(kv_ids, batch).reshape(-1),
+        _batch_index(mask_batch, batch),
+    ]))
+    return (index, *_decode_groups(index[1]))
+
+
+def _decode_groups(kv_index):
+    """For single-query attention: the number G of consecutive batch entries that read
+    the same key/value entry (the query heads of a grouped-query group, or everything
+    when k/v are broadcast), and the kv entry of each group. G = 1 when there is none."""
+    n = kv_index.shape[0]
+    if n == 0:
+        return 1, kv_index
+    run = int(np.argmax(kv_index != kv_index[0])) or n
+    if n % run == 0 and np.all(kv_index.reshape(-1, run) == kv_index[::run, None]):
+        return run, frozen(kv_index[::run])
+    return 1, kv_index
+
+
+def frozen(a):
+    """a, C-contiguous and read-only (index arrays shared between calls through caches)."""
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """A validated scores/attention call: its layout, its arrays (not yet converted to
+    the compute dtype), the mask kind, the flags and the dtypes."""
+    layout: Layout
+    q: np.ndarray
+    k: np.ndarray
+    v: Optional[np.ndarray]     # None for scores
+    mask: Optional[np.ndarray]
+    mask_kind: MaskKind
+    causal: bool
+    window: int                 # 0: no sliding window
+    scale: float
+    compute: np.dtype           # float32 or float64: what the kernels run in
+    result: np.dtype            # what the caller gets back
+    named: Any                  # ((name, array), ...): the inputs out= may not overlap
+
+
+def plan_attention(q, k, v, mask, causal, scale, window=None, *, with_v=True):
+    """Validate q, k, v (if with_v), mask and the flags into an AttentionPlan."""
+    q = as_array("q", q)
+    k = as_array("k", k)
+    if not with_v:
+        named = (("q", q), ("k", k))
+        compute, result = dtypes_of(("q", "k"), (q.dtype, k.dtype))
+    else:
+        v = as_array("v", v)
+        named = (("q", q), ("k", k), ("v", v))
+        compute, result = dtypes_of(("q", "k", "v"), (q.dtype, k.dtype, v.dtype))
+    if mask is not None:
+        mask = as_array("mask", mask)
+        named += (("mask", mask),)
+    mask_kind = MaskKind.of(mask)
+    lay = layout(q.shape, k.shape, v.shape if with_v else None,
+                 None if mask is None else mask.shape)
+    causal = check_flag("causal", causal)
+    return AttentionPlan(layout=lay, q=q, k=k, v=v if with_v else None, mask=mask,
+                         mask_kind=mask_kind, causal=causal, window=check_window(window, causal),
+                         scale=check_scale(scale, lay.d_head), compute=compute, result=result,
+                         named=named)
+
+
+def refuse_huge_plan(plan, results):
+    """Refuse, naming the shapes, a call whose arrays could not be allocated: the results
+    (name, element count) and the contiguous copies the kernels would need."""
+    lay, compute, q, k, v = plan.layout, plan.compute, plan.q, plan.k, plan.v
+    if lay.max_elements * compute.itemsize <= memory_limit():
+        return
+    shapes = f"q.shape={q.shape}, k.shape={k.shape}" + ("" if v is None else f", v.shape={v.shape}")
+    for name, n in results:
+        refuse_huge(f"the {name}", n, compute.itemsize, shapes)
+    copies = [("copy of q", q, lay.n_q_items * lay.n_queries * lay.d_head),
+              ("copy of k", k, lay.n_kv_items * lay.n_keys * lay.d_head)]
+    if v is not None:
+        copies.append(("copy of v", v, lay.n_kv_items * lay.n_keys * lay.d_v))
+    for name, a, n in copies:
+        if a.dtype != compute or not a.flags.c_contiguous or a.size != n:
+            refuse_huge(f"the {name}", n, compute.itemsize, shapes)
+    if plan.mask_kind != MaskKind.NONE:
+        refuse_huge("the mask", lay.n_mask_items * lay.n_queries * lay.n_keys,
+                    compute.itemsize if plan.mask_kind == MaskKind.ADD else 1, shapes)
+
+
+# --------------------------------------------------------------------------- kernel choices
+
+def tiles(n_batch, n_queries, n_keys, causal, compute):
+    """(query rows, keys) per tile for a shape; never depends on the thread count."""
+    # Causal rows see a triangle: smaller query blocks skip more and balance better.
+    q_block = max(1, Q_BLOCK // 2) if causal else Q_BLOCK
+    while q_block > MIN_Q_BLOCK and n_batch * -(-n_queries // q_block) < MIN_WORK_ITEMS:
+        q_block //= 2
+    # A float64 tile of 256 x 512 would not fit the L2 cache beside its operands.
+    k_block = K_BLOCK if compute.itemsize == 4 else max(1, K_BLOCK // 2)
+    return min(q_block, n_queries), min(k_block, n_keys)
+
+
+def use_microkernels(compute, d_head, d_v):
+    """Whether a tile's GEMMs run in this build's micro-kernels rather than BLAS: float32
+    tiles whose head sizes fill their register blocks, in a build that has them."""
+    return (HAS_MICROKERNELS and compute == np.float32 and d_head % MICROKERNEL_WIDTH == 0
+            and d_v % MICROKERNEL_WIDTH == 0)
+
+
+def decode_eligible(plan, return_weights):
+    """Whether a call runs in the single-query (decoding) kernel: one query per batch
+    entry, no mask or window, q not broadcast, and neither head size empty."""
+    lay = plan.layout
+    return (lay.n_queries == 1 and plan.mask_kind == MaskKind.NONE and not plan.window
+            and lay.q_batch == lay.batch and lay.d_head > 0 and lay.d_v > 0
+            and not return_weights)
+
+
+# --------------------------------------------------------------------------- kernel inputs
+
+def _kv_stored(a, lay):
+    """k or v with the batch shape of the stored key/value entries (a view)."""
+    if a.shape[:-2] != lay.kv_batch:
+        a = np.broadcast_to(a, lay.kv_batch + a.shape[-2:])
+    return a
+
+
+def kv_contiguous(a, lay, width, compute):
+    """k or v as C-contiguous (n_kv_items, L_k, width) in the compute dtype."""
+    return contiguous(_kv_stored(a, lay), compute).reshape(lay.n_kv_items, lay.n_keys, width)
+
+
+def kv_items(a, lay, width, compute):
+    """k or v as (n_kv_items, L_k, width) in the compute dtype, without copying when the
+    last two axes are already contiguous (a KVCache's storage is read in place)."""
+    a = _kv_stored(a, lay)
+    itemsize = compute.itemsize
+    if not (a.dtype == compute and a.strides[-1] == itemsize
+            and (lay.n_keys == 1 or a.strides[-2] == width * itemsize)):
+        a = contiguous(a, compute)
+    items = a.reshape(lay.n_kv_items, lay.n_keys, width)  # a view whenever strides allow
+    if items.strides[0] % itemsize:  # pragma: no cover - exotic byte strides
+        items = contiguous(items, compute)
+    return items
+
+
+def kernel_inputs(plan):
+    """The contiguous, compute-dtype q, k and mask the kernels read (mask None without
+    one; a boolean mask goes as uint8, a float one in the compute dtype)."""
+    lay, compute = plan.layout, plan.compute
+    d_head = lay.d_head
+    q = contiguous(plan.q, compute).reshape(lay.n_q_items, lay.n_queries, d_head)
+    k = kv_contiguous(plan.k, lay, d_head, compute)
+    if d_head == 0:
+        # An empty dot product is 0: give BLAS one zero column instead of a zero dimension.
+        q = np.zeros(q.shape[:-1] + (1,), compute)
+        k = np.zeros(k.shape[:-1] + (1,), compute)
+    mask = None
+    if plan.mask_kind != MaskKind.NONE:
+        mask = np.broadcast_to(plan.mask, lay.mask_batch + (lay.n_queries, lay.n_keys))
+        mask = mask.reshape(lay.n_mask_items, lay.n_queries, lay.n_keys)
+        if plan.mask_kind == MaskKind.ADD:
+            mask = contiguous(mask, compute)
+        else:
+            mask = contiguous(mask, np.bool_).view(np.uint8)
+    return q, k, mask

@@ -1,0 +1,266 @@
+"""The only caller of the compiled kernels: thread counts, BLAS threads, and the runners
+of projection, softmax, scores, the fused attention and the decoding kernel.
+
+Design: the runners take what _validation and _plan have checked and prepared; they
+choose threads (small work runs on one thread), hold BLAS to one thread where the tile
+kernels call it from several, raise MemoryError when a kernel reports that its scratch
+could not be allocated, and record the threads that ran (``last_call``, for tests).
+"""
+
+import functools
+import math
+import threading
+
+import numpy as np
+
+from . import _plan
+from ._dispatch import kernels as _kernels
+from ._plan import MaskKind
+from ._validation import check_out, contiguous
+
+__all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "run_softmax",
+           "run_scores", "run_attention", "run_decode", "identity_index", "kernel_target",
+           "finish"]
+
+# OpenBLAS runs a GEMM on the calling thread when m*n*k <= 65536 * 4 (interface/gemm.c,
+# SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD); above that it would start its own
+# threads inside ours, so fastattn holds it to one thread for such calls.
+BLAS_SERIAL_MNK = 65536 * 4
+
+
+class _SerialBlas:
+    """Holds the BLAS libraries to one thread while any fastattn kernel that needs it runs.
+
+    threadpoolctl's ``threadpool_limits`` builds a controller on every use (about 1 ms);
+    this keeps one controller and a count of the calls inside, so concurrent calls from
+    several Python threads neither pay that nor restore the limit under each other's feet.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._libs = None
+        self._saved = ()
+
+    def _controllers(self):
+        if self._libs is None:
+            from threadpoolctl import ThreadpoolController
+
+            libs = ThreadpoolController().select(user_api="blas").lib_controllers
+            # Only the BLAS that scipy.linalg.cython_blas calls: NumPy ships its own
+            # OpenBLAS, and other threads of the program may be using it meanwhile.
+            # Where the two are one library (a system or conda BLAS), hold that one.
+            scipy_libs = [lib for lib in libs if "scipy" in lib.filepath and "numpy" not in lib.filepath]
+            self._libs = scipy_libs or libs
+        return self._libs
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                libs = self._controllers()
+                self._saved = [lib.num_threads for lib in libs]
+                for lib in libs:
+                    lib.set_num_threads(1)
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for lib, n in zip(self._libs, self._saved):
+                    lib.set_num_threads(n)
+        return False
+
+
+serial_blas = _SerialBlas()
+
+# What the latest attention call of this Python thread ran with (tests and debugging).
+last_call = threading.local()
+
+
+def _team(n_threads, flops, n_work):
+    """Threads for a call: one below SERIAL_FLOPS, else at most one per work item."""
+    return 1 if flops < _plan.SERIAL_FLOPS else min(n_threads, n_work)
+
+
+def _checked(team, what):
+    """The team size a kernel returned, or MemoryError when it could not allocate."""
+    if team < 0:
+        raise MemoryError(f"attention: cannot allocate the {what}")
+    last_call.threads = team
+    return team
+
+
+# --------------------------------------------------------------------------- results
+
+def kernel_target(out, shape, compute):
+    """Where a kernel writes: a view of out itself when out is C-contiguous in the
+    compute dtype (then ``finish`` has nothing to copy), else a new array."""
+    if out is not None and out.dtype == compute and out.flags.c_contiguous:
+        return out.reshape(shape)
+    return np.empty(shape, dtype=compute)
+
+
+def finish(result, result_dtype, out):
+    """Cast the computed array to the result dtype, into out= when given (no copy when the
+    kernel already wrote into out itself)."""
+    if out is None:
+        return result if result.dtype == result_dtype else result.astype(result_dtype)
+    if result.base is not out and result is not out:
+        out[...] = result
+    return out
+
+
+# --------------------------------------------------------------------------- projection
+
+def project_rows(x2, w, b, target):
+    """target (n_rows, d_out) = x2 @ w (+ b), x2 C-contiguous in target's dtype."""
+    n_rows, d_in = x2.shape
+    compute = target.dtype
+    if n_rows == 0 or target.shape[1] == 0:
+        return
+    if d_in == 0:  # an empty sum: BLAS wants every dimension >= 1
+        target[...] = 0 if b is None else contiguous(b, compute)
+        return
+    b2 = contiguous(b, compute) if b is not None else np.zeros(1, compute)
+    # One GEMM threaded by the BLAS itself: splitting rows over fastattn's threads made
+    # every block re-pack w and ran 1.1-1.5x slower (256 x 128 x 384: 162 vs 115 us).
+    _kernels.project(x2, contiguous(w, compute), b2, b is not None, target)
+
+
+# --------------------------------------------------------------------------- softmax
+
+def run_softmax(rows, target, log_out, n_threads):
+    """target = softmax (or log_softmax) of each row of rows (n_rows, n), both contiguous."""
+    if rows.size < _plan.SOFTMAX_PARALLEL_ELEMENTS:
+        n_threads = 1
+    _kernels.softmax(rows, target, log_out, False, n_threads)
+
+
+# --------------------------------------------------------------------------- scores
+
+def run_scores(plan):
+    """The masked, scaled scores of a plan, (n_batch, L_q, L_k) in the compute dtype."""
+    lay = plan.layout
+    _plan.refuse_huge_plan(plan, [("scores", lay.n_batch * lay.n_queries * lay.n_keys)])
+    result = np.empty((lay.n_batch, lay.n_queries, lay.n_keys), plan.compute)
+    if result.size:
+        q, k, mask = _plan.kernel_inputs(plan)
+        _kernels.scores(q, k, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
+                        plan.scale, result)
+    return result
+
+
+# --------------------------------------------------------------------------- attention
+
+def run_attention(plan, return_weights, out, n_threads):
+    """Run a plan; returns (out, weights or None, lse), shaped as the caller sees them."""
+    lay, compute = plan.layout, plan.compute
+    n_batch, n_queries, n_keys, d_v = lay.n_batch, lay.n_queries, lay.n_keys, lay.d_v
+    out_shape = lay.batch + (n_queries, d_v)
+    if out is not None:
+        check_out(out, out_shape, plan.result, plan.named)
+    flat = (n_batch, n_queries, d_v)
+    results = [("output", n_batch * n_queries * d_v), ("log-sum-exp", n_batch * n_queries)]
+    if return_weights:
+        results.append(("weights", n_batch * n_queries * n_keys))
+    _plan.refuse_huge_plan(plan, results)
+    target = kernel_target(out, flat, compute)
+    lse = np.empty((n_batch, n_queries), compute)
+    weights = None
+    if n_batch == 0 or n_queries == 0:
+        pass
+    elif n_keys == 0:
+        target[...] = 0  # no key to attend to: every query is fully masked
+        lse[...] = -np.inf
+    elif _plan.decode_eligible(plan, return_weights):
+        _decode_plan(plan, target, lse, n_threads)
+    else:
+        weights = _fused(plan, return_weights, target, lse, n_threads)
+    if return_weights and weights is None:
+        weights = np.zeros((n_batch, n_queries, n_keys), compute)
+    result = finish(target.reshape(out_shape), plan.result, out)
+    if weights is not None:
+        weights = finish(weights.reshape(lay.batch + (n_queries, n_keys)), plan.result, None)
+    return result, weights, lse.reshape(lay.batch + (n_queries,))
+
+
+def _fused(plan, return_weights, target, lse, n_threads):
+    """The fused kernel into target and lse; the weights when asked, else None."""
+    lay, compute = plan.layout, plan.compute
+    n_batch, n_queries, n_keys = lay.n_batch, lay.n_queries, lay.n_keys
+    q, k, mask = _plan.kernel_inputs(plan)
+    v = _plan.kv_contiguous(plan.v, lay, lay.d_v, compute)
+    kernel_out = target
+    if lay.d_v == 0:
+        # Nothing to average, but lse still needs the pass: use one zero column.
+        v = np.zeros(v.shape[:-1] + (1,), compute)
+        kernel_out = np.empty((n_batch, n_queries, 1), compute)
+    d_head, d_v = q.shape[-1], v.shape[-1]
+    q_block, k_block = _plan.tiles(n_batch, n_queries, n_keys, plan.causal, compute)
+    team = _team(n_threads, 2.0 * n_batch * n_queries * n_keys * (d_head + d_v),
+                 n_batch * -(-n_queries // q_block))
+    micro = _plan.use_microkernels(compute, d_head, d_v)
+    args = (q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window, plan.scale,
+            kernel_out, lse, q_block, k_block, micro, team)
+    if not micro and q_block * k_block * max(d_head, d_v) > BLAS_SERIAL_MNK:
+        with serial_blas:
+            status = _kernels.attention(*args)
+    else:  # the micro-kernels call no BLAS; OpenBLAS runs smaller tiles on our thread
+        status = _kernels.attention(*args)
+    _checked(status, "per-thread scratch")
+    if not return_weights:
+        return None
+    w = np.empty((n_batch, n_queries, n_keys), compute)
+    _kernels.scores(q, k, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
+                    plan.scale, w)
+    w2 = w.reshape(-1, n_keys)
+    _kernels.softmax(w2, w2, False, True, team)
+    return w
+
+
+def _decode_plan(plan, target, lse, n_threads):
+    """Single-query attention: one pass over each key/value head for its group of queries."""
+    lay, compute = plan.layout, plan.compute
+    group = lay.decode_group
+    n_groups = lay.n_batch // group
+    q3 = contiguous(plan.q, compute).reshape(n_groups, group, lay.d_head)
+    k3 = _plan.kv_items(plan.k, lay, lay.d_head, compute)
+    v3 = _plan.kv_items(plan.v, lay, lay.d_v, compute)
+    run_decode(q3, k3, v3, lay.decode_kv, plan.scale, target.reshape(n_groups, group, lay.d_v),
+               lse.reshape(n_groups, group), n_threads)
+
+
+def run_decode(q3, k3, v3, kv_index, scale, out3, lse2, n_threads):
+    """The decoding kernel on prepared arrays: q3 (n_groups, G, D), k3/v3 (n_kv, L_k,
+    D or D_v), out3 (n_groups, G, D_v), lse2 (n_groups, G); small work runs serially."""
+    n_groups, group, d_head = q3.shape
+    n_keys, d_v = k3.shape[1], v3.shape[2]
+    n_chunks = -(-n_keys // _plan.DECODE_CHUNK)
+    team = _team(n_threads, 2.0 * n_groups * group * n_keys * (d_head + d_v), n_groups * n_chunks)
+    _checked(_kernels.decode(q3, k3, v3, kv_index, scale, out3, lse2, _plan.DECODE_CHUNK, team),
+             "decoding scratch")
+
+
+@functools.lru_cache(maxsize=64)
+def identity_index(n):
+    """The read-only index 0..n-1 (the kv entry of each group when nothing is shared)."""
+    return _plan.frozen(np.arange(n, dtype=np.intp))
+
+
+# --------------------------------------------------------------------------- q, k, v at once
+
+def project_qkv(x, weights, biases, compute):
+    """[x @ w + b for each (w, b)], each (..., d_out) in the compute dtype; the arguments
+    as _validation.qkv_arguments returns them."""
+    # Three whole-matrix GEMMs. Measured against the alternatives (float32, 2 threads):
+    # blocks of rows of x kept in cache re-pack the weights per block and ran up to 1.4x
+    # slower; one GEMM against [w_q | w_k | w_v] was within 6% (noise) and needs a copy of
+    # the weights and a split of the result.
+    lead = x.shape[:-1]
+    x2 = contiguous(x, compute).reshape(math.prod(lead), x.shape[-1])
+    outs = []
+    for w, b in zip(weights, biases):
+        outs.append(np.empty((x2.shape[0], w.shape[1]), compute))
+        project_rows(x2, w, b, outs[-1])
+    return [o.reshape(lead + (o.shape[1],)) for o in outs]

@@ -1,0 +1,227 @@
+"""Checking and converting the arguments of the public functions.
+
+Design: every rule about what an argument may be lives here once, so that the public
+functions (api.py), the layer (layers.py) and the cache (cache.py) raise the same error
+for the same mistake: a ``TypeError`` for the wrong kind of thing, a ``ValueError`` for a
+value or shape out of range, each naming the argument. Nothing here calls the kernels.
+"""
+
+import functools
+import math
+import numbers
+import operator
+import os
+import sys
+
+import numpy as np
+
+from ._dispatch import kernels as _kernels
+
+try:  # NumPy >= 1.25
+    from numpy.exceptions import AxisError
+except ImportError:  # pragma: no cover
+    from numpy import AxisError
+
+__all__ = ["AxisError", "INT_MAX", "as_array", "dtype_pair", "dtypes", "dtypes_of",
+           "contiguous", "memory_limit", "refuse_huge", "positive_int", "check_threads",
+           "check_scale", "check_flag", "check_window", "check_axis", "check_out",
+           "qkv_arguments"]
+
+INT_MAX = 2**31 - 1  # BLAS dimensions are C ints
+
+
+# --------------------------------------------------------------------------- dtypes
+
+def dtype_pair(name, dtype):
+    """(compute dtype, result dtype) for an argument's dtype, or TypeError naming it."""
+    if dtype.kind == "f":
+        if dtype.itemsize == 2:
+            return np.dtype(np.float32), np.dtype(np.float16)
+        if dtype.itemsize in (4, 8):
+            native = np.dtype(np.float32 if dtype.itemsize == 4 else np.float64)
+            return native, native
+    elif dtype.kind in "biu":
+        return np.dtype(np.float64), np.dtype(np.float64)
+    raise TypeError(
+        f"{name} has unsupported dtype {dtype}; expected float16, float32, float64, "
+        "an integer or a boolean array"
+    )
+
+
+def as_array(name, a):
+    """np.asarray with the argument's name on failure (ragged lists, etc.)."""
+    if isinstance(a, np.ndarray):
+        return a
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} could not be converted to an array: {exc}") from None
+
+
+def dtypes(named):
+    """Compute and result dtypes for several (name, array) pairs, promoting as NumPy does."""
+    return dtypes_of(tuple(name for name, _ in named), tuple(a.dtype for _, a in named))
+
+
+@functools.lru_cache(maxsize=256)
+def dtypes_of(names, dtypes):
+    """dtypes() by names and dtypes alone (cached: a call's dtypes rarely change)."""
+    computes, results = [], []
+    for name, dtype in zip(names, dtypes):
+        c, r = dtype_pair(name, dtype)
+        computes.append(c)
+        results.append(r)
+    compute = np.dtype(np.float64) if np.dtype(np.float64) in computes else np.dtype(np.float32)
+    return compute, np.result_type(*results)
+
+
+def contiguous(a, dtype):
+    """a as a C-contiguous, native-byte-order array of dtype: at most one copy."""
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- sizes
+
+@functools.lru_cache(maxsize=1)
+def memory_limit():
+    """Bytes of physical memory: no single array fastattn allocates may exceed it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+        return sys.maxsize
+
+
+def refuse_huge(what, n_elements, itemsize, detail):
+    """ValueError, before anything is allocated, for an array that could not be."""
+    n_bytes = n_elements * itemsize  # Python ints: no overflow
+    if n_bytes > min(memory_limit(), sys.maxsize):
+        raise ValueError(
+            f"{what} would need {n_bytes / 2**30:.4g} GiB ({detail}), more than the "
+            f"{memory_limit() / 2**30:.4g} GiB of memory of this machine"
+        )
+
+
+# --------------------------------------------------------------------------- scalars
+
+def positive_int(name, value, *, allow_none=False, what="a positive integer"):
+    """value as an int >= 1: TypeError if it is not an integer (bools are not), ValueError
+    if it is below 1. ``what`` is how the message describes the expected value."""
+    if value is None and allow_none:
+        return None
+    expected = what + (" or None" if allow_none else "")
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {expected}, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be {expected}, got {n}")
+    return n
+
+
+def check_threads(num_threads):
+    """The OpenMP team size for a call: num_threads, or OpenMP's default when None."""
+    if num_threads is None:
+        return max(1, _kernels.max_threads())
+    return positive_int("num_threads", num_threads, allow_none=True)
+
+
+def check_scale(scale, d_head):
+    """The score scale: 1/sqrt(d_head) by default (1 when d_head is 0: every score is 0)."""
+    if scale is None:
+        return 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def check_flag(name, value):
+    """A bool argument: True or False (NumPy's too), nothing merely truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_window(window, causal):
+    """The sliding window: None (0 for the kernels) or a positive int, with causal=True."""
+    if window is None:
+        return 0
+    window = positive_int("window", window, allow_none=True)
+    if not causal:
+        raise ValueError("window needs causal=True: it bounds how far back a query sees")
+    return window
+
+
+def check_axis(axis, ndim, shape, func):
+    """axis as an int in [-ndim, ndim), or AxisError as NumPy raises it."""
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {axis!r}") from None
+    if not -ndim <= axis < ndim:
+        raise AxisError(f"{func}: axis {axis} is out of bounds for x of dimension {ndim} (x.shape={shape})")
+    return axis
+
+
+# --------------------------------------------------------------------------- out=
+
+def check_out(out, shape, dtype, inputs):
+    """Validate out= as NumPy does: exact shape and dtype, writeable, no overlap with inputs."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(
+            f"out must have shape {tuple(shape)} and dtype {dtype}, "
+            f"got out.shape={out.shape} and dtype {out.dtype}"
+        )
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for name, a in inputs:
+        # may_share_memory compares bounds only (cheap); shares_memory decides exactly.
+        if isinstance(a, np.ndarray) and np.may_share_memory(out, a) and _overlaps(out, a):
+            raise ValueError(f"out overlaps the input {name}; pass a separate array")
+
+
+def _overlaps(a, b):
+    try:
+        return np.shares_memory(a, b, max_work=10_000)
+    except np.exceptions.TooHardError:
+        return True  # cannot tell cheaply: refuse rather than risk a wrong answer
+
+
+# --------------------------------------------------------------------------- projections
+
+def qkv_arguments(x, w_q, w_k, w_v, b_q, b_k, b_v):
+    """The arguments of the q, k, v projections of x (..., d_model), checked: returns
+    (x, [w_q, w_k, w_v], [b_q, b_k, b_v], named, compute dtype, result dtype)."""
+    x = as_array("x", x)
+    ws = [("w_q", as_array("w_q", w_q)), ("w_k", as_array("w_k", w_k)),
+          ("w_v", as_array("w_v", w_v))]
+    bs = [(name, None if b is None else as_array(name, b))
+          for name, b in (("b_q", b_q), ("b_k", b_k), ("b_v", b_v))]
+    named = [("x", x)] + ws + [(n, b) for n, b in bs if b is not None]
+    compute, result_dtype = dtypes(named)
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., L, d_model), got x.shape={x.shape}")
+    d_model = x.shape[-1]
+    for (name, w), (bname, b) in zip(ws, bs):
+        if w.ndim != 2 or w.shape[0] != d_model:
+            raise ValueError(
+                f"{name} must have shape (d_model, d_out) with d_model = {d_model} from "
+                f"x.shape={x.shape}, got {name}.shape={w.shape}"
+            )
+        if b is not None and b.shape != (w.shape[1],):
+            raise ValueError(f"{bname} must have shape ({w.shape[1]},) to match {name}.shape={w.shape}, got {bname}.shape={b.shape}")
+    n_rows = math.prod(x.shape[:-1])
+    if max(n_rows, d_model, *(w.shape[1] for _, w in ws)) > INT_MAX:
+        raise ValueError(f"dimensions above 2**31 - 1 are not supported, got x.shape={x.shape}")
+    for name, w in ws:
+        refuse_huge(f"the projection by {name}", n_rows * w.shape[1], compute.itemsize,
+                    f"x.shape={x.shape}, {name}.shape={w.shape}")
+    return x, [w for _, w in ws], [b for _, b in bs], named, compute, result_dtype

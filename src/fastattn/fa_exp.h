@@ -1,0 +1,139 @@
+/* The vectorisable exp and the softmax row reductions built on it.
+ *
+ * Design of the exp: softmax spends most of its non-GEMM time in exp, and libm's exp is a
+ * call per element that GCC cannot vectorise without -ffast-math. These are branch-free
+ * static inline functions that GCC vectorises where they are inlined into a loop:
+ *   exp(x) = 2^n * p(r),  n = round(x / ln 2),  r = x - n ln 2 (Cody-Waite, two parts),
+ * p a Taylor polynomial (degree 7 for float, 13 for double; |r| <= ln2/2 so the truncation
+ * error is below 0.1 ulp), and 2^n built in the exponent bits, split in two factors so
+ * that subnormal results come out right. Special values: exp(-inf) == 0 exactly (the clamp
+ * sends it to a value that rounds to 0), exp(+inf) == inf, and NaN stays NaN because
+ * every comparison with NaN is false, so the clamps leave it alone and it reaches p(r).
+ * No float-to-int conversion of NaN happens (n comes from the round-to-nearest
+ * "magic number" addition), so there is no undefined behaviour either.
+ */
+#ifndef FASTATTN_EXP_H
+#define FASTATTN_EXP_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float fa_expf(float x)
+{
+    /* Above 88.73 the result is inf, below -103.98 it rounds to 0. */
+    if (x > 89.0f) x = 89.0f;
+    if (x < -104.0f) x = -104.0f;
+    const float magic = 12582912.0f;            /* 1.5 * 2^23: adding it rounds to an integer */
+    float t = x * 1.44269504088896341f + magic;
+    float n = t - magic;
+    float r = x - n * 0.693359375f;             /* ln 2, high part: exact product */
+    r = r - n * -2.12194440e-4f;                /* ln 2, low part */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t ti;
+    memcpy(&ti, &t, sizeof ti);
+    int32_t ni = ti - 0x4B400000;                /* the integer n, read from t's mantissa */
+    int32_t n1 = ni >> 1, n2 = ni - n1;          /* each in [-75, 64]: both 2^n1, 2^n2 normal */
+    /* Shift as unsigned: for NaN input n is garbage and n + 127 may be negative (the
+     * result is NaN anyway, but a negative left shift would be undefined behaviour). */
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    return p * s1 * s2;
+}
+
+static inline double fa_exp(double x)
+{
+    /* Above 709.79 the result is inf, below -745.14 it rounds to 0. */
+    if (x > 710.0) x = 710.0;
+    if (x < -746.0) x = -746.0;
+    const double magic = 6755399441055744.0;    /* 1.5 * 2^52 */
+    double t = x * 1.4426950408889634074 + magic;
+    double n = t - magic;
+    double r = x - n * 6.93147180369123816490e-01;   /* ln 2, high part (fdlibm's ln2_hi) */
+    r = r - n * 1.90821492927058770002e-10;          /* ln 2, low part */
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    int64_t ti;
+    memcpy(&ti, &t, sizeof ti);
+    int64_t ni = ti - 0x4338000000000000LL;
+    int64_t n1 = ni >> 1, n2 = ni - n1;
+    uint64_t b1 = (uint64_t)(n1 + 1023) << 52, b2 = (uint64_t)(n2 + 1023) << 52;
+    double s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    return p * s1 * s2;
+}
+
+/* Row reductions for the softmax, written so that GCC vectorises them without
+ * -ffast-math: a floating-point max or sum across a row is a serial dependency that GCC
+ * will not reassociate, so these keep FA_LANES independent partial results, updated
+ * element-wise (which vectorises), and combine them in a fixed order at the end. The
+ * result is therefore deterministic, and NaN is ignored by the max (x > m is false) just
+ * as in the scalar loop. */
+#define FA_LANES 16
+
+#define FA_DEFINE_ROW_OPS(T, SUFFIX, EXP)                                              \
+static inline T fa_row_max_##SUFFIX(const T *x, ptrdiff_t n)                            \
+{                                                                                        \
+    T acc[FA_LANES];                                                                     \
+    for (int t = 0; t < FA_LANES; t++) acc[t] = -INFINITY;                               \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] = x[j + t] > acc[t] ? x[j + t] : acc[t]; \
+    T m = -INFINITY;                                                                     \
+    for (int t = 0; t < FA_LANES; t++) m = acc[t] > m ? acc[t] : m;                      \
+    for (; j < n; j++) m = x[j] > m ? x[j] : m;                                          \
+    return m;                                                                            \
+}                                                                                        \
+/* x[j] = exp(x[j] - shift) in place; returns the sum of the new x, in double. */        \
+static inline double fa_exp_shift_sum_##SUFFIX(T *x, ptrdiff_t n, T shift)              \
+{                                                                                        \
+    for (ptrdiff_t j = 0; j < n; j++) x[j] = EXP(x[j] - shift);                          \
+    double acc[FA_LANES] = {0};                                                          \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] += (double)x[j + t];                   \
+    double total = 0;                                                                    \
+    for (; j < n; j++) total += (double)x[j];                                            \
+    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                  \
+    return total;                                                                        \
+}                                                                                        \
+/* The sum of exp(x[j] - shift), x unchanged (for log_softmax). */                      \
+static inline double fa_exp_shift_total_##SUFFIX(const T *x, ptrdiff_t n, T shift)      \
+{                                                                                        \
+    double acc[FA_LANES] = {0};                                                          \
+    ptrdiff_t j = 0;                                                                     \
+    for (; j + FA_LANES <= n; j += FA_LANES)                                             \
+        for (int t = 0; t < FA_LANES; t++) acc[t] += (double)EXP(x[j + t] - shift);      \
+    double total = 0;                                                                    \
+    for (; j < n; j++) total += (double)EXP(x[j] - shift);                               \
+    for (int t = 0; t < FA_LANES; t++) total += acc[t];                                  \
+    return total;                                                                        \
+}
+
+FA_DEFINE_ROW_OPS(float, f, fa_expf)
+FA_DEFINE_ROW_OPS(double, d, fa_exp)
+
+#endif
