@@ -20,7 +20,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def assert_close(actual, desired, compute, case, magnitude=1.0):
-    """Compare a kernel result with the float64 reference, with DESIGN.md's tolerances.
+    """Compare a kernel result with the float64 reference, with docs/DESIGN.md's tolerances.
 
     float64: rtol=1e-12; float32 (and float16 computed in float32): rtol=2e-5, atol=2e-6.
     The float64 comparison also allows an absolute 1e-13 * magnitude (the size of the

@@ -13,7 +13,7 @@ DTYPES = (np.float64, np.float32, np.float16, np.int32)
 
 
 def compute_dtype(*dtypes):
-    """DESIGN.md's rule: float16 and float32 compute in float32, anything else in float64."""
+    """docs/DESIGN.md's rule: float16 and float32 compute in float32, anything else in float64."""
     native = [np.dtype(d).newbyteorder("=") for d in dtypes]
     return np.float32 if all(d in (np.float32, np.float16) for d in native) else np.float64
 

@@ -136,3 +136,27 @@ def test_merge_attention_errors():
         fastattn.merge_attention(out, np.zeros(4), out, lse)
     with pytest.raises(TypeError, match=r"lse_b.*complex128"):
         fastattn.merge_attention(out, lse, out, lse.astype(complex))
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda n: fastattn.attention(Q, K, V, num_threads=n), "num_threads"),
+    (lambda n: fastattn.attention(Q, K, V, causal=True, window=n), "window"),
+    (lambda n: fastattn.KVCache(n, 1, 4, 4), "batch"),
+    (lambda n: fastattn.KVCache(1, n, 4, 4), "kv_heads"),
+    (lambda n: fastattn.KVCache(1, 1, n, 4), "capacity"),
+    (lambda n: fastattn.KVCache(1, 1, 4, n), "head_dim"),
+    (lambda n: fastattn.KVCache(1, 1, 4, 4, value_dim=n), "value_dim"),
+    (lambda n: fastattn.KVCache(1, 1, 4, 4, window=n), "window"),
+    (lambda n: fastattn.MultiHeadAttention(*[np.ones((8, 8))] * 4, num_heads=n), "num_heads"),
+    (lambda n: fastattn.MultiHeadAttention(*[np.ones((8, 8))] * 4, num_heads=4, num_kv_heads=n),
+     "num_kv_heads"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_every_count_argument_follows_one_rule(make, name):
+    # One rule for every argument that counts something: TypeError for what is not an
+    # integer (bools and floats included), ValueError for an integer below 1.
+    for bad in (1.5, True, "2", np.float64(2.0)):
+        with pytest.raises(TypeError, match=f"{name} must be a positive integer"):
+            make(bad)
+    for bad in (0, -3, np.int64(0)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            make(bad)

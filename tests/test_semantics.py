@@ -1,4 +1,4 @@
-"""The decided semantics of DESIGN.md, each pinned by a test."""
+"""The decided semantics of docs/DESIGN.md, each pinned by a test."""
 
 import numpy as np
 import pytest

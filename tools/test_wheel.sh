@@ -21,19 +21,23 @@ python3 -m venv "$work/build-env"
 sdist=$(ls "$work"/dist/fastattn-*.tar.gz)
 wheel=$(ls "$work"/dist/fastattn-*.whl)
 
-"$work/build-env/bin/python" - "$sdist" "$wheel" <<'PY'
-import sys, tarfile, zipfile
-sdist, wheel = sys.argv[1:]
+"$work/build-env/bin/python" - "$sdist" "$wheel" "$root/src/fastattn/_isa.py" <<'PY'
+import importlib.util, sys, tarfile, zipfile
+sdist, wheel, isa_table = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("isa", isa_table)
+isa = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(isa)
 s = tarfile.open(sdist).getnames()
 w = zipfile.ZipFile(wheel).namelist()
 def has(names, suffix):
     return [n for n in names if n.endswith(suffix)]
-for suffix in (".pyx", ".pxi", ".pyi", "py.typed", "README.md", "tests/test_semantics.py", "_helpers.h"):
+for suffix in (".pyx", ".pxi", ".pyi", "py.typed", "README.md", "tests/test_semantics.py",
+               "fa_platform.h", "fa_cpu.h", "fa_exp.h", "fa_decode.h", "fa_microkernels.h"):
     assert has(s, suffix), f"sdist lacks {suffix}"
 for suffix in (".c", ".so", ".pyd"):
     assert not has(s, suffix), f"sdist carries generated files: {has(s, suffix)}"
 assert not has(w, ".c"), f"wheel carries C sources: {has(w, '.c')}"
-for module in ("_kernels", "_kernels_avx2", "_kernels_avx512"):
+for module in [b.module for b in isa.BUILDS] + ["_cpu"]:  # one wheel carries every build
     assert [n for n in w if f"fastattn/{module}." in n and n.endswith(".so")], f"wheel lacks {module}"
 for suffix in ("_kernels.pyi", "py.typed"):
     assert has(w, suffix), f"wheel lacks {suffix}"

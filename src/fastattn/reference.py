@@ -3,7 +3,7 @@
 Design: this module is the oracle the kernels are tested against, so it shares nothing
 with them: no NumPy, only lists and ``math``, written for clarity rather than speed
 (sizes of a few dozen per axis). Sums are ``math.fsum`` (correctly rounded) wherever the
-terms are finite. It follows the semantics of ../shared/DESIGN.md literally:
+terms are finite. It follows the semantics of docs/DESIGN.md literally:
 
 - a key hidden from a query (boolean mask False, causal, or a score of -inf) has weight 0
   and is left out of the sums;
