@@ -103,18 +103,23 @@ def refuse_huge(what, n_elements, itemsize, detail):
 
 # --------------------------------------------------------------------------- scalars
 
+def _integer(name, value, expected):
+    """value as an int (anything with __index__ but a bool), else TypeError."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be {expected}, got {value!r}")
+
+
 def positive_int(name, value, *, allow_none=False, what="a positive integer"):
     """value as an int >= 1: TypeError if it is not an integer (bools are not), ValueError
     if it is below 1. ``what`` is how the message describes the expected value."""
     if value is None and allow_none:
         return None
     expected = what + (" or None" if allow_none else "")
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be {expected}, got {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be {expected}, got {value!r}") from None
+    n = _integer(name, value, expected)
     if n < 1:
         raise ValueError(f"{name} must be {expected}, got {n}")
     return n
@@ -158,12 +163,7 @@ def check_window(window, causal):
 
 def check_axis(axis, ndim, shape, func):
     """axis as an int in [-ndim, ndim), or AxisError as NumPy raises it."""
-    if isinstance(axis, (bool, np.bool_)):
-        raise TypeError(f"axis must be an integer, got {axis!r}")
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an integer, got {axis!r}") from None
+    axis = _integer("axis", axis, "an integer")
     if not -ndim <= axis < ndim:
         raise AxisError(f"{func}: axis {axis} is out of bounds for x of dimension {ndim} (x.shape={shape})")
     return axis
