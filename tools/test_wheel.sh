@@ -32,7 +32,8 @@ w = zipfile.ZipFile(wheel).namelist()
 def has(names, suffix):
     return [n for n in names if n.endswith(suffix)]
 for suffix in (".pyx", ".pxi", ".pyi", "py.typed", "README.md", "tests/test_semantics.py",
-               "fa_platform.h", "fa_cpu.h", "fa_exp.h", "fa_decode.h", "fa_microkernels.h"):
+               "fa_platform.h", "fa_cpu.h", "fa_exp.h", "fa_decode.h", "fa_microkernels.h",
+               "fa_bench.h"):
     assert has(s, suffix), f"sdist lacks {suffix}"
 for suffix in (".c", ".so", ".pyd"):
     assert not has(s, suffix), f"sdist carries generated files: {has(s, suffix)}"

@@ -13,7 +13,8 @@
 # `scipy.linalg.cython_blas` as scikit-learn's pairwise reductions do; this module owns the
 # rest: scaling, masking, the online softmax and its rescaling, written as loops over
 # contiguous memory with the vectorisable exp of `fa_exp.h`. The decoding kernel is in C
-# (`fa_decode.h`), and so are the AVX-512 micro-kernels (`fa_microkernels.h`).
+# (`fa_decode.h`), and so are the tile micro-kernels of the AVX2 and AVX-512 builds
+# (`fa_microkernels.h`).
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
@@ -60,12 +61,31 @@ cdef extern from "fa_decode.h" nogil:
 
 cdef extern from "fa_microkernels.h" nogil:
     int FA_MICROKERNELS
-    void fa_mk_scores(const float *q, Py_ssize_t rows, Py_ssize_t d, const float *kt,
-                      Py_ssize_t n_cols, float *s, Py_ssize_t ld)
-    void fa_mk_pv(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *v,
-                  Py_ssize_t n_keys, Py_ssize_t d_v, float *o)
-    void fa_transpose_keys(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kt,
-                           Py_ssize_t ld)
+    int FA_MK_VBYTES
+    int FA_MK_KEYS
+    void fa_mk_scores_f(const float *q, Py_ssize_t rows, Py_ssize_t d, const float *kp,
+                        Py_ssize_t n_cols, float *s, Py_ssize_t ld)
+    void fa_mk_scores_d(const double *q, Py_ssize_t rows, Py_ssize_t d, const double *kp,
+                        Py_ssize_t n_cols, double *s, Py_ssize_t ld)
+    void fa_mk_pv_f(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *v,
+                    Py_ssize_t n_keys, Py_ssize_t d_v, float *o)
+    void fa_mk_pv_d(const double *p, Py_ssize_t ld_p, Py_ssize_t rows, const double *v,
+                    Py_ssize_t n_keys, Py_ssize_t d_v, double *o)
+    void fa_pack_keys_f(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kp,
+                        Py_ssize_t n_cols)
+    void fa_pack_keys_d(const double *k, Py_ssize_t rows, Py_ssize_t d, double *kp,
+                        Py_ssize_t n_cols)
+    void fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v, float *vp)
+    void fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v, double *vp)
+
+cdef extern from "fa_bench.h" nogil:
+    float fa_fma_loop_f(Py_ssize_t n_iter, float seed)
+    double fa_fma_loop_d(Py_ssize_t n_iter, double seed)
+    float fa_read_sum_f(const float *x, Py_ssize_t n)
+    double fa_read_sum_d(const double *x, Py_ssize_t n)
+    Py_ssize_t fa_fma_flops_per_iter(size_t item)
+    int FA_BENCH_VBYTES
+    int FA_READ_CHAINS
 
 # The mask kinds, as fastattn._plan.MaskKind numbers them.
 cdef enum:
@@ -148,6 +168,44 @@ cdef inline Py_ssize_t _round_up(Py_ssize_t n, Py_ssize_t multiple) noexcept nog
     return (n + multiple - 1) // multiple * multiple
 
 
+cdef inline void _mk_scores(const floating *q, Py_ssize_t rows, Py_ssize_t d,
+                            const floating *kp, Py_ssize_t n_cols, floating *s,
+                            Py_ssize_t ld) noexcept nogil:
+    """s (rows x n_cols, stride ld) = q (rows x d) @ k.T, k packed by _pack_keys."""
+    if floating is float:
+        fa_mk_scores_f(q, rows, d, kp, n_cols, s, ld)
+    else:
+        fa_mk_scores_d(q, rows, d, kp, n_cols, s, ld)
+
+
+cdef inline void _mk_pv(const floating *p, Py_ssize_t ld_p, Py_ssize_t rows,
+                        const floating *vp, Py_ssize_t n_keys, Py_ssize_t d_v,
+                        floating *o) noexcept nogil:
+    """o (rows x d_v) += p (rows x n_keys, stride ld_p) @ v, v packed by _pack_values."""
+    if floating is float:
+        fa_mk_pv_f(p, ld_p, rows, vp, n_keys, d_v, o)
+    else:
+        fa_mk_pv_d(p, ld_p, rows, vp, n_keys, d_v, o)
+
+
+cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
+                            floating *kp, Py_ssize_t n_cols) noexcept nogil:
+    """kp = k (rows x d) as the micro-kernel's key panels, zero keys up to n_cols."""
+    if floating is float:
+        fa_pack_keys_f(k, rows, d, kp, n_cols)
+    else:
+        fa_pack_keys_d(k, rows, d, kp, n_cols)
+
+
+cdef inline void _pack_values(const floating *v, Py_ssize_t n_keys, Py_ssize_t d_v,
+                              floating *vp) noexcept nogil:
+    """vp = v (n_keys x d_v) as the micro-kernel's column bands."""
+    if floating is float:
+        fa_pack_values_f(v, n_keys, d_v, vp)
+    else:
+        fa_pack_values_d(v, n_keys, d_v, vp)
+
+
 # --------------------------------------------------------------------------- build facts
 
 def build_info():
@@ -155,6 +213,8 @@ def build_info():
     return {
         "isa": fa_isa_name.decode(),
         "microkernels": bool(FA_MICROKERNELS),
+        # Lanes of the micro-kernels' vectors per dtype (0: none): d_v must be a multiple.
+        "microkernel_lanes": {"float32": FA_MK_VBYTES // 4, "float64": FA_MK_VBYTES // 8},
         "compile_flags": fa_build_flags.decode(),
         "openmp": bool(fa_openmp_enabled()),
         "debug_checks": bool(fa_debug_build),
@@ -286,14 +346,15 @@ cdef void _attend_block(
         Py_ssize_t q_start, Py_ssize_t q_rows, Py_ssize_t n_queries, Py_ssize_t n_keys,
         Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, Py_ssize_t window,
         floating scale, floating *s_tile, floating *o_acc, floating *m_run, double *l_run,
-        floating *kt, floating *qs, bint micro, floating *out, floating *lse) noexcept nogil:
+        floating *kp, floating *vp, floating *qs, bint micro, floating *out,
+        floating *lse) noexcept nogil:
     """out rows [q_start, q_start + q_rows) of softmax(scale q k.T + mask) v, by an online
     softmax over key blocks; lse (if not NULL) gets m + log(l) per row.
 
-    micro: the tile GEMMs run in the AVX-512 micro-kernels (float32, d_head and d_v
-    multiples of 16: fastattn._plan.use_microkernels) instead of BLAS: the query block is scaled once into qs, each key
-    block is transposed into kt (padded with zero keys to a multiple of 32), and the score
-    tile then has that padded width as its row stride."""
+    micro: the tile GEMMs run in this build's micro-kernels (fastattn._plan.use_microkernels)
+    instead of BLAS: the query block is scaled once into qs, each key block is packed into
+    kp (padded with zero keys to a multiple of FA_MK_KEYS) and each value block into vp,
+    and the score tile then has that padded width as its row stride."""
     cdef Py_ssize_t offset = n_keys - n_queries   # causal: query i sees keys j <= i + offset
     cdef Py_ssize_t k_end = n_keys, k_start, k_rows, i, j, gi
     cdef floating m_new, m_use, alpha, inv
@@ -311,23 +372,21 @@ cdef void _attend_block(
         m_run[i] = -INFINITY
         l_run[i] = 0
     memset(o_acc, 0, q_rows * d_v * sizeof(floating))
-    if floating is float:
-        if micro:
-            for i in range(q_rows * d_head):
-                qs[i] = q[q_start * d_head + i] * scale
+    if micro:
+        for i in range(q_rows * d_head):
+            qs[i] = q[q_start * d_head + i] * scale
 
     k_start = k_begin
     while k_start < k_end:
         k_rows = min(k_block, k_end - k_start)
         ld = k_rows
-        if floating is float:
-            if micro:
-                # kt (d_head x ld) = K_blk.T, zero keys up to a multiple of 32; then
-                # s_tile (q_rows x ld) = (scale Q_blk) @ kt
-                ld = _round_up(k_rows, 32)
-                fa_transpose_keys(k + k_start * d_head, k_rows, d_head, kt, ld)
-                fa_mk_scores(qs, q_rows, d_head, kt, ld, s_tile, ld)
-        if not micro:
+        if micro:
+            # kp = K_blk packed in panels, zero keys up to a multiple of FA_MK_KEYS; then
+            # s_tile (q_rows x ld) = (scale Q_blk) @ K_blk.T
+            ld = _round_up(k_rows, FA_MK_KEYS)
+            _pack_keys(k + k_start * d_head, k_rows, d_head, kp, ld)
+            _mk_scores(qs, q_rows, d_head, kp, ld, s_tile, ld)
+        else:
             # s_tile (q_rows x k_rows) = scale * Q_blk @ K_blk.T
             _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
                   q + q_start * d_head, <int> d_head, k + k_start * d_head, <int> d_head,
@@ -353,10 +412,10 @@ cdef void _attend_block(
                 for j in range(d_v):
                     o_row[j] = o_row[j] * alpha
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
-        if floating is float:
-            if micro:
-                fa_mk_pv(s_tile, ld, q_rows, v + k_start * d_v, k_rows, d_v, o_acc)
-        if not micro:
+        if micro:
+            _pack_values(v + k_start * d_v, k_rows, d_v, vp)
+            _mk_pv(s_tile, ld, q_rows, vp, k_rows, d_v, o_acc)
+        else:
             _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1,
                   s_tile, <int> k_rows, v + k_start * d_v, <int> d_v,
                   1, o_acc, <int> d_v)
@@ -382,7 +441,8 @@ cdef enum:
     SCR_S_TILE = 0  # score tile, q_block x s_width
     SCR_O_ACC       # output accumulator, q_block x d_v
     SCR_M_RUN       # running max, q_block
-    SCR_KT          # transposed key block, d_head x s_width (micro-kernels only)
+    SCR_KP          # packed key block, d_head x s_width (micro-kernels only)
+    SCR_VP          # packed value block, k_block x d_v (micro-kernels only)
     SCR_QS          # scaled query block, q_block x d_head (micro-kernels only)
     SCR_L_RUN       # running sum, q_block doubles, 64-byte aligned
     SCR_SIZE        # the whole part, a multiple of 64 bytes
@@ -398,8 +458,9 @@ cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t d_h
     at[SCR_S_TILE] = 0
     at[SCR_O_ACC] = at[SCR_S_TILE] + q_block * s_width
     at[SCR_M_RUN] = at[SCR_O_ACC] + q_block * d_v
-    at[SCR_KT] = at[SCR_M_RUN] + q_block
-    at[SCR_QS] = at[SCR_KT] + (d_head * s_width if micro else 0)
+    at[SCR_KP] = at[SCR_M_RUN] + q_block
+    at[SCR_VP] = at[SCR_KP] + (d_head * s_width if micro else 0)
+    at[SCR_QS] = at[SCR_VP] + (s_width * d_v if micro else 0)
     at[SCR_L_RUN] = _round_up(at[SCR_QS] + (q_block * d_head if micro else 0), per_line)
     at[SCR_SIZE] = _round_up(at[SCR_L_RUN] + q_block * (sizeof(double) // item), per_line)
 
@@ -424,7 +485,8 @@ cdef inline void _attend_item(
                   mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
                   n_keys, d_head, d_v, k_block, causal, window, scale,
                   buf + at[SCR_S_TILE], buf + at[SCR_O_ACC], buf + at[SCR_M_RUN],
-                  <double*> (buf + at[SCR_L_RUN]), buf + at[SCR_KT], buf + at[SCR_QS], micro,
+                  <double*> (buf + at[SCR_L_RUN]), buf + at[SCR_KP], buf + at[SCR_VP],
+                  buf + at[SCR_QS], micro,
                   out + b * n_queries * d_v, lse + b * n_queries)
 
 
@@ -450,9 +512,9 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     cdef Py_ssize_t n_keys = k.shape[1], d_head = q.shape[2]
     cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
     cdef Py_ssize_t n_work = n_batch * n_qblocks
-    cdef bint micro = floating is float and FA_MICROKERNELS and microkernels
-    # Score tile width: k_block, or rounded up to the micro-kernel's 32 keys.
-    cdef Py_ssize_t s_width = _round_up(k_block, 32) if micro else k_block
+    cdef bint micro = FA_MICROKERNELS and microkernels
+    # Score tile width: k_block, or rounded up to the micro-kernel's key blocks.
+    cdef Py_ssize_t s_width = _round_up(k_block, FA_MK_KEYS) if micro else k_block
     cdef Py_ssize_t at[SCR_N]
     cdef Py_ssize_t w
     cdef const floating[:, :, ::1] add_mask
@@ -565,6 +627,44 @@ def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
         free(l_parts)
         free(s_all)
     return team
+
+
+# --------------------------------------------------------------------------- ceilings
+
+def fma_loop(bint double, Py_ssize_t n_iter, int n_threads):
+    """Run the FMA-peak loop (fa_bench.h) n_iter times on each of n_threads threads;
+    returns the floating-point operations done (the caller times the call)."""
+    cdef int t
+    cdef double sink = 0
+    with nogil:
+        for t in prange(n_threads, num_threads=n_threads, schedule='static', chunksize=1):
+            if double:
+                sink += fa_fma_loop_d(n_iter, t)
+            else:
+                sink += fa_fma_loop_f(n_iter, <float> t)
+    if sink != sink:  # the loop's result is used, so it cannot be dropped
+        return 0.0
+    return float(n_threads) * n_iter * fa_fma_flops_per_iter(sizeof(double) if double else sizeof(float))
+
+
+def read_sum(const floating[::1] x, int n_threads):
+    """Sum x once, split in n_threads contiguous parts read in parallel (the bytes-read
+    ceiling of the decode rows; x.shape[0] a multiple of read_sum_multiple())."""
+    cdef Py_ssize_t n = x.shape[0], part, t
+    cdef double total = 0
+    part = n // n_threads
+    with nogil:
+        for t in prange(n_threads, num_threads=n_threads, schedule='static', chunksize=1):
+            if floating is float:
+                total += fa_read_sum_f(&x[0] + t * part, part)
+            else:
+                total += fa_read_sum_d(&x[0] + t * part, part)
+    return total
+
+
+def read_sum_multiple():
+    """read_sum reads whole blocks of this many bytes per thread."""
+    return FA_BENCH_VBYTES * FA_READ_CHAINS
 
 
 # --------------------------------------------------------------------------- testing aid

@@ -13,7 +13,8 @@ import dataclasses
 import enum
 import functools
 import math
-from typing import Any, Optional
+import os
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -50,10 +51,17 @@ DECODE_CHUNK = 512
 SERIAL_FLOPS = 2_000_000
 # softmax/log_softmax run on one thread below this many elements, for the same reason.
 SOFTMAX_PARALLEL_ELEMENTS = 100_000
-# The micro-kernels' register blocks are 16 float32 lanes wide (fa_microkernels.h).
-MICROKERNEL_WIDTH = 16
-# Whether this build has micro-kernels at all (the AVX-512 build does).
-HAS_MICROKERNELS = _kernels.build_info()["microkernels"]
+# The micro-kernels' vector lanes per compute dtype in this build (fa_microkernels.h):
+# 8 float32 / 4 float64 in the AVX2 build, 16 / 8 in the AVX-512 build; {} in the
+# baseline build, whose tiles always call BLAS.
+# Keyed by the compute dtype's itemsize (4 or 8): hashing a dtype costs more per call.
+MICROKERNEL_LANES = {np.dtype(name).itemsize: lanes
+                     for name, lanes in _kernels.build_info()["microkernel_lanes"].items() if lanes}
+# FASTATTN_TILE_GEMM=blas sends every tile GEMM to BLAS (to test and time that path on a
+# build with micro-kernels); "auto" (the default) uses the micro-kernels where they apply.
+TILE_GEMM = os.environ.get("FASTATTN_TILE_GEMM", "auto").strip().lower() or "auto"
+if TILE_GEMM not in ("auto", "blas"):
+    raise ImportError(f"FASTATTN_TILE_GEMM={TILE_GEMM!r} is not 'auto' or 'blas'")
 
 
 class MaskKind(enum.IntEnum):
@@ -230,10 +238,11 @@ def frozen(a):
 
 # --------------------------------------------------------------------------- the plan
 
-@dataclasses.dataclass(frozen=True)
-class AttentionPlan:
+class AttentionPlan(NamedTuple):
     """A validated scores/attention call: its layout, its arrays (not yet converted to
-    the compute dtype), the mask kind, the flags and the dtypes."""
+    the compute dtype), the mask kind, the flags and the dtypes. Immutable; a NamedTuple
+    rather than a frozen dataclass because it is built on every call (a frozen
+    dataclass's __init__ cost about 4 us of a 20 us tiny call)."""
     layout: Layout
     q: np.ndarray
     k: np.ndarray
@@ -246,6 +255,9 @@ class AttentionPlan:
     compute: np.dtype           # float32 or float64: what the kernels run in
     result: np.dtype            # what the caller gets back
     named: Any                  # ((name, array), ...): the inputs out= may not overlap
+
+
+_new_plan = tuple.__new__
 
 
 def plan_attention(q, k, v, mask, causal, scale, window=None, *, with_v=True):
@@ -266,10 +278,11 @@ def plan_attention(q, k, v, mask, causal, scale, window=None, *, with_v=True):
     lay = layout(q.shape, k.shape, v.shape if with_v else None,
                  None if mask is None else mask.shape)
     causal = check_flag("causal", causal)
-    return AttentionPlan(layout=lay, q=q, k=k, v=v if with_v else None, mask=mask,
-                         mask_kind=mask_kind, causal=causal, window=check_window(window, causal),
-                         scale=check_scale(scale, lay.d_head), compute=compute, result=result,
-                         named=named)
+    # In AttentionPlan's field order; tuple.__new__ skips the generated __new__ (5,600
+    # instructions with its argument binding, a quarter of this function).
+    return _new_plan(AttentionPlan, (lay, q, k, v if with_v else None, mask, mask_kind, causal,
+                                     check_window(window, causal), check_scale(scale, lay.d_head),
+                                     compute, result, named))
 
 
 def refuse_huge_plan(plan, results):
@@ -307,10 +320,12 @@ def tiles(n_batch, n_queries, n_keys, causal, compute):
 
 
 def use_microkernels(compute, d_head, d_v):
-    """Whether a tile's GEMMs run in this build's micro-kernels rather than BLAS: float32
-    tiles whose head sizes fill their register blocks, in a build that has them."""
-    return (HAS_MICROKERNELS and compute == np.float32 and d_head % MICROKERNEL_WIDTH == 0
-            and d_v % MICROKERNEL_WIDTH == 0)
+    """Whether a tile's GEMMs run in this build's micro-kernels rather than BLAS: in a
+    build that has them, unless FASTATTN_TILE_GEMM=blas, when both head sizes are whole
+    vectors. (Measured: they avoid BLAS's re-packing of each key and value block.)"""
+    lanes = MICROKERNEL_LANES.get(compute.itemsize)
+    return (TILE_GEMM == "auto" and lanes is not None and d_head % lanes == 0
+            and d_v % lanes == 0)
 
 
 def decode_eligible(plan, return_weights):

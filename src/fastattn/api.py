@@ -10,7 +10,6 @@ every bad input raises a ``ValueError`` or ``TypeError`` that names the argument
 kernels never raise.
 """
 
-import dataclasses
 import math
 
 import numpy as np
@@ -357,7 +356,7 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
     plan = _plan.plan_attention(q, k, v, mask, causal, scale, window)
     # The projections ran in the compute dtype; the result takes the dtype of x and the
     # weights, and out= may not overlap any of them.
-    plan = dataclasses.replace(plan, result=result_dtype, named=plan.named + tuple(named))
+    plan = plan._replace(result=result_dtype, named=plan.named + tuple(named))
     result, weights, lse = _run.run_attention(plan, return_weights, out,
                                               check_threads(num_threads))
     if one_token:

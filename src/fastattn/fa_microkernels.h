@@ -1,133 +1,228 @@
-/* Micro-kernels for the two GEMMs of a float32 attention tile, in the AVX-512 build.
- * Measured on an AMD EPYC (one thread, 64 tiles of 256 queries x 512 keys x
+/* Micro-kernels for the two GEMMs of an attention tile, in the AVX2 and AVX-512 builds, for
+ * float32 and float64: s = Q K^T (queries against a packed key block) and o += P V (a packed
+ * value block).
+ * The baseline build has none (FA_MICROKERNELS 0) and its tiles call BLAS. Whether a tile
+ * uses them is decided in Python (fastattn._plan.use_microkernels) and handed to the kernel.
+ *
+ * Design, after BLIS's haswell/skx kernels: an MR x NV register block of accumulators
+ * (NV vectors of W lanes across, MR rows down) is updated once per step of the inner
+ * dimension by NV contiguous vector loads and MR scalar broadcasts taken straight from
+ * memory (vbroadcastss/sd m, a load-port op). The block is chosen from the register file:
+ *   AVX2, 16 ymm:    6 x 2 (12 accumulators, 2 loads, 1 broadcast: 15 registers);
+ *   AVX-512, 32 zmm: scores 8 x 2, P V 4 x 4 (16 accumulators), as first tuned on an EPYC.
+ * 12-16 independent FMA chains cover the FMA latency (4-5 cycles) x 2 FMA ports of both
+ * vendors' cores. Broadcasting as `(vec){0} + x` instead costs a scalar add and a register
+ * broadcast per row and step, which on Intel compete with the FMAs for ports 0 and 5.
+ * Rows left over from MR run in a block of their own height (a switch on a constant, so
+ * each height compiles to its own unrolled loop), never one row at a time.
+ *
+ * Measured on an AMD EPYC with AVX-512 (one thread, 64 tiles of 256 queries x 512 keys x
  * D 64): OpenBLAS sgemm 98.5 GFLOP/s for the scores and 93.0 for P V (its AVX2 kernels,
- * as that machine set OPENBLAS_CORETYPE=Haswell); these 169.5 and 202.9. Elsewhere the kernels
- * call BLAS and these compile to nothing (FA_MICROKERNELS 0). Whether a tile uses them
- * is decided in Python (fastattn._plan.use_microkernels) and handed to the kernel. */
+ * as that machine set OPENBLAS_CORETYPE=Haswell); the AVX-512 kernels 169.5 and 202.9. */
 #ifndef FASTATTN_MICROKERNELS_H
 #define FASTATTN_MICROKERNELS_H
 
 #include <stddef.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
 #define FA_MICROKERNELS 1
-typedef float fa_v16 __attribute__((vector_size(64)));
-typedef float fa_v16u __attribute__((vector_size(64), aligned(4)));
 
-/* s[i][j] = sum_t q[i][t] kt[t][j] for i < rows, j < n_cols (a multiple of 32): q is
- * (rows x d) row-major, kt the key block transposed (d x n_cols), s has row stride ld.
- * 8 rows x 32 keys per register block: 16 accumulators. */
-static inline void fa_mk_scores(const float *q, ptrdiff_t rows, ptrdiff_t d,
-                                const float *kt, ptrdiff_t n_cols, float *s, ptrdiff_t ld)
-{
-    ptrdiff_t i0 = 0;
-    for (; i0 + 8 <= rows; i0 += 8)
-        for (ptrdiff_t j0 = 0; j0 < n_cols; j0 += 32) {
-            fa_v16 c[8][2];
-            for (int r = 0; r < 8; r++) { c[r][0] = (fa_v16){0}; c[r][1] = (fa_v16){0}; }
-            const float *qi = q + i0 * d;
-            for (ptrdiff_t t = 0; t < d; t++) {
-                fa_v16 b0 = *(const fa_v16u *)(kt + t * n_cols + j0);
-                fa_v16 b1 = *(const fa_v16u *)(kt + t * n_cols + j0 + 16);
-                for (int r = 0; r < 8; r++) {
-                    fa_v16 a = (fa_v16){0} + qi[r * d + t];
-                    c[r][0] += a * b0;
-                    c[r][1] += a * b1;
-                }
-            }
-            for (int r = 0; r < 8; r++) {
-                *(fa_v16u *)(s + (i0 + r) * ld + j0) = c[r][0];
-                *(fa_v16u *)(s + (i0 + r) * ld + j0 + 16) = c[r][1];
-            }
-        }
-    for (; i0 < rows; i0++)
-        for (ptrdiff_t j0 = 0; j0 < n_cols; j0 += 32) {
-            fa_v16 c0 = {0}, c1 = {0};
-            for (ptrdiff_t t = 0; t < d; t++) {
-                fa_v16 a = (fa_v16){0} + q[i0 * d + t];
-                c0 += a * *(const fa_v16u *)(kt + t * n_cols + j0);
-                c1 += a * *(const fa_v16u *)(kt + t * n_cols + j0 + 16);
-            }
-            *(fa_v16u *)(s + i0 * ld + j0) = c0;
-            *(fa_v16u *)(s + i0 * ld + j0 + 16) = c1;
-        }
-}
-
-/* kt (d x ld) = k.T for a block of `rows` keys (rows x d, row-major), zero keys from
- * rows up to ld. In bands of 16 keys: their rows stay in L1 while each of the d output
- * rows gets 16 contiguous values (a plain loop over keys then dimensions wrote with a
- * stride of ld and took two thirds of the tile's non-GEMM time). */
-static inline void fa_transpose_keys(const float *k, ptrdiff_t rows, ptrdiff_t d,
-                                     float *kt, ptrdiff_t ld)
-{
-    for (ptrdiff_t j0 = 0; j0 < rows; j0 += 16) {
-        ptrdiff_t nb = rows - j0 < 16 ? rows - j0 : 16;
-        for (ptrdiff_t t = 0; t < d; t++)
-            for (ptrdiff_t jj = 0; jj < nb; jj++)
-                kt[t * ld + j0 + jj] = k[(j0 + jj) * d + t];
-    }
-    for (ptrdiff_t t = 0; t < d; t++)
-        for (ptrdiff_t j = rows; j < ld; j++) kt[t * ld + j] = 0;
-}
-
-/* o[i][c] += sum_j p[i][j] v[j][c] for i < rows, j < n_keys, c < d_v (a multiple of 16):
- * p has row stride ld_p, v is (n_keys x d_v) and o (rows x d_v), row-major. 4 rows x 64
- * columns per register block: 16 accumulators. */
-static inline void fa_mk_pv(const float *p, ptrdiff_t ld_p, ptrdiff_t rows, const float *v,
-                            ptrdiff_t n_keys, ptrdiff_t d_v, float *o)
-{
-    ptrdiff_t c0 = 0;
-    for (; c0 + 64 <= d_v; c0 += 64) {
-        ptrdiff_t i0 = 0;
-        for (; i0 + 4 <= rows; i0 += 4) {
-            fa_v16 c[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int u = 0; u < 4; u++) c[r][u] = *(const fa_v16u *)(o + (i0 + r) * d_v + c0 + 16 * u);
-            for (ptrdiff_t j = 0; j < n_keys; j++) {
-                const float *vr = v + j * d_v + c0;
-                fa_v16 b0 = *(const fa_v16u *)vr, b1 = *(const fa_v16u *)(vr + 16);
-                fa_v16 b2 = *(const fa_v16u *)(vr + 32), b3 = *(const fa_v16u *)(vr + 48);
-                for (int r = 0; r < 4; r++) {
-                    fa_v16 a = (fa_v16){0} + p[(i0 + r) * ld_p + j];
-                    c[r][0] += a * b0; c[r][1] += a * b1; c[r][2] += a * b2; c[r][3] += a * b3;
-                }
-            }
-            for (int r = 0; r < 4; r++)
-                for (int u = 0; u < 4; u++) *(fa_v16u *)(o + (i0 + r) * d_v + c0 + 16 * u) = c[r][u];
-        }
-        for (; i0 < rows; i0++)
-            for (int u = 0; u < 4; u++) {
-                fa_v16 acc = *(const fa_v16u *)(o + i0 * d_v + c0 + 16 * u);
-                for (ptrdiff_t j = 0; j < n_keys; j++)
-                    acc += ((fa_v16){0} + p[i0 * ld_p + j]) * *(const fa_v16u *)(v + j * d_v + c0 + 16 * u);
-                *(fa_v16u *)(o + i0 * d_v + c0 + 16 * u) = acc;
-            }
-    }
-    for (; c0 < d_v; c0 += 16)  /* the last d_v % 64 columns, 16 at a time */
-        for (ptrdiff_t i = 0; i < rows; i++) {
-            fa_v16 acc = *(const fa_v16u *)(o + i * d_v + c0);
-            for (ptrdiff_t j = 0; j < n_keys; j++)
-                acc += ((fa_v16){0} + p[i * ld_p + j]) * *(const fa_v16u *)(v + j * d_v + c0);
-            *(fa_v16u *)(o + i * d_v + c0) = acc;
-        }
-}
+#if defined(__AVX512F__)
+#define FA_MK_VBYTES 64
+#define FA_MK_SCORES_MR 8
+#define FA_MK_SCORES_NV 2
+#define FA_MK_PV_MR 4
+#define FA_MK_PV_NV 4
+#define FA_MK_BCAST_f(p) ((fa_mkv_f)_mm512_set1_ps(*(p)))
+#define FA_MK_BCAST_d(p) ((fa_mkv_d)_mm512_set1_pd(*(p)))
 #else
+#define FA_MK_VBYTES 32
+#define FA_MK_SCORES_MR 6
+#define FA_MK_SCORES_NV 2
+#define FA_MK_PV_MR 6
+#define FA_MK_PV_NV 2
+#define FA_MK_BCAST_f(p) ((fa_mkv_f)_mm256_broadcast_ss(p))
+#define FA_MK_BCAST_d(p) ((fa_mkv_d)_mm256_broadcast_sd(p))
+#endif
+
+/* Keys per score block: the key block is packed and padded with zero keys to a
+ * multiple of this (the widest score block, float32's). */
+#define FA_MK_KEYS (FA_MK_SCORES_NV * FA_MK_VBYTES / 4)
+
+#define FA_DEFINE_MICROKERNELS(T, SUFFIX)                                                  \
+typedef T fa_mkv_##SUFFIX __attribute__((vector_size(FA_MK_VBYTES)));                      \
+typedef T fa_mkvu_##SUFFIX __attribute__((vector_size(FA_MK_VBYTES), aligned(sizeof(T)))); \
+enum { FA_MK_W_##SUFFIX = FA_MK_VBYTES / sizeof(T) };                                      \
+                                                                                           \
+/* s[r][j] = sum_t q[r][t] kp[t][j] for r < mr, j < NV W: one register block; kp is one  */ \
+/* packed key panel (d x NV W, contiguous).                                              */ \
+static inline __attribute__((always_inline)) void fa_mk_scores_block_##SUFFIX(             \
+    const int mr, const T *q, ptrdiff_t d, const T *kp, T *s, ptrdiff_t ld)                \
+{                                                                                          \
+    enum { W = FA_MK_W_##SUFFIX, NV = FA_MK_SCORES_NV };                                   \
+    fa_mkv_##SUFFIX c[8][NV];  /* mr <= 8 rows used */                                     \
+    for (int r = 0; r < mr; r++)                                                           \
+        for (int u = 0; u < NV; u++) c[r][u] = (fa_mkv_##SUFFIX){0};                       \
+    for (ptrdiff_t t = 0; t < d; t++) {                                                    \
+        fa_mkv_##SUFFIX b[NV];                                                             \
+        for (int u = 0; u < NV; u++) b[u] = *(const fa_mkvu_##SUFFIX *)(kp + (t * NV + u) * W); \
+        for (int r = 0; r < mr; r++) {                                                     \
+            const fa_mkv_##SUFFIX a = FA_MK_BCAST_##SUFFIX(q + r * d + t);                 \
+            for (int u = 0; u < NV; u++) c[r][u] += a * b[u];                              \
+        }                                                                                  \
+    }                                                                                      \
+    for (int r = 0; r < mr; r++)                                                           \
+        for (int u = 0; u < NV; u++) *(fa_mkvu_##SUFFIX *)(s + r * ld + u * W) = c[r][u];  \
+}                                                                                          \
+                                                                                           \
+/* s[i][j] = sum_t q[i][t] k[j][t] for i < rows, j < n_cols (a multiple of FA_MK_KEYS):  */ \
+/* q is (rows x d) row-major, kp the key block packed by fa_pack_keys, s has row stride  */ \
+/* ld.                                                                                   */ \
+static inline void fa_mk_scores_##SUFFIX(const T *q, ptrdiff_t rows, ptrdiff_t d,          \
+                                         const T *kp, ptrdiff_t n_cols, T *s, ptrdiff_t ld) \
+{                                                                                          \
+    enum { MR = FA_MK_SCORES_MR, KR = FA_MK_SCORES_NV * FA_MK_W_##SUFFIX };                \
+    for (ptrdiff_t j0 = 0; j0 < n_cols; j0 += KR) {                                        \
+        const T *panel = kp + j0 * d;                                                      \
+        ptrdiff_t i0 = 0;                                                                  \
+        for (; i0 + MR <= rows; i0 += MR)                                                  \
+            fa_mk_scores_block_##SUFFIX(MR, q + i0 * d, d, panel, s + i0 * ld + j0, ld);   \
+        switch (rows - i0) {  /* the rows left over, as one block of their height */      \
+        case 7: fa_mk_scores_block_##SUFFIX(7, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break; \
+        case 6: fa_mk_scores_block_##SUFFIX(6, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break; \
+        case 5: fa_mk_scores_block_##SUFFIX(5, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break; \
+        case 4: fa_mk_scores_block_##SUFFIX(4, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break; \
+        case 3: fa_mk_scores_block_##SUFFIX(3, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break; \
+        case 2: fa_mk_scores_block_##SUFFIX(2, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break; \
+        case 1: fa_mk_scores_block_##SUFFIX(1, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break; \
+        default: break;                                                                    \
+        }                                                                                  \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
+/* o[r][c] += sum_j p[r][j] vp[j][c] for r < mr, c < nv W: one register block; vp is one */ \
+/* packed band of values (n_keys x nv W, contiguous), o already offset to its column.    */ \
+static inline __attribute__((always_inline)) void fa_mk_pv_block_##SUFFIX(                 \
+    const int mr, const int nv, const T *p, ptrdiff_t ld_p, const T *vp, ptrdiff_t n_keys, \
+    ptrdiff_t d_v, T *o)                                                                   \
+{                                                                                          \
+    enum { W = FA_MK_W_##SUFFIX };                                                         \
+    fa_mkv_##SUFFIX c[8][FA_MK_PV_NV];  /* mr <= 8 rows, nv <= NV vectors used */          \
+    for (int r = 0; r < mr; r++)                                                           \
+        for (int u = 0; u < nv; u++) c[r][u] = *(const fa_mkvu_##SUFFIX *)(o + r * d_v + u * W); \
+    for (ptrdiff_t j = 0; j < n_keys; j++) {                                               \
+        fa_mkv_##SUFFIX b[FA_MK_PV_NV];                                                    \
+        for (int u = 0; u < nv; u++) b[u] = *(const fa_mkvu_##SUFFIX *)(vp + (j * nv + u) * W); \
+        for (int r = 0; r < mr; r++) {                                                     \
+            const fa_mkv_##SUFFIX a = FA_MK_BCAST_##SUFFIX(p + r * ld_p + j);              \
+            for (int u = 0; u < nv; u++) c[r][u] += a * b[u];                              \
+        }                                                                                  \
+    }                                                                                      \
+    for (int r = 0; r < mr; r++)                                                           \
+        for (int u = 0; u < nv; u++) *(fa_mkvu_##SUFFIX *)(o + r * d_v + u * W) = c[r][u]; \
+}                                                                                          \
+                                                                                           \
+/* One column band of nv vectors: every row, in blocks of MR and then the rows left.     */ \
+static inline __attribute__((always_inline)) void fa_mk_pv_band_##SUFFIX(                  \
+    const int nv, const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *v, ptrdiff_t n_keys, \
+    ptrdiff_t d_v, T *o)                                                                   \
+{                                                                                          \
+    enum { MR = FA_MK_PV_MR };                                                             \
+    ptrdiff_t i0 = 0;                                                                      \
+    for (; i0 + MR <= rows; i0 += MR)                                                      \
+        fa_mk_pv_block_##SUFFIX(MR, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); \
+    switch (rows - i0) {                                                                   \
+    case 7: fa_mk_pv_block_##SUFFIX(7, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 6: fa_mk_pv_block_##SUFFIX(6, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 5: fa_mk_pv_block_##SUFFIX(5, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 4: fa_mk_pv_block_##SUFFIX(4, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 3: fa_mk_pv_block_##SUFFIX(3, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 2: fa_mk_pv_block_##SUFFIX(2, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 1: fa_mk_pv_block_##SUFFIX(1, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    default: break;                                                                        \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
+/* o[i][c] += sum_j p[i][j] v[j][c] for i < rows, j < n_keys, c < d_v (a multiple of W): */ \
+/* p has row stride ld_p, vp the value block packed by fa_pack_values, o (rows x d_v)    */ \
+/* row-major. Bands of NV vectors of columns, then of one vector for the columns left.   */ \
+static inline void fa_mk_pv_##SUFFIX(const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *vp, \
+                                     ptrdiff_t n_keys, ptrdiff_t d_v, T *o)                \
+{                                                                                          \
+    enum { W = FA_MK_W_##SUFFIX, NV = FA_MK_PV_NV };                                       \
+    ptrdiff_t c0 = 0;                                                                      \
+    for (; c0 + NV * W <= d_v; c0 += NV * W)                                               \
+        fa_mk_pv_band_##SUFFIX(NV, p, ld_p, rows, vp + c0 * n_keys, n_keys, d_v, o + c0);  \
+    for (; c0 < d_v; c0 += W)                                                              \
+        fa_mk_pv_band_##SUFFIX(1, p, ld_p, rows, vp + c0 * n_keys, n_keys, d_v, o + c0);   \
+}                                                                                          \
+                                                                                           \
+/* vp = v (n_keys x d_v, row-major) in the bands fa_mk_pv reads: the columns [c0, c0 +   */ \
+/* bw) of every key, contiguous, band after band (bw = NV W, then W for the columns      */ \
+/* left). Packed once per value block, so that each band streams from one contiguous     */ \
+/* run rather than a line every d_v elements (whose cache sets alias when d_v is a       */ \
+/* power of two).                                                                        */ \
+static inline void fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, T *vp) \
+{                                                                                          \
+    enum { W = FA_MK_W_##SUFFIX, NV = FA_MK_PV_NV };                                       \
+    /* v is read row after row, once (a pass per band read every row d_v / bw times and */ \
+    /* stalled on its misses); each copy has a constant width, a few vector moves       */ \
+    /* (memcpy of a variable width compiled to rep movsq).                              */ \
+    const ptrdiff_t full = d_v / (NV * W) * (NV * W);                                      \
+    for (ptrdiff_t j = 0; j < n_keys; j++) {                                               \
+        const T *row = v + j * d_v;                                                        \
+        ptrdiff_t c0 = 0;                                                                  \
+        for (; c0 < full; c0 += NV * W)                                                    \
+            for (int c = 0; c < NV * W; c++) vp[c0 * n_keys + j * NV * W + c] = row[c0 + c]; \
+        for (; c0 < d_v; c0 += W)                                                          \
+            for (int c = 0; c < W; c++) vp[c0 * n_keys + j * W + c] = row[c0 + c];         \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
+/* kp = k (rows x d, row-major) in the panels fa_mk_scores reads: for each run of KR     */ \
+/* keys, a contiguous (d x KR) panel, kp[j0 d + t KR + jj] = k[j0 + jj][t]; zero keys     */ \
+/* from rows up to n_cols (a multiple of KR). Contiguous panels, not one transposed      */ \
+/* (d x n_cols) matrix: with n_cols a power of two, its rows' cache sets alias, and the  */ \
+/* scores kernel's loads missed L1 (BLIS packs its B panels for the same reason).       */ \
+static inline void fa_pack_keys_##SUFFIX(const T *k, ptrdiff_t rows, ptrdiff_t d,          \
+                                         T *kp, ptrdiff_t n_cols)                          \
+{                                                                                          \
+    enum { KR = FA_MK_SCORES_NV * FA_MK_W_##SUFFIX };                                      \
+    for (ptrdiff_t j0 = 0; j0 < n_cols; j0 += KR) {                                        \
+        T *panel = kp + j0 * d;                                                            \
+        const ptrdiff_t nb = rows - j0 < KR ? (rows - j0 > 0 ? rows - j0 : 0) : KR;        \
+        for (ptrdiff_t t = 0; t < d; t++) {                                                \
+            for (ptrdiff_t jj = 0; jj < nb; jj++) panel[t * KR + jj] = k[(j0 + jj) * d + t]; \
+            for (ptrdiff_t jj = nb; jj < KR; jj++) panel[t * KR + jj] = 0;                 \
+        }                                                                                  \
+    }                                                                                      \
+}
+
+_Static_assert(FA_MK_SCORES_MR <= 8 && FA_MK_PV_MR <= 8,
+               "the left-over rows switch handles register blocks of up to 8 rows");
+
+FA_DEFINE_MICROKERNELS(float, f)
+FA_DEFINE_MICROKERNELS(double, d)
+
+#else  /* no micro-kernels in this build: never called (FA_MICROKERNELS 0) */
 #define FA_MICROKERNELS 0
-static inline void fa_mk_scores(const float *q, ptrdiff_t rows, ptrdiff_t d, const float *kt,
-                                ptrdiff_t n_cols, float *s, ptrdiff_t ld)
-{
-    (void)q; (void)rows; (void)d; (void)kt; (void)n_cols; (void)s; (void)ld;
-}
-static inline void fa_mk_pv(const float *p, ptrdiff_t ld_p, ptrdiff_t rows, const float *v,
-                            ptrdiff_t n_keys, ptrdiff_t d_v, float *o)
-{
-    (void)p; (void)ld_p; (void)rows; (void)v; (void)n_keys; (void)d_v; (void)o;
-}
-static inline void fa_transpose_keys(const float *k, ptrdiff_t rows, ptrdiff_t d,
-                                     float *kt, ptrdiff_t ld)
-{
-    (void)k; (void)rows; (void)d; (void)kt; (void)ld;
-}
+#define FA_MK_VBYTES 0
+#define FA_MK_KEYS 1
+#define FA_DEFINE_MICROKERNEL_STUBS(T, SUFFIX)                                             \
+static inline void fa_mk_scores_##SUFFIX(const T *q, ptrdiff_t rows, ptrdiff_t d,          \
+                                         const T *kt, ptrdiff_t n_cols, T *s, ptrdiff_t ld) \
+{ (void)q; (void)rows; (void)d; (void)kt; (void)n_cols; (void)s; (void)ld; }               \
+static inline void fa_mk_pv_##SUFFIX(const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *v, \
+                                     ptrdiff_t n_keys, ptrdiff_t d_v, T *o)                \
+{ (void)p; (void)ld_p; (void)rows; (void)v; (void)n_keys; (void)d_v; (void)o; }            \
+static inline void fa_pack_keys_##SUFFIX(const T *k, ptrdiff_t rows, ptrdiff_t d,          \
+                                         T *kp, ptrdiff_t n_cols)                          \
+{ (void)k; (void)rows; (void)d; (void)kp; (void)n_cols; }                                  \
+static inline void fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, T *vp) \
+{ (void)v; (void)n_keys; (void)d_v; (void)vp; }
+FA_DEFINE_MICROKERNEL_STUBS(float, f)
+FA_DEFINE_MICROKERNEL_STUBS(double, d)
 #endif
 
 #endif
