@@ -7,10 +7,19 @@ contender and the ratio peer time / fastattn time (above 1: fastattn is faster).
 Between samples the harness sleeps ``gap`` seconds: each library keeps a pool of worker
 threads that spin for a while after a call (NumPy's OpenBLAS, SciPy's OpenBLAS, PyTorch's
 and fastattn's OpenMP), and on a 2-core machine the next contender's threads would fight
-them (measured here: a NumPy matmul right after a SciPy-BLAS call ran 2-80x slower). The
-gap lets each contender start on an idle machine, as it would in a program of its own. The
-machine's own ceilings, a large float32 NumPy matmul (GFLOP/s) and a large copy (GB/s),
-are measured in the same run so the figures can be read against them.
+them (measured: a NumPy matmul right after a SciPy-BLAS call ran 2-80x slower). The gap
+lets each contender start on an idle machine, as it would in a program of its own; one
+untimed call right after the gap then wakes the vCPUs and the contender's own threads (on
+a VM, the first call after 0.2 s idle took 5-12 ms whatever the work), so no sample starts
+cold.
+
+The machine's own ceilings are measured in the same run, so the figures can be read
+against them: the FMA peak of the instruction set in use on all threads (float32 and
+float64: the physical limit), a large float32 NumPy matmul, a large copy, and, for the
+decode rows, the time to read the same bytes the step reads. The header names the CPU.
+OpenBLAS settings that restrict NumPy's and SciPy's kernels (OPENBLAS_CORETYPE,
+OPENBLAS_L2_SIZE) are removed from the benchmark's process (``__main__`` re-executes it),
+so the peers run as users run them; the header says when that happened.
 """
 
 import math
@@ -126,19 +135,71 @@ def time_alternating(contenders, repeat, min_time, gap=0.0):
     for _ in range(repeat):
         for name, fn in contenders.items():
             time.sleep(gap)
+            fn()  # warm again after the gap: no sample starts on sleeping vCPUs or pools
             samples[name].append(_sample(fn, numbers[name]))
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def ceilings(min_time=0.2):
-    """The machine's float32 matmul GFLOP/s and copy GB/s, measured now."""
+def fma_peak(dtype, threads, min_time=0.1):
+    """GFLOP/s of the build's widest vector FMAs on `threads` threads (fa_bench.h): the
+    physical ceiling of the instruction set in use, measured now."""
+    double = np.dtype(dtype) == np.float64
+    n_iter = 1_000_000
+    flops = _kernels.fma_loop(double, n_iter, threads)
+    t = time_alternating({"fma": lambda: _kernels.fma_loop(double, n_iter, threads)}, 5,
+                         min_time)["fma"]
+    return flops / t / 1e9
+
+
+def read_floor(n_bytes, threads, min_time=0.05):
+    """Seconds to read n_bytes once on `threads` threads (the bytes a decode step reads)."""
+    block = _kernels.read_sum_multiple() * threads
+    x = np.ones(-(-n_bytes // block) * block // 4, np.float32)
+    return time_alternating({"read": lambda: _kernels.read_sum(x, threads)}, 5, min_time)["read"]
+
+
+def ceilings(threads, min_time=0.2):
+    """The machine's FMA peaks, float32 matmul GFLOP/s and copy GB/s, measured now."""
     n = 2048
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     t = time_alternating({"matmul": lambda: a @ a}, 5, min_time)["matmul"]
     src = np.ones(64 * 2**20 // 8)  # 64 MiB, far beyond the caches
     dst = np.empty_like(src)
     c = time_alternating({"copy": lambda: np.copyto(dst, src)}, 5, min_time)["copy"]
-    return {"matmul_gflops": 2 * n**3 / t / 1e9, "copy_gbs": 2 * src.nbytes / c / 1e9}
+    return {"fma_float32": fma_peak(np.float32, threads), "fma_float64": fma_peak(np.float64, threads),
+            "matmul_gflops": 2 * n**3 / t / 1e9, "copy_gbs": 2 * src.nbytes / c / 1e9}
+
+
+def cpu_description():
+    """Vendor, model name, family/model/stepping and caches of this CPU (Linux; else
+    what the platform module knows)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return platform.processor() or platform.machine()
+    caches = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            path = os.path.join(base, entry)
+            with open(os.path.join(path, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(path, "type")) as f:
+                kind = {"Data": "d", "Instruction": "i", "Unified": ""}.get(f.read().strip(), "?")
+            with open(os.path.join(path, "size")) as f:
+                size = f.read().strip()
+            caches.append(f"L{level}{kind} {size}")
+    except OSError:
+        pass
+    return (f"{fields.get('model name', '?')} ({fields.get('vendor_id', '?')}, family "
+            f"{fields.get('cpu family', '?')} model {fields.get('model', '?')} stepping "
+            f"{fields.get('stepping', '?')}; per core: {', '.join(caches) or 'caches unknown'})")
 
 
 def _peak_rss_reset():
@@ -330,7 +391,7 @@ def _decode_row(case, against, threads, min_time, gap):
     times = time_alternating(contenders, case.repeat, min_time, gap)
     moved = cache.keys.nbytes + cache.values.nbytes
     return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s",
-                   "kernel": times.pop("kernel")}
+                   "kernel": times.pop("kernel"), "floor": read_floor(moved, threads)}
 
 
 _ROWS = {"attention": _attention_row, "decode": _decode_row, "projection": _projection_row,
@@ -345,16 +406,27 @@ def _fmt_time(t):
     return f"{t * 1e6:.1f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
 
 
+def info_isa():
+    """The instruction set of the kernels in use."""
+    return _kernels.build_info()["isa"]
+
+
 def _header(threads, against):
     info = _kernels.build_info()
     torch = _torch() if "torch" in against else None
     lines = [
         f"fastattn {sys.modules['fastattn'].__version__}, NumPy {np.__version__}"
         + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ""),
+        f"cpu: {cpu_description()}",
         f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cpus, "
         f"fastattn threads {threads}, OpenMP {'on' if info['openmp'] else 'off'}, "
-        f"kernels {info['isa']} ({info['compile_flags']})",
+        f"kernels {info['isa']} ({info['compile_flags']}), tile GEMMs in "
+        + ("micro-kernels" if info["microkernels"] and _plan.TILE_GEMM == "auto" else "BLAS"),
     ]
+    removed = os.environ.get("FASTATTN_BENCH_UNSET")
+    if removed:
+        lines.append(f"removed from this process so that NumPy's and SciPy's OpenBLAS pick their "
+                     f"own kernels: {removed}")
     return lines
 
 
@@ -368,8 +440,10 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
         torch.set_num_threads(threads)
     for line in _header(threads, against):
         print(line, file=out)
-    ceil = ceilings()
-    print(f"ceilings measured now: float32 matmul (2048^3) {ceil['matmul_gflops']:.1f} GFLOP/s, "
+    ceil = ceilings(threads)
+    print(f"ceilings measured now on {threads} threads: FMA peak ({info_isa()}) float32 "
+          f"{ceil['fma_float32']:.1f} GFLOP/s, float64 {ceil['fma_float64']:.1f} GFLOP/s; "
+          f"float32 matmul (2048^3) {ceil['matmul_gflops']:.1f} GFLOP/s; "
           f"copy (64 MiB) {ceil['copy_gbs']:.1f} GB/s", file=out)
     public, kernel = call_overhead()
     print(f"per-call cost on the tiny shape: {public * 1e6:.1f} us public call = "
@@ -392,10 +466,13 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
             + (", causal" if case.causal else "")
         rate = f"{extra['rate']:.1f} {extra['unit']}"
         if case.kind == "decode":
-            rate += (f" ({100 * extra['rate'] / ceil['copy_gbs']:.0f}% of copy), "
+            rate += (f" (read floor {_fmt_time(extra['floor'])}: {100 * extra['floor'] / fa:.0f}%), "
                      f"kernel alone {_fmt_time(extra['kernel'])}")
         if case.kind == "attention" or case.kind == "memory":
-            rate += f" ({100 * extra['rate'] / ceil['matmul_gflops']:.0f}% of matmul)"
+            rate += (f" ({100 * extra['rate'] / ceil['fma_' + case.dtype]:.0f}% of FMA peak, "
+                     f"{100 * extra['rate'] / ceil['matmul_gflops']:.0f}% of matmul)")
+            if tt is not None:
+                rate += f"; torch {100 * extra['rate'] * fa / tt / ceil['fma_' + case.dtype]:.0f}% of peak"
         if "extra_mib" in extra:
             rate += f", peak extra {extra['extra_mib']:.1f} MiB"
         print(f"| {label} | {shape} | {_fmt_time(fa)} | {rate} | {_fmt_time(peer)} | "
