@@ -64,6 +64,23 @@ def decode(
     chunk: int,                         # Py_ssize_t
     n_threads: int,                     # int
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
+def tiles(
+    n_batch: int, n_queries: int, n_keys: int,  # Py_ssize_t
+    causal: bool,                       # bint
+    itemsize: int,                      # Py_ssize_t: 4 or 8
+    q_block_max: int, k_block_max: int, min_q_block: int, min_work_items: int,  # Py_ssize_t
+) -> tuple[int, int]: ...  # (query rows, keys) per tile: fastattn._plan.tiles
+def small_attention(
+    q: Any, k: Any, v: Any,             # object: anything; None unless small ndarrays
+    causal: bool,                       # bint
+    policy: tuple[int, ...],            # tuple: see fastattn._run.small_attention
+) -> Optional[npt.NDArray[np.floating]]: ...
+def fma_loop(double: bool, n_iter: int, n_threads: int) -> float: ...  # flops done
+def read_sum(
+    x: npt.NDArray[np.floating],        # const floating[::1]
+    n_threads: int,                     # int
+) -> float: ...
+def read_sum_multiple() -> int: ...
 def exp(
     x: npt.NDArray[np.floating],        # const floating[::1]
     out: npt.NDArray[np.floating],      # floating[::1]

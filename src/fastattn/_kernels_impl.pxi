@@ -18,10 +18,14 @@
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport log, INFINITY
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Release,
+                            PyObject_GetBuffer)
+from libc.math cimport log, sqrt, INFINITY
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
+
+import numpy as _np
 
 cdef extern from "<stdlib.h>" nogil:
     void *aligned_alloc(size_t alignment, size_t size)  # C11; size a multiple of alignment
@@ -490,6 +494,44 @@ cdef inline void _attend_item(
                   out + b * n_queries * d_v, lse + b * n_queries)
 
 
+cdef int _attention_run(const floating *q, const floating *k, const floating *v,
+                        const floating *add_base, const unsigned char *bool_base, int mask_kind,
+                        const Py_ssize_t *index, Py_ssize_t n_batch, Py_ssize_t n_queries,
+                        Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v, bint causal,
+                        Py_ssize_t window, double scale, floating *out, floating *lse,
+                        Py_ssize_t q_block, Py_ssize_t k_block, bint micro,
+                        int n_threads) noexcept nogil:
+    """The fused kernel on raw pointers (see attention): the team size, or -1 when the
+    scratch cannot be allocated."""
+    cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
+    cdef Py_ssize_t n_work = n_batch * n_qblocks
+    # Score tile width: k_block, or rounded up to the micro-kernel's key blocks.
+    cdef Py_ssize_t s_width = _round_up(k_block, FA_MK_KEYS) if micro else k_block
+    cdef Py_ssize_t at[SCR_N]
+    cdef Py_ssize_t w
+    cdef floating *scratch
+    cdef int team = 1
+    _scratch_layout(q_block, s_width, d_head, d_v, micro, sizeof(floating), at)
+    scratch = <floating*> aligned_alloc(64, n_threads * at[SCR_SIZE] * sizeof(floating))
+    if scratch == NULL:
+        return -1
+    if n_threads == 1:
+        # No OpenMP region for serial work: entering one costs more than a tiny call.
+        for w in range(n_work):
+            _attend_item(w, n_qblocks, q_block, k_block, q, k, v, add_base, bool_base,
+                         mask_kind, index, n_batch, n_queries, n_keys, d_head, d_v, causal,
+                         window, <floating> scale, scratch, at, micro, out, lse)
+    else:
+        for w in prange(n_work, num_threads=n_threads, schedule='static', chunksize=1):
+            _attend_item(w, n_qblocks, q_block, k_block, q, k, v, add_base, bool_base,
+                         mask_kind, index, n_batch, n_queries, n_keys, d_head, d_v, causal,
+                         window, <floating> scale, scratch + threadid() * at[SCR_SIZE], at,
+                         micro, out, lse)
+            team = fa_omp_team_size()  # every thread writes the same value
+    free(scratch)
+    return team
+
+
 def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
               const floating[:, :, ::1] v, object mask, int mask_kind,
               const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
@@ -508,54 +550,173 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     depend on the thread count. Returns the number of threads that ran (the OpenMP team),
     or -1 if the scratch cannot be allocated.
     """
-    cdef Py_ssize_t n_batch = out.shape[0], n_queries = out.shape[1], d_v = out.shape[2]
-    cdef Py_ssize_t n_keys = k.shape[1], d_head = q.shape[2]
-    cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
-    cdef Py_ssize_t n_work = n_batch * n_qblocks
-    cdef bint micro = FA_MICROKERNELS and microkernels
-    # Score tile width: k_block, or rounded up to the micro-kernel's key blocks.
-    cdef Py_ssize_t s_width = _round_up(k_block, FA_MK_KEYS) if micro else k_block
-    cdef Py_ssize_t at[SCR_N]
-    cdef Py_ssize_t w
     cdef const floating[:, :, ::1] add_mask
     cdef const unsigned char[:, :, ::1] bool_mask
     cdef const floating *add_base = NULL
     cdef const unsigned char *bool_base = NULL
-    cdef floating *scratch
-    cdef int team = 1
-    cdef int *team_out = &team
-    _scratch_layout(q_block, s_width, d_head, d_v, micro, sizeof(floating), at)
+    cdef int team
+    cdef bint micro = FA_MICROKERNELS != 0 and microkernels
     if mask_kind == MASK_BOOL:
         bool_mask = mask
         bool_base = &bool_mask[0, 0, 0]
     elif mask_kind == MASK_ADD:
         add_mask = mask
         add_base = &add_mask[0, 0, 0]
-    scratch = <floating*> aligned_alloc(64, n_threads * at[SCR_SIZE] * sizeof(floating))
-    if scratch == NULL:
-        return -1
-    try:
-        if n_threads == 1:
-            # No OpenMP region for serial work: entering one costs more than a tiny call.
-            with nogil:
-                for w in range(n_work):
-                    _attend_item(w, n_qblocks, q_block, k_block, &q[0, 0, 0], &k[0, 0, 0],
-                                 &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
-                                 n_batch, n_queries, n_keys, d_head, d_v, causal, window,
-                                 <floating> scale, scratch, at, micro,
-                                 &out[0, 0, 0], &lse[0, 0])
-        else:
-            for w in prange(n_work, nogil=True, num_threads=n_threads, schedule='static',
-                            chunksize=1):
-                _attend_item(w, n_qblocks, q_block, k_block, &q[0, 0, 0], &k[0, 0, 0],
-                             &v[0, 0, 0], add_base, bool_base, mask_kind, &index[0, 0],
-                             n_batch, n_queries, n_keys, d_head, d_v, causal, window,
-                             <floating> scale, scratch + threadid() * at[SCR_SIZE], at,
-                             micro, &out[0, 0, 0], &lse[0, 0])
-                team_out[0] = fa_omp_team_size()  # every thread writes the same value
-    finally:
-        free(scratch)
+    with nogil:
+        team = _attention_run(&q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0], add_base, bool_base,
+                              mask_kind, &index[0, 0], out.shape[0], out.shape[1], k.shape[1],
+                              q.shape[2], out.shape[2], causal, window, scale, &out[0, 0, 0],
+                              &lse[0, 0], q_block, k_block, micro, n_threads)
     return team
+
+
+# --------------------------------------------------------------------------- small calls
+
+cdef object _ndarray = _np.ndarray
+cdef object _float32 = _np.dtype(_np.float32)
+cdef object _float64 = _np.dtype(_np.float64)
+
+
+cdef void _tiles(Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys, bint causal,
+                 Py_ssize_t itemsize, Py_ssize_t q_block_max, Py_ssize_t k_block_max,
+                 Py_ssize_t min_q_block, Py_ssize_t min_work_items,
+                 Py_ssize_t *q_block_out, Py_ssize_t *k_block_out) noexcept nogil:
+    """The tile rule of fastattn._plan.tiles (which calls tiles() below: one rule)."""
+    # Causal rows see a triangle: smaller query blocks skip more and balance better.
+    cdef Py_ssize_t q_block = max(1, q_block_max // 2) if causal else q_block_max
+    while q_block > min_q_block and n_batch * ((n_queries + q_block - 1) // q_block) < min_work_items:
+        q_block = q_block // 2
+    # A float64 tile of 256 x 512 would not fit the L2 cache beside its operands.
+    cdef Py_ssize_t k_block = k_block_max if itemsize == 4 else max(1, k_block_max // 2)
+    q_block_out[0] = min(q_block, n_queries)
+    k_block_out[0] = min(k_block, n_keys)
+
+
+def tiles(Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys, bint causal,
+          Py_ssize_t itemsize, Py_ssize_t q_block_max, Py_ssize_t k_block_max,
+          Py_ssize_t min_q_block, Py_ssize_t min_work_items):
+    """(query rows, keys) per tile; see fastattn._plan.tiles."""
+    cdef Py_ssize_t q_block, k_block
+    _tiles(n_batch, n_queries, n_keys, causal, itemsize, q_block_max, k_block_max,
+           min_q_block, min_work_items, &q_block, &k_block)
+    return q_block, k_block
+
+
+cdef object _small_shape(object q, object k, object v):
+    """(n_batch, L_q, L_k, D, D_v) when q, k, v are what the small-call path takes, else
+    None: NumPy arrays (not subclasses) of one native float32 or float64 dtype,
+    C-contiguous, with the same batch dimensions (no broadcasting, no grouped heads), at
+    least two queries (one query is the decoding kernel's) and no empty axis."""
+    cdef object dtype = getattr(q, "dtype", None)
+    cdef tuple q_shape, k_shape, v_shape
+    cdef Py_ssize_t ndim, i, n_batch = 1
+    if type(q) is not _ndarray or type(k) is not _ndarray or type(v) is not _ndarray:
+        return None
+    if (dtype is not _float32 and dtype is not _float64) or k.dtype is not dtype or v.dtype is not dtype:
+        return None
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    ndim = len(q_shape)
+    if ndim < 2 or len(k_shape) != ndim or len(v_shape) != ndim:
+        return None
+    for i in range(ndim - 2):
+        if q_shape[i] != k_shape[i] or q_shape[i] != v_shape[i]:
+            return None
+        n_batch *= <Py_ssize_t> q_shape[i]
+    n_queries, n_keys = q_shape[ndim - 2], k_shape[ndim - 2]
+    d_head, d_v = q_shape[ndim - 1], v_shape[ndim - 1]
+    if (k_shape[ndim - 1] != d_head or v_shape[ndim - 2] != n_keys or n_batch < 1
+            or n_queries < 2 or n_keys < 1 or d_head < 1 or d_v < 1):
+        return None
+    return n_batch, n_queries, n_keys, d_head, d_v
+
+
+cdef bint _c_buffer(object a, Py_buffer *view):
+    """Acquire a's buffer if it is C-contiguous (True), else nothing (False)."""
+    try:
+        PyObject_GetBuffer(a, view, PyBUF_C_CONTIGUOUS)
+    except (ValueError, BufferError):
+        return False
+    return True
+
+
+def small_attention(object q, object k, object v, bint causal, tuple policy):
+    """attention(q, k, v, causal=causal) with every other argument at its default, or
+    None when the call is not a small one (fastattn._run.small_attention says which).
+
+    policy: (Q_BLOCK, K_BLOCK, MIN_Q_BLOCK, MIN_WORK_ITEMS, SERIAL_FLOPS, BLAS_SERIAL_MNK,
+    micro-kernel lanes for float32, for float64 (0: BLAS)) from fastattn._plan and _run,
+    so that the tiles, the thread count (one) and the micro-kernel choice are the general
+    path's and the result is bitwise the same. Never raises but MemoryError.
+    """
+    cdef object shape = _small_shape(q, k, v)
+    cdef Py_ssize_t n_batch, n_queries, n_keys, d_head, d_v, q_block, k_block, lanes, b
+    cdef Py_ssize_t itemsize
+    cdef bint micro
+    cdef Py_buffer qb, kb, vb, ob
+    cdef Py_ssize_t *index
+    cdef void *lse
+    cdef int team
+    cdef object out
+    if shape is None:
+        return None
+    n_batch, n_queries, n_keys, d_head, d_v = shape
+    if 2.0 * n_batch * n_queries * n_keys * (d_head + d_v) >= <double> policy[4]:
+        return None
+    itemsize = 4 if q.dtype is _float32 else 8
+    _tiles(n_batch, n_queries, n_keys, causal, itemsize, policy[0], policy[1], policy[2],
+           policy[3], &q_block, &k_block)
+    lanes = policy[6] if itemsize == 4 else policy[7]
+    micro = FA_MICROKERNELS != 0 and lanes > 0 and d_head % lanes == 0 and d_v % lanes == 0
+    if not micro and q_block * k_block * max(d_head, d_v) > <Py_ssize_t> policy[5]:
+        return None  # a BLAS tile the general path would hold to one thread
+    # C-contiguity, checked by the buffer request itself: a strided array falls back.
+    if not _c_buffer(q, &qb):
+        return None
+    if not _c_buffer(k, &kb):
+        PyBuffer_Release(&qb)
+        return None
+    if not _c_buffer(v, &vb):
+        PyBuffer_Release(&qb)
+        PyBuffer_Release(&kb)
+        return None
+    try:
+        out = _np.empty(q.shape[:-1] + (d_v,), q.dtype)
+        PyObject_GetBuffer(out, &ob, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
+        index = <Py_ssize_t*> malloc(3 * n_batch * sizeof(Py_ssize_t))
+        lse = malloc(n_batch * n_queries * itemsize)
+        if index == NULL or lse == NULL:
+            free(index)
+            free(lse)
+            PyBuffer_Release(&ob)
+            raise MemoryError("attention: cannot allocate the per-thread scratch")
+        # The general path's index maps for this layout: q and k/v entry b, mask entry 0.
+        for b in range(n_batch):
+            index[b] = b
+            index[n_batch + b] = b
+            index[2 * n_batch + b] = 0
+        with nogil:
+            if itemsize == 4:
+                team = _attention_run(<const float*> qb.buf, <const float*> kb.buf,
+                                      <const float*> vb.buf, NULL, NULL, MASK_NONE, index,
+                                      n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
+                                      1.0 / sqrt(<double> d_head), <float*> ob.buf,
+                                      <float*> lse, q_block, k_block, micro, 1)
+            else:
+                team = _attention_run(<const double*> qb.buf, <const double*> kb.buf,
+                                      <const double*> vb.buf, NULL, NULL, MASK_NONE, index,
+                                      n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
+                                      1.0 / sqrt(<double> d_head), <double*> ob.buf,
+                                      <double*> lse, q_block, k_block, micro, 1)
+        free(index)
+        free(lse)
+        PyBuffer_Release(&ob)
+        if team < 0:
+            raise MemoryError("attention: cannot allocate the per-thread scratch")
+        return out
+    finally:
+        PyBuffer_Release(&qb)
+        PyBuffer_Release(&kb)
+        PyBuffer_Release(&vb)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -309,14 +309,13 @@ def refuse_huge_plan(plan, results):
 # --------------------------------------------------------------------------- kernel choices
 
 def tiles(n_batch, n_queries, n_keys, causal, compute):
-    """(query rows, keys) per tile for a shape; never depends on the thread count."""
-    # Causal rows see a triangle: smaller query blocks skip more and balance better.
-    q_block = max(1, Q_BLOCK // 2) if causal else Q_BLOCK
-    while q_block > MIN_Q_BLOCK and n_batch * -(-n_queries // q_block) < MIN_WORK_ITEMS:
-        q_block //= 2
-    # A float64 tile of 256 x 512 would not fit the L2 cache beside its operands.
-    k_block = K_BLOCK if compute.itemsize == 4 else max(1, K_BLOCK // 2)
-    return min(q_block, n_queries), min(k_block, n_keys)
+    """(query rows, keys) per tile for a shape; never depends on the thread count. Query
+    blocks of Q_BLOCK rows (half for causal: rows see a triangle, and smaller blocks skip
+    more) halved down to MIN_Q_BLOCK until there are MIN_WORK_ITEMS; key blocks of K_BLOCK
+    (half for float64, whose tile would not fit L2 beside its operands). The rule itself is
+    compiled (the small-call path runs it without Python)."""
+    return _kernels.tiles(n_batch, n_queries, n_keys, causal, compute.itemsize, Q_BLOCK,
+                          K_BLOCK, MIN_Q_BLOCK, MIN_WORK_ITEMS)
 
 
 def use_microkernels(compute, d_head, d_v):

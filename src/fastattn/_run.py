@@ -18,7 +18,7 @@ from ._dispatch import kernels as _kernels
 from ._plan import MaskKind
 from ._validation import check_out, contiguous
 
-__all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "run_softmax",
+__all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "small_attention", "run_softmax",
            "run_scores", "run_attention", "run_decode", "identity_index", "kernel_target",
            "finish"]
 
@@ -149,6 +149,20 @@ def run_scores(plan):
         _kernels.scores(q, k, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
                         plan.scale, result)
     return result
+
+
+# --------------------------------------------------------------------------- small calls
+
+def small_attention(q, k, v, causal):
+    """attention(q, k, v, causal=causal) with every other argument at its default, for
+    calls small enough to run on one thread (below SERIAL_FLOPS); None for anything else
+    (the general path then validates it). The compiled kernels check the arrays and run
+    the general path's tile rule, thread count and micro-kernel choice, so the result is
+    bitwise the same, without the planning that cost about 20 us of a 30 us tiny call."""
+    lanes = _plan.MICROKERNEL_LANES if _plan.TILE_GEMM == "auto" else {}
+    return _kernels.small_attention(q, k, v, causal, (
+        _plan.Q_BLOCK, _plan.K_BLOCK, _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS,
+        _plan.SERIAL_FLOPS, BLAS_SERIAL_MNK, lanes.get(4, 0), lanes.get(8, 0)))
 
 
 # --------------------------------------------------------------------------- attention

@@ -1,0 +1,120 @@
+"""Every way a call can run gives the answer of the general path.
+
+- The compiled small-call path (attention(q, k, v[, causal]) on small C-contiguous arrays)
+  is bitwise the general path, and anything it does not take falls back to the general
+  path's validation, with its errors.
+- Tile GEMMs in this build's micro-kernels and in BLAS (FASTATTN_TILE_GEMM=blas) both
+  agree with the float64 oracle, for float32 and float64, on head sizes and row/key counts
+  that cross every register-block edge. CI also runs the whole suite with
+  FASTATTN_TILE_GEMM=blas and with each instruction-set build the machine runs.
+"""
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import _plan, _run
+from conftest import assert_close, float64_attention
+from hostile import _awkward_layouts, bad_values, wrong_ranks
+
+
+@pytest.fixture
+def spy_small(monkeypatch):
+    """Record what each small-call attempt returned (None: it fell back)."""
+    taken = []
+    small = _run.small_attention
+    monkeypatch.setattr(_run, "small_attention",
+                        lambda *args: taken.append(small(*args)) or taken[-1])
+    return taken
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 3), (16, 64), (1, 1, 16, 64), (2, 3, 7, 24), (5, 33, 16),
+                                   (2, 2, 40, 48)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_small_call_path_is_bitwise_the_general_path(block_sizes, spy_small, dtype, shape, causal):
+    rng = np.random.default_rng(sum(shape))
+    q = rng.standard_normal(shape).astype(dtype)
+    k = rng.standard_normal(shape[:-2] + (shape[-2] + 3, shape[-1])).astype(dtype)
+    v = rng.standard_normal(shape[:-2] + (shape[-2] + 3, shape[-1] + 8)).astype(dtype)
+    fast = fastattn.attention(q, k, v, causal=causal)
+    assert spy_small and spy_small[-1] is not None, "the small-call path did not run"
+    general = fastattn.attention(q, k, v, causal=causal, num_threads=1)  # the general path
+    assert len(spy_small) == 1
+    assert fast.dtype == dtype and fast.shape == shape[:-1] + (v.shape[-1],)
+    assert np.array_equal(fast, general), f"{shape} causal={causal}"
+    expected = float64_attention(q, k, v, None if not causal else
+                                 np.tril(np.ones((shape[-2], k.shape[-2]), bool), k.shape[-2] - shape[-2]))[0]
+    assert_close(fast, expected, dtype, f"{shape} causal={causal}")
+
+
+def test_small_call_path_falls_back_for_everything_else(spy_small):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 8, 16)) for _ in range(3))
+    others = {
+        "float16": (q.astype(np.float16), k, v),
+        "mixed dtypes": (q.astype(np.float32), k, v),
+        "one query": (q[:, :1], k, v),
+        "broadcast batch": (q, k[:1], v[:1]),
+        "grouped heads": (np.stack([q, q], 1), k[:, None], v[:, None]),
+        "lists": (q.tolist(), k, v),
+        "integers": (q.astype(np.int64), k, v),
+        "too large for one thread": tuple(rng.standard_normal((8, 256, 64)) for _ in range(3)),
+    }
+    for label, a in _awkward_layouts("fortran etc.", q):
+        others[label] = (a, k, v)
+    for label, (qq, kk, vv) in others.items():
+        spy_small.clear()
+        got = fastattn.attention(qq, kk, vv)
+        if label not in ("fortran etc.", "fortran etc. readonly"):
+            # Layouts and dtypes the small path does not take go to the general path.
+            assert spy_small == [None], label
+        expected = fastattn.attention(qq, kk, vv, num_threads=1)
+        assert np.array_equal(got, expected), label
+
+
+def test_small_call_path_never_raises_and_errors_are_the_general_paths():
+    good = np.ones((2, 4, 8))
+    for label, bad in list(bad_values((2, 4, 8))) + list(wrong_ranks(np.random.default_rng(0))):
+        for args in ((bad, good, good), (good, bad, good), (good, good, bad)):
+            assert _run.small_attention(*args, False) is None, label
+            with pytest.raises((TypeError, ValueError)) as fast:
+                fastattn.attention(*args)
+            with pytest.raises(type(fast.value)) as general:
+                fastattn.attention(*args, num_threads=1)
+            assert str(fast.value) == str(general.value), label
+    for args in ((good, np.ones((2, 5, 8)), np.ones((2, 6, 8))), (good, np.ones((2, 4, 7)), good),
+                 (good, np.ones((3, 4, 8)), np.ones((3, 4, 8)))):
+        with pytest.raises(ValueError) as fast:
+            fastattn.attention(*args)
+        with pytest.raises(ValueError) as general:
+            fastattn.attention(*args, num_threads=1)
+        assert str(fast.value) == str(general.value)
+
+
+@pytest.fixture(params=["auto", "blas"])
+def tile_gemm(request, monkeypatch):
+    """Each way a tile's GEMMs run: this build's micro-kernels (where it has them) or BLAS."""
+    monkeypatch.setattr(_plan, "TILE_GEMM", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d,d_v", [(8, 8), (16, 24), (64, 64), (72, 40), (128, 128), (12, 20)])
+@pytest.mark.parametrize("n_q,n_k", [(2, 1), (7, 17), (13, 70), (97, 300)])
+def test_every_tile_variant_agrees_with_the_oracle(tile_gemm, block_sizes, dtype, d, d_v, n_q, n_k):
+    # Row counts around the register blocks (6 and 8 rows), key counts around the packed
+    # key panels (8, 16 and 32 keys) and head sizes of 1, 2 and more vectors and none.
+    rng = np.random.default_rng(d * 1000 + n_k)
+    q = rng.standard_normal((2, n_q, d)).astype(dtype)
+    k = rng.standard_normal((2, n_k, d)).astype(dtype)
+    v = rng.standard_normal((2, n_k, d_v)).astype(dtype)
+    keep = rng.random((n_q, n_k)) > 0.3
+    i, j = np.arange(n_q)[:, None] + (n_k - n_q), np.arange(n_k)[None, :]
+    for label, kwargs, mask in (("plain", {}, None), ("causal", {"causal": True}, j <= i),
+                                ("bool mask", {"mask": keep}, keep)):
+        for threads in (1, 2):
+            out = fastattn.attention(q, k, v, num_threads=threads, **kwargs)
+            assert out.dtype == dtype
+            assert_close(out, float64_attention(q, k, v, mask)[0], dtype,
+                         f"{tile_gemm} {label} d={d} d_v={d_v} threads={threads}", magnitude=4)
