@@ -39,8 +39,10 @@ def test_small_call_path_is_bitwise_the_general_path(block_sizes, spy_small, dty
     v = rng.standard_normal(shape[:-2] + (shape[-2] + 3, shape[-1] + 8)).astype(dtype)
     fast = fastattn.attention(q, k, v, causal=causal)
     assert spy_small and spy_small[-1] is not None, "the small-call path did not run"
-    general = fastattn.attention(q, k, v, causal=causal, num_threads=1)  # the general path
-    assert len(spy_small) == 1
+    assert np.array_equal(fastattn.attention(q, k, v, causal=causal, num_threads=2), fast)
+    assert len(spy_small) == 2 and spy_small[-1] is not None  # a valid num_threads: same path
+    general = fastattn.attention(q, k, v, causal=causal, return_lse=True)[0]  # general path
+    assert len(spy_small) == 2
     assert fast.dtype == dtype and fast.shape == shape[:-1] + (v.shape[-1],)
     assert np.array_equal(fast, general), f"{shape} causal={causal}"
     expected = float64_attention(q, k, v, None if not causal else
@@ -69,7 +71,7 @@ def test_small_call_path_falls_back_for_everything_else(spy_small):
         if label not in ("fortran etc.", "fortran etc. readonly"):
             # Layouts and dtypes the small path does not take go to the general path.
             assert spy_small == [None], label
-        expected = fastattn.attention(qq, kk, vv, num_threads=1)
+        expected = fastattn.attention(qq, kk, vv, return_lse=True)[0]  # the general path
         assert np.array_equal(got, expected), label
 
 
@@ -81,14 +83,14 @@ def test_small_call_path_never_raises_and_errors_are_the_general_paths():
             with pytest.raises((TypeError, ValueError)) as fast:
                 fastattn.attention(*args)
             with pytest.raises(type(fast.value)) as general:
-                fastattn.attention(*args, num_threads=1)
+                fastattn.attention(*args, return_lse=True)
             assert str(fast.value) == str(general.value), label
     for args in ((good, np.ones((2, 5, 8)), np.ones((2, 6, 8))), (good, np.ones((2, 4, 7)), good),
                  (good, np.ones((3, 4, 8)), np.ones((3, 4, 8)))):
         with pytest.raises(ValueError) as fast:
             fastattn.attention(*args)
         with pytest.raises(ValueError) as general:
-            fastattn.attention(*args, num_threads=1)
+            fastattn.attention(*args, return_lse=True)
         assert str(fast.value) == str(general.value)
 
 

@@ -154,15 +154,19 @@ def run_scores(plan):
 # --------------------------------------------------------------------------- small calls
 
 def small_attention(q, k, v, causal):
-    """attention(q, k, v, causal=causal) with every other argument at its default, for
+    """attention(q, k, v, causal=causal) with every other argument at its default (or a
+    valid num_threads, which a one-thread call does not use), for
     calls small enough to run on one thread (below SERIAL_FLOPS); None for anything else
     (the general path then validates it). The compiled kernels check the arrays and run
     the general path's tile rule, thread count and micro-kernel choice, so the result is
     bitwise the same, without the planning that cost about 20 us of a 30 us tiny call."""
     lanes = _plan.MICROKERNEL_LANES if _plan.TILE_GEMM == "auto" else {}
-    return _kernels.small_attention(q, k, v, causal, (
+    result = _kernels.small_attention(q, k, v, causal, (
         _plan.Q_BLOCK, _plan.K_BLOCK, _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS,
         _plan.SERIAL_FLOPS, BLAS_SERIAL_MNK, lanes.get(4, 0), lanes.get(8, 0)))
+    if result is not None:
+        last_call.threads = 1
+    return result
 
 
 # --------------------------------------------------------------------------- attention
