@@ -657,6 +657,7 @@ def small_attention(object q, object k, object v, bint causal, tuple policy):
     cdef void *lse
     cdef int team
     cdef object out
+    cdef tuple q_shape
     if shape is None:
         return None
     n_batch, n_queries, n_keys, d_head, d_v = shape
@@ -680,7 +681,8 @@ def small_attention(object q, object k, object v, bint causal, tuple policy):
         PyBuffer_Release(&kb)
         return None
     try:
-        out = _np.empty(q.shape[:-1] + (d_v,), q.dtype)
+        q_shape = q.shape
+        out = _np.empty(q_shape[:len(q_shape) - 1] + (d_v,), q.dtype)
         PyObject_GetBuffer(out, &ob, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
         index = <Py_ssize_t*> malloc(3 * n_batch * sizeof(Py_ssize_t))
         lse = malloc(n_batch * n_queries * itemsize)
