@@ -3,10 +3,11 @@
 Design: a call is planned in two steps. ``layout()`` does the shape logic (batch
 broadcasting, grouped-query heads, the index maps that replace copies of broadcast
 entries) and depends on shapes alone, so it is cached. ``plan_attention()`` adds the
-arrays, the mask kind, the flags and the dtypes, and returns a frozen ``AttentionPlan``.
-The tile sizes, the thread count and whether a tile runs in the micro-kernels are decided
-here too, by named rules that depend on the shape (never on the thread count, so that
-results are bitwise identical for any number of threads).
+arrays, the mask kind, the flags and the dtypes, and returns an immutable
+``AttentionPlan``. The tile sizes, whether a tile runs in the micro-kernels and whether a
+call takes the decoding kernel are decided here too, by named rules that depend on the
+shape (never on the thread count, so that results are bitwise identical for any number of
+threads); _run picks the threads.
 """
 
 import dataclasses
@@ -22,10 +23,11 @@ from ._dispatch import kernels as _kernels
 from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_window, contiguous,
                           dtypes_of, memory_limit, refuse_huge)
 
-__all__ = ["MaskKind", "Layout", "AttentionPlan", "layout", "plan_attention", "tiles",
-           "use_microkernels", "decode_eligible", "kernel_inputs", "kv_contiguous", "kv_items",
-           "frozen", "Q_BLOCK", "K_BLOCK", "MIN_Q_BLOCK", "MIN_WORK_ITEMS", "DECODE_CHUNK",
-           "SERIAL_FLOPS", "SOFTMAX_PARALLEL_ELEMENTS"]
+__all__ = ["MaskKind", "Layout", "AttentionPlan", "layout", "plan_attention",
+           "refuse_huge_plan", "tiles", "use_microkernels", "decode_eligible", "kernel_inputs",
+           "kv_contiguous", "kv_items", "frozen", "Q_BLOCK", "K_BLOCK", "MIN_Q_BLOCK",
+           "MIN_WORK_ITEMS", "DECODE_CHUNK", "SERIAL_FLOPS", "SOFTMAX_PARALLEL_ELEMENTS",
+           "MICROKERNEL_LANES", "TILE_GEMM"]
 
 
 # --------------------------------------------------------------------------- named thresholds

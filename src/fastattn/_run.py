@@ -15,7 +15,6 @@ import numpy as np
 
 from . import _plan
 from ._dispatch import kernels as _kernels
-from ._plan import MaskKind
 from ._validation import check_out, contiguous
 
 __all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "small_attention", "run_softmax",
