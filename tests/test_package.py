@@ -45,7 +45,7 @@ def test_every_runnable_build_agrees():
         out = np.empty_like(q)
         lse = np.empty((2, 70))
         index = np.array([[0, 1]] * 3, dtype=np.intp)
-        assert module.attention(q, k, v, None, MaskKind.NONE, index, True, 0, 0.2, out, lse, 16, 32,
+        assert module.attention(q, k, v, None, MaskKind.NONE, index, True, 0, 0.2, 0.0, None, out, lse, 16, 32,
                                 False, 1) == 1  # threads (float64: BLAS tiles)
         results[isa] = out
     for isa, out in results.items():

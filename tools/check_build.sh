@@ -51,7 +51,7 @@ import numpy as np
 from fastattn import _dispatch
 q = np.ones((1, 16, 8)); k = np.ones((1, 16, 8)); out = np.empty((1, 16, 8)); lse = np.empty((1, 16))
 _dispatch.kernels.attention(q, k, k, None, 0, np.array([[1], [0], [0]], dtype=np.intp), False, 0,
-                            1.0, out, lse, 16, 16, False, 1)  # no mask; BLAS tiles
+                            1.0, 0.0, None, out, lse, 16, 16, False, 1)  # no mask; BLAS tiles
 PY
     then
         echo "AddressSanitizer missed a deliberate out-of-bounds read" >&2

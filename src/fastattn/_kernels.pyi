@@ -27,6 +27,7 @@ def scores(
     causal: bool,                       # bint
     window: int,                        # Py_ssize_t (0: no sliding window)
     scale: float,                       # double
+    softcap: float,                     # double (0: none)
     out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_batch, L_q, L_k)
 ) -> None: ...
 def softmax(
@@ -46,6 +47,8 @@ def attention(
     causal: bool,                       # bint
     window: int,                        # Py_ssize_t (0: no sliding window)
     scale: float,                       # double
+    softcap: float,                     # double (0: none)
+    sinks: Optional[np.ndarray],        # object: None or const floating[::1] (n_batch,)
     out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_batch, L_q, D_v)
     lse: npt.NDArray[np.floating],      # floating[:, ::1]           (n_batch, L_q)
     q_block: int,                       # Py_ssize_t
@@ -59,6 +62,8 @@ def decode(
     v: npt.NDArray[np.floating],        # const floating[:, :, :]    (n_kv, L_k, D_v), rows contiguous
     kv_index: npt.NDArray[np.intp],     # const Py_ssize_t[::1]      (n_groups,)
     scale: float,                       # double
+    softcap: float,                     # double (0: none)
+    sinks: Optional[np.ndarray],        # object: None or const floating[:, ::1] (n_groups, G)
     out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_groups, G, D_v)
     lse: npt.NDArray[np.floating],      # floating[:, ::1]           (n_groups, G)
     chunk: int,                         # Py_ssize_t
@@ -82,6 +87,10 @@ def read_sum(
 ) -> float: ...
 def read_sum_multiple() -> int: ...
 def exp(
+    x: npt.NDArray[np.floating],        # const floating[::1]
+    out: npt.NDArray[np.floating],      # floating[::1]
+) -> None: ...
+def tanh(
     x: npt.NDArray[np.floating],        # const floating[::1]
     out: npt.NDArray[np.floating],      # floating[::1]
 ) -> None: ...

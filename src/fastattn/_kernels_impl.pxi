@@ -49,19 +49,25 @@ cdef extern from "fa_exp.h" nogil:
     double fa_exp_shift_sum_d(double *x, Py_ssize_t n, double shift)
     double fa_exp_shift_total_f(const float *x, Py_ssize_t n, float shift)
     double fa_exp_shift_total_d(const double *x, Py_ssize_t n, double shift)
+    void fa_softcap_row_f(float *s, Py_ssize_t n, float cap, float inv_cap)
+    void fa_softcap_row_d(double *s, Py_ssize_t n, double cap, double inv_cap)
+    float fa_tanhf(float x)
+    double fa_tanh(double x)
 
 cdef extern from "fa_decode.h" nogil:
     int FA_DECODE_BLOCK
     void fa_decode_chunk_f(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const float *k,
                            const float *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
-                           float *m, double *l, float *o, float *s)
+                           float softcap, float *m, double *l, float *o, float *s)
     void fa_decode_chunk_d(const double *q, Py_ssize_t n_rows, Py_ssize_t d, const double *k,
                            const double *v, Py_ssize_t d_v, Py_ssize_t n_keys, double scale,
-                           double *m, double *l, double *o, double *s)
+                           double softcap, double *m, double *l, double *o, double *s)
     void fa_decode_merge_f(const float *parts, const double *l_parts, Py_ssize_t n_chunks,
-                           Py_ssize_t n_rows, Py_ssize_t d_v, float *out, float *lse)
+                           Py_ssize_t n_rows, Py_ssize_t d_v, const float *sinks,
+                           float *out, float *lse)
     void fa_decode_merge_d(const double *parts, const double *l_parts, Py_ssize_t n_chunks,
-                           Py_ssize_t n_rows, Py_ssize_t d_v, double *out, double *lse)
+                           Py_ssize_t n_rows, Py_ssize_t d_v, const double *sinks,
+                           double *out, double *lse)
 
 cdef extern from "fa_microkernels.h" nogil:
     int FA_MICROKERNELS
@@ -165,6 +171,14 @@ cdef inline double _exp_shift_total(const floating *x, Py_ssize_t n, floating sh
         return fa_exp_shift_total_f(x, n, shift)
     else:
         return fa_exp_shift_total_d(x, n, shift)
+
+
+cdef inline void _softcap_row(floating *s, Py_ssize_t n, floating cap) noexcept nogil:
+    """s[0:n] = cap tanh(s / cap), the soft cap of one row of scores (cap > 0)."""
+    if floating is float:
+        fa_softcap_row_f(s, n, cap, 1.0 / cap)
+    else:
+        fa_softcap_row_d(s, n, cap, 1.0 / cap)
 
 
 cdef inline Py_ssize_t _round_up(Py_ssize_t n, Py_ssize_t multiple) noexcept nogil:
@@ -276,10 +290,10 @@ cdef inline void _mask_row(floating *s, Py_ssize_t n, Py_ssize_t first, Py_ssize
 
 def scores(const floating[:, :, ::1] q, const floating[:, :, ::1] k, object mask,
            int mask_kind, const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window,
-           double scale, floating[:, :, ::1] out):
-    """out[b] = scale * q[i0] @ k[i1].T, masked by mask[i2] ((i0, i1, i2) = index[:, b]):
-    -inf where a uint8 mask (MASK_BOOL) is 0 or causal hides the key, + a float mask
-    (MASK_ADD)."""
+           double scale, double softcap, floating[:, :, ::1] out):
+    """out[b] = scale * q[i0] @ k[i1].T, soft-capped (softcap > 0: c tanh(s / c)), then
+    masked by mask[i2] ((i0, i1, i2) = index[:, b]): -inf where a uint8 mask (MASK_BOOL)
+    is 0 or causal hides the key, + a float mask (MASK_ADD)."""
     cdef Py_ssize_t n_batch = out.shape[0], n_queries = out.shape[1], n_keys = out.shape[2]
     cdef int d_head = <int> q.shape[2]
     cdef Py_ssize_t b, i, visible
@@ -303,6 +317,8 @@ def scores(const floating[:, :, ::1] q, const floating[:, :, ::1] k, object mask
                 elif mask_kind == MASK_BOOL:
                     bool_row = &bool_mask[index[2, b], i, 0]
                 visible = i + offset + 1 if causal else n_keys
+                if softcap > 0:
+                    _softcap_row(&out[b, i, 0], n_keys, <floating> softcap)
                 _mask_row(&out[b, i, 0], n_keys, i + offset + 1 - window if window else 0,
                           visible, mask_kind, add_row, bool_row)
 
@@ -349,11 +365,15 @@ cdef void _attend_block(
         const floating *add_mask, const unsigned char *bool_mask, int mask_kind,
         Py_ssize_t q_start, Py_ssize_t q_rows, Py_ssize_t n_queries, Py_ssize_t n_keys,
         Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, Py_ssize_t window,
-        floating scale, floating *s_tile, floating *o_acc, floating *m_run, double *l_run,
+        floating scale, floating softcap, const floating *sink, floating *s_tile, floating *o_acc, floating *m_run, double *l_run,
         floating *kp, floating *vp, floating *qs, bint micro, floating *out,
         floating *lse) noexcept nogil:
     """out rows [q_start, q_start + q_rows) of softmax(scale q k.T + mask) v, by an online
     softmax over key blocks; lse (if not NULL) gets m + log(l) per row.
+
+    softcap > 0: the scores become softcap tanh(s / softcap) before the masks. sink (NULL:
+    none): one more key per row with that logit and a zero value, so the running max and
+    sum start at (*sink, 1) instead of (-inf, 0).
 
     micro: the tile GEMMs run in this build's micro-kernels (fastattn._plan.use_microkernels)
     instead of BLAS: the query block is scaled once into qs, each key block is packed into
@@ -373,8 +393,8 @@ cdef void _attend_block(
         # ...and its first query sees none before q_start + offset - window + 1.
         k_begin = max(0, q_start + offset - window + 1)
     for i in range(q_rows):
-        m_run[i] = -INFINITY
-        l_run[i] = 0
+        m_run[i] = -INFINITY if sink == NULL else sink[0]
+        l_run[i] = 0 if sink == NULL or sink[0] == -INFINITY else 1
     memset(o_acc, 0, q_rows * d_v * sizeof(floating))
     if micro:
         for i in range(q_rows * d_head):
@@ -398,6 +418,8 @@ cdef void _attend_block(
         for i in range(q_rows):
             gi = q_start + i
             s_row = s_tile + i * ld
+            if softcap > 0:
+                _softcap_row(s_row, k_rows, softcap)
             _mask_row(s_row, k_rows, gi + offset + 1 - window - k_start if window else 0,
                       gi + offset + 1 - k_start if causal else k_rows, mask_kind,
                       add_mask + gi * n_keys + k_start if mask_kind == MASK_ADD else NULL,
@@ -475,8 +497,8 @@ cdef inline void _attend_item(
         const floating *add_base, const unsigned char *bool_base, int mask_kind,
         const Py_ssize_t *index, Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys,
         Py_ssize_t d_head, Py_ssize_t d_v, bint causal, Py_ssize_t window, floating scale,
-        floating *buf, const Py_ssize_t *at, bint micro,
-        floating *out, floating *lse) noexcept nogil:
+        floating softcap, const floating *sinks, floating *buf, const Py_ssize_t *at,
+        bint micro, floating *out, floating *lse) noexcept nogil:
     """Work item w: query block w % n_qblocks of batch entry w // n_qblocks."""
     cdef Py_ssize_t b = w // n_qblocks
     cdef Py_ssize_t q_start = (w % n_qblocks) * q_block
@@ -487,8 +509,8 @@ cdef inline void _attend_item(
                   add_base + mask_item * n_queries * n_keys if mask_kind == MASK_ADD else NULL,
                   bool_base + mask_item * n_queries * n_keys if mask_kind == MASK_BOOL else NULL,
                   mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
-                  n_keys, d_head, d_v, k_block, causal, window, scale,
-                  buf + at[SCR_S_TILE], buf + at[SCR_O_ACC], buf + at[SCR_M_RUN],
+                  n_keys, d_head, d_v, k_block, causal, window, scale, softcap,
+                  sinks + b if sinks != NULL else NULL, buf + at[SCR_S_TILE], buf + at[SCR_O_ACC], buf + at[SCR_M_RUN],
                   <double*> (buf + at[SCR_L_RUN]), buf + at[SCR_KP], buf + at[SCR_VP],
                   buf + at[SCR_QS], micro,
                   out + b * n_queries * d_v, lse + b * n_queries)
@@ -498,7 +520,8 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
                         const floating *add_base, const unsigned char *bool_base, int mask_kind,
                         const Py_ssize_t *index, Py_ssize_t n_batch, Py_ssize_t n_queries,
                         Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v, bint causal,
-                        Py_ssize_t window, double scale, floating *out, floating *lse,
+                        Py_ssize_t window, double scale, double softcap,
+                        const floating *sinks, floating *out, floating *lse,
                         Py_ssize_t q_block, Py_ssize_t k_block, bint micro,
                         int n_threads) noexcept nogil:
     """The fused kernel on raw pointers (see attention): the team size, or -1 when the
@@ -520,13 +543,14 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
         for w in range(n_work):
             _attend_item(w, n_qblocks, q_block, k_block, q, k, v, add_base, bool_base,
                          mask_kind, index, n_batch, n_queries, n_keys, d_head, d_v, causal,
-                         window, <floating> scale, scratch, at, micro, out, lse)
+                         window, <floating> scale, <floating> softcap, sinks, scratch, at,
+                         micro, out, lse)
     else:
         for w in prange(n_work, num_threads=n_threads, schedule='static', chunksize=1):
             _attend_item(w, n_qblocks, q_block, k_block, q, k, v, add_base, bool_base,
                          mask_kind, index, n_batch, n_queries, n_keys, d_head, d_v, causal,
-                         window, <floating> scale, scratch + threadid() * at[SCR_SIZE], at,
-                         micro, out, lse)
+                         window, <floating> scale, <floating> softcap, sinks,
+                         scratch + threadid() * at[SCR_SIZE], at, micro, out, lse)
             team = fa_omp_team_size()  # every thread writes the same value
     free(scratch)
     return team
@@ -535,12 +559,15 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
 def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
               const floating[:, :, ::1] v, object mask, int mask_kind,
               const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
-              floating[:, :, ::1] out, floating[:, ::1] lse,
+              double softcap, object sinks, floating[:, :, ::1] out, floating[:, ::1] lse,
               Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels, int n_threads):
     """out[b] = softmax(scale q[i0] k[i1].T + mask[i2]) v[i1], (i0, i1, i2) = index[:, b], fused.
 
     causal hides keys after each query's own position; window (0: none) also hides keys
     at or before `window` positions back. Key blocks that are entirely hidden are skipped.
+    softcap (0: none) caps the scores to softcap tanh(s / softcap) before the masks; sinks
+    (None, or one logit per batch entry, shape (n_batch,)) adds a key with that logit and a
+    zero value to every softmax row of the entry.
 
     mask is None (MASK_NONE), a float array added to the scores (MASK_ADD) or a uint8 array,
     0 = hidden (MASK_BOOL), of shape (n_masks, n_queries, n_keys). microkernels: run the
@@ -554,6 +581,8 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     cdef const unsigned char[:, :, ::1] bool_mask
     cdef const floating *add_base = NULL
     cdef const unsigned char *bool_base = NULL
+    cdef const floating[::1] sink_view
+    cdef const floating *sink_base = NULL
     cdef int team
     cdef bint micro = FA_MICROKERNELS != 0 and microkernels
     if mask_kind == MASK_BOOL:
@@ -562,11 +591,15 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     elif mask_kind == MASK_ADD:
         add_mask = mask
         add_base = &add_mask[0, 0, 0]
+    if sinks is not None:
+        sink_view = sinks
+        sink_base = &sink_view[0]
     with nogil:
         team = _attention_run(&q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0], add_base, bool_base,
                               mask_kind, &index[0, 0], out.shape[0], out.shape[1], k.shape[1],
-                              q.shape[2], out.shape[2], causal, window, scale, &out[0, 0, 0],
-                              &lse[0, 0], q_block, k_block, micro, n_threads)
+                              q.shape[2], out.shape[2], causal, window, scale, softcap,
+                              sink_base, &out[0, 0, 0], &lse[0, 0], q_block, k_block, micro,
+                              n_threads)
     return team
 
 
@@ -701,13 +734,13 @@ def small_attention(object q, object k, object v, bint causal, tuple policy):
                 team = _attention_run(<const float*> qb.buf, <const float*> kb.buf,
                                       <const float*> vb.buf, NULL, NULL, MASK_NONE, index,
                                       n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
-                                      1.0 / sqrt(<double> d_head), <float*> ob.buf,
+                                      1.0 / sqrt(<double> d_head), 0, NULL, <float*> ob.buf,
                                       <float*> lse, q_block, k_block, micro, 1)
             else:
                 team = _attention_run(<const double*> qb.buf, <const double*> kb.buf,
                                       <const double*> vb.buf, NULL, NULL, MASK_NONE, index,
                                       n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
-                                      1.0 / sqrt(<double> d_head), <double*> ob.buf,
+                                      1.0 / sqrt(<double> d_head), 0, NULL, <double*> ob.buf,
                                       <double*> lse, q_block, k_block, micro, 1)
         free(index)
         free(lse)
@@ -725,8 +758,12 @@ def small_attention(object q, object k, object v, bint causal, tuple policy):
 
 def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
            const floating[:, :, :] v, const Py_ssize_t[::1] kv_index, double scale,
-           floating[:, :, ::1] out, floating[:, ::1] lse, Py_ssize_t chunk, int n_threads):
+           double softcap, object sinks, floating[:, :, ::1] out, floating[:, ::1] lse,
+           Py_ssize_t chunk, int n_threads):
     """out[i] = softmax(scale q[i] k[kv_index[i]].T) v[kv_index[i]] for groups of single queries.
+
+    softcap (0: none) caps the scores to softcap tanh(s / softcap); sinks (None, or one
+    logit per query row, shaped like lse) adds a key with that logit and a zero value.
 
     q is (n_groups, G, D): the G query heads that share one key/value head, each with one
     query; k, v are (n_kv, L_k, D) and (n_kv, L_k, D_v) with contiguous rows (the caller
@@ -750,8 +787,13 @@ def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
     cdef double *l_parts = <double*> malloc(n_work * n_rows * sizeof(double))
     cdef floating *s_all = <floating*> aligned_alloc(64, n_threads * s_size * sizeof(floating))
     cdef Py_ssize_t w, grp, k0
+    cdef const floating[:, ::1] sink_view
+    cdef const floating *sink_base = NULL
     cdef int team = 1
     cdef int *team_out = &team
+    if sinks is not None:
+        sink_view = sinks
+        sink_base = &sink_view[0, 0]
     if parts == NULL or l_parts == NULL or s_all == NULL:
         free(parts)
         free(l_parts)
@@ -766,14 +808,14 @@ def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
                     fa_decode_chunk_f(&q[grp, 0, 0], n_rows, d,
                                       &k[0, 0, 0] + kv_index[grp] * k_item + k0 * d,
                                       &v[0, 0, 0] + kv_index[grp] * v_item + k0 * d_v, d_v,
-                                      min(chunk, n_keys - k0), <float> scale,
+                                      min(chunk, n_keys - k0), <float> scale, <float> softcap,
                                       parts + w * part, l_parts + w * n_rows,
                                       parts + w * part + n_rows, s_all + threadid() * s_size)
                 else:
                     fa_decode_chunk_d(&q[grp, 0, 0], n_rows, d,
                                       &k[0, 0, 0] + kv_index[grp] * k_item + k0 * d,
                                       &v[0, 0, 0] + kv_index[grp] * v_item + k0 * d_v, d_v,
-                                      min(chunk, n_keys - k0), scale,
+                                      min(chunk, n_keys - k0), scale, softcap,
                                       parts + w * part, l_parts + w * n_rows,
                                       parts + w * part + n_rows, s_all + threadid() * s_size)
                 team_out[0] = fa_omp_team_size()
@@ -781,10 +823,14 @@ def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
             for grp in prange(n_groups, schedule='static'):
                 if floating is float:
                     fa_decode_merge_f(parts + grp * n_chunks * part, l_parts + grp * n_chunks * n_rows,
-                                      n_chunks, n_rows, d_v, &out[grp, 0, 0], &lse[grp, 0])
+                                      n_chunks, n_rows, d_v,
+                                      sink_base + grp * n_rows if sink_base != NULL else NULL,
+                                      &out[grp, 0, 0], &lse[grp, 0])
                 else:
                     fa_decode_merge_d(parts + grp * n_chunks * part, l_parts + grp * n_chunks * n_rows,
-                                      n_chunks, n_rows, d_v, &out[grp, 0, 0], &lse[grp, 0])
+                                      n_chunks, n_rows, d_v,
+                                      sink_base + grp * n_rows if sink_base != NULL else NULL,
+                                      &out[grp, 0, 0], &lse[grp, 0])
     finally:
         free(parts)
         free(l_parts)
@@ -831,6 +877,17 @@ def read_sum_multiple():
 
 
 # --------------------------------------------------------------------------- testing aid
+
+def tanh(const floating[::1] x, floating[::1] out):
+    """out = tanh(x) with the kernels' own tanh (for the accuracy tests)."""
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(x.shape[0]):
+            if floating is float:
+                out[i] = fa_tanhf(x[i])
+            else:
+                out[i] = fa_tanh(x[i])
+
 
 def exp(const floating[::1] x, floating[::1] out):
     """out = exp(x) with the kernels' own exp (for the accuracy tests)."""

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from ._dispatch import kernels as _kernels
-from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_window, contiguous,
-                          dtypes_of, memory_limit, refuse_huge)
+from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_sinks, check_softcap,
+                          check_window, contiguous, dtypes_of, memory_limit, refuse_huge)
 
 __all__ = ["MaskKind", "Layout", "AttentionPlan", "layout", "plan_attention",
            "refuse_huge_plan", "tiles", "use_microkernels", "decode_eligible", "kernel_inputs",
@@ -254,6 +254,8 @@ class AttentionPlan(NamedTuple):
     causal: bool
     window: int                 # 0: no sliding window
     scale: float
+    softcap: float              # 0.0: none
+    sinks: Optional[np.ndarray]  # None, or one logit per batch entry: shape layout.batch
     compute: np.dtype           # float32 or float64: what the kernels run in
     result: np.dtype            # what the caller gets back
     named: Any                  # ((name, array), ...): the inputs out= may not overlap
@@ -262,8 +264,10 @@ class AttentionPlan(NamedTuple):
 _new_plan = tuple.__new__
 
 
-def plan_attention(q, k, v, mask, causal, scale, window=None, *, with_v=True):
-    """Validate q, k, v (if with_v), mask and the flags into an AttentionPlan."""
+def plan_attention(q, k, v, mask, causal, scale, window=None, softcap=None, sinks=None, *,
+                   with_v=True):
+    """Validate q, k, v (if with_v), mask, the flags, softcap and sinks into an
+    AttentionPlan."""
     q = as_array("q", q)
     k = as_array("k", k)
     if not with_v:
@@ -284,6 +288,7 @@ def plan_attention(q, k, v, mask, causal, scale, window=None, *, with_v=True):
     # instructions with its argument binding, a quarter of this function).
     return _new_plan(AttentionPlan, (lay, q, k, v if with_v else None, mask, mask_kind, causal,
                                      check_window(window, causal), check_scale(scale, lay.d_head),
+                                     check_softcap(softcap), check_sinks(sinks, lay.batch, compute),
                                      compute, result, named))
 
 

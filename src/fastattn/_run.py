@@ -146,7 +146,7 @@ def run_scores(plan):
     if result.size:
         q, k, mask = _plan.kernel_inputs(plan)
         _kernels.scores(q, k, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
-                        plan.scale, result)
+                        plan.scale, plan.softcap, result)
     return result
 
 
@@ -189,7 +189,8 @@ def run_attention(plan, return_weights, out, n_threads):
         pass
     elif n_keys == 0:
         target[...] = 0  # no key to attend to: every query is fully masked
-        lse[...] = -np.inf
+        # ... and its log-sum-exp is the sink's alone, if it has one.
+        lse[...] = -np.inf if plan.sinks is None else plan.sinks.reshape(n_batch, 1)
     elif _plan.decode_eligible(plan, return_weights):
         _decode_plan(plan, target, lse, n_threads)
     else:
@@ -218,8 +219,9 @@ def _fused(plan, return_weights, target, lse, n_threads):
     team = _team(n_threads, 2.0 * n_batch * n_queries * n_keys * (d_head + d_v),
                  n_batch * -(-n_queries // q_block))
     micro = _plan.use_microkernels(compute, d_head, d_v)
+    sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
     args = (q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window, plan.scale,
-            kernel_out, lse, q_block, k_block, micro, team)
+            plan.softcap, sinks, kernel_out, lse, q_block, k_block, micro, team)
     if not micro and q_block * k_block * max(d_head, d_v) > BLAS_SERIAL_MNK:
         with serial_blas:
             status = _kernels.attention(*args)
@@ -230,7 +232,13 @@ def _fused(plan, return_weights, target, lse, n_threads):
         return None
     w = np.empty((n_batch, n_queries, n_keys), compute)
     _kernels.scores(q, k, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
-                    plan.scale, w)
+                    plan.scale, plan.softcap, w)
+    if sinks is not None:
+        # The sink takes its share of each row: p_ij = exp(s_ij - lse_i), with the lse
+        # (which counts the sink) from the fused pass. A hidden key: exp(-inf) = 0.
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.exp(w - lse[:, :, None], out=w)
+        return w
     w2 = w.reshape(-1, n_keys)
     _kernels.softmax(w2, w2, False, True, team)
     return w
@@ -244,19 +252,21 @@ def _decode_plan(plan, target, lse, n_threads):
     q3 = contiguous(plan.q, compute).reshape(n_groups, group, lay.d_head)
     k3 = _plan.kv_items(plan.k, lay, lay.d_head, compute)
     v3 = _plan.kv_items(plan.v, lay, lay.d_v, compute)
-    run_decode(q3, k3, v3, lay.decode_kv, plan.scale, target.reshape(n_groups, group, lay.d_v),
-               lse.reshape(n_groups, group), n_threads)
+    sinks = None if plan.sinks is None else plan.sinks.reshape(n_groups, group)
+    run_decode(q3, k3, v3, lay.decode_kv, plan.scale, plan.softcap, sinks,
+               target.reshape(n_groups, group, lay.d_v), lse.reshape(n_groups, group), n_threads)
 
 
-def run_decode(q3, k3, v3, kv_index, scale, out3, lse2, n_threads):
+def run_decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads):
     """The decoding kernel on prepared arrays: q3 (n_groups, G, D), k3/v3 (n_kv, L_k,
-    D or D_v), out3 (n_groups, G, D_v), lse2 (n_groups, G); small work runs serially."""
+    D or D_v), sinks None or (n_groups, G), out3 (n_groups, G, D_v), lse2 (n_groups, G);
+    small work runs serially."""
     n_groups, group, d_head = q3.shape
     n_keys, d_v = k3.shape[1], v3.shape[2]
     n_chunks = -(-n_keys // _plan.DECODE_CHUNK)
     team = _team(n_threads, 2.0 * n_groups * group * n_keys * (d_head + d_v), n_groups * n_chunks)
-    _checked(_kernels.decode(q3, k3, v3, kv_index, scale, out3, lse2, _plan.DECODE_CHUNK, team),
-             "decoding scratch")
+    _checked(_kernels.decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2,
+                             _plan.DECODE_CHUNK, team), "decoding scratch")
 
 
 @functools.lru_cache(maxsize=64)

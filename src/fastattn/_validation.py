@@ -24,8 +24,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["AxisError", "INT_MAX", "as_array", "dtype_pair", "dtypes", "dtypes_of",
            "contiguous", "memory_limit", "refuse_huge", "positive_int", "check_threads",
-           "check_scale", "check_flag", "check_window", "check_axis", "check_out",
-           "qkv_arguments"]
+           "check_scale", "check_softcap", "check_sinks", "check_flag", "check_window",
+           "check_axis", "check_out", "qkv_arguments"]
 
 INT_MAX = 2**31 - 1  # BLAS dimensions are C ints
 
@@ -142,6 +142,41 @@ def check_scale(scale, d_head):
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
+
+
+def check_softcap(softcap):
+    """The soft cap of the scores: None (0.0 for the kernels) or a finite number > 0."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive real number or None, got {softcap!r}")
+    value = float(softcap)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"softcap must be finite and > 0, got {softcap!r}")
+    return value
+
+
+def check_sinks(sinks, batch, compute):
+    """One sink logit per query head: an array that broadcasts to the batch shape of the
+    output (q.shape[:-2], say (H,) for (B, H, L, D)), real, finite or -inf (-inf: no sink).
+    Returns it C-contiguous in the compute dtype with exactly that shape, or None."""
+    if sinks is None:
+        return None
+    sinks = as_array("sinks", sinks)
+    if sinks.dtype.kind not in "fiu":
+        raise TypeError(f"sinks must be real numbers (float or integer), got dtype {sinks.dtype}")
+    try:
+        full = np.broadcast_to(sinks, batch)
+    except ValueError:
+        raise ValueError(f"sinks must broadcast to the query heads' batch shape {batch} "
+                         f"(one logit per head, e.g. shape {batch[-1:]}), got sinks.shape="
+                         f"{sinks.shape}") from None
+    with np.errstate(over="ignore", invalid="ignore"):
+        full = np.ascontiguousarray(full, compute)
+    if np.isnan(full).any() or (full == np.inf).any():
+        raise ValueError(f"sinks must be finite or -inf (no sink) in {compute}, got "
+                         f"NaN or +inf: {sinks.tolist() if sinks.size <= 8 else sinks}")
+    return full
 
 
 def check_flag(name, value):

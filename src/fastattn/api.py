@@ -167,7 +167,7 @@ def log_softmax(x, axis=-1, *, out=None):
 
 # --------------------------------------------------------------------------- attention
 
-def scores(q, k, *, scale=None, mask=None, causal=False, window=None):
+def scores(q, k, *, scale=None, mask=None, causal=False, window=None, softcap=None):
     """Scaled dot-product scores, masked.
 
     Parameters
@@ -186,6 +186,9 @@ def scores(q, k, *, scale=None, mask=None, causal=False, window=None):
     window : int, optional
         With ``causal=True``: query ``i`` also sees no key ``j <= i + (L_k - L_q) - window``
         (sliding-window attention: the ``window`` most recent keys, itself included).
+    softcap : float > 0, optional
+        Soft-cap the scores to ``softcap * tanh(s / softcap)`` after scaling and before
+        the masks (Gemma 2's attention logit soft-capping).
 
     Returns
     -------
@@ -193,7 +196,8 @@ def scores(q, k, *, scale=None, mask=None, causal=False, window=None):
 
     Notes
     -----
-    ``s[..., i, j] = scale * sum_d q[..., i, d] k[..., j, d] (+ mask[..., i, j])``.
+    ``s[..., i, j] = scale * sum_d q[..., i, d] k[..., j, d] (+ mask[..., i, j])``; with
+    ``softcap`` the scaled product is capped before the mask is added.
 
     Examples
     --------
@@ -202,7 +206,7 @@ def scores(q, k, *, scale=None, mask=None, causal=False, window=None):
     array([[ 2.,  2., -inf],
            [ 2.,  2.,  2.]])
     """
-    plan = _plan.plan_attention(q, k, None, mask, causal, scale, window, with_v=False)
+    plan = _plan.plan_attention(q, k, None, mask, causal, scale, window, softcap, with_v=False)
     lay = plan.layout
     result = _run.run_scores(plan)
     return _run.finish(result.reshape(lay.batch + (lay.n_queries, lay.n_keys)), plan.result, None)
@@ -216,7 +220,8 @@ def _pack(result, weights, lse, return_weights, return_lse):
 
 
 def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=None,
-              scale=None, return_weights=False, return_lse=False, out=None, num_threads=None):
+              scale=None, softcap=None, sinks=None, return_weights=False, return_lse=False,
+              out=None, num_threads=None):
     """Scaled dot-product attention, fused: ``softmax(scale q k^T + mask) v``.
 
     Parameters
@@ -242,11 +247,20 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
         outside every query's window are skipped; no mask array is built.
     scale : float, optional
         Defaults to ``1 / sqrt(D)`` (1 when ``D == 0``).
+    softcap : float > 0, optional
+        Soft-cap the scores to ``softcap * tanh(s / softcap)`` after scaling and before
+        the masks (Gemma 2).
+    sinks : array_like, optional
+        One logit per query head, broadcast against ``q.shape[:-2]`` (shape ``(H,)`` for
+        ``(B, H, L_q, D)`` queries): each softmax row gets one more, virtual key with that
+        logit and a zero value (GPT-OSS's attention sinks), so a query's weights sum to
+        less than one. ``-inf`` is no sink. Converted to the compute dtype.
     return_weights : bool, default False
         Also return the attention weights, shape (..., L_q, L_k) (this builds them).
     return_lse : bool, default False
         Also return ``log sum_j exp(s_ij)`` per query, shape (..., L_q), in the compute
-        dtype (float32 for float16 inputs); ``-inf`` for a fully masked query.
+        dtype (float32 for float16 inputs); ``-inf`` for a fully masked query. With
+        ``sinks`` the sum includes the sink's term.
     out : ndarray, shape (..., L_q, D_v), optional
         Where to write the output; exact shape and dtype required.
     num_threads : int, optional
@@ -269,6 +283,12 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
     NaN or inf in the value of a key with weight 0 reaches the output is unspecified
     (0 * inf in the GEMM is NaN).
 
+    With ``sinks``, ``p_ij = exp(s_ij - m_i) / (sum_j exp(s_ij - m_i) + exp(sink_i - m_i))``
+    (``m_i`` now also covers the sink), and a fully masked query gets zeros and an lse
+    equal to its sink. To split such a call over key sets and join the parts with
+    :func:`merge_attention`, give the sinks to exactly one part (or merge them in as a
+    part of their own: output zeros, lse the sink).
+
     Examples
     --------
     >>> import numpy as np, fastattn
@@ -280,6 +300,7 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
     # Small calls with default arguments (any valid num_threads: they run on one thread)
     # take the compiled path; it returns None for anything else.
     if (cache is None and mask is None and window is None and scale is None and out is None
+            and softcap is None and sinks is None
             and return_weights is False and return_lse is False
             and (causal is False or causal is True)
             and (num_threads is None or (type(num_threads) is int and num_threads >= 1))):
@@ -296,22 +317,23 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
         if k is not None:
             cache.append(k, v)
         if mask is None and window is None and out is None and not return_weights:
-            result = _cache.decode_step(q, cache, causal, scale, num_threads, return_lse)
+            result = _cache.decode_step(q, cache, causal, scale, softcap, sinks, num_threads,
+                                        return_lse)
             if result is not None:
                 return result
         k, v = cache.keys, cache.values
     elif k is None:
         raise TypeError("attention needs k and v (or a cache)")
     # v=None must be refused as a bad value (its dtype), not taken for scores()'s "no v".
-    plan = _plan.plan_attention(q, k, v, mask, causal, scale, window)
+    plan = _plan.plan_attention(q, k, v, mask, causal, scale, window, softcap, sinks)
     n_threads = check_threads(num_threads)
     return _pack(*_run.run_attention(plan, return_weights, out, n_threads),
                  return_weights, return_lse)
 
 
 def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
-                   causal=False, window=None, scale=None, return_weights=False,
-                   return_lse=False, out=None, num_threads=None):
+                   causal=False, window=None, scale=None, softcap=None, sinks=None,
+                   return_weights=False, return_lse=False, out=None, num_threads=None):
     """Single-head self-attention from embeddings: project, then attend.
 
     Parameters
@@ -323,8 +345,9 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
     w_v : array_like, shape (d_model, d_v)
     b_q, b_k, b_v : array_like, optional
         Biases of the projections.
-    mask, causal, window, scale, return_weights, return_lse, out, num_threads
-        As in :func:`attention`.
+    mask, causal, window, scale, softcap, sinks, return_weights, return_lse, out, num_threads
+        As in :func:`attention` (one head: ``sinks`` is a scalar or broadcasts against
+        ``x.shape[:-2]``).
 
     Returns
     -------
@@ -362,7 +385,7 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
         if out is not None:
             check_out(out, (v.shape[-1],), result_dtype, named)
             out = out[None]
-    plan = _plan.plan_attention(q, k, v, mask, causal, scale, window)
+    plan = _plan.plan_attention(q, k, v, mask, causal, scale, window, softcap, sinks)
     # The projections ran in the compute dtype; the result takes the dtype of x and the
     # weights, and out= may not overlap any of them.
     plan = plan._replace(result=result_dtype, named=plan.named + tuple(named))
@@ -399,6 +422,11 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     exp(lse_b - m))``, ``m = max(lse_a, lse_b)``, and ``out = exp(lse_a - lse) out_a +
     exp(lse_b - lse) out_b``. A side with no visible key (lse ``-inf``) contributes
     nothing; both empty gives zeros and ``-inf``. NaN propagates.
+
+    Attention sinks are one more key each: pass ``sinks=`` to exactly one of the two
+    calls, or add them afterwards as a part of their own, ``merge_attention(out, lse,
+    zeros, sinks)`` (a key set whose only member has logit ``sink`` and value 0). Giving
+    them to both calls would count them twice.
 
     Examples
     --------

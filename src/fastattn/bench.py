@@ -318,7 +318,7 @@ def call_overhead(repeat=7):
     times = time_alternating({
         "public": lambda: api.attention(q, k, v),
         "kernel": lambda: _kernels.attention(q3, k3, v3, None, _plan.MaskKind.NONE, index, False,
-                                             0, 0.125, out, lse, 16, 16, micro, 1),
+                                             0, 0.125, 0.0, None, out, lse, 16, 16, micro, 1),
     }, repeat, 0.05)
     return times["public"], times["kernel"]
 
@@ -372,7 +372,7 @@ def _decode_row(case, against, threads, min_time, gap):
     # difference between the two is validation and dispatch).
     kernel_args = (q.reshape(b * h, 1, d), cache.keys.reshape(b * h, n, d),
                    cache.values.reshape(b * h, n, d), np.arange(b * h, dtype=np.intp),
-                   1 / np.sqrt(d), np.empty((b * h, 1, d), np.float32),
+                   1 / np.sqrt(d), 0.0, None, np.empty((b * h, 1, d), np.float32),
                    np.empty((b * h, 1), np.float32), _plan.DECODE_CHUNK, threads)
     contenders = {"fastattn": lambda: api.attention(q, cache=cache, num_threads=threads),
                   "kernel": lambda: _kernels.decode(*kernel_args)}

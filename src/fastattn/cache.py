@@ -4,8 +4,8 @@ step on it (``attention(q, cache=cache)``'s short path)."""
 import numpy as np
 
 from ._run import identity_index, run_decode
-from ._validation import (as_array, check_flag, check_scale, check_threads, dtype_pair,
-                          positive_int)
+from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
+                          check_threads, dtype_pair, positive_int)
 
 __all__ = ["KVCache", "decode_step"]
 
@@ -182,7 +182,7 @@ class KVCache:
         self._k, self._v = k, v
 
 
-def decode_step(q, cache, causal, scale, num_threads, return_lse):
+def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse):
     """One decoding step against a cache, or None to take the general path.
 
     The common call while generating, ``attention(q, cache=cache)`` with q of shape
@@ -201,13 +201,16 @@ def decode_step(q, cache, causal, scale, num_threads, return_lse):
         return None
     check_flag("causal", causal)  # one query, the newest token: causal changes nothing
     scale = check_scale(scale, d_head)
+    softcap = check_softcap(softcap)
     n_threads = check_threads(num_threads)
     group, n_groups, d_v = heads // kv_heads, batch * kv_heads, cache.value_dim
+    if sinks is not None:
+        sinks = check_sinks(sinks, (batch, heads), q.dtype).reshape(n_groups, group)
     result = np.empty((n_groups, group, d_v), q.dtype)
     lse = np.empty((n_groups, group), q.dtype)
     # The cache's views, (batch, kv_heads, n_keys, D): rows contiguous, read in place.
     run_decode(q.reshape(n_groups, group, d_head), cache.keys.reshape(n_groups, n_keys, d_head),
                cache.values.reshape(n_groups, n_keys, d_v), identity_index(n_groups), scale,
-               result, lse, n_threads)
+               softcap, sinks, result, lse, n_threads)
     result = result.reshape(batch, heads, 1, d_v)
     return (result, lse.reshape(batch, heads, 1)) if return_lse else result

@@ -140,7 +140,7 @@ static inline void fa_dec_pv_##SUFFIX(const T *p, ptrdiff_t nb, const T *v, ptrd
 }                                                                                          \
 static inline void fa_decode_chunk_##SUFFIX(                                               \
     const T *q, ptrdiff_t n_rows, ptrdiff_t d, const T *k, const T *v, ptrdiff_t d_v,      \
-    ptrdiff_t n_keys, T scale, T *m, double *l, T *o, T *s)                                \
+    ptrdiff_t n_keys, T scale, T softcap, T *m, double *l, T *o, T *s)                     \
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
     const int vec = d % n == 0 && d_v % n == 0;                                            \
@@ -171,6 +171,7 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
         }                                                                                  \
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
             T *sr = s + g * FA_DECODE_BLOCK;                                               \
+            if (softcap > 0) fa_softcap_row_##SUFFIX(sr, nb, softcap, (T)1 / softcap);     \
             T m_new = fa_row_max_##SUFFIX(sr, nb);                                         \
             if (m[g] > m_new) m_new = m[g];                                                \
             T m_use = m_new == -INFINITY ? 0 : m_new;                                      \
@@ -193,21 +194,24 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
 /* The result of one group from the partial states of its n_chunks key chunks, merged  */ \
 /* in chunk order: lse = m + log(sum_c l_c e^(m_c - m)), out = sum_c o_c e^(m_c - m) / l. */ \
 /* parts holds per chunk m[n_rows] then o[n_rows][d_v]; l_parts l[n_rows] per chunk.    */ \
+/* sinks (NULL: none): one more key per row with logit sinks[g] and a zero value, so it  */ \
+/* is one more part with m = sinks[g], l = 1 and o = 0, merged first.                    */ \
 static inline void fa_decode_merge_##SUFFIX(const T *parts, const double *l_parts,        \
                                             ptrdiff_t n_chunks, ptrdiff_t n_rows,          \
-                                            ptrdiff_t d_v, T *restrict out, T *lse)        \
+                                            ptrdiff_t d_v, const T *sinks,                 \
+                                            T *restrict out, T *lse)                       \
 {                                                                                          \
     const ptrdiff_t part = n_rows * (1 + d_v);                                             \
     for (ptrdiff_t g = 0; g < n_rows; g++) {                                               \
         T *restrict orow = out + g * d_v;                                                  \
-        T m_max = -INFINITY;                                                               \
+        T m_max = sinks ? sinks[g] : -INFINITY;                                            \
         for (ptrdiff_t c = 0; c < n_chunks; c++)                                           \
             if (parts[c * part + g] > m_max) m_max = parts[c * part + g];                  \
         /* As in the attention kernel: shift by 0 while no key is visible, and decide */  \
         /* "every key hidden" by the sum, so that NaN scores stay NaN.                */  \
         if (m_max == -INFINITY) m_max = 0;                                                 \
         for (ptrdiff_t col = 0; col < d_v; col++) orow[col] = 0;                           \
-        double total = 0;                                                                  \
+        double total = sinks ? (double)EXP(sinks[g] - m_max) : 0;                          \
         for (ptrdiff_t c = 0; c < n_chunks; c++) {                                         \
             const T weight = EXP(parts[c * part + g] - m_max);                             \
             const T *restrict oc = parts + c * part + n_rows + g * d_v;                    \

@@ -3,7 +3,8 @@
 import numpy as np
 
 from ._run import project_qkv
-from ._validation import as_array, check_flag, dtypes, positive_int, qkv_arguments
+from ._validation import (as_array, check_flag, check_sinks, check_softcap, dtypes, positive_int,
+                          qkv_arguments)
 from .api import attention, project
 
 __all__ = ["MultiHeadAttention"]
@@ -25,6 +26,11 @@ class MultiHeadAttention:
         to ``num_heads``.
     b_q, b_k, b_v, b_o : array_like, optional
         Biases.
+    softcap : float > 0, optional
+        Soft-cap every head's scores, as in :func:`fastattn.attention` (Gemma 2).
+    sinks : array_like, shape (num_heads,), optional
+        One attention-sink logit per query head, as in :func:`fastattn.attention`
+        (GPT-OSS).
 
     Notes
     -----
@@ -44,7 +50,7 @@ class MultiHeadAttention:
     """
 
     def __init__(self, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None,
-                 b_q=None, b_k=None, b_v=None, b_o=None):
+                 b_q=None, b_k=None, b_v=None, b_o=None, softcap=None, sinks=None):
         names = ("w_q", "w_k", "w_v", "w_o")
         ws = [as_array(n, w) for n, w in zip(names, (w_q, w_k, w_v, w_o))]
         for n, w in zip(names, ws):
@@ -79,6 +85,15 @@ class MultiHeadAttention:
         self.w_q, self.w_k, self.w_v, self.w_o = w_q, w_k, w_v, w_o
         self.b_q, self.b_k, self.b_v, self.b_o = (biases[n] for n in ("b_q", "b_k", "b_v", "b_o"))
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        check_softcap(softcap)
+        self.softcap = softcap
+        if sinks is not None:
+            sinks = as_array("sinks", sinks)
+            if sinks.shape != (num_heads,):
+                raise ValueError(f"sinks must have shape ({num_heads},) (one per head), "
+                                 f"got sinks.shape={sinks.shape}")
+            check_sinks(sinks, (num_heads,), np.dtype(np.float64))
+        self.sinks = sinks
 
     @classmethod
     def from_torch_state_dict(cls, state_dict, num_heads):
@@ -193,6 +208,7 @@ class MultiHeadAttention:
             cache.append(k, v)
             k = v = None  # attention reads them from the cache
         heads = attention(q, k, v, cache=cache, mask=mask, causal=causal, scale=scale,
+                          softcap=self.softcap, sinks=self.sinks,
                           return_weights=return_weights, num_threads=num_threads)
         heads, weights = heads if return_weights else (heads, None)
         if unbatched:

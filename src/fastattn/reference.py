@@ -9,7 +9,11 @@ terms are finite. It follows the semantics of docs/DESIGN.md literally:
   and is left out of the sums;
 - a query with no visible key gets zeros and a log-sum-exp of -inf;
 - a visible score that is NaN or +inf makes the query's row NaN;
-- ``softmax`` of a row that is all -inf, or holds +inf or NaN, is NaN (as SciPy).
+- ``softmax`` of a row that is all -inf, or holds +inf or NaN, is NaN (as SciPy);
+- ``softcap=c`` replaces each scaled score ``s`` by ``c * tanh(s / c)`` before the masks;
+- ``sinks`` add to each softmax row one visible key with the sink's logit and a zero
+  value: it counts in the sum and the log-sum-exp, and a query with no other visible key
+  gets zeros and a log-sum-exp equal to its sink.
 
 Inputs are nested lists/tuples of numbers, or array-likes with ``shape`` and ``tolist()``
 (read only through those two, so that empty axes keep their length).
@@ -197,7 +201,8 @@ def _is_bool_mask(flat):
     return all(isinstance(v, bool) for v in flat)
 
 
-def _row_scores(q_row, keys, scale, i, n_queries, mask_row, mask_is_bool, causal, window=None):
+def _row_scores(q_row, keys, scale, i, n_queries, mask_row, mask_is_bool, causal, window=None,
+                softcap=None):
     n_keys = len(keys)
     s = []
     for j, k_row in enumerate(keys):
@@ -210,6 +215,8 @@ def _row_scores(q_row, keys, scale, i, n_queries, mask_row, mask_is_bool, causal
             s.append(-_INF)
             continue
         value = scale * _dot(q_row, k_row)
+        if softcap is not None:
+            value = softcap * math.tanh(value / softcap)
         if mask_row is not None and not mask_is_bool:
             value = value + mask_row[j]
         s.append(value)
@@ -268,44 +275,53 @@ def _prepare(q, k, v, mask, scale):
     return cases, batch, n_q, n_k, (vs[-1] if vs is not None else 0), scale, mask_is_bool
 
 
-def scores(q, k, *, scale=None, mask=None, causal=False, window=None):
-    """Scaled, masked dot-product scores, shape (..., L_q, L_k); window: sliding window."""
+def scores(q, k, *, scale=None, mask=None, causal=False, window=None, softcap=None):
+    """Scaled, soft-capped, masked dot-product scores, shape (..., L_q, L_k); window:
+    sliding window."""
     cases, batch, n_q, n_k, _, scale, mask_is_bool = _prepare(q, k, None, mask, scale)
     flat = []
     for qm, km, _, mrows in cases:
         for i in range(n_q):
             flat.extend(_row_scores(qm[i], km, scale, i, n_q,
-                                    mrows[i] if mrows else None, mask_is_bool, causal, window))
+                                    mrows[i] if mrows else None, mask_is_bool, causal, window,
+                                    softcap))
     return _nest(flat, batch + (n_q, n_k))
 
 
-def _attend_row(s, values, d_v):
-    """(output row, weights, lse) of one query from its scores."""
+def _attend_row(s, values, d_v, sink=None):
+    """(output row, weights, lse) of one query from its scores (and its sink logit)."""
     if any(math.isnan(x) for x in s):
         return [_NAN] * d_v, [_NAN] * len(s), _NAN
     visible = [j for j, x in enumerate(s) if x != -_INF]
-    if not visible:
+    has_sink = sink is not None and sink != -_INF
+    if not visible and not has_sink:
         return [0.0] * d_v, [0.0] * len(s), -_INF
-    m = max(s[j] for j in visible)
+    m = max([s[j] for j in visible] + ([sink] if has_sink else []))
     if m == _INF:
         return [_NAN] * d_v, [_NAN] * len(s), _NAN
     p = {j: math.exp(s[j] - m) for j in visible}
-    total = math.fsum(p.values())
+    total = math.fsum(list(p.values()) + ([math.exp(sink - m)] if has_sink else []))
     out = [_sum(p[j] * values[j][c] for j in visible) / total for c in range(d_v)]
     weights = [p[j] / total if j in p else 0.0 for j in range(len(s))]
     return out, weights, m + math.log(total)
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
-              return_weights=False, return_lse=False):
-    """softmax(scale q k^T + mask) v with fastattn's semantics (see the module docstring)."""
+def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, softcap=None,
+              sinks=None, return_weights=False, return_lse=False):
+    """softmax(scale q k^T + mask) v with fastattn's semantics (see the module docstring);
+    sinks broadcast against the batch shape (q.shape[:-2])."""
     cases, batch, n_q, n_k, d_v, scale, mask_is_bool = _prepare(q, k, v, mask, scale)
+    if sinks is not None:
+        sf, ss = _flatten(sinks)
+        if _broadcast_shapes(ss, batch) != batch:
+            raise ValueError("sinks must broadcast to the batch shape")
+        sink_of = [float(sf[_offset(ss, idx)]) for idx in _indices(batch)]
     outs, weights, lses = [], [], []
-    for qm, km, vm, mrows in cases:
+    for c, (qm, km, vm, mrows) in enumerate(cases):
         for i in range(n_q):
             s = _row_scores(qm[i], km, scale, i, n_q, mrows[i] if mrows else None,
-                            mask_is_bool, causal, window)
-            o, w, lse = _attend_row(s, vm, d_v)
+                            mask_is_bool, causal, window, softcap)
+            o, w, lse = _attend_row(s, vm, d_v, None if sinks is None else sink_of[c])
             outs.extend(o)
             weights.extend(w)
             lses.append(lse)
@@ -318,14 +334,15 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
 
 
 def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
-                   causal=False, scale=None, return_weights=False, return_lse=False):
+                   causal=False, scale=None, softcap=None, sinks=None, return_weights=False,
+                   return_lse=False):
     """Project x into q, k, v and attend; a 1-D x is one token."""
     flat, shape = _flatten(x)
     one_token = len(shape) == 1
     x = _Shaped(flat, (1,) + shape if one_token else shape)
     q, k, v = _project(x, w_q, b_q), _project(x, w_k, b_k), _project(x, w_v, b_v)
-    result = attention(q, k, v, mask=mask, causal=causal, scale=scale,
-                       return_weights=return_weights, return_lse=return_lse)
+    result = attention(q, k, v, mask=mask, causal=causal, scale=scale, softcap=softcap,
+                       sinks=sinks, return_weights=return_weights, return_lse=return_lse)
     if not one_token:
         return result
     if isinstance(result, tuple):
