@@ -60,10 +60,21 @@ def attention_cases(draw, with_v=True):
     elif mask_kind == "float-batch":
         mask = rng.standard_normal((1,) * len(q_batch) + (n_q, 1)).astype(np.float32)
     layouts = [draw(st.sampled_from(LAYOUTS)) for _ in range(3)]
+    # softcap: small caps squash every score; sinks: one per query head (the last batch
+    # axis of q), some -inf (no sink), some large enough to take most of the weight.
+    sinks_kind = draw(st.sampled_from(["none", "none", "per-head", "scalar"]))
+    sinks = None
+    if sinks_kind == "per-head":
+        sinks = rng.choice([-np.inf, -2.0, 0.0, 0.7, 5.0], size=q_batch[-1:]).astype(
+            draw(st.sampled_from([np.float32, np.float64])))
+    elif sinks_kind == "scalar":
+        sinks = float(rng.choice([-np.inf, -1.0, 3.0]))
     case = dict(seed=seed, n_q=n_q, n_k=n_k, d=d, d_v=d_v, batch=kind, dtype=np.dtype(dtype).name,
                 spread=spread, mask=mask_kind, layouts=layouts,
                 causal=draw(st.booleans()),
-                scale=draw(st.sampled_from([None, None, 0.0, 0.37, -1.5])))
+                scale=draw(st.sampled_from([None, None, 0.0, 0.37, -1.5])),
+                softcap=draw(st.sampled_from([None, None, 0.5, 5.0, 30.0])),
+                sinks=sinks)
     arrays = [with_layout(a, lay) for a, lay in zip((q, k, v), layouts)]
     return case, arrays, mask
 
@@ -83,12 +94,13 @@ def test_attention_matches_reference(block_sizes, data):
     case, (q, k, v), mask = data
     before = snapshot(q, k, v, mask)
     out, weights, lse = fastattn.attention(q, k, v, mask=mask, causal=case["causal"],
-                                           scale=case["scale"], return_weights=True,
+                                           scale=case["scale"], softcap=case["softcap"],
+                                           sinks=case["sinks"], return_weights=True,
                                            return_lse=True)
     assert_unchanged(before, (q, k, v, mask), case)
     r_out, r_weights, r_lse = reference.attention(
-        q, k, v, mask=mask,
-        causal=case["causal"], scale=case["scale"], return_weights=True, return_lse=True)
+        q, k, v, mask=mask, causal=case["causal"], scale=case["scale"],
+        softcap=case["softcap"], sinks=case["sinks"], return_weights=True, return_lse=True)
     compute = compute_dtype(q.dtype, k.dtype, v.dtype)
     expected_dtype = np.result_type(*(np.float64 if a.dtype.kind == "i" else a.dtype.newbyteorder("=")
                                       for a in (q, k, v)))
@@ -104,10 +116,11 @@ def test_attention_matches_reference(block_sizes, data):
 def test_scores_match_reference(block_sizes, data):
     case, (q, k, _), mask = data
     before = snapshot(q, k, mask)
-    s = fastattn.scores(q, k, mask=mask, causal=case["causal"], scale=case["scale"])
+    s = fastattn.scores(q, k, mask=mask, causal=case["causal"], scale=case["scale"],
+                        softcap=case["softcap"])
     assert_unchanged(before, (q, k, mask), case)
-    r = reference.scores(q, k, mask=mask,
-                         causal=case["causal"], scale=case["scale"])
+    r = reference.scores(q, k, mask=mask, causal=case["causal"], scale=case["scale"],
+                         softcap=case["softcap"])
     compute = compute_dtype(q.dtype, k.dtype)
     assert_close(s, r, compute, str(case), magnitude=50)
 

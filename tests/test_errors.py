@@ -37,6 +37,21 @@ V = np.ones((2, 5, 6))
     (dict(out=np.empty((2, 3, 5))), ValueError, ["out", "(2, 3, 6)", "(2, 3, 5)"]),
     (dict(out=np.empty((2, 3, 6), np.float32)), ValueError, ["out", "float64", "float32"]),
     (dict(out=[0.0]), TypeError, ["out", "list"]),
+    (dict(softcap=0), ValueError, ["softcap", "> 0"]),
+    (dict(softcap=-2.0), ValueError, ["softcap", "-2.0"]),
+    (dict(softcap=float("nan")), ValueError, ["softcap", "nan"]),
+    (dict(softcap=float("inf")), ValueError, ["softcap", "inf"]),
+    (dict(softcap="30"), TypeError, ["softcap", "'30'"]),
+    (dict(softcap=True), TypeError, ["softcap"]),
+    (dict(softcap=1j), TypeError, ["softcap"]),
+    (dict(sinks=np.zeros(3)), ValueError, ["sinks", "(3,)", "(2,)"]),
+    (dict(sinks=np.zeros((2, 2))), ValueError, ["sinks", "(2, 2)"]),
+    (dict(sinks=np.array([0.0, np.nan])), ValueError, ["sinks", "NaN"]),
+    (dict(sinks=np.array([0.0, np.inf])), ValueError, ["sinks", "+inf"]),
+    (dict(sinks=np.zeros(2, complex)), TypeError, ["sinks", "complex128"]),
+    (dict(sinks=np.zeros(2, bool)), TypeError, ["sinks", "bool"]),
+    (dict(sinks=["a", "b"]), TypeError, ["sinks", "<U1"]),
+    (dict(sinks=[[1.0], [1.0, 2.0]]), ValueError, ["sinks"]),
 ])
 def test_attention_errors_name_the_argument(kwargs, exc, words):
     args = dict(q=Q, k=K, v=V)

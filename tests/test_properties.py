@@ -97,3 +97,26 @@ def test_merge_with_an_empty_side():
         assert_close(lse, full[1], np.float64, "empty side lse", magnitude=20)
     merged, lse = fastattn.merge_attention(*empty, *empty)
     assert not merged.any() and np.all(lse == -np.inf)
+
+
+@given(qkv(max_keys=60), st.sampled_from([None, 0.5, 4.0, 30.0]), st.floats(-5, 5))
+def test_sinks_in_one_part_merge_to_sinks_over_all_keys(data, softcap, sink):
+    """docs/DESIGN.md: a sink is one more key, so merging a part that has it with one that
+    does not equals attention over all keys with it; the weights then sum to 1 minus the
+    sink's share, exp(sink - lse)."""
+    seed, rng, q, k, v = data
+    cut = int(rng.integers(1, k.shape[1]))
+    sinks = np.array([sink, -np.inf])  # the second batch entry: no sink
+    kw = dict(softcap=softcap, return_lse=True)  # (causal aligns to each part's own end)
+    full, lse = fastattn.attention(q, k, v, sinks=sinks, **kw)
+    a = fastattn.attention(q, k[:, :cut], v[:, :cut], sinks=sinks, **kw)
+    b = fastattn.attention(q, k[:, cut:], v[:, cut:], **kw)
+    merged, merged_lse = fastattn.merge_attention(*a, *b)
+    case = f"seed {seed} cut {cut}"
+    assert_close(merged, full, q.dtype, case, magnitude=4)
+    assert_close(merged_lse, lse, q.dtype, case + " lse", magnitude=20)
+    _, w, lse2 = fastattn.attention(q, k, v, sinks=sinks, return_weights=True, **kw)
+    sink_share = np.exp(sinks[:, None] - lse2.astype(np.float64))
+    assert_close(w.sum(-1) + sink_share, np.ones_like(sink_share), q.dtype, case + " sums")
+    if softcap is not None:
+        assert np.all(np.abs(fastattn.scores(q, k, softcap=softcap)) <= softcap)

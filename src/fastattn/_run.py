@@ -236,8 +236,10 @@ def _fused(plan, return_weights, target, lse, n_threads):
     if sinks is not None:
         # The sink takes its share of each row: p_ij = exp(s_ij - lse_i), with the lse
         # (which counts the sink) from the fused pass. A hidden key: exp(-inf) = 0.
+        # A row with no visible key and no sink (lse -inf) gets zeros, not exp(-inf + inf).
         with np.errstate(invalid="ignore", over="ignore"):
             np.exp(w - lse[:, :, None], out=w)
+        w[lse == -np.inf] = 0
         return w
     w2 = w.reshape(-1, n_keys)
     _kernels.softmax(w2, w2, False, True, team)
