@@ -32,8 +32,21 @@ INT_MAX = 2**31 - 1  # BLAS dimensions are C ints
 
 # --------------------------------------------------------------------------- dtypes
 
+@functools.lru_cache(maxsize=1)
+def bfloat16():
+    """ml_dtypes' bfloat16 dtype, or None when the optional ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def dtype_pair(name, dtype):
     """(compute dtype, result dtype) for an argument's dtype, or TypeError naming it."""
+    if dtype.kind == "V" and dtype.name == "bfloat16" and dtype == bfloat16():
+        # As float16: computed in float32, returned in the argument's own dtype.
+        return np.dtype(np.float32), dtype
     if dtype.kind == "f":
         if dtype.itemsize == 2:
             return np.dtype(np.float32), np.dtype(np.float16)
@@ -43,19 +56,58 @@ def dtype_pair(name, dtype):
     elif dtype.kind in "biu":
         return np.dtype(np.float64), np.dtype(np.float64)
     raise TypeError(
-        f"{name} has unsupported dtype {dtype}; expected float16, float32, float64, "
-        "an integer or a boolean array"
+        f"{name} has unsupported dtype {dtype}; expected float16, bfloat16 (ml_dtypes), "
+        "float32, float64, an integer or a boolean array"
     )
 
 
 def as_array(name, a):
-    """np.asarray with the argument's name on failure (ragged lists, etc.)."""
+    """The argument as a NumPy array, without a copy where the object allows: an ndarray
+    as is, a torch tensor through its own memory (bfloat16 too, as ml_dtypes' bfloat16),
+    an object with ``__dlpack__`` through ``np.from_dlpack``, anything else through
+    ``np.asarray``; the argument's name on failure (ragged lists, a tensor that needs a
+    gradient, a GPU tensor)."""
     if isinstance(a, np.ndarray):
         return a
+    module = type(a).__module__
+    if module == "torch" or module.startswith("torch."):
+        return _from_torch(name, a)
+    if hasattr(a, "__dlpack__"):
+        try:
+            return np.from_dlpack(a)
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            pass  # a device or dtype DLPack cannot hand over: try __array__ below
     try:
         return np.asarray(a)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{name} could not be converted to an array: {exc}") from None
+
+
+def _from_torch(name, t):
+    """A CPU torch tensor's memory as an ndarray (no copy; negative and conjugate views are
+    resolved first)."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        return np.asarray(t)
+    if t.requires_grad:
+        raise TypeError(f"{name} is a torch tensor that requires grad, and fastattn computes "
+                        f"no gradients: pass {name}.detach() (or compute it under "
+                        f"torch.no_grad())")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is a torch tensor on {t.device}; fastattn runs on the CPU: "
+                         f"pass {name}.cpu()")
+    t = t.resolve_conj().resolve_neg()
+    if t.dtype == torch.bfloat16:
+        bf16 = bfloat16()
+        if bf16 is None:
+            raise TypeError(f"{name} is a torch bfloat16 tensor: bfloat16 needs the optional "
+                            f"package ml_dtypes (pip install ml_dtypes)")
+        return t.view(torch.int16).numpy().view(bf16)
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError) as exc:
+        raise TypeError(f"{name} has unsupported dtype {t.dtype}: {exc}") from None
 
 
 def dtypes(named):

@@ -1,0 +1,2 @@
+"""Adapters that plug fastattn into other libraries; each imports its library only when
+used (``fastattn.integrations.transformers`` needs transformers and torch)."""
