@@ -499,7 +499,13 @@ def main(argv=None):
                         help="instead of the table, plot GFLOP/s against sequence length to FILE (PNG)")
     parser.add_argument("--gap", type=float, default=0.2,
                         help="idle seconds before each sample, so thread pools go quiet")
+    parser.add_argument("--transformers", action="store_true",
+                        help="a random ~100M-parameter Llama in transformers: fastattn "
+                             "against sdpa, prefill and decode (needs fastattn[transformers])")
     args = parser.parse_args(argv)
+    if args.transformers:
+        from . import _bench_transformers
+        return _bench_transformers.main(args.threads, args.quick)
     against = set(args.against or ["numpy"] + (["torch"] if _torch() is not None else []))
     against.add("numpy")
     if args.plot:
