@@ -84,12 +84,33 @@ def as_array(name, a):
 
 
 def _from_torch(name, t):
-    """A CPU torch tensor's memory as an ndarray (no copy; negative and conjugate views are
-    resolved first)."""
+    """A CPU torch tensor's memory as an ndarray, without a copy. The common case is one
+    call, ``t.numpy()`` (about 2 us); only when it refuses are the reasons told apart."""
     import torch
 
     if not isinstance(t, torch.Tensor):
         return np.asarray(t)
+    if t.dtype == torch.bfloat16:
+        bf16 = bfloat16()
+        if bf16 is None:
+            raise TypeError(f"{name} is a torch bfloat16 tensor: bfloat16 needs the optional "
+                            f"package ml_dtypes (pip install ml_dtypes)")
+        t = _torch_readable(name, t)
+        return t.view(torch.int16).numpy().view(bf16)
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):
+        pass
+    t = _torch_readable(name, t)
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError) as exc:
+        raise TypeError(f"{name} has unsupported dtype {t.dtype}: {exc}") from None
+
+
+def _torch_readable(name, t):
+    """t, refused with the fix when it needs a gradient or lives off the CPU, and with any
+    lazy negation or conjugation resolved (numpy() refuses those views)."""
     if t.requires_grad:
         raise TypeError(f"{name} is a torch tensor that requires grad, and fastattn computes "
                         f"no gradients: pass {name}.detach() (or compute it under "
@@ -97,17 +118,7 @@ def _from_torch(name, t):
     if t.device.type != "cpu":
         raise ValueError(f"{name} is a torch tensor on {t.device}; fastattn runs on the CPU: "
                          f"pass {name}.cpu()")
-    t = t.resolve_conj().resolve_neg()
-    if t.dtype == torch.bfloat16:
-        bf16 = bfloat16()
-        if bf16 is None:
-            raise TypeError(f"{name} is a torch bfloat16 tensor: bfloat16 needs the optional "
-                            f"package ml_dtypes (pip install ml_dtypes)")
-        return t.view(torch.int16).numpy().view(bf16)
-    try:
-        return t.numpy()
-    except (TypeError, RuntimeError) as exc:
-        raise TypeError(f"{name} has unsupported dtype {t.dtype}: {exc}") from None
+    return t.resolve_conj().resolve_neg()
 
 
 def dtypes(named):
