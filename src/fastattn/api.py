@@ -307,6 +307,14 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
         result = _run.small_attention(q, k, v, causal)
         if result is not None:
             return result
+    if cache is None and any(type(a).__module__.startswith("dask.") for a in (q, k, v, mask)):
+        # Lazy arrays stay lazy: fastattn.dask splits the call into blocks.
+        if return_weights is not False or out is not None:
+            raise ValueError("with dask arrays, attention returns no weights and takes no out=")
+        from . import dask as _dask
+        return _dask.attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                               softcap=softcap, sinks=sinks, return_lse=return_lse,
+                               num_threads=1 if num_threads is None else num_threads)
     return_weights = check_flag("return_weights", return_weights)
     return_lse = check_flag("return_lse", return_lse)
     if cache is not None:

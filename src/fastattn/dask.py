@@ -1,0 +1,256 @@
+"""fastattn on dask arrays: attention split into blocks that dask schedules anywhere (its
+threaded scheduler, a dask.distributed cluster, Ray through dask-on-ray).
+
+Design. The batch and head axes are split as the arrays are chunked; query blocks are
+independent; each key block of a query block gives a partial result ``(out, lse)`` from
+:func:`fastattn.attention` with ``return_lse=True``, and the partials of one query block
+are merged exactly by a tree of :func:`fastattn.merge_attention` (``split_every`` at a
+time), the log-sum-exp merge of ring attention and FlashDecoding. A partial travels as
+one array, ``out`` with ``lse`` as one more column. Under ``causal``/``window`` a
+(query block, key block) pair whose keys are all hidden makes no task at all; one that is
+partly hidden gets the mask of its own offsets, built inside its task. Grouped-query heads
+read their key/value head blocks without copying them. Sinks, one more key per row, are
+merged in once, at the end of each tree.
+
+Threads: each task calls the kernels with ``num_threads`` threads (default 1): dask's
+workers supply the parallelism, one task per worker thread, which neither oversubscribes
+the cores nor idles them when a worker has as many threads as cores (dask.distributed's
+default, whose nanny also sets ``OMP_NUM_THREADS=1``). With fewer, larger tasks than
+cores, raise it.
+
+Importing this module imports dask; the rest of fastattn never does.
+"""
+
+import itertools
+import math
+import operator
+
+import numpy as np
+import dask.array as da
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from . import api
+from ._plan import layout
+from ._validation import (check_flag, check_scale, check_sinks, check_softcap, check_window,
+                          dtypes_of, positive_int)
+
+__all__ = ["attention", "is_dask_array"]
+
+
+def is_dask_array(a):
+    """Whether a is a dask array (without importing dask for anything else)."""
+    return type(a).__module__.startswith("dask.array") and hasattr(a, "dask")
+
+
+def _as_dask(name, a):
+    if is_dask_array(a):
+        if any(math.isnan(c) for chunks in a.chunks for c in chunks):
+            raise ValueError(f"{name} has unknown chunk sizes: call {name}.compute_chunk_sizes() "
+                             f"first")
+        return a
+    return da.asarray(np.asarray(a) if not hasattr(a, "shape") else a)
+
+
+def _offsets(chunks):
+    return list(itertools.accumulate(chunks, initial=0))
+
+
+def _visibility(qs, qe, ks, ke, offset, causal, window):
+    """'hidden', 'full' or 'partial' for queries [qs, qe) against keys [ks, ke): query i
+    sees key j when j <= i + offset (causal) and j > i + offset - window (window)."""
+    if qe <= qs or ke <= ks:
+        return "full"  # an empty block: nothing to hide
+    if not causal:
+        return "full"
+    if ks > qe - 1 + offset:
+        return "hidden"
+    if window and ke - 1 <= qs + offset - window:
+        return "hidden"
+    full = ke - 1 <= qs + offset and (not window or ks > qe - 1 + offset - window)
+    return "full" if full else "partial"
+
+
+def _partial(q, k, v, mask, qs, ks, offset, causal, window, scale, softcap, num_threads,
+             compute):
+    """One (query block, key block) pair: out and lse packed as (..., L_q, D_v + 1)."""
+    if causal:
+        i = np.arange(qs, qs + q.shape[-2])[:, None]
+        j = np.arange(ks, ks + k.shape[-2])[None, :]
+        visible = j <= i + offset
+        if window:
+            visible &= j > i + offset - window
+        if mask is None:
+            mask = visible
+        elif mask.dtype == np.bool_:
+            mask = mask & visible
+        else:
+            mask = np.where(visible, mask, -np.inf)
+    out, lse = api.attention(q, k, v, mask=mask, scale=scale, softcap=softcap,
+                             return_lse=True, num_threads=num_threads)
+    return np.concatenate([out.astype(compute, copy=False), lse[..., None]], axis=-1)
+
+
+def _merge(*parts):
+    """Exact merge of packed partials over disjoint key sets (fastattn.merge_attention)."""
+    out, lse = parts[0][..., :-1], parts[0][..., -1]
+    for p in parts[1:]:
+        out, lse = api.merge_attention(out, lse, p[..., :-1], p[..., -1])
+    return np.concatenate([out, lse[..., None]], axis=-1)
+
+
+def _empty(shape, compute):
+    """The packed result of a query block that sees no key: zeros, lse -inf."""
+    packed = np.zeros(shape, compute)
+    packed[..., -1] = -np.inf
+    return packed
+
+
+def _with_sinks(packed, sinks):
+    """Merge the sinks in as a key set of their own: output 0, lse the sink."""
+    sink_lse = np.broadcast_to(sinks[..., None], packed.shape[:-1]).astype(packed.dtype)
+    return _merge(packed, np.concatenate([np.zeros_like(packed[..., :-1]),
+                                          sink_lse[..., None]], axis=-1))
+
+
+def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, softcap=None,
+              sinks=None, return_lse=False, num_threads=1, split_every=4):
+    """:func:`fastattn.attention` on dask arrays, lazily.
+
+    Parameters
+    ----------
+    q, k, v : dask arrays (or anything array-like, wrapped as one chunk)
+        Shapes as in :func:`fastattn.attention`: batch axes broadcast, grouped-query heads
+        on axis -3. ``q`` is split as it is chunked (batch, heads, queries); keys as ``k``
+        is chunked along its key axis (``v`` follows). The head-size axes are made whole.
+    mask : dask or NumPy array, bool or float, optional
+        Broadcastable to (..., L_q, L_k); rechunked like the scores.
+    causal, window, scale, softcap, sinks
+        As in :func:`fastattn.attention`.
+    return_lse : bool, default False
+        Also return the log-sum-exp per query (a dask array).
+    num_threads : int, default 1
+        Threads each task's kernel uses (see the module notes).
+    split_every : int, default 4
+        Partials merged per task of the reduction tree.
+
+    Returns
+    -------
+    out : dask array, shape (..., L_q, D_v)
+    lse : dask array, shape (..., L_q), if ``return_lse``
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, fastattn
+    >>> from fastattn import dask as fd
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 64, 16)) for _ in range(3))
+    >>> out = fd.attention(da.from_array(q, chunks=(1, 32, 16)),
+    ...                    da.from_array(k, chunks=(1, 16, 16)), v, causal=True)
+    >>> bool(np.allclose(out.compute(), fastattn.attention(q, k, v, causal=True)))
+    True
+    """
+    q, k, v = _as_dask("q", q), _as_dask("k", k), _as_dask("v", v)
+    if mask is not None:
+        mask = _as_dask("mask", mask)
+    lay = layout(q.shape, k.shape, v.shape, None if mask is None else mask.shape)
+    compute, result = dtypes_of(("q", "k", "v"), (q.dtype, k.dtype, v.dtype))
+    if mask is not None and mask.dtype != np.bool_ and mask.dtype.kind != "f":
+        raise TypeError(f"mask must be boolean or floating, got dtype {mask.dtype}")
+    causal = check_flag("causal", causal)
+    window = check_window(window, causal)
+    scale = check_scale(scale, lay.d_head)
+    softcap = check_softcap(softcap) or None
+    sinks = check_sinks(sinks, lay.batch, compute)
+    return_lse = check_flag("return_lse", return_lse)
+    num_threads = positive_int("num_threads", num_threads)
+    split_every = positive_int("split_every", split_every)
+    if split_every < 2:
+        raise ValueError(f"split_every must be at least 2, got {split_every}")
+
+    batch, n_q, n_k, d, d_v = lay.batch, lay.n_queries, lay.n_keys, lay.d_head, lay.d_v
+    nb = len(batch)
+    group = 1
+    if (nb and q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3]
+            and 1 not in (q.shape[-3], k.shape[-3])):
+        group = q.shape[-3] // k.shape[-3]
+    kv_batch = batch[:-1] + (batch[-1] // group,) if group > 1 else batch
+
+    # Broadcast (lazily) and line the chunks up: q's batch chunks drive everything; a head
+    # chunk of q is a whole number of key/value heads.
+    q = da.broadcast_to(q, batch + (n_q, d))
+    batch_chunks = list(q.chunks[:nb])
+    if group > 1:
+        size = max(group, max(batch_chunks[-1]) // group * group)
+        batch_chunks[-1] = size
+    q = q.rechunk(tuple(batch_chunks) + (q.chunks[-2], -1))
+    batch_chunks = q.chunks[:nb]
+    kv_chunks = batch_chunks[:-1] + (tuple(c // group for c in batch_chunks[-1]),) if group > 1 \
+        else batch_chunks
+    k = da.broadcast_to(k, kv_batch + (n_k, d))
+    k = k.rechunk(kv_chunks + (k.chunks[-2], -1))
+    v = da.broadcast_to(v, kv_batch + (n_k, d_v)).rechunk(kv_chunks + (k.chunks[-2], -1))
+    if mask is not None:
+        mask = da.broadcast_to(mask, batch + (n_q, n_k))
+        mask = mask.rechunk(batch_chunks + (q.chunks[-2], k.chunks[-2]))
+
+    q_off, k_off = _offsets(q.chunks[-2]), _offsets(k.chunks[-2])
+    offset = n_k - n_q
+    token = tokenize(q, k, v, mask, causal, window, scale, softcap, sinks, num_threads,
+                     split_every)
+    part_name, merge_name, out_name = (f"fastattn-{s}-{token}" for s in ("partial", "merge", "out"))
+    dsk = {}
+    for bi in itertools.product(*(range(len(c)) for c in batch_chunks)):
+        block_batch = tuple(c[i] for c, i in zip(batch_chunks, bi))
+        sink_block = None
+        if sinks is not None:
+            starts = [_offsets(c)[i] for c, i in zip(batch_chunks, bi)]
+            sink_block = sinks[tuple(slice(s, s + n) for s, n in zip(starts, block_batch))]
+        for qi in range(len(q_off) - 1):
+            qs, qe = q_off[qi], q_off[qi + 1]
+            parts = []
+            for kj in range(len(k_off) - 1):
+                ks, ke = k_off[kj], k_off[kj + 1]
+                seen = _visibility(qs, qe, ks, ke, offset, causal, window)
+                if seen == "hidden":
+                    continue  # no task at all
+                key = (part_name,) + bi + (qi, kj)
+                dsk[key] = (_partial, (q.name,) + bi + (qi, 0), (k.name,) + bi + (kj, 0),
+                            (v.name,) + bi + (kj, 0),
+                            None if mask is None else (mask.name,) + bi + (qi, kj),
+                            qs, ks, offset, seen == "partial", window, scale, softcap,
+                            num_threads, compute)
+                parts.append(key)
+            level = 0
+            while len(parts) > split_every or (len(parts) > 1 and sink_block is None):
+                merged = []
+                for n, start in enumerate(range(0, len(parts), split_every)):
+                    group_keys = parts[start:start + split_every]
+                    if len(group_keys) == 1:
+                        merged.append(group_keys[0])
+                        continue
+                    key = (merge_name,) + bi + (qi, level, n)
+                    dsk[key] = (_merge,) + tuple(group_keys)
+                    merged.append(key)
+                parts = merged
+                level += 1
+            final = (out_name,) + bi + (qi, 0)
+            shape = block_batch + (qe - qs, d_v + 1)
+            if not parts:
+                dsk[final] = ((_with_sinks, (_empty, shape, compute), sink_block)
+                              if sink_block is not None else (_empty, shape, compute))
+            elif sink_block is not None:
+                dsk[final] = (_with_sinks, ((_merge,) + tuple(parts)) if len(parts) > 1
+                              else parts[0], sink_block)
+            else:
+                dsk[final] = (operator.getitem, parts[0], Ellipsis)
+    deps = [q, k, v] + ([mask] if mask is not None else [])
+    graph = HighLevelGraph.from_collections(out_name, dsk, dependencies=deps)
+    packed = da.Array(graph, out_name, chunks=batch_chunks + (q.chunks[-2], (d_v + 1,)),
+                      dtype=compute, meta=np.empty((0,) * (nb + 2), compute))
+    out = packed[..., :d_v]
+    if out.dtype != result:
+        out = out.astype(result)
+    if not return_lse:
+        return out
+    return out, packed[..., d_v]
