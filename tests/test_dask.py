@@ -1,0 +1,190 @@
+"""fastattn.dask: attention over dask arrays equals fastattn.attention on the whole arrays,
+whatever the chunking (hypothesis draws it: uneven, empty chunks, one chunk), masks,
+grouped heads, causal/window, softcap and sinks; hidden block pairs make no task; and on a
+LocalCluster of worker processes a worker killed mid-computation changes nothing and keys
+larger than a worker's memory limit stream through."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+da = pytest.importorskip("dask.array")
+
+import fastattn  # noqa: E402
+from fastattn import dask as fd  # noqa: E402
+from conftest import assert_close  # noqa: E402
+
+
+def chunking(draw, n, allow_empty=True):
+    """A chunking of n: 1..4 pieces, uneven, sometimes with an empty chunk."""
+    if n == 0:
+        return (0,)
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=3)))
+    pieces = [b - a for a, b in zip([0] + cuts, cuts + [n])]
+    if not allow_empty:
+        pieces = [p for p in pieces if p] or [n]
+    return tuple(pieces)
+
+
+@st.composite
+def cases(draw):
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    h_kv = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2]))
+    n_q, n_k = draw(st.integers(1, 40)), draw(st.integers(0, 50))
+    d, d_v = draw(st.integers(1, 8)), draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    q = rng.standard_normal((2, h_kv * group, n_q, d)).astype(dtype)
+    k = rng.standard_normal((2, h_kv, n_k, d)).astype(dtype)
+    v = rng.standard_normal((2, h_kv, n_k, d_v)).astype(dtype)
+    causal = draw(st.booleans())
+    kwargs = dict(causal=causal,
+                  window=draw(st.sampled_from([None, 1, 3, 17])) if causal else None,
+                  softcap=draw(st.sampled_from([None, 3.0])),
+                  sinks=draw(st.sampled_from([None, rng.standard_normal(h_kv * group)])))
+    mask_kind = draw(st.sampled_from(["none", "bool", "float", "dead-block"]))
+    mask = None
+    if mask_kind == "bool":
+        mask = rng.random((n_q, n_k)) > 0.3
+    elif mask_kind == "float":
+        mask = rng.standard_normal((2, 1, n_q, n_k))
+    elif mask_kind == "dead-block":  # a whole chunk pair fully masked
+        mask = np.ones((n_q, n_k), bool)
+        mask[: n_q // 2, : n_k // 2] = False
+    q_chunks = (1, max(1, group * draw(st.integers(1, h_kv))), chunking(draw, n_q), d)
+    k_chunks = (draw(st.sampled_from([1, 2])), 1, chunking(draw, n_k), d)
+    return (seed, q, k, v, mask, kwargs, q_chunks, k_chunks,
+            draw(st.sampled_from([2, 3, 8])), chunking(draw, n_q, False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_dask_equals_attention_on_the_whole_arrays(case):
+    seed, q, k, v, mask, kwargs, q_chunks, k_chunks, split_every, m_chunks = case
+    expected, lse = fastattn.attention(q, k, v, mask=mask, return_lse=True, **kwargs)
+    dq = da.from_array(q, chunks=q_chunks)
+    dk = da.from_array(k, chunks=k_chunks)
+    dm = None if mask is None else da.from_array(mask, chunks=mask.shape[:-2] + (m_chunks, -1))
+    out, out_lse = fd.attention(dq, dk, v, mask=dm, return_lse=True, split_every=split_every,
+                                **kwargs)
+    info = f"seed {seed} {kwargs['causal']} {kwargs['window']} q {q_chunks} k {k_chunks}"
+    out, out_lse = out.compute(scheduler="sync"), out_lse.compute(scheduler="sync")
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    assert_close(out, expected, q.dtype, info, magnitude=4)
+    assert_close(out_lse, lse, q.dtype, info + " lse", magnitude=20)
+
+
+def partial_tasks(arr):
+    return sum(1 for key in dict(arr.__dask_graph__()) if str(key[0]).startswith("fastattn-partial"))
+
+
+def test_causal_graph_has_about_half_the_tasks_and_attention_delegates():
+    rng = np.random.default_rng(0)
+    q = da.from_array(rng.standard_normal((1, 2, 512, 16)), chunks=(1, 2, 64, 16))
+    k = da.from_array(rng.standard_normal((1, 2, 512, 16)), chunks=(1, 2, 64, 16))
+    full = fd.attention(q, k, k)
+    causal = fastattn.attention(q, k, k, causal=True)  # delegated: still lazy
+    window = fd.attention(q, k, k, causal=True, window=64)
+    assert isinstance(causal, da.Array)
+    assert partial_tasks(full) == 64
+    assert partial_tasks(causal) == 36  # 8 diagonal + 28 below it
+    assert partial_tasks(window) == 15  # the diagonal and the one block before it
+    expected = fastattn.attention(q.compute(), k.compute(), k.compute(), causal=True)
+    assert_close(causal.compute(), expected, np.float64, "causal", magnitude=4)
+
+
+def test_numpy_inputs_and_errors():
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 6, 4)), rng.standard_normal((3, 6, 2))
+    got = fd.attention(q, k, v, causal=True).compute()
+    assert_close(got, fastattn.attention(q, k, v, causal=True), np.float64, "numpy in", magnitude=4)
+    with pytest.raises(ValueError, match="k and v"):
+        fd.attention(q, k, v[:, :5])
+    with pytest.raises(TypeError, match="mask"):
+        fd.attention(q, k, v, mask=np.ones((5, 6), np.int64))
+    with pytest.raises(ValueError, match="split_every"):
+        fd.attention(q, k, v, split_every=1)
+    with pytest.raises(ValueError, match="no weights"):
+        fastattn.attention(da.from_array(q), k, v, return_weights=True)
+
+
+# --------------------------------------------------------------------------- cluster
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  memory_limit="300MiB", dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as c:
+        yield c
+
+
+@pytest.mark.cluster
+def test_a_worker_killed_mid_computation_changes_nothing(client):
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((4, 2, 1024, 64)).astype(np.float32)
+    k = rng.standard_normal((4, 2, 4096, 64)).astype(np.float32)
+    v = rng.standard_normal((4, 2, 4096, 64)).astype(np.float32)
+    expected = fastattn.attention(q, k, v, causal=True)
+    out = fd.attention(da.from_array(q, chunks=(1, 2, 256, 64)),
+                       da.from_array(k, chunks=(1, 2, 512, 64)), v, causal=True)
+    future = client.compute(out)
+    pids = list(client.run(os.getpid).values())
+    killed = threading.Event()
+
+    def kill_one():
+        time.sleep(0.3)
+        if not future.done():
+            os.kill(pids[0], signal.SIGKILL)  # the nanny starts a new worker
+            killed.set()
+
+    threading.Thread(target=kill_one).start()
+    got = future.result(timeout=300)
+    assert_close(got, expected, np.float32, f"killed={killed.is_set()}", magnitude=4)
+
+
+@pytest.mark.cluster
+def test_keys_larger_than_a_worker_memory_limit_stream_through(client, tmp_path):
+    """1 GiB of keys and values in memmaps, workers limited to 300 MiB each: each task
+    reads its own 32 MiB blocks, no worker holds all the keys."""
+    n_keys, d = 1 << 19, 128
+    k = np.lib.format.open_memmap(tmp_path / "k.npy", "w+", np.float32, (2, n_keys, d))
+    v = np.lib.format.open_memmap(tmp_path / "v.npy", "w+", np.float32, (2, n_keys, d))
+    rng = np.random.default_rng(3)
+    step = 1 << 16
+    for start in range(0, n_keys, step):
+        k[:, start:start + step] = rng.standard_normal((2, step, d), dtype=np.float32)
+        v[:, start:start + step] = rng.standard_normal((2, step, d), dtype=np.float32)
+    k.flush()
+    v.flush()
+    q = rng.standard_normal((2, 4, d)).astype(np.float32)
+    expected = fastattn.attention(q, k, v)
+
+    def load(path, start, stop):
+        return np.ascontiguousarray(np.load(path, mmap_mode="r")[:, start:stop])
+
+    import dask
+    chunk = 1 << 15
+    blocks = [da.from_delayed(dask.delayed(load)(str(tmp_path / name), s, s + chunk),
+                              (2, chunk, d), np.float32)
+              for name in ("k.npy", "v.npy") for s in range(0, n_keys, chunk)]
+    dk = da.concatenate(blocks[: n_keys // chunk], axis=1)
+    dv = da.concatenate(blocks[n_keys // chunk:], axis=1)
+    client.run(lambda: None)
+    got = fd.attention(q, dk, dv).compute()
+    assert_close(got, expected, np.float32, "memmap", magnitude=4)
+    peak = max(client.run(_peak_rss_mib).values())
+    print(f"peak worker memory {peak:.0f} MiB for {2 * k.nbytes / 2**20:.0f} MiB of keys and values")
+    assert peak < 300, f"a worker peaked at {peak:.0f} MiB"
+
+
+def _peak_rss_mib():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
