@@ -188,3 +188,37 @@ def test_keys_larger_than_a_worker_memory_limit_stream_through(client, tmp_path)
 def _peak_rss_mib():
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.cluster
+def test_sharded_cache_decodes_as_one_cache(client):
+    rng = np.random.default_rng(4)
+    b, h, h_kv, d = 1, 4, 2, 16
+    sharded = fd.ShardedKVCache(client, b, h_kv, d, shard_capacity=40, n_shards=3)
+    single = fastattn.KVCache(b, h_kv, 120, d)
+    assert len({id(s) for s in sharded.shards}) == 3 and set(sharded.workers) <= set(
+        client.scheduler_info()["workers"])
+    prompt_k = rng.standard_normal((b, h_kv, 70, d)).astype(np.float32)  # spans two shards
+    prompt_v = rng.standard_normal((b, h_kv, 70, d)).astype(np.float32)
+    sharded.append(prompt_k, prompt_v)
+    single.append(prompt_k, prompt_v)
+    assert sharded.lengths == [40, 30, 0]
+    # A causal chunk of 5 queries: the last 5 tokens, which straddle nothing here.
+    q5 = rng.standard_normal((b, h, 5, d)).astype(np.float32)
+    assert_close(sharded.attention(q5), fastattn.attention(q5, cache=single, causal=True),
+                 np.float32, "5 causal queries", magnitude=4)
+    sinks = rng.standard_normal(h).astype(np.float32)
+    for step in range(15):  # crosses into the third shard at token 80
+        k1 = rng.standard_normal((b, h_kv, 1, d)).astype(np.float32)
+        v1 = rng.standard_normal((b, h_kv, 1, d)).astype(np.float32)
+        sharded.append(k1, v1)
+        q = rng.standard_normal((b, h, 1, d)).astype(np.float32)
+        got, got_lse = sharded.attention(q, sinks=sinks, softcap=5.0, return_lse=True)
+        want, want_lse = fastattn.attention(q, k1, v1, cache=single, sinks=sinks, softcap=5.0,
+                                            return_lse=True)
+        assert_close(got, want, np.float32, f"step {step}", magnitude=4)
+        assert_close(got_lse, want_lse, np.float32, f"step {step} lse", magnitude=20)
+    assert sharded.lengths == [40, 40, 5] and len(sharded) == 85
+    with pytest.raises(ValueError, match="do not fit"):
+        sharded.append(np.zeros((b, h_kv, 40, d), np.float32), np.zeros((b, h_kv, 40, d), np.float32))
+    assert sharded.lengths == [40, 40, 5]

@@ -35,7 +35,7 @@ from ._plan import layout
 from ._validation import (check_flag, check_scale, check_sinks, check_softcap, check_window,
                           dtypes_of, positive_int)
 
-__all__ = ["attention", "is_dask_array"]
+__all__ = ["attention", "is_dask_array", "ShardedKVCache"]
 
 
 def is_dask_array(a):
@@ -254,3 +254,135 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, soft
     if not return_lse:
         return out
     return out, packed[..., d_v]
+
+
+# --------------------------------------------------------------------------- sharded cache
+
+class _Shard:
+    """One shard of a ShardedKVCache: a KVCache living on one worker (a dask actor)."""
+
+    def __init__(self, batch, kv_heads, capacity, head_dim, value_dim, dtype):
+        from .cache import KVCache
+        self.cache = KVCache(batch, kv_heads, capacity, head_dim, value_dim=value_dim,
+                             dtype=dtype)
+
+    def append(self, k, v):
+        self.cache.append(k, v)
+        return len(self.cache)
+
+    def attend(self, q, first_key, n_total, causal, scale, softcap, num_threads):
+        """(out, lse) of q against this shard's keys, which are global keys [first_key,
+        first_key + len); the queries are the last L_q of n_total tokens (causal)."""
+        n = len(self.cache)
+        n_q = q.shape[-2]
+        mask = None
+        if causal and first_key + n - 1 > n_total - n_q:  # some key after the first query
+            i = np.arange(n_total - n_q, n_total)[:, None]
+            mask = np.arange(first_key, first_key + n)[None, :] <= i
+        if n == 0:
+            shape = q.shape[:-1]
+            return (np.zeros(shape + (self.cache.value_dim,), q.dtype),
+                    np.full(shape, -np.inf, q.dtype))
+        return api.attention(q, self.cache.keys, self.cache.values, mask=mask, scale=scale,
+                             softcap=softcap, return_lse=True, num_threads=num_threads)
+
+
+class ShardedKVCache:
+    """A key/value cache split by keys across the workers of a dask.distributed cluster.
+
+    Each shard is a :class:`fastattn.KVCache` of ``shard_capacity`` tokens held by a dask
+    actor on one worker; appends fill the shards in order (a new token goes to the last
+    shard with room). :meth:`attention` sends the queries to every non-empty shard, gets
+    back ``(out, lse)`` partials and merges them exactly, in shard order, with
+    :func:`fastattn.merge_attention`; sinks are merged in once, at the end. The keys never
+    leave their worker: each step moves the queries out and ``L_q x (D_v + 1)`` numbers
+    per shard back.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    batch, kv_heads, head_dim : int
+        As in :class:`fastattn.KVCache`.
+    shard_capacity : int
+        Tokens per shard.
+    n_shards : int
+        Shards, placed round-robin on the client's workers.
+    value_dim : int, optional
+    dtype : float32 or float64
+
+    Examples
+    --------
+    >>> from distributed import Client, LocalCluster               # doctest: +SKIP
+    >>> client = Client(LocalCluster(n_workers=2, processes=True))  # doctest: +SKIP
+    >>> cache = ShardedKVCache(client, 1, 8, 64, shard_capacity=4096, n_shards=4)  # doctest: +SKIP
+    >>> cache.append(k, v); out = cache.attention(q)                # doctest: +SKIP
+    """
+
+    def __init__(self, client, batch, kv_heads, head_dim, *, shard_capacity, n_shards,
+                 value_dim=None, dtype=np.float32):
+        self.shard_capacity = positive_int("shard_capacity", shard_capacity)
+        n_shards = positive_int("n_shards", n_shards)
+        workers = sorted(client.scheduler_info()["workers"])
+        if not workers:
+            raise ValueError("the client has no workers")
+        self.value_dim = head_dim if value_dim is None else value_dim
+        self.dtype = np.dtype(dtype)
+        self.workers = [workers[i % len(workers)] for i in range(n_shards)]
+        futures = [client.submit(_Shard, batch, kv_heads, self.shard_capacity, head_dim,
+                                 self.value_dim, self.dtype, actor=True, workers=[w],
+                                 pure=False)
+                   for w in self.workers]
+        self.shards = [f.result() for f in futures]
+        self.lengths = [0] * n_shards
+
+    def __len__(self):
+        return sum(self.lengths)
+
+    @property
+    def capacity(self):
+        return self.shard_capacity * len(self.shards)
+
+    def append(self, k, v):
+        """Append tokens (..., L_new, D) to the last shards with room (whole, or nothing:
+        a ValueError before any shard changes when they do not fit)."""
+        k, v = np.asarray(k), np.asarray(v)
+        n_new = k.shape[-2]
+        if len(self) + n_new > self.capacity:
+            raise ValueError(f"the sharded cache holds {len(self)} of {self.capacity} tokens: "
+                             f"{n_new} more do not fit")
+        pending, taken = [], 0
+        for s, length in enumerate(self.lengths):
+            room = self.shard_capacity - length
+            if room <= 0 or taken == n_new:
+                continue
+            part = min(room, n_new - taken)
+            pending.append((s, self.shards[s].append(k[..., taken:taken + part, :],
+                                                      v[..., taken:taken + part, :])))
+            taken += part
+        for s, future in pending:
+            self.lengths[s] = future.result()
+
+    def attention(self, q, *, causal=True, scale=None, softcap=None, sinks=None,
+                  return_lse=False, num_threads=1):
+        """Attention of q (batch, heads, L_q, D) to every cached token, exactly merged over
+        the shards; with ``causal`` the queries are the last L_q cached tokens."""
+        q = np.asarray(q)
+        total = len(self)
+        futures, first = [], 0
+        for shard, length in zip(self.shards, self.lengths):
+            if length and not (causal and first > total - 1):
+                futures.append(shard.attend(q, first, total, causal, scale, softcap,
+                                            num_threads))
+            first += length
+        if not futures:
+            out = np.zeros(q.shape[:-1] + (self.value_dim,), q.dtype)
+            lse = np.full(q.shape[:-1], -np.inf, q.dtype)
+        else:
+            out, lse = futures[0].result()
+            for f in futures[1:]:
+                out, lse = api.merge_attention(out, lse, *f.result())
+        if sinks is not None:
+            sink = check_sinks(sinks, q.shape[:-2], lse.dtype)[..., None]
+            out, lse = api.merge_attention(out, lse, np.zeros_like(out),
+                                           np.broadcast_to(sink, lse.shape))
+        return (out, lse) if return_lse else out
