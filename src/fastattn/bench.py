@@ -502,7 +502,13 @@ def main(argv=None):
     parser.add_argument("--transformers", action="store_true",
                         help="a random ~100M-parameter Llama in transformers: fastattn "
                              "against sdpa, prefill and decode (needs fastattn[transformers])")
+    parser.add_argument("--dask", action="store_true",
+                        help="fastattn.dask on a LocalCluster of 2 workers against one "
+                             "process (needs fastattn[dask])")
     args = parser.parse_args(argv)
+    if args.dask:
+        from . import _bench_dask
+        return _bench_dask.main(args.threads, args.quick)
     if args.transformers:
         from . import _bench_transformers
         return _bench_transformers.main(args.threads, args.quick)
