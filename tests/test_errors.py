@@ -175,3 +175,10 @@ def test_every_count_argument_follows_one_rule(make, name):
     for bad in (0, -3, np.int64(0)):
         with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
             make(bad)
+
+
+def test_forgotten_v_says_so():
+    with pytest.raises(TypeError, match="attention needs v"):
+        fastattn.attention(Q, K)
+    with pytest.raises(TypeError, match="attention needs k and v"):
+        fastattn.attention(Q)

@@ -58,6 +58,10 @@ def main(argv=None):
 
         return bench_main(argv[1:])
     if argv[0] == "info":
+        if len(argv) > 1:
+            print("usage: python -m fastattn info\n\nThe build, the CPU, the kernels chosen "
+                  "and the threads.", file=sys.stdout if argv[1] in ("-h", "--help") else sys.stderr)
+            return 0 if argv[1] in ("-h", "--help") else 2
         return info()
     print(f"unknown command {argv[0]!r}; use bench or info", file=sys.stderr)
     return 2

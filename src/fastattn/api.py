@@ -203,8 +203,8 @@ def scores(q, k, *, scale=None, mask=None, causal=False, window=None, softcap=No
     --------
     >>> import numpy as np, fastattn
     >>> fastattn.scores(np.ones((2, 4)), np.ones((3, 4)), causal=True)
-    array([[ 2.,  2., -inf],
-           [ 2.,  2.,  2.]])
+    array([[  2.,   2., -inf],
+           [  2.,   2.,   2.]])
     """
     plan = _plan.plan_attention(q, k, None, mask, causal, scale, window, softcap, with_v=False)
     lay = plan.layout
@@ -332,6 +332,9 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
         k, v = cache.keys, cache.values
     elif k is None:
         raise TypeError("attention needs k and v (or a cache)")
+    elif v is None:
+        raise TypeError("attention needs v, the values, as well as k (or a cache): "
+                        "attention(q, k, v)")
     # v=None must be refused as a bad value (its dtype), not taken for scores()'s "no v".
     plan = _plan.plan_attention(q, k, v, mask, causal, scale, window, softcap, sinks)
     n_threads = check_threads(num_threads)

@@ -331,7 +331,8 @@ def plot(path, against=("numpy",), threads=None, lengths=(128, 256, 512, 1024, 2
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'fastattn[bench]'") from None
+        raise SystemExit("--plot needs matplotlib: pip install 'fastattn[bench]' "
+                         "(in a clone: pip install '.[bench]')") from None
     threads = check_threads(threads)
     series = {}
     for n in lengths:
@@ -493,7 +494,10 @@ def main(argv=None):
     parser.add_argument("--decode", action="store_true",
                         help="incremental decoding: one query per head against a KVCache")
     parser.add_argument("--threads", type=int, default=None, help="threads for every contender")
-    parser.add_argument("--cases", help="comma-separated case names to run")
+    parser.add_argument("--cases", help="comma-separated case names to run: "
+                        + ", ".join(c.name for c in DEFAULT_CASES) + " (with --quick: "
+                        + ", ".join(c.name for c in QUICK_CASES) + "; with --decode: "
+                        + ", ".join(c.name for c in DECODE_CASES) + ")")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per sample")
     parser.add_argument("--plot", metavar="FILE",
                         help="instead of the table, plot GFLOP/s against sequence length to FILE (PNG)")
