@@ -56,6 +56,15 @@ def _offsets(chunks):
     return list(itertools.accumulate(chunks, initial=0))
 
 
+def _without_empty_chunks(a):
+    """a rechunked without the empty chunks of its sequence axis (-2)."""
+    chunks = a.chunks[-2]
+    if 0 not in chunks or len(chunks) == 1:
+        return a
+    kept = tuple(c for c in chunks if c) or (0,)
+    return a.rechunk(a.chunks[:-2] + (kept, a.chunks[-1]))
+
+
 def _visibility(qs, qe, ks, ke, offset, causal, window):
     """'hidden', 'full' or 'partial' for queries [qs, qe) against keys [ks, ke): query i
     sees key j when j <= i + offset (causal) and j > i + offset - window (window)."""
@@ -73,21 +82,37 @@ def _visibility(qs, qe, ks, ke, offset, causal, window):
 
 def _partial(q, k, v, mask, qs, ks, offset, causal, window, scale, softcap, num_threads,
              compute):
-    """One (query block, key block) pair: out and lse packed as (..., L_q, D_v + 1)."""
+    """One (query block, key block) pair: out and lse packed as (..., L_q, D_v + 1).
+
+    causal: the pair is partly hidden. When the block's keys reach at least the last
+    query's horizon, the keys past it are dropped and the kernel's own causal/window
+    (aligned to the block's new end) hide the rest, skipping whole tiles; otherwise the
+    mask of the pair's offsets is built here."""
+    kernel_causal, kernel_window = False, None
     if causal:
-        i = np.arange(qs, qs + q.shape[-2])[:, None]
-        j = np.arange(ks, ks + k.shape[-2])[None, :]
-        visible = j <= i + offset
-        if window:
-            visible &= j > i + offset - window
-        if mask is None:
-            mask = visible
-        elif mask.dtype == np.bool_:
-            mask = mask & visible
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        horizon = qs + n_q - 1 + offset  # the last key the last query sees
+        if ks + n_k - 1 >= horizon:
+            keep = horizon - ks + 1
+            k, v = k[..., :keep, :], v[..., :keep, :]
+            if mask is not None:
+                mask = mask[..., :keep]
+            kernel_causal, kernel_window = True, window or None
         else:
-            mask = np.where(visible, mask, -np.inf)
-    out, lse = api.attention(q, k, v, mask=mask, scale=scale, softcap=softcap,
-                             return_lse=True, num_threads=num_threads)
+            i = np.arange(qs, qs + n_q)[:, None]
+            j = np.arange(ks, ks + n_k)[None, :]
+            visible = j <= i + offset
+            if window:
+                visible &= j > i + offset - window
+            if mask is None:
+                mask = visible
+            elif mask.dtype == np.bool_:
+                mask = mask & visible
+            else:
+                mask = np.where(visible, mask, -np.inf)
+    out, lse = api.attention(q, k, v, mask=mask, causal=kernel_causal, window=kernel_window,
+                             scale=scale, softcap=softcap, return_lse=True,
+                             num_threads=num_threads)
     return np.concatenate([out.astype(compute, copy=False), lse[..., None]], axis=-1)
 
 
@@ -177,7 +202,9 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, soft
     kv_batch = batch[:-1] + (batch[-1] // group,) if group > 1 else batch
 
     # Broadcast (lazily) and line the chunks up: q's batch chunks drive everything; a head
-    # chunk of q is a whole number of key/value heads.
+    # chunk of q is a whole number of key/value heads. Empty chunks of the sequence axes
+    # hold nothing (and trip dask's broadcast_to): they are dropped first.
+    q, k, v = (_without_empty_chunks(a) for a in (q, k, v))
     q = da.broadcast_to(q, batch + (n_q, d))
     batch_chunks = list(q.chunks[:nb])
     if group > 1:
