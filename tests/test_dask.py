@@ -6,7 +6,6 @@ larger than a worker's memory limit stream through."""
 
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -129,25 +128,29 @@ def client():
 @pytest.mark.cluster
 def test_a_worker_killed_mid_computation_changes_nothing(client):
     rng = np.random.default_rng(2)
-    q = rng.standard_normal((4, 2, 1024, 64)).astype(np.float32)
-    k = rng.standard_normal((4, 2, 4096, 64)).astype(np.float32)
-    v = rng.standard_normal((4, 2, 4096, 64)).astype(np.float32)
-    expected = fastattn.attention(q, k, v, causal=True)
-    out = fd.attention(da.from_array(q, chunks=(1, 2, 256, 64)),
-                       da.from_array(k, chunks=(1, 2, 512, 64)), v, causal=True)
+    q = rng.standard_normal((8, 2, 2048, 64)).astype(np.float32)
+    k = rng.standard_normal((8, 2, 8192, 64)).astype(np.float32)
+    v = rng.standard_normal((8, 2, 8192, 64)).astype(np.float32)
+    expected = fastattn.attention(q, k, v)
+    dq = da.from_array(q, chunks=(1, 2, 1024, 64)).persist()
+    dk = da.from_array(k, chunks=(1, 2, 2048, 64)).persist()
+    dv = da.from_array(v, chunks=(1, 2, 2048, 64)).persist()
+    out = fd.attention(dq, dk, dv)
     future = client.compute(out)
-    pids = list(client.run(os.getpid).values())
-    killed = threading.Event()
 
-    def kill_one():
-        time.sleep(0.3)
-        if not future.done():
-            os.kill(pids[0], signal.SIGKILL)  # the nanny starts a new worker
-            killed.set()
+    def partials_done(dask_scheduler):
+        return sum(1 for ts in dask_scheduler.tasks.values()
+                   if ts.state == "memory" and "fastattn-partial" in str(ts.key))
 
-    threading.Thread(target=kill_one).start()
-    got = future.result(timeout=300)
-    assert_close(got, expected, np.float32, f"killed={killed.is_set()}", magnitude=4)
+    deadline = time.time() + 120
+    while client.run_on_scheduler(partials_done) == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    assert not future.done(), "finished before a worker could be killed: enlarge the case"
+    victim = next(iter(client.run(os.getpid).values()))
+    os.kill(victim, signal.SIGKILL)  # mid-computation; its nanny starts a new worker
+    got = future.result(timeout=600)
+    assert_close(got, expected, np.float32, "a worker killed", magnitude=4)
+    assert victim not in client.run(os.getpid).values()
 
 
 @pytest.mark.cluster
