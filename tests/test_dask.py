@@ -156,7 +156,7 @@ def test_a_worker_killed_mid_computation_changes_nothing(client):
 @pytest.mark.cluster
 def test_keys_larger_than_a_worker_memory_limit_stream_through(client, tmp_path):
     """1 GiB of keys and values in memmaps, workers limited to 300 MiB each: each task
-    reads its own 32 MiB blocks, no worker holds all the keys."""
+    reads its own 16 MiB blocks, no worker holds all the keys."""
     n_keys, d = 1 << 19, 128
     k = np.lib.format.open_memmap(tmp_path / "k.npy", "w+", np.float32, (2, n_keys, d))
     v = np.lib.format.open_memmap(tmp_path / "v.npy", "w+", np.float32, (2, n_keys, d))
@@ -174,23 +174,37 @@ def test_keys_larger_than_a_worker_memory_limit_stream_through(client, tmp_path)
         return np.ascontiguousarray(np.load(path, mmap_mode="r")[:, start:stop])
 
     import dask
-    chunk = 1 << 15
+    chunk = 1 << 14
     blocks = [da.from_delayed(dask.delayed(load)(str(tmp_path / name), s, s + chunk),
                               (2, chunk, d), np.float32)
               for name in ("k.npy", "v.npy") for s in range(0, n_keys, chunk)]
     dk = da.concatenate(blocks[: n_keys // chunk], axis=1)
     dv = da.concatenate(blocks[n_keys // chunk:], axis=1)
-    client.run(lambda: None)
-    got = fd.attention(q, dk, dv).compute()
+    import psutil
+    import threading
+    workers = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
+    peak, done = [0.0], threading.Event()
+
+    def sample():  # resident memory of every worker process, every 10 ms
+        while not done.is_set():
+            for w in workers:
+                try:
+                    peak[0] = max(peak[0], w.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        got = fd.attention(q, dk, dv).compute()
+    finally:
+        done.set()
+        sampler.join()
     assert_close(got, expected, np.float32, "memmap", magnitude=4)
-    peak = max(client.run(_peak_rss_mib).values())
+    peak = peak[0]
     print(f"peak worker memory {peak:.0f} MiB for {2 * k.nbytes / 2**20:.0f} MiB of keys and values")
     assert peak < 300, f"a worker peaked at {peak:.0f} MiB"
-
-
-def _peak_rss_mib():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @pytest.mark.cluster
