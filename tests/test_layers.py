@@ -67,3 +67,18 @@ def test_layer_float32_and_float16():
                                     x.astype(np.float32), False), np.float32, "f32", magnitude=10)
     out16 = layer32(x.astype(np.float16))
     assert out16.dtype == np.float32  # float16 input with float32 weights promotes to float32
+
+
+def test_a_cache_that_does_not_fit_the_layer_is_named():
+    rng = np.random.default_rng(7)
+    w = [rng.standard_normal(s) for s in ((8, 8), (8, 4), (8, 4), (8, 8))]
+    layer = fastattn.MultiHeadAttention(*w, num_heads=2, num_kv_heads=1)
+    x = rng.standard_normal((1, 3, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"the cache does not fit this layer.*num_kv_heads=1"):
+        layer(x, cache=fastattn.KVCache(1, 2, 16, 4, dtype=np.float32))
+    layer32 = fastattn.MultiHeadAttention(*(a.astype(np.float32) for a in w), num_heads=2,
+                                          num_kv_heads=1)
+    with pytest.raises(ValueError, match="the cache holds float64 and this layer computes in float32"):
+        layer32(x, cache=fastattn.KVCache(1, 1, 16, 4, dtype=np.float64))
+    cache = fastattn.KVCache(1, 1, 16, 4, dtype=np.float64)
+    assert layer(x, cache=cache).dtype == np.float64  # float64 weights: a float64 cache fits

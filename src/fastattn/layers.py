@@ -136,6 +136,21 @@ class MultiHeadAttention:
         return cls(w_q, w_k, w_v, sd["out_proj.weight"].T, num_heads=num_heads,
                    b_q=b_q, b_k=b_k, b_v=b_v, b_o=sd.get("out_proj.bias"))
 
+    def _check_cache(self, cache, compute):
+        """A cache this layer can append to: its head counts, sizes and dtype."""
+        from .cache import KVCache
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a fastattn.KVCache, got {type(cache).__name__}")
+        mine = (self.num_kv_heads, self.head_dim, self.head_dim)
+        theirs = (cache.kv_heads, cache.head_dim, cache.value_dim)
+        if mine != theirs:
+            raise ValueError(f"the cache does not fit this layer: the layer has num_kv_heads="
+                             f"{mine[0]}, head_dim={mine[1]}; the cache kv_heads={theirs[0]}, "
+                             f"head_dim={theirs[1]}, value_dim={theirs[2]}")
+        if cache.dtype != compute:
+            raise ValueError(f"the cache holds {cache.dtype} and this layer computes in "
+                             f"{compute}: make the cache with dtype={compute}")
+
     def _split_heads(self, x, n_heads):
         """(..., L, n_heads * head_dim) -> (..., n_heads, L, head_dim), a view."""
         x = x.reshape(x.shape[:-1] + (n_heads, self.head_dim))
@@ -181,6 +196,8 @@ class MultiHeadAttention:
         if key is None and value is None:
             query, ws, bs, _, compute, result_dtype = qkv_arguments(
                 query, self.w_q, self.w_k, self.w_v, self.b_q, self.b_k, self.b_v)
+            if cache is not None:
+                self._check_cache(cache, compute)
             q, k, v = project_qkv(query, ws, bs, compute)
         else:
             key = query if key is None else as_array("key", key)

@@ -228,7 +228,8 @@ def _prepare(q, k, v, mask, scale):
     kf, ks = _flatten(k)
     vf, vs = _flatten(v) if v is not None else (None, None)
     if len(qs) < 2 or len(ks) < 2 or (vs is not None and len(vs) < 2):
-        raise ValueError("q, k and v need at least 2 dimensions")
+        raise ValueError("q, k and v need at least 2 dimensions" if vs is not None
+                         else "q and k need at least 2 dimensions")
     if qs[-1] != ks[-1]:
         raise ValueError("q and k disagree on D")
     if vs is not None and vs[-2] != ks[-2]:
