@@ -128,3 +128,28 @@ def test_objects_with_only_array_interface_still_work():
 
     a = rand((3, 4, 8))
     assert np.array_equal(fastattn.attention(ArrayOnly(a), a, a), fastattn.attention(a, a, a))
+
+
+def test_bfloat16_decoding_reads_keys_in_place_and_equals_float32_bitwise():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from fastattn import _run
+    from fastattn._dispatch import kernels
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    for d, d_v, n_keys in ((64, 64, 700), (128, 128, 1500), (24, 40, 90)):  # vector and scalar paths
+        q = rand((2, 6, 1, d), 1).astype(bf16)
+        k = rand((2, 3, n_keys, d), 2).astype(bf16)
+        v = rand((2, 3, n_keys, d_v), 3).astype(bf16)
+        sinks = rand((6,), 4)
+        calls = []
+        original = kernels.decode_bf16
+        kernels_attr = _run._kernels
+        try:
+            kernels_attr.decode_bf16 = lambda *a: calls.append(a) or original(*a)
+            out, lse = fastattn.attention(q, k, v, softcap=4.0, sinks=sinks, return_lse=True)
+        finally:
+            kernels_attr.decode_bf16 = original
+        assert calls and np.shares_memory(calls[0][1], k)  # the bfloat16 keys, not a copy
+        f32 = fastattn.attention(*(a.astype(np.float32) for a in (q, k, v)), softcap=4.0,
+                                 sinks=sinks, return_lse=True)
+        assert out.dtype == bf16 and np.array_equal(out, f32[0].astype(bf16)), d
+        assert np.array_equal(lse, f32[1]), d

@@ -69,6 +69,19 @@ def decode(
     chunk: int,                         # Py_ssize_t
     n_threads: int,                     # int
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
+def decode_bf16(
+    q: npt.NDArray[np.float32],         # const float[:, :, ::1]     (n_groups, G, D)
+    k: npt.NDArray[np.uint16],          # const uint16_t[:, :, :]    bfloat16 bits (n_kv, L_k, D)
+    v: npt.NDArray[np.uint16],          # const uint16_t[:, :, :]    bfloat16 bits (n_kv, L_k, D_v)
+    kv_index: npt.NDArray[np.intp],     # const Py_ssize_t[::1]      (n_groups,)
+    scale: float,                       # double
+    softcap: float,                     # double (0: none)
+    sinks: Optional[np.ndarray],        # object: None or const float[:, ::1] (n_groups, G)
+    out: npt.NDArray[np.float32],       # float[:, :, ::1]           (n_groups, G, D_v)
+    lse: npt.NDArray[np.float32],       # float[:, ::1]              (n_groups, G)
+    chunk: int,                         # Py_ssize_t
+    n_threads: int,                     # int
+) -> int: ...  # decode() with bfloat16 keys and values widened as they are read
 def tiles(
     n_batch: int, n_queries: int, n_keys: int,  # Py_ssize_t
     causal: bool,                       # bint

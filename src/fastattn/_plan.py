@@ -358,8 +358,9 @@ def kv_contiguous(a, lay, width, compute):
 
 
 def kv_items(a, lay, width, compute):
-    """k or v as (n_kv_items, L_k, width) in the compute dtype, without copying when the
-    last two axes are already contiguous (a KVCache's storage is read in place)."""
+    """k or v as (n_kv_items, L_k, width) in the dtype `compute` (the compute dtype, or
+    bfloat16 for the decoding kernel), without copying when the last two axes are already
+    contiguous (a KVCache's storage is read in place)."""
     a = _kv_stored(a, lay)
     itemsize = compute.itemsize
     if not (a.dtype == compute and a.strides[-1] == itemsize

@@ -36,7 +36,7 @@ _Static_assert(FA_DOT_LANES == 64, "fa_dot's reduction tree is written for 64 la
  * fewer than 8 vectors, W chains of FMAs would wait on the FMA latency (a d_v of 64 floats
  * ran at a quarter of the FMA rate), so two sets of accumulators take alternate keys and
  * are added at the end: a fixed order, set by the shape alone. */
-#define FA_DEC_PV_PASS(T, SUFFIX, W)                                                      \
+#define FA_DEC_PV_PASS(T, SUFFIX, W, KT, LOADV)                                           \
     for (; c + (W) * n <= d_v; c += (W) * n) {                                             \
         fa_vec_##SUFFIX a0[W], a1[W];                                                      \
         for (int i = 0; i < (W); i++) {                                                    \
@@ -47,35 +47,38 @@ _Static_assert(FA_DOT_LANES == 64, "fa_dot's reduction tree is written for 64 la
         if ((W) < 8)                                                                       \
             for (; j + 2 <= nb; j += 2) {                                                  \
                 const T p0 = p[j], p1 = p[j + 1];                                          \
-                const T *v0 = v + j * d_v + c, *v1 = v0 + d_v;                             \
+                const KT *v0 = v + j * d_v + c, *v1 = v0 + d_v;                            \
                 for (int i = 0; i < (W); i++) {                                            \
-                    a0[i] += p0 * *(const fa_vecu_##SUFFIX *)(v0 + i * n);                 \
-                    a1[i] += p1 * *(const fa_vecu_##SUFFIX *)(v1 + i * n);                 \
+                    a0[i] += p0 * LOADV(v0 + i * n);                                       \
+                    a1[i] += p1 * LOADV(v1 + i * n);                                       \
                 }                                                                          \
             }                                                                              \
         for (; j < nb; j++) {                                                              \
             const T pj = p[j];                                                             \
             for (int i = 0; i < (W); i++)                                                  \
-                a0[i] += pj * *(const fa_vecu_##SUFFIX *)(v + j * d_v + c + i * n);        \
+                a0[i] += pj * LOADV(v + j * d_v + c + i * n);                              \
         }                                                                                  \
         for (int i = 0; i < (W); i++)                                                      \
             *(fa_vecu_##SUFFIX *)(o + c + i * n) = (W) < 8 ? a0[i] + a1[i] : a0[i];        \
     }
 
-#define FA_DEFINE_DECODE(T, IT, SUFFIX, EXP)                                              \
+/* T: the arithmetic (float or double), RS the suffix of its row operations (fa_exp.h);  \
+ * KT: how keys and values are stored (T, or uint16_t holding bfloat16 for T = float);    \
+ * LOADV(p): N lanes of T from KT *p; LOAD1(x): one. */                                    \
+#define FA_DEFINE_DECODE(T, IT, SUFFIX, EXP, KT, LOADV, LOAD1, RS)                         \
 typedef T fa_vec_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                         \
 typedef T fa_vecu_##SUFFIX __attribute__((vector_size(FA_VBYTES), aligned(sizeof(T))));    \
 typedef IT fa_ivec_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                       \
 enum { FA_N_##SUFFIX = FA_VBYTES / sizeof(T) };                                            \
 static const IT fa_iota_##SUFFIX[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; \
-static inline T fa_dot_##SUFFIX(const T *a, const T *b, ptrdiff_t n)                      \
+static inline T fa_dot_##SUFFIX(const T *a, const KT *b, ptrdiff_t n)                     \
 {                                                                                          \
     T acc[FA_DOT_LANES];                                                                   \
     for (int t = 0; t < FA_DOT_LANES; t++) acc[t] = 0;                                     \
     ptrdiff_t i = 0;                                                                       \
     for (; i + FA_DOT_LANES <= n; i += FA_DOT_LANES)                                       \
-        for (int t = 0; t < FA_DOT_LANES; t++) acc[t] += a[i + t] * b[i + t];              \
-    for (int t = 0; i + t < n; t++) acc[t] += a[i + t] * b[i + t];                         \
+        for (int t = 0; t < FA_DOT_LANES; t++) acc[t] += a[i + t] * LOAD1(b[i + t]);       \
+    for (int t = 0; i + t < n; t++) acc[t] += a[i + t] * LOAD1(b[i + t]);                  \
     for (int t = 0; t < 32; t++) acc[t] += acc[t + 32];                                    \
     for (int t = 0; t < 16; t++) acc[t] += acc[t + 16];                                    \
     for (int t = 0; t < 8; t++) acc[t] += acc[t + 8];                                      \
@@ -111,7 +114,7 @@ fa_lane_sums_##SUFFIX(fa_vec_##SUFFIX *x)                                       
 /* s[g][u] = scale q[g] . k[u] for N keys (u < count; lanes from count on are garbage,  */ \
 /* computed on the last key again), for the n_rows query rows.                           */ \
 static inline __attribute__((always_inline)) void fa_dec_scores_##SUFFIX(                 \
-    const T *q, ptrdiff_t n_rows, ptrdiff_t d, const T *k, int count, T scale, T *s)       \
+    const T *q, ptrdiff_t n_rows, ptrdiff_t d, const KT *k, int count, T scale, T *s)      \
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
     for (ptrdiff_t g = 0; g < n_rows; g++) {                                               \
@@ -121,25 +124,25 @@ static inline __attribute__((always_inline)) void fa_dec_scores_##SUFFIX(       
             fa_vec_##SUFFIX qv = *(const fa_vecu_##SUFFIX *)(q + g * d + t);               \
             _Pragma("GCC unroll 16")                                                       \
             for (int u = 0; u < n; u++)                                                    \
-                acc[u] += qv * *(const fa_vecu_##SUFFIX *)(k + (u < count ? u : count - 1) * d + t); \
+                acc[u] += qv * LOADV(k + (u < count ? u : count - 1) * d + t);             \
         }                                                                                  \
         *(fa_vecu_##SUFFIX *)(s + g * FA_DECODE_BLOCK) = fa_lane_sums_##SUFFIX(acc) * scale; \
     }                                                                                      \
 }                                                                                          \
 /* o[c] = alpha o[c] + sum_j p[j] v[j][c] for c < d_v, nb keys, in passes of 8, 4, 2 and  */ \
 /* 1 vectors of columns held in registers across the keys (FA_DEC_PV_PASS).              */ \
-static inline void fa_dec_pv_##SUFFIX(const T *p, ptrdiff_t nb, const T *v, ptrdiff_t d_v, \
+static inline void fa_dec_pv_##SUFFIX(const T *p, ptrdiff_t nb, const KT *v, ptrdiff_t d_v, \
                                       T alpha, T *o)                                       \
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
     ptrdiff_t c = 0;                                                                       \
-    FA_DEC_PV_PASS(T, SUFFIX, 8)                                                           \
-    FA_DEC_PV_PASS(T, SUFFIX, 4)                                                           \
-    FA_DEC_PV_PASS(T, SUFFIX, 2)                                                           \
-    FA_DEC_PV_PASS(T, SUFFIX, 1)                                                           \
+    FA_DEC_PV_PASS(T, SUFFIX, 8, KT, LOADV)                                                \
+    FA_DEC_PV_PASS(T, SUFFIX, 4, KT, LOADV)                                                \
+    FA_DEC_PV_PASS(T, SUFFIX, 2, KT, LOADV)                                                \
+    FA_DEC_PV_PASS(T, SUFFIX, 1, KT, LOADV)                                                \
 }                                                                                          \
 static inline void fa_decode_chunk_##SUFFIX(                                               \
-    const T *q, ptrdiff_t n_rows, ptrdiff_t d, const T *k, const T *v, ptrdiff_t d_v,      \
+    const T *q, ptrdiff_t n_rows, ptrdiff_t d, const KT *k, const KT *v, ptrdiff_t d_v,    \
     ptrdiff_t n_keys, T scale, T softcap, T *m, double *l, T *o, T *s)                     \
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
@@ -171,13 +174,13 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
         }                                                                                  \
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
             T *sr = s + g * FA_DECODE_BLOCK;                                               \
-            if (softcap > 0) fa_softcap_row_##SUFFIX(sr, nb, softcap, (T)1 / softcap);     \
-            T m_new = fa_row_max_##SUFFIX(sr, nb);                                         \
+            if (softcap > 0) fa_softcap_row_##RS(sr, nb, softcap, (T)1 / softcap);     \
+            T m_new = fa_row_max_##RS(sr, nb);                                         \
             if (m[g] > m_new) m_new = m[g];                                                \
             T m_use = m_new == -INFINITY ? 0 : m_new;                                      \
             T alpha = EXP(m[g] - m_use);                                                   \
             m[g] = m_new;                                                                  \
-            l[g] = l[g] * alpha + fa_exp_shift_sum_##SUFFIX(sr, nb, m_use);                \
+            l[g] = l[g] * alpha + fa_exp_shift_sum_##RS(sr, nb, m_use);                \
             T *orow = o + g * d_v;                                                         \
             if (vec) {                                                                     \
                 fa_dec_pv_##SUFFIX(sr, nb, v + j0 * d_v, d_v, alpha, orow);                \
@@ -185,7 +188,7 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
             }                                                                              \
             for (ptrdiff_t c = 0; c < d_v; c++) {                                          \
                 T acc = orow[c] * alpha;                                                   \
-                for (ptrdiff_t j = 0; j < nb; j++) acc += sr[j] * v[(j0 + j) * d_v + c];   \
+                for (ptrdiff_t j = 0; j < nb; j++) acc += sr[j] * LOAD1(v[(j0 + j) * d_v + c]); \
                 orow[c] = acc;                                                             \
             }                                                                              \
         }                                                                                  \
@@ -229,7 +232,25 @@ static inline void fa_decode_merge_##SUFFIX(const T *parts, const double *l_part
     }                                                                                      \
 }
 
-FA_DEFINE_DECODE(float, int32_t, f, fa_expf)
-FA_DEFINE_DECODE(double, int64_t, d, fa_exp)
+#define FA_LOADV_f(p) (*(const fa_vecu_f *)(p))
+#define FA_LOADV_d(p) (*(const fa_vecu_d *)(p))
+#define FA_LOAD1_NATIVE(x) (x)
+FA_DEFINE_DECODE(float, int32_t, f, fa_expf, float, FA_LOADV_f, FA_LOAD1_NATIVE, f)
+FA_DEFINE_DECODE(double, int64_t, d, fa_exp, double, FA_LOADV_d, FA_LOAD1_NATIVE, d)
+
+/* bfloat16 keys and values (the top 16 bits of a float32), read in place and widened
+ * exactly as they are loaded: the arithmetic is the float32 kernel's, so the result is
+ * bitwise that of the float32 kernel on the widened arrays. */
+typedef uint16_t fa_vh_bf __attribute__((vector_size(FA_VBYTES / 2), aligned(2)));
+typedef uint32_t fa_vw_bf __attribute__((vector_size(FA_VBYTES)));
+static inline float fa_bf16_to_f(uint16_t x)
+{
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#define FA_LOADV_bf(p) ((fa_vec_bf)(__builtin_convertvector(*(const fa_vh_bf *)(p), fa_vw_bf) << 16))
+FA_DEFINE_DECODE(float, int32_t, bf, fa_expf, uint16_t, FA_LOADV_bf, fa_bf16_to_f, f)
 
 #endif
