@@ -153,3 +153,26 @@ def test_bfloat16_decoding_reads_keys_in_place_and_equals_float32_bitwise():
                                  sinks=sinks, return_lse=True)
         assert out.dtype == bf16 and np.array_equal(out, f32[0].astype(bf16)), d
         assert np.array_equal(lse, f32[1]), d
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_without_ml_dtypes_no_array_is_taken_for_bfloat16(monkeypatch, dtype):
+    """Regression: with ml_dtypes absent, bfloat16() is None, and NumPy reads
+    `dtype == None` as float64: float64 decoding once went to the bfloat16 kernel."""
+    import sys
+    from fastattn import _run, _validation
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now fails
+    _validation.bfloat16.cache_clear()
+    try:
+        assert _validation.bfloat16() is None
+        calls = []
+        monkeypatch.setattr(_run._kernels, "decode_bf16", lambda *a: calls.append(a),
+                            raising=False)
+        q, k, v = rand((2, 4, 1, 16), 5, dtype), rand((2, 2, 40, 16), 6, dtype), rand((2, 2, 40, 8), 7, dtype)
+        out = fastattn.attention(q, k, v)
+        assert not calls and out.dtype == dtype
+        np.testing.assert_allclose(out, reference.attention(q, k, v),
+                                   rtol=1e-12 if dtype == np.float64 else 2e-5, atol=1e-6)
+    finally:
+        monkeypatch.undo()
+        _validation.bfloat16.cache_clear()

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _plan
 from ._dispatch import kernels as _kernels
-from ._validation import bfloat16, check_out, contiguous
+from ._validation import check_out, contiguous, is_bfloat16
 
 __all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "small_attention", "run_softmax",
            "run_scores", "run_attention", "run_decode", "identity_index", "kernel_target",
@@ -253,9 +253,8 @@ def _decode_plan(plan, target, lse, n_threads):
     n_groups = lay.n_batch // group
     q3 = contiguous(plan.q, compute).reshape(n_groups, group, lay.d_head)
     # bfloat16 keys and values stay bfloat16: the kernel widens them as it reads them.
-    bf16 = bfloat16()
-    stored = bf16 if (bf16 is not None and plan.k.dtype == bf16 and plan.v.dtype == bf16
-                      and compute == np.float32) else compute
+    stored = plan.k.dtype if (is_bfloat16(plan.k.dtype) and is_bfloat16(plan.v.dtype)
+                              and compute == np.float32) else compute
     k3 = _plan.kv_items(plan.k, lay, lay.d_head, stored)
     v3 = _plan.kv_items(plan.v, lay, lay.d_v, stored)
     sinks = None if plan.sinks is None else plan.sinks.reshape(n_groups, group)
@@ -271,7 +270,7 @@ def run_decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_thread
     n_keys, d_v = k3.shape[1], v3.shape[2]
     n_chunks = -(-n_keys // _plan.DECODE_CHUNK)
     team = _team(n_threads, 2.0 * n_groups * group * n_keys * (d_head + d_v), n_groups * n_chunks)
-    if k3.dtype == bfloat16():
+    if is_bfloat16(k3.dtype):
         status = _kernels.decode_bf16(q3, k3.view(np.uint16), v3.view(np.uint16), kv_index, scale,
                                       softcap, sinks, out3, lse2, _plan.DECODE_CHUNK, team)
     else:

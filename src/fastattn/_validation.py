@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover
     from numpy import AxisError
 
 __all__ = ["AxisError", "INT_MAX", "as_array", "dtype_pair", "dtypes", "dtypes_of",
-           "contiguous", "memory_limit", "refuse_huge", "positive_int", "check_threads",
+           "bfloat16", "is_bfloat16", "contiguous", "memory_limit", "refuse_huge",
+           "positive_int", "check_threads",
            "check_scale", "check_softcap", "check_sinks", "check_flag", "check_window",
            "check_axis", "check_out", "qkv_arguments"]
 
@@ -42,9 +43,15 @@ def bfloat16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
+def is_bfloat16(dtype):
+    """Whether a NumPy dtype is ml_dtypes' bfloat16. (Never compare with bfloat16()
+    itself: without ml_dtypes that is None, and NumPy reads dtype == None as float64.)"""
+    return dtype.kind == "V" and dtype.name == "bfloat16"
+
+
 def dtype_pair(name, dtype):
     """(compute dtype, result dtype) for an argument's dtype, or TypeError naming it."""
-    if dtype.kind == "V" and dtype.name == "bfloat16" and dtype == bfloat16():
+    if is_bfloat16(dtype):
         # As float16: computed in float32, returned in the argument's own dtype.
         return np.dtype(np.float32), dtype
     if dtype.kind == "f":

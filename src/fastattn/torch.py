@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import api
-from ._validation import as_array, bfloat16
+from ._validation import as_array, is_bfloat16
 
 __all__ = ["attention", "scores", "softmax", "log_softmax", "self_attention",
            "merge_attention", "project", "to_torch"]
@@ -30,7 +30,7 @@ def to_torch(a):
     """An ndarray as a torch tensor sharing its memory (bfloat16 included)."""
     if a is None:
         return None
-    if a.dtype == bfloat16():
+    if is_bfloat16(a.dtype):
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 
