@@ -20,11 +20,11 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float fa_expf(float x)
+/* The part both forms of each exp share: for a clamped x, p(r) with r = x - n ln 2, and
+ * the integer n = round(x / ln 2) (read from the rounding sum's mantissa: no float-to-int
+ * conversion, so none of NaN either). */
+static inline __attribute__((always_inline)) float fa_expf_core(float x, int32_t *n_out)
 {
-    /* Above 88.73 the result is inf, below -103.98 it rounds to 0. */
-    if (x > 89.0f) x = 89.0f;
-    if (x < -104.0f) x = -104.0f;
     const float magic = 12582912.0f;            /* 1.5 * 2^23: adding it rounds to an integer */
     float t = x * 1.44269504088896341f + magic;
     float n = t - magic;
@@ -40,22 +40,12 @@ static inline float fa_expf(float x)
     p = p * r + 1.0f;
     int32_t ti;
     memcpy(&ti, &t, sizeof ti);
-    int32_t ni = ti - 0x4B400000;                /* the integer n, read from t's mantissa */
-    int32_t n1 = ni >> 1, n2 = ni - n1;          /* each in [-75, 64]: both 2^n1, 2^n2 normal */
-    /* Shift as unsigned: for NaN input n is garbage and n + 127 may be negative (the
-     * result is NaN anyway, but a negative left shift would be undefined behaviour). */
-    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
-    float s1, s2;
-    memcpy(&s1, &b1, sizeof s1);
-    memcpy(&s2, &b2, sizeof s2);
-    return p * s1 * s2;
+    *n_out = ti - 0x4B400000;
+    return p;
 }
 
-static inline double fa_exp(double x)
+static inline __attribute__((always_inline)) double fa_exp_core(double x, int64_t *n_out)
 {
-    /* Above 709.79 the result is inf, below -745.14 it rounds to 0. */
-    if (x > 710.0) x = 710.0;
-    if (x < -746.0) x = -746.0;
     const double magic = 6755399441055744.0;    /* 1.5 * 2^52 */
     double t = x * 1.4426950408889634074 + magic;
     double n = t - magic;
@@ -77,7 +67,34 @@ static inline double fa_exp(double x)
     p = p * r + 1.0;
     int64_t ti;
     memcpy(&ti, &t, sizeof ti);
-    int64_t ni = ti - 0x4338000000000000LL;
+    *n_out = ti - 0x4338000000000000LL;
+    return p;
+}
+
+static inline float fa_expf(float x)
+{
+    /* Above 88.73 the result is inf, below -103.98 it rounds to 0. */
+    if (x > 89.0f) x = 89.0f;
+    if (x < -104.0f) x = -104.0f;
+    int32_t ni;
+    const float p = fa_expf_core(x, &ni);
+    int32_t n1 = ni >> 1, n2 = ni - n1;          /* each in [-75, 64]: both 2^n1, 2^n2 normal */
+    /* Shift as unsigned: for NaN input n is garbage and n + 127 may be negative (the
+     * result is NaN anyway, but a negative left shift would be undefined behaviour). */
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    return p * s1 * s2;
+}
+
+static inline double fa_exp(double x)
+{
+    /* Above 709.79 the result is inf, below -745.14 it rounds to 0. */
+    if (x > 710.0) x = 710.0;
+    if (x < -746.0) x = -746.0;
+    int64_t ni;
+    const double p = fa_exp_core(x, &ni);
     int64_t n1 = ni >> 1, n2 = ni - n1;
     uint64_t b1 = (uint64_t)(n1 + 1023) << 52, b2 = (uint64_t)(n2 + 1023) << 52;
     double s1, s2;
@@ -96,22 +113,9 @@ static inline double fa_exp(double x)
 static inline float fa_expf_nonpos(float x)
 {
     if (x < -104.0f) x = -104.0f;
-    const float magic = 12582912.0f;
-    float t = x * 1.44269504088896341f + magic;
-    float n = t - magic;
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t ti;
-    memcpy(&ti, &t, sizeof ti);
-    uint32_t b = (uint32_t)(ti - 0x4B400000 + 64 + 127) << 23;
+    int32_t ni;
+    const float p = fa_expf_core(x, &ni);
+    uint32_t b = (uint32_t)(ni + 64 + 127) << 23;
     float s;
     memcpy(&s, &b, sizeof s);
     return p * s * 0x1p-64f;
@@ -120,28 +124,9 @@ static inline float fa_expf_nonpos(float x)
 static inline double fa_exp_nonpos(double x)
 {
     if (x < -746.0) x = -746.0;
-    const double magic = 6755399441055744.0;
-    double t = x * 1.4426950408889634074 + magic;
-    double n = t - magic;
-    double r = x - n * 6.93147180369123816490e-01;
-    r = r - n * 1.90821492927058770002e-10;
-    double p = 1.0 / 6227020800.0;
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    int64_t ti;
-    memcpy(&ti, &t, sizeof ti);
-    uint64_t b = (uint64_t)(ti - 0x4338000000000000LL + 64 + 1023) << 52;
+    int64_t ni;
+    const double p = fa_exp_core(x, &ni);
+    uint64_t b = (uint64_t)(ni + 64 + 1023) << 52;
     double s;
     memcpy(&s, &b, sizeof s);
     return p * s * 0x1p-64;
