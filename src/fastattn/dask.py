@@ -80,6 +80,17 @@ def _visibility(qs, qe, ks, ke, offset, causal, window):
     return "full" if full else "partial"
 
 
+def _visible(qs, n_q, ks, n_k, offset, window):
+    """The (n_q, n_k) boolean mask of queries [qs, qs + n_q) against keys [ks, ks + n_k):
+    key j visible to query i when j <= i + offset, and j > i + offset - window."""
+    i = np.arange(qs, qs + n_q)[:, None]
+    j = np.arange(ks, ks + n_k)[None, :]
+    visible = j <= i + offset
+    if window:
+        visible &= j > i + offset - window
+    return visible
+
+
 def _partial(q, k, v, mask, qs, ks, offset, causal, window, scale, softcap, num_threads,
              compute):
     """One (query block, key block) pair: out and lse packed as (..., L_q, D_v + 1).
@@ -99,11 +110,7 @@ def _partial(q, k, v, mask, qs, ks, offset, causal, window, scale, softcap, num_
                 mask = mask[..., :keep]
             kernel_causal, kernel_window = True, window or None
         else:
-            i = np.arange(qs, qs + n_q)[:, None]
-            j = np.arange(ks, ks + n_k)[None, :]
-            visible = j <= i + offset
-            if window:
-                visible &= j > i + offset - window
+            visible = _visible(qs, n_q, ks, n_k, offset, window)
             if mask is None:
                 mask = visible
             elif mask.dtype == np.bool_:
@@ -304,8 +311,7 @@ class _Shard:
         n_q = q.shape[-2]
         mask = None
         if causal and first_key + n - 1 > n_total - n_q:  # some key after the first query
-            i = np.arange(n_total - n_q, n_total)[:, None]
-            mask = np.arange(first_key, first_key + n)[None, :] <= i
+            mask = _visible(n_total - n_q, n_q, first_key, n, 0, None)
         if n == 0:
             shape = q.shape[:-1]
             return (np.zeros(shape + (self.cache.value_dim,), q.dtype),
