@@ -17,6 +17,8 @@ def project(
     b: npt.NDArray[np.floating],        # const floating[::1]     (d_out,) or a dummy
     has_bias: bool,                     # bint
     out: npt.NDArray[np.floating],      # floating[:, ::1]        (n_rows, d_out)
+    col_start: int = 0,                 # Py_ssize_t: the columns of w and out to compute
+    col_stop: int = -1,                 # Py_ssize_t (-1: d_out)
 ) -> None: ...
 def scores(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_q_stored, L_q, D)
@@ -55,6 +57,8 @@ def attention(
     k_block: int,                       # Py_ssize_t
     microkernels: bool,                 # bint: fastattn._plan.use_microkernels
     n_threads: int,                     # int
+    w_start: int = 0,                   # Py_ssize_t: first work item
+    w_stop: int = -1,                   # Py_ssize_t: past the last work item (-1: all)
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def decode(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)

@@ -253,20 +253,26 @@ def max_threads():
 # --------------------------------------------------------------------------- projection
 
 def project(const floating[:, ::1] x, const floating[:, ::1] w, const floating[::1] b,
-            bint has_bias, floating[:, ::1] out):
-    """out = x @ w (+ b): one GEMM (GEMV for one row), threaded by the BLAS itself."""
+            bint has_bias, floating[:, ::1] out, Py_ssize_t col_start=0,
+            Py_ssize_t col_stop=-1):
+    """out[:, c0:c1] = x @ w[:, c0:c1] (+ b[c0:c1]), (c0, c1) = (col_start, col_stop; -1:
+    d_out): one GEMM (GEMV for one whole row), threaded by the BLAS itself."""
     cdef int n_rows = <int> x.shape[0], d_in = <int> x.shape[1], d_out = <int> w.shape[1]
     cdef Py_ssize_t i
     cdef floating beta = 1 if has_bias else 0
+    if col_stop < 0 or col_stop > d_out:
+        col_stop = d_out
+    if col_start < 0 or col_start >= col_stop:
+        return
     with nogil:
         if has_bias:
             for i in range(n_rows):
-                out[i, :] = b
-        if n_rows == 1:
+                out[i, col_start:col_stop] = b[col_start:col_stop]
+        if n_rows == 1 and col_start == 0 and col_stop == d_out:
             _gemv_rows(d_in, d_out, &x[0, 0], &w[0, 0], beta, &out[0, 0])
         else:
-            _gemm(False, n_rows, d_out, d_in, 1, &x[0, 0], d_in, &w[0, 0], d_out,
-                  beta, &out[0, 0], d_out)
+            _gemm(False, n_rows, <int> (col_stop - col_start), d_in, 1, &x[0, 0], d_in,
+                  &w[0, col_start], d_out, beta, &out[0, col_start], d_out)
 
 
 # --------------------------------------------------------------------------- masking
@@ -528,9 +534,9 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
                         Py_ssize_t window, double scale, double softcap,
                         const floating *sinks, floating *out, floating *lse,
                         Py_ssize_t q_block, Py_ssize_t k_block, bint micro,
-                        int n_threads) noexcept nogil:
-    """The fused kernel on raw pointers (see attention): the team size, or -1 when the
-    scratch cannot be allocated."""
+                        int n_threads, Py_ssize_t w_start, Py_ssize_t w_stop) noexcept nogil:
+    """The fused kernel on raw pointers (see attention), work items w_start <= w < w_stop
+    (w_stop < 0: all): the team size, or -1 when the scratch cannot be allocated."""
     cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
     cdef Py_ssize_t n_work = n_batch * n_qblocks
     # Score tile width: k_block, or rounded up to the micro-kernel's key blocks.
@@ -543,15 +549,17 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
     scratch = <floating*> aligned_alloc(64, n_threads * at[SCR_SIZE] * sizeof(floating))
     if scratch == NULL:
         return -1
+    if w_stop < 0 or w_stop > n_work:
+        w_stop = n_work
     if n_threads == 1:
         # No OpenMP region for serial work: entering one costs more than a tiny call.
-        for w in range(n_work):
+        for w in range(w_start, w_stop):
             _attend_item(w, n_qblocks, q_block, k_block, q, k, v, add_base, bool_base,
                          mask_kind, index, n_batch, n_queries, n_keys, d_head, d_v, causal,
                          window, <floating> scale, <floating> softcap, sinks, scratch, at,
                          micro, out, lse)
     else:
-        for w in prange(n_work, num_threads=n_threads, schedule='static', chunksize=1):
+        for w in prange(w_start, w_stop, num_threads=n_threads, schedule='static', chunksize=1):
             _attend_item(w, n_qblocks, q_block, k_block, q, k, v, add_base, bool_base,
                          mask_kind, index, n_batch, n_queries, n_keys, d_head, d_v, causal,
                          window, <floating> scale, <floating> softcap, sinks,
@@ -565,7 +573,8 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
               const floating[:, :, ::1] v, object mask, int mask_kind,
               const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
               double softcap, object sinks, floating[:, :, ::1] out, floating[:, ::1] lse,
-              Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels, int n_threads):
+              Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels, int n_threads,
+              Py_ssize_t w_start=0, Py_ssize_t w_stop=-1):
     """out[b] = softmax(scale q[i0] k[i1].T + mask[i2]) v[i1], (i0, i1, i2) = index[:, b], fused.
 
     causal hides keys after each query's own position; window (0: none) also hides keys
@@ -579,7 +588,9 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     tile GEMMs in this build's micro-kernels (the caller decides; ignored where the build
     has none) instead of BLAS. Work is split over (batch entry, query block); each item is
     computed start to end by one thread with the same block sizes, so results do not
-    depend on the thread count. Returns the number of threads that ran (the OpenMP team),
+    depend on the thread count, nor on running the items w_start <= w < w_stop (w_stop -1:
+    to the end; item w is query block w % n_qblocks of batch entry w // n_qblocks) in
+    several calls, which is how a long call lets Python handle signals between them. Returns the number of threads that ran (the OpenMP team),
     or -1 if the scratch cannot be allocated.
     """
     cdef const floating[:, :, ::1] add_mask
@@ -604,7 +615,7 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                               mask_kind, &index[0, 0], out.shape[0], out.shape[1], k.shape[1],
                               q.shape[2], out.shape[2], causal, window, scale, softcap,
                               sink_base, &out[0, 0, 0], &lse[0, 0], q_block, k_block, micro,
-                              n_threads)
+                              n_threads, w_start, w_stop)
     return team
 
 
@@ -740,13 +751,13 @@ def small_attention(object q, object k, object v, bint causal, tuple policy):
                                       <const float*> vb.buf, NULL, NULL, MASK_NONE, index,
                                       n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
                                       1.0 / sqrt(<double> d_head), 0, NULL, <float*> ob.buf,
-                                      <float*> lse, q_block, k_block, micro, 1)
+                                      <float*> lse, q_block, k_block, micro, 1, 0, -1)
             else:
                 team = _attention_run(<const double*> qb.buf, <const double*> kb.buf,
                                       <const double*> vb.buf, NULL, NULL, MASK_NONE, index,
                                       n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
                                       1.0 / sqrt(<double> d_head), 0, NULL, <double*> ob.buf,
-                                      <double*> lse, q_block, k_block, micro, 1)
+                                      <double*> lse, q_block, k_block, micro, 1, 0, -1)
         free(index)
         free(lse)
         PyBuffer_Release(&ob)

@@ -7,6 +7,7 @@ kernels call it from several, raise MemoryError when a kernel reports that its s
 could not be allocated, and record the threads that ran (``last_call``, for tests).
 """
 
+import contextlib
 import functools
 import math
 import threading
@@ -72,9 +73,35 @@ class _SerialBlas:
 
 
 serial_blas = _SerialBlas()
+_no_context = contextlib.nullcontext()
 
 # What the latest attention call of this Python thread ran with (tests and debugging).
 last_call = threading.local()
+
+# Ctrl-C: Python runs signal handlers only between bytecodes, never inside a kernel, so a
+# long call runs its work in pieces and returns to the interpreter between them; SIGINT
+# then raises KeyboardInterrupt at the next piece. A piece is about PIECE_FLOPS per thread
+# (20-40 ms on an AVX2 or AVX-512 core, a few tenths of a second on the baseline build);
+# a call below that is one piece, as before. Each extra piece costs one OpenMP fork/join
+# and one scratch allocation, some microseconds against tens of milliseconds.
+PIECE_FLOPS = 2e9
+# A projection runs in pieces of PIECE_ROWS x PIECE_COLS outputs (or all of them when fewer):
+# each piece re-packs its part of x and of w in the BLAS. Measured on x (16384, 4096) @ w
+# (4096, 4096), float32, 2 threads (AMD EPYC Zen 3): 2048 x 1024 pieces ran as fast as one
+# GEMM (7.63 s against 7.79 s), 2048 x 512 5% slower, 1024 x 1024 19% slower, and pieces
+# of whole rows 512 high 19% slower (w re-packed whole each time). A 2048 x 1024 piece is
+# 4.2 MFLOP per unit of d_in: 0.25 s at d_in 4096 on these 2 cores.
+PIECE_ROWS = 2048
+PIECE_COLS = 1024
+
+
+def pieces(n_items, flops, team):
+    """Ranges (start, stop) covering range(n_items) in order, each about PIECE_FLOPS per
+    thread of work and a multiple of ``team`` items (the threads share it evenly); one
+    range when the whole call is under that."""
+    per_piece = max(team, int(PIECE_FLOPS * team * n_items / flops) if flops else n_items)
+    per_piece = -(-per_piece // team) * team
+    return [(start, min(start + per_piece, n_items)) for start in range(0, n_items, per_piece)]
 
 
 def _team(n_threads, flops, n_work):
@@ -122,9 +149,19 @@ def project_rows(x2, w, b, target):
         target[...] = 0 if b is None else contiguous(b, compute)
         return
     b2 = contiguous(b, compute) if b is not None else np.zeros(1, compute)
+    w = contiguous(w, compute)
     # One GEMM threaded by the BLAS itself: splitting rows over fastattn's threads made
     # every block re-pack w and ran 1.1-1.5x slower (256 x 128 x 384: 162 vs 115 us).
-    _kernels.project(x2, contiguous(w, compute), b2, b is not None, target)
+    # Only a large projection runs in pieces, for Ctrl-C (see PIECE_ROWS).
+    d_out = target.shape[1]
+    if (2.0 * n_rows * d_in * d_out <= 4 * PIECE_FLOPS  # under 0.1-0.2 s: one call
+            or (n_rows <= PIECE_ROWS and d_out <= PIECE_COLS)):
+        _kernels.project(x2, w, b2, b is not None, target)
+        return
+    for row in range(0, n_rows, PIECE_ROWS):
+        x_rows, out_rows = x2[row:row + PIECE_ROWS], target[row:row + PIECE_ROWS]
+        for col in range(0, d_out, PIECE_COLS):
+            _kernels.project(x_rows, w, b2, b is not None, out_rows, col, col + PIECE_COLS)
 
 
 # --------------------------------------------------------------------------- softmax
@@ -222,12 +259,13 @@ def _fused(plan, return_weights, target, lse, n_threads):
     sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
     args = (q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window, plan.scale,
             plan.softcap, sinks, kernel_out, lse, q_block, k_block, micro, team)
-    if not micro and q_block * k_block * max(d_head, d_v) > BLAS_SERIAL_MNK:
-        with serial_blas:
-            status = _kernels.attention(*args)
-    else:  # the micro-kernels call no BLAS; OpenBLAS runs smaller tiles on our thread
-        status = _kernels.attention(*args)
-    _checked(status, "per-thread scratch")
+    flops = 2.0 * n_batch * n_queries * n_keys * (d_head + d_v) / (2 if plan.causal else 1)
+    n_work = n_batch * -(-n_queries // q_block)
+    parts = pieces(n_work, flops, team)
+    with (serial_blas if not micro and q_block * k_block * max(d_head, d_v) > BLAS_SERIAL_MNK
+          else _no_context):  # the micro-kernels call no BLAS; OpenBLAS runs smaller tiles on our thread
+        for start, stop in parts:  # one piece unless the call is long (Ctrl-C, PIECE_FLOPS)
+            _checked(_kernels.attention(*args, start, stop), "per-thread scratch")
     if not return_weights:
         return None
     w = np.empty((n_batch, n_queries, n_keys), compute)
