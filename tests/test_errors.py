@@ -11,7 +11,8 @@ V = np.ones((2, 5, 6))
 
 
 @pytest.mark.parametrize("kwargs,exc,words", [
-    (dict(q=np.ones(4)), ValueError, ["q", "(4,)"]),
+    (dict(q=np.ones(3)), ValueError, ["q.shape=(3,)", "one query vector", "k.shape=(2, 5, 4)"]),
+    (dict(q=np.ones(())), ValueError, ["q", "()"]),
     (dict(k=np.ones(4)), ValueError, ["k", "(4,)"]),
     (dict(v=np.float64(1.0)), ValueError, ["v", "()"]),
     (dict(k=np.ones((2, 5, 3))), ValueError, ["q", "k", "(2, 3, 4)", "(2, 5, 3)"]),

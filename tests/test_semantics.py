@@ -329,3 +329,39 @@ def test_float32_head_sizes_of_the_micro_kernels(block_sizes, d, d_v, n_q, n_k):
     if n_q * n_k <= 300:
         assert_close(fastattn.attention(q, k, v, causal=True),
                      reference.attention(q, k, v, causal=True), np.float32, "reference", magnitude=4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_query_vector_is_a_query_axis_dropped_as_in_matmul(causal):
+    # A 1-D q is one query, the last one under causal: it sees every key. Results are those
+    # of q[None] with the query axis removed, checked against the reference too.
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal(6)
+    k = rng.standard_normal((2, 3, 5, 6))
+    v = rng.standard_normal((2, 3, 5, 4))
+    mask = np.array([True, False, True, True, False])  # (L_k,): broadcasts like a row
+    out, w, lse = fastattn.attention(q, k, v, mask=mask, causal=causal,
+                                     return_weights=True, return_lse=True)
+    assert (out.shape, w.shape, lse.shape) == ((2, 3, 4), (2, 3, 5), (2, 3))
+    ref_out = reference.attention([list(q)], k[1, 2].tolist(), v[1, 2].tolist(),
+                                  mask=[mask.tolist()])
+    assert_close(out[1, 2], np.array(ref_out[0]), np.float64, "1-D q")
+    full = fastattn.attention(q[None], k, v, mask=mask, causal=causal,
+                              return_weights=True, return_lse=True)
+    np.testing.assert_array_equal(out, full[0][..., 0, :])
+    np.testing.assert_array_equal(w, full[1][..., 0, :])
+    np.testing.assert_array_equal(lse, full[2][..., 0])
+    s = fastattn.scores(q, k, mask=mask, causal=causal)
+    assert s.shape == (2, 3, 5)
+    np.testing.assert_array_equal(s, fastattn.scores(q[None], k, mask=mask)[..., 0, :])
+    assert np.isneginf(s[..., 1]).all() and np.isfinite(s[..., 0]).all()
+    # out= has the 1-D query's shape, and is what is returned.
+    buf = np.full((2, 3, 4), np.nan)
+    assert fastattn.attention(q, k, v, mask=mask, causal=causal, out=buf) is buf
+    np.testing.assert_array_equal(buf, out)
+    with pytest.raises(ValueError, match="out"):
+        fastattn.attention(q, k, v, out=np.empty((2, 3, 5)))
+    with pytest.raises(TypeError, match="out must be an ndarray"):
+        fastattn.attention(q, k, v, out=[0.0] * 4)
+    # Lists and a single key/value matrix.
+    assert fastattn.attention(list(q), k[0, 0], v[0, 0]).shape == (4,)

@@ -172,7 +172,9 @@ def scores(q, k, *, scale=None, mask=None, causal=False, window=None, softcap=No
 
     Parameters
     ----------
-    q : array_like, shape (..., L_q, D)
+    q : array_like, shape (..., L_q, D) or (D,)
+        A 1-D ``q`` is one query vector, as in ``np.matmul``: the query axis is dropped
+        from the result (and, under ``causal``, it is the last query: it sees every key).
     k : array_like, shape (..., L_k, D)
         Leading dimensions broadcast; a head axis (-3) of ``k`` that divides that of ``q``
         is shared by groups of query heads (grouped-query attention).
@@ -192,7 +194,7 @@ def scores(q, k, *, scale=None, mask=None, causal=False, window=None, softcap=No
 
     Returns
     -------
-    ndarray, shape (..., L_q, L_k)
+    ndarray, shape (..., L_q, L_k), or (..., L_k) for a 1-D ``q``
 
     Notes
     -----
@@ -206,10 +208,39 @@ def scores(q, k, *, scale=None, mask=None, causal=False, window=None, softcap=No
     array([[  2.,   2., -inf],
            [  2.,   2.,   2.]])
     """
+    if _one_query(q):
+        return scores(_query_row(q, k), k, scale=scale, mask=mask, causal=causal,
+                      window=window, softcap=softcap)[..., 0, :]
     plan = _plan.plan_attention(q, k, None, mask, causal, scale, window, softcap, with_v=False)
     lay = plan.layout
     result = _run.run_scores(plan)
     return _run.finish(result.reshape(lay.batch + (lay.n_queries, lay.n_keys)), plan.result, None)
+
+
+def _one_query(q):
+    """Whether ``q`` is a single query vector (1-D), which ``scores`` and ``attention``
+    take as ``q[None]`` and drop the query axis from the results, as ``np.matmul`` does."""
+    ndim = getattr(q, "ndim", None)
+    if ndim is None and q is not None and not isinstance(q, (str, bytes)):
+        try:
+            ndim = np.ndim(q)
+        except (ValueError, TypeError):
+            return False  # a ragged list: as_array names it below
+    return ndim == 1
+
+
+def _query_row(q, k):
+    """A 1-D ``q`` as a (1, D) query matrix, its head size checked against ``k`` first so
+    that a mismatch is reported in the shapes the caller passed."""
+    q = as_array("q", q)
+    try:
+        k_shape = tuple(np.shape(k)) if k is not None else ()
+    except ValueError:
+        k_shape = ()  # a ragged k: the general path names it
+    if k_shape and k_shape[-1] != q.shape[0]:
+        raise ValueError(f"q and k must have the same head dimension D, got q.shape={q.shape} "
+                         f"(one query vector) and k.shape={k_shape}")
+    return q[None]
 
 
 def _pack(result, weights, lse, return_weights, return_lse):
@@ -226,7 +257,9 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
 
     Parameters
     ----------
-    q : array_like, shape (..., L_q, D)
+    q : array_like, shape (..., L_q, D) or (D,)
+        A 1-D ``q`` is one query vector, as in ``np.matmul``: the query axis is dropped
+        from the results (and, under ``causal``, it is the last query: it sees every key).
     k : array_like, shape (..., L_k, D)
     v : array_like, shape (..., L_k, D_v)
         Leading dimensions broadcast as in NumPy. When the head axis (-3) of ``k``/``v``
@@ -262,7 +295,8 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
         dtype (float32 for float16 inputs); ``-inf`` for a fully masked query. With
         ``sinks`` the sum includes the sink's term.
     out : ndarray, shape (..., L_q, D_v), optional
-        Where to write the output; exact shape and dtype required.
+        Where to write the output; exact shape and dtype required ((..., D_v) for a 1-D
+        ``q``).
     num_threads : int, optional
         OpenMP threads; defaults to OpenMP's (``OMP_NUM_THREADS``). Results are bitwise
         identical for any value.
@@ -272,6 +306,7 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
     out : ndarray, shape (..., L_q, D_v)
     weights : ndarray, shape (..., L_q, L_k), if ``return_weights``
     lse : ndarray, shape (..., L_q), if ``return_lse``
+        For a 1-D ``q``: shapes (..., D_v), (..., L_k) and (...).
 
     Notes
     -----
@@ -317,6 +352,21 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
                                num_threads=1 if num_threads is None else num_threads)
     return_weights = check_flag("return_weights", return_weights)
     return_lse = check_flag("return_lse", return_lse)
+    if _one_query(q):
+        if out is not None and (not isinstance(out, np.ndarray) or out.ndim < 1):
+            raise TypeError(f"out must be an ndarray of shape (..., D_v) for a 1-D q, "
+                            f"got {type(out).__name__} of shape {np.shape(out)}")
+        res = attention(_query_row(q, k), k, v, cache=cache, mask=mask, causal=causal,
+                        window=window, scale=scale, softcap=softcap, sinks=sinks,
+                        return_weights=return_weights, return_lse=return_lse,
+                        out=None if out is None else out[..., None, :],
+                        num_threads=num_threads)
+        if not (return_weights or return_lse):
+            return res[..., 0, :] if out is None else out
+        result, *extra = res
+        result = result[..., 0, :] if out is None else out
+        return (result, *(e[..., 0, :] if return_weights and i == 0 else e[..., 0]
+                          for i, e in enumerate(extra)))
     if cache is not None:
         if not isinstance(cache, _cache.KVCache):
             raise TypeError(f"cache must be a fastattn.KVCache, got {type(cache).__name__}")
