@@ -345,10 +345,21 @@ class ShardedKVCache:
 
     Examples
     --------
-    >>> from distributed import Client, LocalCluster               # doctest: +SKIP
-    >>> client = Client(LocalCluster(n_workers=2, processes=True))  # doctest: +SKIP
-    >>> cache = ShardedKVCache(client, 1, 8, 64, shard_capacity=4096, n_shards=4)  # doctest: +SKIP
-    >>> cache.append(k, v); out = cache.attention(q)                # doctest: +SKIP
+    On a real cluster, ``Client("tcp://scheduler:8786")``; here two in-process workers:
+
+    >>> import numpy as np, fastattn
+    >>> from distributed import Client, LocalCluster
+    >>> from fastattn.dask import ShardedKVCache
+    >>> client = Client(LocalCluster(n_workers=2, processes=False, dashboard_address=None))
+    >>> cache = ShardedKVCache(client, 1, 2, 16, shard_capacity=64, n_shards=3)
+    >>> rng = np.random.default_rng(0)
+    >>> k, v = (rng.standard_normal((1, 2, 100, 16), dtype=np.float32) for _ in range(2))
+    >>> cache.append(k, v)          # 64 keys in the first shard, 36 in the second
+    >>> q = rng.standard_normal((1, 2, 1, 16), dtype=np.float32)
+    >>> out = cache.attention(q)
+    >>> bool(np.abs(out - fastattn.attention(q, k, v)).max() < 1e-6)
+    True
+    >>> client.close(); client.cluster.close()
     """
 
     def __init__(self, client, batch, kv_heads, head_dim, *, shard_capacity, n_shards,

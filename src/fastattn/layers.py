@@ -113,6 +113,26 @@ class MultiHeadAttention:
         -------
         MultiHeadAttention
             Equal to the module's forward with ``batch_first=True``.
+
+        Examples
+        --------
+        From PyTorch: ``from_torch_state_dict({k: t.numpy() for k, t in
+        torch.nn.MultiheadAttention(8, 2, batch_first=True).state_dict().items()},
+        num_heads=2)``. The same layout built by hand (PyTorch's ``weight`` is
+        ``(d_out, d_in)``; fastattn applies ``x @ w`` with ``w`` of shape ``(d_in, d_out)``):
+
+        >>> import numpy as np, fastattn
+        >>> rng = np.random.default_rng(0)
+        >>> e = 8
+        >>> sd = {"in_proj_weight": rng.standard_normal((3 * e, e)),
+        ...       "in_proj_bias": rng.standard_normal(3 * e),
+        ...       "out_proj.weight": rng.standard_normal((e, e)),
+        ...       "out_proj.bias": rng.standard_normal(e)}
+        >>> mha = fastattn.MultiHeadAttention.from_torch_state_dict(sd, num_heads=2)
+        >>> bool((mha.w_q == sd["in_proj_weight"][:e].T).all()), mha.head_dim
+        (True, 4)
+        >>> mha(rng.standard_normal((1, 5, e))).shape   # (batch, L, embed), batch first
+        (1, 5, 8)
         """
         sd = {key: np.asarray(value) for key, value in state_dict.items()}
         if "bias_k" in sd or "bias_v" in sd:

@@ -126,7 +126,24 @@ def _matrix(flat, shape, batch_pos):
 # --------------------------------------------------------------------------- projection
 
 def project(x, w, b=None):
-    """``x @ w + b`` for x (..., d_in), w (d_in, d_out), b (d_out,)."""
+    """``x @ w + b``, as :func:`fastattn.project`.
+
+    Parameters
+    ----------
+    x : nested list, shape (..., d_in)
+    w : nested list, shape (d_in, d_out)
+    b : nested list, shape (d_out,), optional
+
+    Returns
+    -------
+    nested list, shape (..., d_out)
+
+    Examples
+    --------
+    >>> from fastattn import reference
+    >>> reference.project([1.0, 2.0], [[1.0, 0.0], [0.5, 1.0]], [0.0, 1.0])
+    [2.0, 3.0]
+    """
     return _project(x, w, b).tolist()
 
 
@@ -186,12 +203,49 @@ def _along_axis(x, axis, fn):
 
 
 def softmax(x, axis=-1):
-    """Stable softmax along `axis`."""
+    """Stable softmax along ``axis``, as :func:`fastattn.softmax`.
+
+    Parameters
+    ----------
+    x : nested list
+    axis : int, default -1
+
+    Returns
+    -------
+    nested list, the shape of ``x``
+        ``exp(x - max) / sum(exp(x - max))``; NaN for a row that is all ``-inf`` or holds
+        ``+inf`` or NaN.
+
+    Examples
+    --------
+    >>> from fastattn import reference
+    >>> reference.softmax([1000.0, 0.0, 0.0])
+    [1.0, 0.0, 0.0]
+    >>> reference.softmax([[0.0, 0.0], [float("-inf"), float("-inf")]])
+    [[0.5, 0.5], [nan, nan]]
+    """
     return _along_axis(x, axis, _softmax_vec)
 
 
 def log_softmax(x, axis=-1):
-    """Stable log-softmax along `axis`."""
+    """Stable log-softmax along ``axis``, as :func:`fastattn.log_softmax`.
+
+    Parameters
+    ----------
+    x : nested list
+    axis : int, default -1
+
+    Returns
+    -------
+    nested list, the shape of ``x``
+        ``x - max - log(sum(exp(x - max)))``.
+
+    Examples
+    --------
+    >>> from fastattn import reference
+    >>> reference.log_softmax([0.0, 0.0])
+    [-0.6931471805599453, -0.6931471805599453]
+    """
     return _along_axis(x, axis, lambda v: _softmax_vec(v, log_out=True))
 
 
@@ -277,8 +331,25 @@ def _prepare(q, k, v, mask, scale):
 
 
 def scores(q, k, *, scale=None, mask=None, causal=False, window=None, softcap=None):
-    """Scaled, soft-capped, masked dot-product scores, shape (..., L_q, L_k); window:
-    sliding window."""
+    """Scaled, soft-capped, masked dot-product scores, as :func:`fastattn.scores`.
+
+    Parameters
+    ----------
+    q : nested list, shape (..., L_q, D)
+    k : nested list, shape (..., L_k, D)
+    scale, mask, causal, window, softcap
+        As in :func:`fastattn.scores`.
+
+    Returns
+    -------
+    nested list, shape (..., L_q, L_k)
+
+    Examples
+    --------
+    >>> from fastattn import reference
+    >>> reference.scores([[1.0, 1.0, 1.0, 1.0]] * 2, [[1.0, 1.0, 1.0, 1.0]] * 3, causal=True)
+    [[2.0, 2.0, -inf], [2.0, 2.0, 2.0]]
+    """
     cases, batch, n_q, n_k, _, scale, mask_is_bool = _prepare(q, k, None, mask, scale)
     flat = []
     for qm, km, _, mrows in cases:
@@ -309,8 +380,32 @@ def _attend_row(s, values, d_v, sink=None):
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, softcap=None,
               sinks=None, return_weights=False, return_lse=False):
-    """softmax(scale q k^T + mask) v with fastattn's semantics (see the module docstring);
-    sinks broadcast against the batch shape (q.shape[:-2])."""
+    """``softmax(scale q k^T + mask) v``, as :func:`fastattn.attention`.
+
+    Parameters
+    ----------
+    q : nested list, shape (..., L_q, D)
+    k : nested list, shape (..., L_k, D)
+    v : nested list, shape (..., L_k, D_v)
+    mask, causal, window, scale, softcap, sinks, return_weights, return_lse
+        As in :func:`fastattn.attention` (the semantics are the module docstring's);
+        ``sinks`` broadcast against the batch shape ``q.shape[:-2]``.
+
+    Returns
+    -------
+    out : nested list, shape (..., L_q, D_v)
+    weights : nested list, shape (..., L_q, L_k), if ``return_weights``
+    lse : nested list, shape (..., L_q), if ``return_lse``
+
+    Examples
+    --------
+    >>> from fastattn import reference
+    >>> q, k, v = [[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]], [[1.0, 2.0], [3.0, 4.0]]
+    >>> reference.attention(q, k, v, scale=0.0)
+    [[2.0, 3.0]]
+    >>> reference.attention(q, k, v, mask=[[False, False]], return_lse=True)
+    ([[0.0, 0.0]], [-inf])
+    """
     cases, batch, n_q, n_k, d_v, scale, mask_is_bool = _prepare(q, k, v, mask, scale)
     if sinks is not None:
         sf, ss = _flatten(sinks)
@@ -337,7 +432,32 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, soft
 def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
                    causal=False, scale=None, softcap=None, sinks=None, return_weights=False,
                    return_lse=False):
-    """Project x into q, k, v and attend; a 1-D x is one token."""
+    """Project ``x`` into q, k, v and attend, as :func:`fastattn.self_attention`.
+
+    Parameters
+    ----------
+    x : nested list, shape (..., L, d_model), or (d_model,) for one token
+    w_q, w_k, w_v : nested list, shape (d_model, d_head) (``w_v``: (d_model, d_v))
+    b_q, b_k, b_v, mask, causal, scale, softcap, sinks, return_weights, return_lse
+        As in :func:`fastattn.self_attention`.
+
+    Returns
+    -------
+    nested list, shape (..., L, d_v), or (d_v,) for one token
+        And the weights and lse when asked.
+
+    Examples
+    --------
+    The tutorial's worked example, exactly:
+
+    >>> from fastattn import reference
+    >>> x = [0.2, 0.7, 0.4]
+    >>> w_q = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]]
+    >>> w_k = [[0.3, 0.1, 0.5], [0.6, 0.4, 0.2], [0.9, 0.7, 0.8]]
+    >>> w_v = [[0.5, 0.6, 0.7], [0.1, 0.2, 0.3], [0.9, 0.8, 0.4]]
+    >>> [round(y, 12) for y in reference.self_attention(x, w_q, w_k, w_v)]
+    [0.53, 0.58, 0.51]
+    """
     flat, shape = _flatten(x)
     one_token = len(shape) == 1
     x = _Shaped(flat, (1,) + shape if one_token else shape)
@@ -353,7 +473,30 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
-    """Attention over two disjoint key sets, combined from their outputs and log-sum-exps."""
+    """Attention over two disjoint key sets, combined from their outputs and
+    log-sum-exps, as :func:`fastattn.merge_attention`.
+
+    Parameters
+    ----------
+    out_a, out_b : nested list, shape (..., L_q, D_v)
+    lse_a, lse_b : nested list, shape (..., L_q)
+
+    Returns
+    -------
+    out : nested list, shape (..., L_q, D_v)
+    lse : nested list, shape (..., L_q)
+
+    Examples
+    --------
+    >>> from fastattn import reference
+    >>> q, k, v = [[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]], [[1.0, 2.0], [3.0, 4.0]]
+    >>> a = reference.attention(q, k[:1], v[:1], return_lse=True)
+    >>> b = reference.attention(q, k[1:], v[1:], return_lse=True)
+    >>> out, lse = reference.merge_attention(*a, *b)
+    >>> whole = reference.attention(q, k, v)
+    >>> max(abs(x - y) for x, y in zip(out[0], whole[0])) < 1e-15
+    True
+    """
     oa, shape = _flatten(out_a)
     ob, _ = _flatten(out_b)
     la, lshape = _flatten(lse_a)

@@ -1,8 +1,21 @@
 """fastattn as an attention backend of Hugging Face transformers.
 
->>> import fastattn.integrations.transformers as fa_tf  # doctest: +SKIP
->>> fa_tf.register()                                     # doctest: +SKIP
->>> model.set_attn_implementation("fastattn")            # doctest: +SKIP
+>>> import torch, transformers
+>>> import fastattn.integrations.transformers as fa_tf
+>>> fa_tf.register()                             # adds "fastattn" to transformers
+'fastattn'
+>>> _ = torch.manual_seed(0)
+>>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+>>> model = transformers.LlamaForCausalLM(config).eval()   # tiny and random: no download
+>>> ids = torch.randint(0, 64, (1, 12))
+>>> with torch.no_grad():
+...     model.set_attn_implementation("sdpa")
+...     sdpa = model(ids).logits
+...     model.set_attn_implementation("fastattn")  # or from_pretrained(..., attn_implementation="fastattn")
+...     ours = model(ids).logits
+>>> bool((ours - sdpa).abs().max() < 1e-5)
+True
 
 ``register(name)`` adds an attention function and a mask function under ``name`` to
 transformers' ``AttentionInterface`` and ``AttentionMaskInterface``; then
