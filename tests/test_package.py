@@ -4,6 +4,7 @@ import doctest
 import importlib.machinery
 import importlib.resources
 import os
+import re
 
 import numpy as np
 import pytest
@@ -94,3 +95,26 @@ def test_exp_accuracy_and_special_values():
         _kernels.exp(special, got)
         assert got[0] == 0.0 and got[1] == np.inf and np.isnan(got[2]) and got[3] == 1.0
         assert got[4] == 0.0 and got[5] == np.inf
+
+
+def _readme_python_blocks():
+    """The ```python blocks of README.md (none when the tests run outside a clone)."""
+    import pathlib
+    readme = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+    if not readme.is_file():
+        return []
+    return re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_readme_python_blocks())))
+def test_readme_examples_run(index):
+    # Each README example runs as written, in a fresh namespace; one that needs an optional
+    # package is skipped without it. The dask example starts a LocalCluster under
+    # `if __name__ == "__main__"`, so here it only defines names (tests/test_dask.py runs one).
+    code = _readme_python_blocks()[index]
+    for module in ("torch", "transformers", "dask", "distributed"):
+        if re.search(rf"^\s*(import|from) {module}\b|import .*\b{module}\b", code, re.M):
+            pytest.importorskip(module)
+    if "model.set_attn_implementation" in code and "model =" not in code:
+        pytest.skip("a fragment: `model` is the user's (docs/integrations/transformers.rst runs it)")
+    exec(compile(code, f"README.md block {index}", "exec"), {"__name__": "readme"})

@@ -343,18 +343,23 @@ def plot(path, against=("numpy",), threads=None, lengths=(128, 256, 512, 1024, 2
             series.setdefault(name, []).append(flops / t / 1e9)
         print(f"L={n}: " + ", ".join(f"{k} {flops / t / 1e9:.1f} GFLOP/s" for k, t in times.items()),
               flush=True)
-    ceil = ceilings()["matmul_gflops"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    measured = ceilings(threads)
+    ceil, peak = measured["matmul_gflops"], measured["fma_float32"]
+    fig, ax = plt.subplots(figsize=(7, 5.2))
     for name, values in series.items():
         ax.plot(lengths, values, marker="o", label=name)
     ax.axhline(ceil, color="grey", linestyle="--", label=f"NumPy float32 matmul ({ceil:.0f})")
+    ax.axhline(peak, color="black", linestyle=":", label=f"FMA peak, float32 ({peak:.0f})")
+    ax.set_ylim(0, 1.08 * max([peak, ceil] + [v for vs in series.values() for v in vs]))
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_xlabel("sequence length (L_q = L_k), batch 1, 8 heads, D 64, float32")
     ax.set_ylabel("GFLOP/s (4 B H L^2 D / time)")
     ax.set_title(f"attention on {os.cpu_count()} cores, {threads} threads each")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    # Below the axes: inside, the legend covered the ceiling lines.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="small",
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
