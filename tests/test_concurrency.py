@@ -107,12 +107,18 @@ def test_keyboard_interrupt_during_a_long_call_leaves_everything_usable():
     q = rng.standard_normal((1, 8, 1024, 64), dtype=np.float32)
     expected = fastattn.attention(q, q, q)
     blas_before = [lib.num_threads for lib in _run.serial_blas._controllers()]
-    timer = threading.Timer(0.01, signal.raise_signal, args=(signal.SIGINT,))
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        for _ in range(1000):  # long enough that the signal lands during a call
-            fastattn.attention(q, q, q)
-    timer.join()
+    # Python's own SIGINT handler, even where this process was started with SIGINT ignored
+    # (a background job of a non-interactive shell, as CI may run it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer = threading.Timer(0.01, signal.raise_signal, args=(signal.SIGINT,))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(1000):  # long enough that the signal lands during a call
+                fastattn.attention(q, q, q)
+        timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert _run.serial_blas._depth == 0
     assert [lib.num_threads for lib in _run.serial_blas._controllers()] == blas_before
     assert np.array_equal(fastattn.attention(q, q, q), expected)

@@ -21,9 +21,14 @@ import pytest
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGINT to a subprocess")
 
 CHILD = textwrap.dedent(r"""
-    import hashlib, sys, time
+    import hashlib, signal, sys, time
     import numpy as np
     import fastattn
+
+    # Python installs its KeyboardInterrupt handler only when SIGINT is not ignored at
+    # start-up, and a background job of a non-interactive shell (as CI may run this)
+    # starts with SIGINT ignored: install it, as an interactive session has it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     kind = sys.argv[1]
     rng = np.random.default_rng(0)
