@@ -171,7 +171,7 @@ tests_dir=$(ls -d "$work"/sdist/fastattn-*/)
 for i in "${!interpreters[@]}"; do
     py=${interpreters[$i]}
     wheel=${wheels[$i]}
-    tag=$("$py" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+    tag=${tags[$i]}
     env="$work/test-$tag"
     echo "== installed $tag wheel: $(basename "$wheel")"
     start=$SECONDS

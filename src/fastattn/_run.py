@@ -253,15 +253,14 @@ def _fused(plan, return_weights, target, lse, n_threads):
         kernel_out = np.empty((n_batch, n_queries, 1), compute)
     d_head, d_v = q.shape[-1], v.shape[-1]
     q_block, k_block = _plan.tiles(n_batch, n_queries, n_keys, plan.causal, compute)
-    team = _team(n_threads, 2.0 * n_batch * n_queries * n_keys * (d_head + d_v),
-                 n_batch * -(-n_queries // q_block))
+    flops = 2.0 * n_batch * n_queries * n_keys * (d_head + d_v)
+    n_work = n_batch * -(-n_queries // q_block)
+    team = _team(n_threads, flops, n_work)
     micro = _plan.use_microkernels(compute, d_head, d_v)
     sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
     args = (q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window, plan.scale,
             plan.softcap, sinks, kernel_out, lse, q_block, k_block, micro, team)
-    flops = 2.0 * n_batch * n_queries * n_keys * (d_head + d_v) / (2 if plan.causal else 1)
-    n_work = n_batch * -(-n_queries // q_block)
-    parts = pieces(n_work, flops, team)
+    parts = pieces(n_work, flops / (2 if plan.causal else 1), team)
     with (serial_blas if not micro and q_block * k_block * max(d_head, d_v) > BLAS_SERIAL_MNK
           else _no_context):  # the micro-kernels call no BLAS; OpenBLAS runs smaller tiles on our thread
         for start, stop in parts:  # one piece unless the call is long (Ctrl-C, PIECE_FLOPS)

@@ -361,12 +361,10 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
                         return_weights=return_weights, return_lse=return_lse,
                         out=None if out is None else out[..., None, :],
                         num_threads=num_threads)
-        if not (return_weights or return_lse):
-            return res[..., 0, :] if out is None else out
-        result, *extra = res
-        result = result[..., 0, :] if out is None else out
-        return (result, *(e[..., 0, :] if return_weights and i == 0 else e[..., 0]
-                          for i, e in enumerate(extra)))
+        res = res if isinstance(res, tuple) else (res,)
+        return _pack(res[0][..., 0, :] if out is None else out,
+                     res[1][..., 0, :] if return_weights else None,
+                     res[-1][..., 0] if return_lse else None, return_weights, return_lse)
     if cache is not None:
         if not isinstance(cache, _cache.KVCache):
             raise TypeError(f"cache must be a fastattn.KVCache, got {type(cache).__name__}")
