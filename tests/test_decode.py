@@ -255,10 +255,12 @@ def test_cache_step_is_bitwise_the_general_path(monkeypatch, dtype, batch, heads
     # attention(q, cache=cache) with one query per head in the cache's dtype takes a short
     # path to the decoding kernel; it must give exactly what the general path gives for the
     # same keys and values, with every option it accepts.
-    taken = []
-    short_path = cache_module.decode_step
+    taken, compiled = [], []
+    short_path, compiled_path = cache_module.decode_step, cache_module.cache_decode
     monkeypatch.setattr(cache_module, "decode_step",
                         lambda *args: taken.append(short_path(*args)) or taken[-1])
+    monkeypatch.setattr(cache_module, "cache_decode",
+                        lambda *args: compiled.append(compiled_path(*args)) or compiled[-1])
     rng = np.random.default_rng(batch * 100 + heads * 10 + d)
     cache = fastattn.KVCache(batch, kv_heads, 4 if window is None else 6, d, value_dim=d_v, dtype=dtype,
                              window=window,
@@ -274,6 +276,29 @@ def test_cache_step_is_bitwise_the_general_path(monkeypatch, dtype, batch, heads
             assert np.array_equal(fastattn.attention(q, cache=cache, **kwargs),
                                   fastattn.attention(q, cache.keys, cache.values, **kwargs)), kwargs
     assert len(taken) == 9 * 5 and all(t is not None for t in taken)  # the short path ran
+    # ... and for the calls with nothing but causal or num_threads, its compiled part.
+    assert len(compiled) == 9 * 3 and all(c is not None for c in compiled)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("num_threads", [None, 1, 2])
+def test_compiled_cache_step_reads_strided_views_bitwise(dtype, num_threads):
+    # A cache with room to spare: its views skip the unused rows between kv heads. 1100
+    # keys: three chunks of the decoding kernel; 8 query heads on 2 kv heads.
+    rng = np.random.default_rng(7)
+    cache = fastattn.KVCache(2, 2, 2048, 64, value_dim=40, dtype=dtype)
+    cache.append(rng.standard_normal((2, 2, 1100, 64)), rng.standard_normal((2, 2, 1100, 40)))
+    assert not cache.keys.flags.c_contiguous
+    q = rng.standard_normal((2, 8, 1, 64)).astype(dtype)
+    got = fastattn.attention(q, cache=cache, num_threads=num_threads)
+    general = fastattn.attention(q, np.ascontiguousarray(cache.keys),
+                                 np.ascontiguousarray(cache.values), num_threads=num_threads,
+                                 return_lse=True)[0]
+    assert got.dtype == dtype and np.array_equal(got, general)
+    one_group = fastattn.KVCache(1, 1, 4, 8, dtype=dtype)  # one kv entry, one key
+    one_group.append(np.ones((1, 1, 1, 8)), np.full((1, 1, 1, 8), 2.0))
+    assert np.array_equal(fastattn.attention(np.ones((1, 3, 1, 8), dtype), cache=one_group),
+                          np.full((1, 3, 1, 8), 2.0, dtype))
 
 
 def test_cache_step_falls_back_to_full_validation(monkeypatch):

@@ -50,13 +50,39 @@ def test_small_call_path_is_bitwise_the_general_path(block_sizes, spy_small, dty
     assert_close(fast, expected, dtype, f"{shape} causal={causal}")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,n_keys", [((1, 32, 1, 128), 128), ((3, 1, 16), 700),
+                                          ((1, 1, 1, 8), 1), ((2, 1, 24), 1025)])
+@pytest.mark.parametrize("num_threads", [None, 1, 2])
+def test_one_query_takes_the_compiled_decoding_path_bitwise(spy_small, dtype, shape, n_keys,
+                                                            num_threads):
+    # One query per batch entry (a decoding step on plain arrays) runs the decoding kernel
+    # straight from the compiled path: same kernel, chunks and thread rule as the general
+    # path, so the same bits and the same team. 700, 1025 keys: two and three chunks.
+    rng = np.random.default_rng(n_keys)
+    q = rng.standard_normal(shape).astype(dtype)
+    k = rng.standard_normal(shape[:-2] + (n_keys, shape[-1])).astype(dtype)
+    v = rng.standard_normal(shape[:-2] + (n_keys, shape[-1] + 8)).astype(dtype)
+    for causal in (False, True):  # one query, the newest: causal hides nothing
+        fast = fastattn.attention(q, k, v, causal=causal, num_threads=num_threads)
+        assert spy_small and spy_small[-1] is not None, "the compiled path did not run"
+        fast_threads = _run.last_call.threads
+        general, lse = fastattn.attention(q, k, v, causal=causal, num_threads=num_threads,
+                                          return_lse=True)
+        assert _run.last_call.threads == fast_threads
+        assert fast.dtype == dtype and fast.shape == shape[:-1] + (v.shape[-1],)
+        assert np.array_equal(fast, general), f"{shape} {n_keys} causal={causal}"
+    assert_close(fast, float64_attention(q, k, v)[0], dtype, f"{shape} {n_keys}")
+
+
 def test_small_call_path_falls_back_for_everything_else(spy_small):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((2, 8, 16)) for _ in range(3))
     others = {
         "float16": (q.astype(np.float16), k, v),
         "mixed dtypes": (q.astype(np.float32), k, v),
-        "one query": (q[:, :1], k, v),
+        "one query, broadcast keys": (q[:, :1], k[:1], v[:1]),
+        "one query, grouped heads": (np.stack([q[:, :1]] * 2, 1), k[:, None], v[:, None]),
         "broadcast batch": (q, k[:1], v[:1]),
         "grouped heads": (np.stack([q, q], 1), k[:, None], v[:, None]),
         "lists": (q.tolist(), k, v),
@@ -75,11 +101,13 @@ def test_small_call_path_falls_back_for_everything_else(spy_small):
         assert np.array_equal(got, expected), label
 
 
-def test_small_call_path_never_raises_and_errors_are_the_general_paths():
-    good = np.ones((2, 4, 8))
-    for label, bad in list(bad_values((2, 4, 8))) + list(wrong_ranks(np.random.default_rng(0))):
-        for args in ((bad, good, good), (good, bad, good), (good, good, bad)):
-            assert _run.small_attention(*args, False) is None, label
+@pytest.mark.parametrize("n_queries", [4, 1])  # the fused kernel's small calls, decoding's
+def test_small_call_path_never_raises_and_errors_are_the_general_paths(n_queries):
+    good = np.ones((2, n_queries, 8))
+    kv = np.ones((2, 4, 8))
+    for label, bad in list(bad_values(good.shape)) + list(wrong_ranks(np.random.default_rng(0))):
+        for args in ((bad, kv, kv), (good, bad, kv), (good, kv, bad)):
+            assert _run.small_attention(*args, False, None) is None, label
             with pytest.raises((TypeError, ValueError)) as fast:
                 fastattn.attention(*args)
             with pytest.raises(type(fast.value)) as general:

@@ -96,7 +96,15 @@ def small_attention(
     q: Any, k: Any, v: Any,             # object: anything; None unless small ndarrays
     causal: bool,                       # bint
     policy: tuple[int, ...],            # tuple: see fastattn._run.small_attention
-) -> Optional[npt.NDArray[np.floating]]: ...
+    n_threads: int,                     # int: the most threads a decoding call may use
+) -> Optional[tuple[npt.NDArray[np.floating], int]]: ...  # (out, threads that ran)
+def cache_decode(
+    q: Any, k_store: Any, v_store: Any,  # object: None unless q is what it takes
+    start: int, n_keys: int,            # Py_ssize_t: the rows of the storage held
+    serial_flops: float,                # double: fastattn._plan.SERIAL_FLOPS
+    chunk: int,                         # Py_ssize_t: fastattn._plan.DECODE_CHUNK
+    n_threads: int,                     # int: the most threads it may use
+) -> Optional[tuple[npt.NDArray[np.floating], int]]: ...  # (out, threads that ran)
 def fma_loop(double: bool, n_iter: int, n_threads: int) -> float: ...  # flops done
 def read_sum(
     x: npt.NDArray[np.floating],        # const floating[::1]

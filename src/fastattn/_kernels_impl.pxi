@@ -654,8 +654,8 @@ def tiles(Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys, bint caus
 cdef object _small_shape(object q, object k, object v):
     """(n_batch, L_q, L_k, D, D_v) when q, k, v are what the small-call path takes, else
     None: NumPy arrays (not subclasses) of one native float32 or float64 dtype,
-    C-contiguous, with the same batch dimensions (no broadcasting, no grouped heads), at
-    least two queries (one query is the decoding kernel's) and no empty axis."""
+    C-contiguous, with the same batch dimensions (no broadcasting, no grouped heads) and
+    no empty axis."""
     cdef object dtype = getattr(q, "dtype", None)
     cdef tuple q_shape, k_shape, v_shape
     cdef Py_ssize_t ndim, i, n_batch = 1
@@ -674,7 +674,7 @@ cdef object _small_shape(object q, object k, object v):
     n_queries, n_keys = q_shape[ndim - 2], k_shape[ndim - 2]
     d_head, d_v = q_shape[ndim - 1], v_shape[ndim - 1]
     if (k_shape[ndim - 1] != d_head or v_shape[ndim - 2] != n_keys or n_batch < 1
-            or n_queries < 2 or n_keys < 1 or d_head < 1 or d_v < 1):
+            or n_queries < 1 or n_keys < 1 or d_head < 1 or d_v < 1):
         return None
     return n_batch, n_queries, n_keys, d_head, d_v
 
@@ -688,14 +688,18 @@ cdef bint _c_buffer(object a, Py_buffer *view):
     return True
 
 
-def small_attention(object q, object k, object v, bint causal, tuple policy):
-    """attention(q, k, v, causal=causal) with every other argument at its default, or
-    None when the call is not a small one (fastattn._run.small_attention says which).
+def small_attention(object q, object k, object v, bint causal, tuple policy, int n_threads):
+    """(attention(q, k, v, causal=causal) with every other argument at its default, the
+    threads that ran), or None when the call is not a small one
+    (fastattn._run.small_attention says which).
 
+    One query per batch entry runs the decoding kernel, of any size, on up to n_threads
+    threads; more queries run the fused kernel on one thread, below SERIAL_FLOPS.
     policy: (Q_BLOCK, K_BLOCK, MIN_Q_BLOCK, MIN_WORK_ITEMS, SERIAL_FLOPS, BLAS_SERIAL_MNK,
-    micro-kernel lanes for float32, for float64 (0: BLAS)) from fastattn._plan and _run,
-    so that the tiles, the thread count (one) and the micro-kernel choice are the general
-    path's and the result is bitwise the same. Never raises but MemoryError.
+    micro-kernel lanes for float32, for float64 (0: BLAS), DECODE_CHUNK) from
+    fastattn._plan and _run, so that the kernel, its tiles, the thread count and the
+    micro-kernel choice are the general path's and the result is bitwise the same. Never
+    raises but MemoryError.
     """
     cdef object shape = _small_shape(q, k, v)
     cdef Py_ssize_t n_batch, n_queries, n_keys, d_head, d_v, q_block, k_block, lanes, b
@@ -710,6 +714,8 @@ def small_attention(object q, object k, object v, bint causal, tuple policy):
     if shape is None:
         return None
     n_batch, n_queries, n_keys, d_head, d_v = shape
+    if n_queries == 1:
+        return _small_decode(q, k, v, n_batch, n_keys, d_head, d_v, policy, n_threads)
     if 2.0 * n_batch * n_queries * n_keys * (d_head + d_v) >= <double> policy[4]:
         return None
     itemsize = 4 if q.dtype is _float32 else 8
@@ -763,7 +769,126 @@ def small_attention(object q, object k, object v, bint causal, tuple policy):
         PyBuffer_Release(&ob)
         if team < 0:
             raise MemoryError("attention: cannot allocate the per-thread scratch")
-        return out
+        return out, team
+    finally:
+        PyBuffer_Release(&qb)
+        PyBuffer_Release(&kb)
+        PyBuffer_Release(&vb)
+
+
+cdef object _small_decode(object q, object k, object v, Py_ssize_t n_batch, Py_ssize_t n_keys,
+                          Py_ssize_t d_head, Py_ssize_t d_v, tuple policy, int n_threads):
+    """small_attention for one query per batch entry: kv entry b for query b, in
+    C-contiguous arrays (None when one is not)."""
+    cdef Py_buffer qb, kb, vb
+    if not _c_buffer(q, &qb):
+        return None
+    if not _c_buffer(k, &kb):
+        PyBuffer_Release(&qb)
+        return None
+    if not _c_buffer(v, &vb):
+        PyBuffer_Release(&qb)
+        PyBuffer_Release(&kb)
+        return None
+    try:
+        return _decode_call(q, qb.buf, kb.buf, vb.buf, n_keys * d_head, n_keys * d_v, n_batch,
+                            1, n_keys, d_head, d_v, policy[4], policy[8], n_threads)
+    finally:
+        PyBuffer_Release(&qb)
+        PyBuffer_Release(&kb)
+        PyBuffer_Release(&vb)
+
+
+cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const void *v_buf,
+                        Py_ssize_t k_item, Py_ssize_t v_item, Py_ssize_t n_groups,
+                        Py_ssize_t group, Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v,
+                        double serial_flops, Py_ssize_t chunk, int n_threads):
+    """(out, threads that ran): the general path's decoding call (fastattn._run.run_decode)
+    with the default scale and no soft cap or sinks, for the single queries of q (its
+    buffer q_buf, C-contiguous: n_groups groups of `group` query heads) against kv entry
+    g (k_item, v_item elements apart in k_buf, v_buf; rows contiguous) for group g. Its
+    thread rule (one below serial_flops, else at most one per work item of `chunk` keys:
+    fastattn._plan's SERIAL_FLOPS and DECODE_CHUNK) and chunks, so that the result is
+    bitwise the general path's."""
+    cdef Py_ssize_t g
+    cdef Py_ssize_t n_work = n_groups * ((n_keys + chunk - 1) // chunk)
+    cdef int team = 1
+    cdef Py_buffer ob
+    cdef Py_ssize_t *index
+    cdef void *lse
+    cdef tuple q_shape = q.shape
+    cdef bint single = q.dtype is _float32
+    cdef object out = _np.empty(q_shape[:len(q_shape) - 1] + (d_v,), q.dtype)
+    if 2.0 * n_groups * group * n_keys * (d_head + d_v) >= serial_flops:
+        team = <int> min(<Py_ssize_t> n_threads, n_work)
+    PyObject_GetBuffer(out, &ob, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
+    index = <Py_ssize_t*> malloc(n_groups * sizeof(Py_ssize_t))
+    lse = malloc(n_groups * group * (4 if single else 8))
+    if index == NULL or lse == NULL:
+        free(index)
+        free(lse)
+        PyBuffer_Release(&ob)
+        raise MemoryError("attention: cannot allocate the decoding scratch")
+    for g in range(n_groups):
+        index[g] = g
+    with nogil:
+        if single:
+            team = _decode_run(<const float*> q_buf, k_buf, v_buf, False, k_item, v_item,
+                               index, n_groups, group, d_head, n_keys, d_v,
+                               1.0 / sqrt(<double> d_head), 0, <const float*> NULL,
+                               <float*> ob.buf, <float*> lse, chunk, team)
+        else:
+            team = _decode_run(<const double*> q_buf, k_buf, v_buf, False, k_item, v_item,
+                               index, n_groups, group, d_head, n_keys, d_v,
+                               1.0 / sqrt(<double> d_head), 0, <const double*> NULL,
+                               <double*> ob.buf, <double*> lse, chunk, team)
+    free(index)
+    free(lse)
+    PyBuffer_Release(&ob)
+    if team < 0:
+        raise MemoryError("attention: cannot allocate the decoding scratch")
+    return out, team
+
+
+def cache_decode(object q, object k_store, object v_store, Py_ssize_t start, Py_ssize_t n_keys,
+                 double serial_flops, Py_ssize_t chunk, int n_threads):
+    """(attention(q, cache=c), threads that ran) with every other argument at its
+    default, read from the cache's storage arrays (B, H_kv, rows, D or D_v), rows start
+    to start + n_keys; or None: q must be a C-contiguous ndarray (B, H, 1, D) in the
+    storage's dtype (float32 or float64), with H a multiple of H_kv (fastattn.cache.
+    decode_step checked the shapes). Reading the storage, not a view of it, spares NumPy
+    building the buffer description of a new view at every step. The general path's
+    decoding call, bitwise (see _decode_call)."""
+    cdef Py_buffer qb, kb, vb
+    cdef tuple q_shape, k_shape, v_shape
+    cdef Py_ssize_t rows, item
+    cdef object dtype = getattr(q, "dtype", None)
+    if (type(q) is not _ndarray or (dtype is not _float32 and dtype is not _float64)
+            or k_store.dtype is not dtype or v_store.dtype is not dtype):
+        return None
+    q_shape, k_shape, v_shape = q.shape, k_store.shape, v_store.shape
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4 or q_shape[2] != 1:
+        return None
+    rows = k_shape[2]
+    if (v_shape[2] != rows or n_keys < 1 or start < 0 or start + n_keys > rows
+            or k_shape[0] * k_shape[1] < 1):
+        return None
+    if not _c_buffer(q, &qb):
+        return None
+    if not _c_buffer(k_store, &kb):
+        PyBuffer_Release(&qb)
+        return None
+    if not _c_buffer(v_store, &vb):
+        PyBuffer_Release(&qb)
+        PyBuffer_Release(&kb)
+        return None
+    item = 4 if dtype is _float32 else 8
+    try:
+        return _decode_call(q, qb.buf, <char*> kb.buf + start * kb.shape[3] * item,
+                            <char*> vb.buf + start * vb.shape[3] * item,
+                            rows * kb.shape[3], rows * vb.shape[3], kb.shape[0] * kb.shape[1],
+                            q_shape[1] // kb.shape[1], n_keys, kb.shape[3], vb.shape[3],
+                            serial_flops, chunk, n_threads)
     finally:
         PyBuffer_Release(&qb)
         PyBuffer_Release(&kb)

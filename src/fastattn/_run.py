@@ -18,9 +18,9 @@ from . import _plan
 from ._dispatch import kernels as _kernels
 from ._validation import check_out, contiguous, is_bfloat16
 
-__all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "small_attention", "run_softmax",
-           "run_scores", "run_attention", "run_decode", "identity_index", "kernel_target",
-           "finish"]
+__all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "small_attention",
+           "cache_decode", "run_softmax", "run_scores", "run_attention", "run_decode",
+           "identity_index", "kernel_target", "finish"]
 
 # OpenBLAS runs a GEMM on the calling thread when m*n*k <= 65536 * 4 (interface/gemm.c,
 # SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD); above that it would start its own
@@ -189,20 +189,39 @@ def run_scores(plan):
 
 # --------------------------------------------------------------------------- small calls
 
-def small_attention(q, k, v, causal):
-    """attention(q, k, v, causal=causal) with every other argument at its default (or a
-    valid num_threads, which a one-thread call does not use), for
-    calls small enough to run on one thread (below SERIAL_FLOPS); None for anything else
-    (the general path then validates it). The compiled kernels check the arrays and run
-    the general path's tile rule, thread count and micro-kernel choice, so the result is
-    bitwise the same, without the planning that cost about 20 us of a 30 us tiny call."""
+def small_attention(q, k, v, causal, n_threads):
+    """attention(q, k, v, causal=causal) with every other argument at its default (and
+    num_threads=n_threads, None for OpenMP's default), for one query per batch entry (the
+    decoding kernel) or calls small enough to run on one thread (below SERIAL_FLOPS); None
+    for anything else (the general path then validates it). The compiled kernels check
+    the arrays and run the general path's kernel choice, tile rule, thread count and
+    micro-kernel choice, so the result is bitwise the same, without the planning that
+    cost about 20 us of a 30 us tiny call (and 25 us of a 80 us decoding step)."""
     lanes = _plan.MICROKERNEL_LANES if _plan.TILE_GEMM == "auto" else {}
     result = _kernels.small_attention(q, k, v, causal, (
         _plan.Q_BLOCK, _plan.K_BLOCK, _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS,
-        _plan.SERIAL_FLOPS, BLAS_SERIAL_MNK, lanes.get(4, 0), lanes.get(8, 0)))
-    if result is not None:
-        last_call.threads = 1
-    return result
+        _plan.SERIAL_FLOPS, BLAS_SERIAL_MNK, lanes.get(4, 0), lanes.get(8, 0),
+        _plan.DECODE_CHUNK),
+        # a team is at most one thread per work item: any larger request is the same
+        max(1, _kernels.max_threads()) if n_threads is None else min(n_threads, 1 << 30))
+    if result is None:
+        return None
+    last_call.threads = result[1]
+    return result[0]
+
+
+def cache_decode(q, k_store, v_store, start, n_keys, n_threads):
+    """attention(q, cache=c) with every other argument at its default, from the cache's
+    storage arrays (rows start to start + n_keys), straight from compiled code (bitwise
+    the general path's decoding call); None unless q is a C-contiguous float32/float64
+    ndarray (B, H, 1, D) in the cache's dtype (fastattn.cache.decode_step checked the
+    shapes)."""
+    result = _kernels.cache_decode(q, k_store, v_store, start, n_keys, _plan.SERIAL_FLOPS,
+                                   _plan.DECODE_CHUNK, min(n_threads, 1 << 30))
+    if result is None:
+        return None
+    last_call.threads = result[1]
+    return result[0]
 
 
 # --------------------------------------------------------------------------- attention

@@ -132,8 +132,11 @@ def time_alternating(contenders, repeat, min_time, gap=0.0):
         fn()  # warm-up: first-touch, thread pools, caches
         numbers[name] = _calibrate(fn, min_time)
     samples = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, fn in contenders.items():
+    order = list(contenders.items())
+    for r in range(repeat):
+        # Each round starts with the next contender: none always follows the same one (whose
+        # threads may still hold the cores) or always comes first after the gap.
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             time.sleep(gap)
             fn()  # warm again after the gap: no sample starts on sleeping vCPUs or pools
             samples[name].append(_sample(fn, numbers[name]))
@@ -380,8 +383,11 @@ def _decode_row(case, against, threads, min_time, gap):
                    cache.values.reshape(b * h, n, d), np.arange(b * h, dtype=np.intp),
                    1 / np.sqrt(d), 0.0, None, np.empty((b * h, 1, d), np.float32),
                    np.empty((b * h, 1), np.float32), _plan.DECODE_CHUNK, threads)
+    # The same step on plain arrays (what a caller keeping its own K/V passes).
+    keys, values = np.ascontiguousarray(cache.keys), np.ascontiguousarray(cache.values)
     contenders = {"fastattn": lambda: api.attention(q, cache=cache, num_threads=threads),
-                  "kernel": lambda: _kernels.decode(*kernel_args)}
+                  "kernel": lambda: _kernels.decode(*kernel_args),
+                  "arrays": lambda: api.attention(q, keys, values, num_threads=threads)}
     if "numpy" in against:
         contenders["numpy"] = lambda: numpy_attention(q, cache.keys, cache.values)
     torch = _torch() if "torch" in against else None
@@ -397,7 +403,8 @@ def _decode_row(case, against, threads, min_time, gap):
     times = time_alternating(contenders, case.repeat, min_time, gap)
     moved = cache.keys.nbytes + cache.values.nbytes
     return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s",
-                   "kernel": times.pop("kernel"), "floor": read_floor(moved, threads)}
+                   "kernel": times.pop("kernel"), "arrays": times.pop("arrays"),
+                   "floor": read_floor(moved, threads)}
 
 
 _ROWS = {"attention": _attention_row, "decode": _decode_row, "projection": _projection_row,
@@ -473,7 +480,9 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
         rate = f"{extra['rate']:.1f} {extra['unit']}"
         if case.kind == "decode":
             rate += (f" (read floor {_fmt_time(extra['floor'])}: {100 * extra['floor'] / fa:.0f}%), "
-                     f"kernel alone {_fmt_time(extra['kernel'])}")
+                     f"kernel alone {_fmt_time(extra['kernel'])}, plain arrays "
+                     f"{_fmt_time(extra['arrays'])}"
+                     + ("" if tt is None else f" ({tt / extra['arrays']:.2f}x torch)"))
         if case.kind == "attention" or case.kind == "memory":
             rate += (f" ({100 * extra['rate'] / ceil['fma_' + case.dtype]:.0f}% of FMA peak, "
                      f"{100 * extra['rate'] / ceil['matmul_gflops']:.0f}% of matmul)")

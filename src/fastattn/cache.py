@@ -3,7 +3,7 @@ step on it (``attention(q, cache=cache)``'s short path)."""
 
 import numpy as np
 
-from ._run import identity_index, run_decode
+from ._run import cache_decode, identity_index, run_decode
 from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
                           check_threads, dtype_pair, positive_int)
 
@@ -200,6 +200,13 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
             or heads == 0 or heads % kv_heads or n_keys == 0):
         return None
     check_flag("causal", causal)  # one query, the newest token: causal changes nothing
+    if scale is None and softcap is None and sinks is None and not return_lse:
+        # The plainest step, the one generation repeats: checked and run in compiled code.
+        start, stop = cache._span()
+        result = cache_decode(q, cache._k, cache._v, start, stop - start,
+                              check_threads(num_threads))
+        if result is not None:
+            return result
     scale = check_scale(scale, d_head)
     softcap = check_softcap(softcap)
     n_threads = check_threads(num_threads)
