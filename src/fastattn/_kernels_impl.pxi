@@ -688,6 +688,22 @@ cdef bint _c_buffer(object a, Py_buffer *view):
     return True
 
 
+cdef bint _c_buffers(object q, object k, object v, Py_buffer *qb, Py_buffer *kb,
+                     Py_buffer *vb):
+    """Acquire the buffers of q, k and v if all three are C-contiguous (True), else none
+    of them (False)."""
+    if not _c_buffer(q, qb):
+        return False
+    if not _c_buffer(k, kb):
+        PyBuffer_Release(qb)
+        return False
+    if not _c_buffer(v, vb):
+        PyBuffer_Release(qb)
+        PyBuffer_Release(kb)
+        return False
+    return True
+
+
 def small_attention(object q, object k, object v, bint causal, tuple policy, int n_threads):
     """(attention(q, k, v, causal=causal) with every other argument at its default, the
     threads that ran), or None when the call is not a small one
@@ -726,14 +742,7 @@ def small_attention(object q, object k, object v, bint causal, tuple policy, int
     if not micro and q_block * k_block * max(d_head, d_v) > <Py_ssize_t> policy[5]:
         return None  # a BLAS tile the general path would hold to one thread
     # C-contiguity, checked by the buffer request itself: a strided array falls back.
-    if not _c_buffer(q, &qb):
-        return None
-    if not _c_buffer(k, &kb):
-        PyBuffer_Release(&qb)
-        return None
-    if not _c_buffer(v, &vb):
-        PyBuffer_Release(&qb)
-        PyBuffer_Release(&kb)
+    if not _c_buffers(q, k, v, &qb, &kb, &vb):
         return None
     try:
         q_shape = q.shape
@@ -781,14 +790,7 @@ cdef object _small_decode(object q, object k, object v, Py_ssize_t n_batch, Py_s
     """small_attention for one query per batch entry: kv entry b for query b, in
     C-contiguous arrays (None when one is not)."""
     cdef Py_buffer qb, kb, vb
-    if not _c_buffer(q, &qb):
-        return None
-    if not _c_buffer(k, &kb):
-        PyBuffer_Release(&qb)
-        return None
-    if not _c_buffer(v, &vb):
-        PyBuffer_Release(&qb)
-        PyBuffer_Release(&kb)
+    if not _c_buffers(q, k, v, &qb, &kb, &vb):
         return None
     try:
         return _decode_call(q, qb.buf, kb.buf, vb.buf, n_keys * d_head, n_keys * d_v, n_batch,
@@ -873,14 +875,7 @@ def cache_decode(object q, object k_store, object v_store, Py_ssize_t start, Py_
     if (v_shape[2] != rows or n_keys < 1 or start < 0 or start + n_keys > rows
             or k_shape[0] * k_shape[1] < 1):
         return None
-    if not _c_buffer(q, &qb):
-        return None
-    if not _c_buffer(k_store, &kb):
-        PyBuffer_Release(&qb)
-        return None
-    if not _c_buffer(v_store, &vb):
-        PyBuffer_Release(&qb)
-        PyBuffer_Release(&kb)
+    if not _c_buffers(q, k_store, v_store, &qb, &kb, &vb):
         return None
     item = 4 if dtype is _float32 else 8
     try:

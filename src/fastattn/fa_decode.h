@@ -7,8 +7,9 @@
  * The work per key is two short dot products' worth of FMAs, so what decides the speed is
  * how the partial sums are combined. With GCC's vector extensions, in the widest vectors
  * of the build (N lanes: 16 floats for AVX-512), when N divides both head sizes:
- *  - scores: N keys at once, one accumulator vector each, q loaded once per N FMAs; the
- *    N accumulators are then summed across lanes together by a transposing tree
+ *  - scores: N keys at once, one accumulator vector each, each key's row read start to
+ *    end (q reloaded from L1 for each); the N accumulators are then summed across lanes
+ *    together by a transposing tree
  *    (log2 N levels of two shuffles and an add), which leaves key u's score in lane u;
  *  - P V: the output row's columns stay in registers (up to 16 vectors) across the block.
  * Other head sizes take a scalar loop (FA_DOT_LANES partial sums, combined as a tree).
