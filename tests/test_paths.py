@@ -75,6 +75,44 @@ def test_one_query_takes_the_compiled_decoding_path_bitwise(spy_small, dtype, sh
     assert_close(fast, float64_attention(q, k, v)[0], dtype, f"{shape} {n_keys}")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("q_shape,kv_heads,n_keys", [((1, 8, 1, 64), 2, 130), ((2, 6, 1, 128), 1, 700),
+                                                     ((3, 4, 1, 24), 4, 5), ((12, 1, 16), 3, 1025)])
+@pytest.mark.parametrize("scale", [None, 128 ** -0.5, -0.3])
+def test_grouped_heads_and_a_float_scale_take_the_compiled_decoding_path(spy_small, dtype, q_shape,
+                                                                         kv_heads, n_keys, scale):
+    # A decoding step of a grouped-query model (k, v with fewer heads, as transformers
+    # passes them) with an explicit float scale (transformers passes head_dim ** -0.5,
+    # which is not always 1 / sqrt(head_dim) to the last bit): the compiled path, bitwise
+    # the general path.
+    rng = np.random.default_rng(n_keys)
+    q = rng.standard_normal(q_shape).astype(dtype)
+    kv_shape = q_shape[:-3] + (kv_heads, n_keys)
+    k = rng.standard_normal(kv_shape + (q_shape[-1],)).astype(dtype)
+    v = rng.standard_normal(kv_shape + (q_shape[-1] + 8,)).astype(dtype)
+    fast = fastattn.attention(q, k, v, scale=scale, causal=True)
+    assert spy_small and spy_small[-1] is not None, "the compiled path did not run"
+    general = fastattn.attention(q, k, v, scale=scale, causal=True, return_lse=True)[0]
+    assert np.array_equal(fast, general), f"{q_shape} {kv_heads} {n_keys} {scale}"
+    if scale is None:
+        assert_close(fast, float64_attention(q, k, v)[0], dtype, f"{q_shape} {kv_heads}")
+    else:  # the oracle's scale is 1 / sqrt(D): give it q scaled to match
+        q_scaled = q.astype(np.float64) * scale * np.sqrt(q_shape[-1])
+        assert_close(fast, float64_attention(q_scaled, k, v)[0], dtype, f"{q_shape} {kv_heads}")
+    # What the compiled path must leave to the general one (which validates it)
+    for label, kwargs in {"NumPy float scale": {"scale": np.float64(0.25)},
+                          "integer scale": {"scale": 1}, "inf scale": {"scale": float("inf")},
+                          "NaN scale": {"scale": float("nan")}}.items():
+        spy_small.clear()
+        try:
+            got = fastattn.attention(q, k, v, **kwargs)
+        except ValueError as e:
+            assert "scale must be finite" in str(e), label
+        else:
+            assert np.array_equal(got, fastattn.attention(q, k, v, return_lse=True, **kwargs)[0])
+        assert spy_small == [], label
+
+
 def test_small_call_path_falls_back_for_everything_else(spy_small):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((2, 8, 16)) for _ in range(3))
@@ -82,7 +120,6 @@ def test_small_call_path_falls_back_for_everything_else(spy_small):
         "float16": (q.astype(np.float16), k, v),
         "mixed dtypes": (q.astype(np.float32), k, v),
         "one query, broadcast keys": (q[:, :1], k[:1], v[:1]),
-        "one query, grouped heads": (np.stack([q[:, :1]] * 2, 1), k[:, None], v[:, None]),
         "broadcast batch": (q, k[:1], v[:1]),
         "grouped heads": (np.stack([q, q], 1), k[:, None], v[:, None]),
         "lists": (q.tolist(), k, v),
@@ -107,7 +144,7 @@ def test_small_call_path_never_raises_and_errors_are_the_general_paths(n_queries
     kv = np.ones((2, 4, 8))
     for label, bad in list(bad_values(good.shape)) + list(wrong_ranks(np.random.default_rng(0))):
         for args in ((bad, kv, kv), (good, bad, kv), (good, kv, bad)):
-            assert _run.small_attention(*args, False, None) is None, label
+            assert _run.small_attention(*args, False, None, None) is None, label
             with pytest.raises((TypeError, ValueError)) as fast:
                 fastattn.attention(*args)
             with pytest.raises(type(fast.value)) as general:

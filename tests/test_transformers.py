@@ -137,3 +137,26 @@ def test_attention_forward_takes_sinks_softcap_and_gqa_directly():
     expected = fastattn.attention(q.numpy(), k.numpy(), v.numpy(), causal=True, window=3,
                                   scale=0.3, softcap=2.0, sinks=sinks.numpy())
     assert np.array_equal(out.transpose(1, 2).numpy(), expected)
+
+
+def test_decoding_steps_take_the_compiled_path(monkeypatch):
+    # A grouped-query decoding step hands attention plain arrays (the tensors' memory) and
+    # transformers' float scale: the compiled path runs it, with no planning in Python.
+    from fastattn import _run
+    taken = []
+    small = _run.small_attention
+    monkeypatch.setattr(_run, "small_attention",
+                        lambda *args: taken.append(small(*args)) or taken[-1])
+    model = model_of("llama")
+    ids = batch(seed=3, length=6, pads=(0,))[0]
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        eager = model.generate(ids, **kwargs)
+        model.set_attn_implementation(NAME)
+        ours = model.generate(ids, **kwargs)
+    assert torch.equal(ours, eager), (ours, eager)
+    layers = model.config.num_hidden_layers
+    # the prompt (6 queries over grouped heads: the general path), then 3 steps of 1 query
+    assert len(taken) == 4 * layers
+    assert all(t is None for t in taken[:layers])
+    assert all(t is not None for t in taken[layers:])

@@ -652,13 +652,14 @@ def tiles(Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys, bint caus
 
 
 cdef object _small_shape(object q, object k, object v):
-    """(n_batch, L_q, L_k, D, D_v) when q, k, v are what the small-call path takes, else
+    """(n_batch, L_q, L_k, D, D_v, G) when q, k, v are what the small-call path takes, else
     None: NumPy arrays (not subclasses) of one native float32 or float64 dtype,
-    C-contiguous, with the same batch dimensions (no broadcasting, no grouped heads) and
-    no empty axis."""
+    C-contiguous, with the same batch dimensions (no broadcasting) but for grouped-query
+    heads: the head axis (-3) of k and v may divide q's, G query heads per key/value head
+    (G = 1 otherwise); and no empty axis."""
     cdef object dtype = getattr(q, "dtype", None)
     cdef tuple q_shape, k_shape, v_shape
-    cdef Py_ssize_t ndim, i, n_batch = 1
+    cdef Py_ssize_t ndim, i, n_batch = 1, group = 1
     if type(q) is not _ndarray or type(k) is not _ndarray or type(v) is not _ndarray:
         return None
     if (dtype is not _float32 and dtype is not _float64) or k.dtype is not dtype or v.dtype is not dtype:
@@ -669,14 +670,17 @@ cdef object _small_shape(object q, object k, object v):
         return None
     for i in range(ndim - 2):
         if q_shape[i] != k_shape[i] or q_shape[i] != v_shape[i]:
-            return None
+            if (i != ndim - 3 or k_shape[i] != v_shape[i] or k_shape[i] < 1
+                    or q_shape[i] % k_shape[i] != 0):
+                return None
+            group = q_shape[i] // k_shape[i]
         n_batch *= <Py_ssize_t> q_shape[i]
     n_queries, n_keys = q_shape[ndim - 2], k_shape[ndim - 2]
     d_head, d_v = q_shape[ndim - 1], v_shape[ndim - 1]
     if (k_shape[ndim - 1] != d_head or v_shape[ndim - 2] != n_keys or n_batch < 1
             or n_queries < 1 or n_keys < 1 or d_head < 1 or d_v < 1):
         return None
-    return n_batch, n_queries, n_keys, d_head, d_v
+    return n_batch, n_queries, n_keys, d_head, d_v, group
 
 
 cdef bint _c_buffer(object a, Py_buffer *view):
@@ -704,13 +708,16 @@ cdef bint _c_buffers(object q, object k, object v, Py_buffer *qb, Py_buffer *kb,
     return True
 
 
-def small_attention(object q, object k, object v, bint causal, tuple policy, int n_threads):
-    """(attention(q, k, v, causal=causal) with every other argument at its default, the
-    threads that ran), or None when the call is not a small one
-    (fastattn._run.small_attention says which).
+def small_attention(object q, object k, object v, bint causal, object scale, tuple policy,
+                    int n_threads):
+    """(attention(q, k, v, causal=causal, scale=scale) with every other argument at its
+    default, the threads that ran), or None when the call is not a small one
+    (fastattn._run.small_attention says which). scale: None (1 / sqrt(D)) or a finite
+    float, as the general path's check_scale returns it.
 
     One query per batch entry runs the decoding kernel, of any size, on up to n_threads
-    threads; more queries run the fused kernel on one thread, below SERIAL_FLOPS.
+    threads, grouped-query heads too; more queries (not grouped) run the fused kernel on
+    one thread, below SERIAL_FLOPS.
     policy: (Q_BLOCK, K_BLOCK, MIN_Q_BLOCK, MIN_WORK_ITEMS, SERIAL_FLOPS, BLAS_SERIAL_MNK,
     micro-kernel lanes for float32, for float64 (0: BLAS), DECODE_CHUNK) from
     fastattn._plan and _run, so that the kernel, its tiles, the thread count and the
@@ -718,8 +725,9 @@ def small_attention(object q, object k, object v, bint causal, tuple policy, int
     raises but MemoryError.
     """
     cdef object shape = _small_shape(q, k, v)
-    cdef Py_ssize_t n_batch, n_queries, n_keys, d_head, d_v, q_block, k_block, lanes, b
+    cdef Py_ssize_t n_batch, n_queries, n_keys, d_head, d_v, group, q_block, k_block, lanes, b
     cdef Py_ssize_t itemsize
+    cdef double c_scale
     cdef bint micro
     cdef Py_buffer qb, kb, vb, ob
     cdef Py_ssize_t *index
@@ -729,9 +737,13 @@ def small_attention(object q, object k, object v, bint causal, tuple policy, int
     cdef tuple q_shape
     if shape is None:
         return None
-    n_batch, n_queries, n_keys, d_head, d_v = shape
+    n_batch, n_queries, n_keys, d_head, d_v, group = shape
+    c_scale = 1.0 / sqrt(<double> d_head) if scale is None else <double> scale
     if n_queries == 1:
-        return _small_decode(q, k, v, n_batch, n_keys, d_head, d_v, policy, n_threads)
+        return _small_decode(q, k, v, n_batch // group, group, n_keys, d_head, d_v, c_scale,
+                             policy, n_threads)
+    if group != 1:
+        return None
     if 2.0 * n_batch * n_queries * n_keys * (d_head + d_v) >= <double> policy[4]:
         return None
     itemsize = 4 if q.dtype is _float32 else 8
@@ -765,13 +777,13 @@ def small_attention(object q, object k, object v, bint causal, tuple policy, int
                 team = _attention_run(<const float*> qb.buf, <const float*> kb.buf,
                                       <const float*> vb.buf, NULL, NULL, MASK_NONE, index,
                                       n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
-                                      1.0 / sqrt(<double> d_head), 0, NULL, <float*> ob.buf,
+                                      c_scale, 0, NULL, <float*> ob.buf,
                                       <float*> lse, q_block, k_block, micro, 1, 0, -1)
             else:
                 team = _attention_run(<const double*> qb.buf, <const double*> kb.buf,
                                       <const double*> vb.buf, NULL, NULL, MASK_NONE, index,
                                       n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
-                                      1.0 / sqrt(<double> d_head), 0, NULL, <double*> ob.buf,
+                                      c_scale, 0, NULL, <double*> ob.buf,
                                       <double*> lse, q_block, k_block, micro, 1, 0, -1)
         free(index)
         free(lse)
@@ -785,16 +797,17 @@ def small_attention(object q, object k, object v, bint causal, tuple policy, int
         PyBuffer_Release(&vb)
 
 
-cdef object _small_decode(object q, object k, object v, Py_ssize_t n_batch, Py_ssize_t n_keys,
-                          Py_ssize_t d_head, Py_ssize_t d_v, tuple policy, int n_threads):
-    """small_attention for one query per batch entry: kv entry b for query b, in
-    C-contiguous arrays (None when one is not)."""
+cdef object _small_decode(object q, object k, object v, Py_ssize_t n_groups, Py_ssize_t group,
+                          Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v, double scale,
+                          tuple policy, int n_threads):
+    """small_attention for one query per batch entry: kv entry g for the `group` query
+    heads of group g, in C-contiguous arrays (None when one is not)."""
     cdef Py_buffer qb, kb, vb
     if not _c_buffers(q, k, v, &qb, &kb, &vb):
         return None
     try:
-        return _decode_call(q, qb.buf, kb.buf, vb.buf, n_keys * d_head, n_keys * d_v, n_batch,
-                            1, n_keys, d_head, d_v, policy[4], policy[8], n_threads)
+        return _decode_call(q, qb.buf, kb.buf, vb.buf, n_keys * d_head, n_keys * d_v, n_groups,
+                            group, n_keys, d_head, d_v, scale, policy[4], policy[8], n_threads)
     finally:
         PyBuffer_Release(&qb)
         PyBuffer_Release(&kb)
@@ -804,9 +817,9 @@ cdef object _small_decode(object q, object k, object v, Py_ssize_t n_batch, Py_s
 cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const void *v_buf,
                         Py_ssize_t k_item, Py_ssize_t v_item, Py_ssize_t n_groups,
                         Py_ssize_t group, Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v,
-                        double serial_flops, Py_ssize_t chunk, int n_threads):
+                        double scale, double serial_flops, Py_ssize_t chunk, int n_threads):
     """(out, threads that ran): the general path's decoding call (fastattn._run.run_decode)
-    with the default scale and no soft cap or sinks, for the single queries of q (its
+    with this scale and no soft cap or sinks, for the single queries of q (its
     buffer q_buf, C-contiguous: n_groups groups of `group` query heads) against kv entry
     g (k_item, v_item elements apart in k_buf, v_buf; rows contiguous) for group g. Its
     thread rule (one below serial_flops, else at most one per work item of `chunk` keys:
@@ -837,12 +850,12 @@ cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const vo
         if single:
             team = _decode_run(<const float*> q_buf, k_buf, v_buf, False, k_item, v_item,
                                index, n_groups, group, d_head, n_keys, d_v,
-                               1.0 / sqrt(<double> d_head), 0, <const float*> NULL,
+                               scale, 0, <const float*> NULL,
                                <float*> ob.buf, <float*> lse, chunk, team)
         else:
             team = _decode_run(<const double*> q_buf, k_buf, v_buf, False, k_item, v_item,
                                index, n_groups, group, d_head, n_keys, d_v,
-                               1.0 / sqrt(<double> d_head), 0, <const double*> NULL,
+                               scale, 0, <const double*> NULL,
                                <double*> ob.buf, <double*> lse, chunk, team)
     free(index)
     free(lse)
@@ -883,7 +896,7 @@ def cache_decode(object q, object k_store, object v_store, Py_ssize_t start, Py_
                             <char*> vb.buf + start * vb.shape[3] * item,
                             rows * kb.shape[3], rows * vb.shape[3], kb.shape[0] * kb.shape[1],
                             q_shape[1] // kb.shape[1], n_keys, kb.shape[3], vb.shape[3],
-                            serial_flops, chunk, n_threads)
+                            1.0 / sqrt(<double> kb.shape[3]), serial_flops, chunk, n_threads)
     finally:
         PyBuffer_Release(&qb)
         PyBuffer_Release(&kb)

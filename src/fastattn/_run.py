@@ -189,16 +189,17 @@ def run_scores(plan):
 
 # --------------------------------------------------------------------------- small calls
 
-def small_attention(q, k, v, causal, n_threads):
-    """attention(q, k, v, causal=causal) with every other argument at its default (and
-    num_threads=n_threads, None for OpenMP's default), for one query per batch entry (the
-    decoding kernel) or calls small enough to run on one thread (below SERIAL_FLOPS); None
-    for anything else (the general path then validates it). The compiled kernels check
+def small_attention(q, k, v, causal, scale, n_threads):
+    """attention(q, k, v, causal=causal, scale=scale) with every other argument at its
+    default (and num_threads=n_threads, None for OpenMP's default; scale None or a finite
+    float), for one query per batch entry (the decoding kernel, grouped-query heads too)
+    or calls small enough to run on one thread (below SERIAL_FLOPS); None for anything
+    else (the general path then validates it). The compiled kernels check
     the arrays and run the general path's kernel choice, tile rule, thread count and
     micro-kernel choice, so the result is bitwise the same, without the planning that
     cost about 20 us of a 30 us tiny call (and 25 us of a 80 us decoding step)."""
     lanes = _plan.MICROKERNEL_LANES if _plan.TILE_GEMM == "auto" else {}
-    result = _kernels.small_attention(q, k, v, causal, (
+    result = _kernels.small_attention(q, k, v, causal, scale, (
         _plan.Q_BLOCK, _plan.K_BLOCK, _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS,
         _plan.SERIAL_FLOPS, BLAS_SERIAL_MNK, lanes.get(4, 0), lanes.get(8, 0),
         _plan.DECODE_CHUNK),
