@@ -140,17 +140,21 @@ static inline double fa_exp_nonpos(double x)
  * NaN stays NaN (a < threshold is false for NaN, and e is NaN). Measured against tanh in
  * double over every third float in [-20, 20]: at most 2.4 ulp; fa_tanh against long
  * double on 5e7 random doubles: at most 3.1 ulp. */
+/* The odd series' coefficients of x^15, x^13, ..., x^3 (float) and x^23, ..., x^3 (double),
+ * highest first (Horner), shared by fa_tanhf/fa_tanh and the soft cap's vector loop. */
+#define FA_TANHF_COEF -929569.0f / 638512875.0f, 21844.0f / 6081075.0f,                   \
+    -1382.0f / 155925.0f, 62.0f / 2835.0f, -17.0f / 315.0f, 2.0f / 15.0f, -1.0f / 3.0f
+#define FA_TANH_COEF -113927491862.0 / 2900518163668125.0,                                \
+    18888466084.0 / 194896477400625.0, -443861162.0 / 1856156927625.0,                   \
+    6404582.0 / 10854718875.0, -929569.0 / 638512875.0, 21844.0 / 6081075.0,             \
+    -1382.0 / 155925.0, 62.0 / 2835.0, -17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0
 static inline float fa_tanhf(float y)
 {
     const float a = fabsf(y);
     const float a2 = a * a;
-    float p = -929569.0f / 638512875.0f;
-    p = p * a2 + 21844.0f / 6081075.0f;
-    p = p * a2 + -1382.0f / 155925.0f;
-    p = p * a2 + 62.0f / 2835.0f;
-    p = p * a2 + -17.0f / 315.0f;
-    p = p * a2 + 2.0f / 15.0f;
-    p = p * a2 + -1.0f / 3.0f;
+    static const float coef[] = {FA_TANHF_COEF};
+    float p = coef[0];
+    for (size_t c = 1; c < sizeof coef / sizeof coef[0]; c++) p = p * a2 + coef[c];
     const float small = a + a * (a2 * p);
     const float e = fa_expf_nonpos(-2.0f * a);
     const float big = (1.0f - e) / (1.0f + e);
@@ -162,17 +166,9 @@ static inline double fa_tanh(double y)
 {
     const double a = fabs(y);
     const double a2 = a * a;
-    double p = -113927491862.0 / 2900518163668125.0;
-    p = p * a2 + 18888466084.0 / 194896477400625.0;
-    p = p * a2 + -443861162.0 / 1856156927625.0;
-    p = p * a2 + 6404582.0 / 10854718875.0;
-    p = p * a2 + -929569.0 / 638512875.0;
-    p = p * a2 + 21844.0 / 6081075.0;
-    p = p * a2 + -1382.0 / 155925.0;
-    p = p * a2 + 62.0 / 2835.0;
-    p = p * a2 + -17.0 / 315.0;
-    p = p * a2 + 2.0 / 15.0;
-    p = p * a2 + -1.0 / 3.0;
+    static const double coef[] = {FA_TANH_COEF};
+    double p = coef[0];
+    for (size_t c = 1; c < sizeof coef / sizeof coef[0]; c++) p = p * a2 + coef[c];
     const double small = a + a * (a2 * p);
     const double e = fa_exp_nonpos(-2.0 * a);
     const double big = (1.0 - e) / (1.0 + e);
@@ -255,15 +251,57 @@ static inline double fa_exp_shift_total_##SUFFIX(const T *x, ptrdiff_t n, T shif
     return total;                                                                        \
 }
 
-/* s[j] = cap tanh(s[j] / cap), the soft cap of a row of scores (cap > 0, inv_cap = 1 / cap). */
-static inline void fa_softcap_row_f(float *s, ptrdiff_t n, float cap, float inv_cap)
-{
-    for (ptrdiff_t j = 0; j < n; j++) s[j] = cap * fa_tanhf(s[j] * inv_cap);
+/* s[j] = cap tanh(s[j] / cap), the soft cap of a row of scores (cap > 0, inv_cap = 1 / cap).
+ * Vectors of the build's width whose every lane is below the series threshold (most
+ * scores under a soft cap: Gemma 2's cap of 50 puts every score under 20 there) compute
+ * only fa_tanhf's series, where the loop over lanes computes both forms and picks one per
+ * lane; the operations are fa_tanhf's own, so every lane gets exactly its value (and the
+ * tests read the kernels' tanh through this function). Other vectors, NaN among them,
+ * take the loop. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#if defined(__AVX512F__)
+#define FA_ALL_LANES_f(m) (_mm512_movepi32_mask((__m512i)(m)) == 0xFFFF)
+#define FA_ALL_LANES_d(m) (_mm512_movepi64_mask((__m512i)(m)) == 0xFF)
+#elif defined(__AVX__)
+#define FA_ALL_LANES_f(m) (_mm256_movemask_ps((__m256)(m)) == 0xFF)
+#define FA_ALL_LANES_d(m) (_mm256_movemask_pd((__m256d)(m)) == 0xF)
+#else
+#define FA_ALL_LANES_f(m) (_mm_movemask_ps((__m128)(m)) == 0xF)
+#define FA_ALL_LANES_d(m) (_mm_movemask_pd((__m128d)(m)) == 0x3)
+#endif
+#define FA_SOFTCAP_SERIES 1
+#else
+#define FA_SOFTCAP_SERIES 0
+#endif
+#define FA_DEFINE_SOFTCAP(T, IT, SUFFIX, TANH, THRESHOLD, SIGN, ...)                     \
+typedef T fa_scv_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES)));                   \
+typedef T fa_scvu_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES), aligned(sizeof(T)))); \
+typedef IT fa_sci_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES)));                  \
+static inline void fa_softcap_row_##SUFFIX(T *s, ptrdiff_t n, T cap, T inv_cap)         \
+{                                                                                        \
+    enum { W = FA_ROW_VBYTES / sizeof(T) };                                              \
+    static const T coef[] = {__VA_ARGS__};                                               \
+    enum { N_COEF = sizeof coef / sizeof coef[0] };                                      \
+    ptrdiff_t j = 0;                                                                     \
+    for (; FA_SOFTCAP_SERIES && j + W <= n; j += W) {                                    \
+        const fa_scv_##SUFFIX y = *(fa_scvu_##SUFFIX *)(s + j) * inv_cap;                \
+        const fa_sci_##SUFFIX sign = (fa_sci_##SUFFIX)y & (IT)SIGN;                      \
+        const fa_scv_##SUFFIX a = (fa_scv_##SUFFIX)((fa_sci_##SUFFIX)y & (IT)~(IT)SIGN); \
+        if (FA_ALL_LANES_##SUFFIX(a < THRESHOLD)) {                                      \
+            const fa_scv_##SUFFIX a2 = a * a;                                            \
+            fa_scv_##SUFFIX p = (fa_scv_##SUFFIX){0} + coef[0];                          \
+            for (int c = 1; c < N_COEF; c++) p = p * a2 + coef[c];                       \
+            const fa_scv_##SUFFIX t = a + a * (a2 * p);                                  \
+            *(fa_scvu_##SUFFIX *)(s + j) = cap * (fa_scv_##SUFFIX)((fa_sci_##SUFFIX)t | sign); \
+        } else {                                                                         \
+            for (int l = 0; l < W; l++) s[j + l] = cap * TANH(s[j + l] * inv_cap);       \
+        }                                                                                \
+    }                                                                                    \
+    for (; j < n; j++) s[j] = cap * TANH(s[j] * inv_cap);                                \
 }
-static inline void fa_softcap_row_d(double *s, ptrdiff_t n, double cap, double inv_cap)
-{
-    for (ptrdiff_t j = 0; j < n; j++) s[j] = cap * fa_tanh(s[j] * inv_cap);
-}
+FA_DEFINE_SOFTCAP(float, int32_t, f, fa_tanhf, 0.4f, 0x80000000u, FA_TANHF_COEF)
+FA_DEFINE_SOFTCAP(double, int64_t, d, fa_tanh, 0.25, 0x8000000000000000ull, FA_TANH_COEF)
 
 FA_DEFINE_ROW_OPS(float, int32_t, f, fa_expf_nonpos)
 FA_DEFINE_ROW_OPS(double, int64_t, d, fa_exp_nonpos)
