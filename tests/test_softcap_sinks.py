@@ -237,3 +237,18 @@ def test_sinks_in_awkward_layouts_and_dtypes_equal_plain_ones():
     ints = fastattn.attention(q, k, v, sinks=np.array([1, 0, -2, 3]), return_lse=True)
     again = fastattn.attention(q, k, v, sinks=[1.0, 0.0, -2.0, 3.0], return_lse=True)
     assert all(np.array_equal(a, b) for a, b in zip(ints, again))
+
+
+def test_options_benchmark_times_each_variant_against_plain():
+    import io
+
+    from fastattn import bench
+
+    out = io.StringIO()
+    times = bench.options(threads=1, min_time=0.001, repeat=1, quick=True, out=out)
+    variants = ("plain", "softcap 50", "softcap 5", "sinks")
+    assert set(times) == {(kernel, v) for kernel in ("fused", "decoding") for v in variants}
+    assert all(t > 0 for t in times.values())
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("| fused")
+            or line.startswith("| decoding")]
+    assert len(rows) == 8 and all(row.endswith("% |") or "plain" in row for row in rows)

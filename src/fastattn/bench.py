@@ -497,6 +497,47 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
     return rows
 
 
+def options(threads=None, min_time=0.2, repeat=7, quick=False, out=sys.stdout):
+    """What softcap and sinks cost over plain attention, in the fused kernel (1, 8, 2048,
+    2048, 64) and the decoding kernel (32 heads over 4096 tokens, D 128), float32: the
+    variants alternate in one run (medians of `repeat`). softcap 50 is Gemma 2's cap
+    (random N(0, 1) scores then stay in tanh's series range); softcap 5 sends some lanes
+    of most vectors to its exp form. Returns {(kernel, variant): seconds}."""
+    threads = check_threads(threads)
+    for line in _header(threads, ()):
+        print(line, file=out)
+    rng = np.random.default_rng(0)
+    fused = (1, 8, 256, 256, 64) if quick else (1, 8, 2048, 2048, 64)
+    decode = (1, 32, 256, 128) if quick else (1, 32, 4096, 128)
+    b, h, lq, lk, d = fused
+    q, k, v = (rng.standard_normal((b, h, n, d), dtype=np.float32) for n in (lq, lk, lk))
+    db, dh, dn, dd = decode
+    dq = rng.standard_normal((db, dh, 1, dd), dtype=np.float32)
+    dk, dv = (rng.standard_normal((db, dh, dn, dd), dtype=np.float32) for _ in range(2))
+    sinks = rng.standard_normal(h).astype(np.float32)
+    dsinks = rng.standard_normal(dh).astype(np.float32)
+    variants = {"plain": {}, "softcap 50": {"softcap": 50.0}, "softcap 5": {"softcap": 5.0},
+                "sinks": {}}
+    print(f"\nsoftcap and sinks against plain attention, {threads} threads, float32, medians "
+          f"of {repeat} alternating samples\n", file=out)
+    print("| kernel | shape | variant | time | cost over plain |", file=out)
+    print("|---|---|---|---|---|", file=out)
+    result = {}
+    for kernel, shape, args, sink in (("fused", fused, (q, k, v), sinks),
+                                      ("decoding", (db, dh, 1, dn, dd), (dq, dk, dv), dsinks)):
+        contenders = {
+            name: (lambda kw=kw, name=name: api.attention(
+                *args, num_threads=threads, **(dict(sinks=sink) if name == "sinks" else kw)))
+            for name, kw in variants.items()}
+        times = time_alternating(contenders, repeat, min_time)
+        for name, t in times.items():
+            result[(kernel, name)] = t
+            cost = "—" if name == "plain" else f"{100 * (t / times['plain'] - 1):+.0f}%"
+            print(f"| {kernel} | {', '.join(map(str, shape))} | {name} | {_fmt_time(t)} | "
+                  f"{cost} |", file=out, flush=True)
+    return result
+
+
 def main(argv=None):
     import argparse
 
@@ -523,7 +564,13 @@ def main(argv=None):
     parser.add_argument("--dask", action="store_true",
                         help="fastattn.dask on a LocalCluster of 2 workers against one "
                              "process (needs fastattn[dask])")
+    parser.add_argument("--options", action="store_true",
+                        help="what softcap and sinks cost over plain attention (fused and "
+                             "decoding kernels)")
     args = parser.parse_args(argv)
+    if args.options:
+        options(args.threads, quick=args.quick)
+        return 0
     if args.dask:
         from . import _bench_dask
         return _bench_dask.main(args.threads, args.quick)
