@@ -133,17 +133,22 @@ static inline double fa_exp_nonpos(double x)
 }
 
 /* tanh, branch-free and vectorisable like the exps above, for the soft cap of the scores
- * (c tanh(s / c), Gemma 2). With a = |y|: below a threshold the odd Taylor series of tanh
- * (through x^15 for float below 0.4, x^23 for double below 0.25: the first omitted
- * term is under 3e-10 and 2e-19 relative); above it (1 - e) / (1 + e) with e = exp(-2a) <= 1, whose
+ * (c tanh(s / c), Gemma 2). With a = |y|: below a threshold an odd series, a + a^3 p(a^2):
+ * for float below 0.6, p a quartic fitted minimax to tanh's relative error
+ * (tools/fit_tanh_series.py: at most 0.75 ulp in float32 arithmetic there; the Taylor
+ * series it replaced needed seven terms for 0.59 ulp below 0.4, and the soft cap's vector
+ * loop takes the series alone only where all lanes are under the threshold, so a higher
+ * one sends more vectors there); for double below 0.25, the Taylor series through x^23 (the first omitted term is
+ * under 2e-19 relative). Above it (1 - e) / (1 + e) with e = exp(-2a) <= 1, whose
  * cancellation costs at most 1 / (2a) ulp there. Then y's sign (-0.0 too). tanh(+-inf) = +-1;
  * NaN stays NaN (a < threshold is false for NaN, and e is NaN). Measured against tanh in
  * double over every third float in [-20, 20]: at most 2.4 ulp; fa_tanh against long
  * double on 5e7 random doubles: at most 3.1 ulp. */
-/* The odd series' coefficients of x^15, x^13, ..., x^3 (float) and x^23, ..., x^3 (double),
- * highest first (Horner), shared by fa_tanhf/fa_tanh and the soft cap's vector loop. */
-#define FA_TANHF_COEF -929569.0f / 638512875.0f, 21844.0f / 6081075.0f,                   \
-    -1382.0f / 155925.0f, 62.0f / 2835.0f, -17.0f / 315.0f, 2.0f / 15.0f, -1.0f / 3.0f
+/* The series' coefficients, highest first (Horner), shared by fa_tanhf/fa_tanh and the
+ * soft cap's vector loop: p(u) for float (tools/fit_tanh_series.py prints them); the odd
+ * Taylor coefficients of x^23, x^21, ..., x^3 for double. */
+#define FA_TANHF_COEF -0x1.825888p-8f, 0x1.54b8aap-6f, -0x1.b898ep-5f, 0x1.1109aep-3f, \
+    -0x1.55553ep-2f
 #define FA_TANH_COEF -113927491862.0 / 2900518163668125.0,                                \
     18888466084.0 / 194896477400625.0, -443861162.0 / 1856156927625.0,                   \
     6404582.0 / 10854718875.0, -929569.0 / 638512875.0, 21844.0 / 6081075.0,             \
@@ -158,7 +163,7 @@ static inline float fa_tanhf(float y)
     const float small = a + a * (a2 * p);
     const float e = fa_expf_nonpos(-2.0f * a);
     const float big = (1.0f - e) / (1.0f + e);
-    const float t = a < 0.4f ? small : big;
+    const float t = a < 0.6f ? small : big;
     return copysignf(t, y);  /* -0.0 stays -0.0 */
 }
 
@@ -253,7 +258,7 @@ static inline double fa_exp_shift_total_##SUFFIX(const T *x, ptrdiff_t n, T shif
 
 /* s[j] = cap tanh(s[j] / cap), the soft cap of a row of scores (cap > 0, inv_cap = 1 / cap).
  * Vectors of the build's width whose every lane is below the series threshold (most
- * scores under a soft cap: Gemma 2's cap of 50 puts every score under 20 there) compute
+ * scores under a soft cap: Gemma 2's cap of 50 puts every score under 30 there) compute
  * only fa_tanhf's series, where the loop over lanes computes both forms and picks one per
  * lane; the operations are fa_tanhf's own, so every lane gets exactly its value (and the
  * tests read the kernels' tanh through this function). Other vectors, NaN among them,
@@ -300,7 +305,7 @@ static inline void fa_softcap_row_##SUFFIX(T *s, ptrdiff_t n, T cap, T inv_cap) 
     }                                                                                    \
     for (; j < n; j++) s[j] = cap * TANH(s[j] * inv_cap);                                \
 }
-FA_DEFINE_SOFTCAP(float, int32_t, f, fa_tanhf, 0.4f, 0x80000000u, FA_TANHF_COEF)
+FA_DEFINE_SOFTCAP(float, int32_t, f, fa_tanhf, 0.6f, 0x80000000u, FA_TANHF_COEF)
 FA_DEFINE_SOFTCAP(double, int64_t, d, fa_tanh, 0.25, 0x8000000000000000ull, FA_TANH_COEF)
 
 FA_DEFINE_ROW_OPS(float, int32_t, f, fa_expf_nonpos)
