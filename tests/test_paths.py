@@ -113,6 +113,45 @@ def test_grouped_heads_and_a_float_scale_take_the_compiled_decoding_path(spy_sma
         assert spy_small == [], label
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kv_heads,n_keys,window", [(8, 700, 1), (8, 700, 512), (2, 700, 699),
+                                                    (2, 700, 700), (2, 40, 5000), (1, 1100, 600)])
+def test_a_window_in_a_decoding_step_is_its_last_keys(spy_small, dtype, kv_heads, n_keys, window):
+    # One query under causal is the newest: with window=W it sees exactly the last W keys.
+    # Both paths read only those (the decoding kernel, on views), bitwise the call without
+    # the window on the last W keys, and that is the oracle's attention with the mask.
+    rng = np.random.default_rng(window)
+    q = rng.standard_normal((2, 8, 1, 64)).astype(dtype)
+    k = rng.standard_normal((2, kv_heads, n_keys, 64)).astype(dtype)
+    v = rng.standard_normal((2, kv_heads, n_keys, 72)).astype(dtype)
+    fast = fastattn.attention(q, k, v, causal=True, window=window)
+    assert spy_small and spy_small[-1] is not None, "the compiled path did not run"
+    general, lse = fastattn.attention(q, k, v, causal=True, window=window, return_lse=True)
+    last = fastattn.attention(q, k[..., -window:, :], v[..., -window:, :], return_lse=True)
+    assert np.array_equal(fast, general) and np.array_equal(general, last[0])
+    assert np.array_equal(lse, last[1])
+    seen = np.arange(n_keys) >= n_keys - window
+    assert_close(fast, float64_attention(q, k, v, np.broadcast_to(seen, (1, n_keys)))[0], dtype,
+                 f"{kv_heads} {n_keys} {window}")
+    # the weights keep every key's column: zeros outside the window (the fused kernel)
+    weights = fastattn.attention(q, k, v, causal=True, window=window, return_weights=True)[1]
+    assert weights.shape[-1] == n_keys and not weights[..., ~seen].any()
+    for label, kwargs in {"NumPy int window": {"window": np.int64(window), "causal": True},
+                          "window without causal": {"window": window},
+                          "zero window": {"window": 0, "causal": True},
+                          "bool window": {"window": True, "causal": True}}.items():
+        spy_small.clear()
+        try:
+            got = fastattn.attention(q, k, v, **kwargs)
+        except (TypeError, ValueError) as e:
+            with pytest.raises(type(e)) as general_error:
+                fastattn.attention(q, k, v, return_lse=True, **kwargs)
+            assert str(general_error.value) == str(e), label
+        else:
+            assert np.array_equal(got, fast), label
+        assert spy_small == [], label
+
+
 def test_small_call_path_falls_back_for_everything_else(spy_small):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((2, 8, 16)) for _ in range(3))
@@ -144,7 +183,7 @@ def test_small_call_path_never_raises_and_errors_are_the_general_paths(n_queries
     kv = np.ones((2, 4, 8))
     for label, bad in list(bad_values(good.shape)) + list(wrong_ranks(np.random.default_rng(0))):
         for args in ((bad, kv, kv), (good, bad, kv), (good, kv, bad)):
-            assert _run.small_attention(*args, False, None, None) is None, label
+            assert _run.small_attention(*args, False, None, None, None) is None, label
             with pytest.raises((TypeError, ValueError)) as fast:
                 fastattn.attention(*args)
             with pytest.raises(type(fast.value)) as general:

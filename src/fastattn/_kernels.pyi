@@ -95,6 +95,7 @@ def tiles(
 def small_attention(
     q: Any, k: Any, v: Any,             # object: anything; None unless small ndarrays
     causal: bool,                       # bint
+    window: int,                        # Py_ssize_t: 0 (none) or >= 1 with causal
     scale: Optional[float],             # object: None (1 / sqrt(D)) or a finite float
     policy: tuple[int, ...],            # tuple: see fastattn._run.small_attention
     n_threads: int,                     # int: the most threads a decoding call may use

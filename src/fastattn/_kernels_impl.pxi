@@ -708,12 +708,14 @@ cdef bint _c_buffers(object q, object k, object v, Py_buffer *qb, Py_buffer *kb,
     return True
 
 
-def small_attention(object q, object k, object v, bint causal, object scale, tuple policy,
-                    int n_threads):
-    """(attention(q, k, v, causal=causal, scale=scale) with every other argument at its
-    default, the threads that ran), or None when the call is not a small one
-    (fastattn._run.small_attention says which). scale: None (1 / sqrt(D)) or a finite
-    float, as the general path's check_scale returns it.
+def small_attention(object q, object k, object v, bint causal, Py_ssize_t window, object scale,
+                    tuple policy, int n_threads):
+    """(attention(q, k, v, causal=causal, window=window or None, scale=scale) with every
+    other argument at its default, the threads that ran), or None when the call is not a
+    small one (fastattn._run.small_attention says which). scale: None (1 / sqrt(D)) or a
+    finite float, as the general path's check_scale returns it; window: 0 (none) or >= 1
+    with causal, for one query per batch entry only (its last `window` keys, as
+    fastattn._plan.window_as_keys).
 
     One query per batch entry runs the decoding kernel, of any size, on up to n_threads
     threads, grouped-query heads too; more queries (not grouped) run the fused kernel on
@@ -740,9 +742,10 @@ def small_attention(object q, object k, object v, bint causal, object scale, tup
     n_batch, n_queries, n_keys, d_head, d_v, group = shape
     c_scale = 1.0 / sqrt(<double> d_head) if scale is None else <double> scale
     if n_queries == 1:
-        return _small_decode(q, k, v, n_batch // group, group, n_keys, d_head, d_v, c_scale,
-                             policy, n_threads)
-    if group != 1:
+        return _small_decode(q, k, v, n_batch // group, group, n_keys,
+                             n_keys - window if 0 < window < n_keys else 0, d_head, d_v,
+                             c_scale, policy, n_threads)
+    if group != 1 or window != 0:
         return None
     if 2.0 * n_batch * n_queries * n_keys * (d_head + d_v) >= <double> policy[4]:
         return None
@@ -798,16 +801,20 @@ def small_attention(object q, object k, object v, bint causal, object scale, tup
 
 
 cdef object _small_decode(object q, object k, object v, Py_ssize_t n_groups, Py_ssize_t group,
-                          Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v, double scale,
-                          tuple policy, int n_threads):
+                          Py_ssize_t n_keys, Py_ssize_t start, Py_ssize_t d_head,
+                          Py_ssize_t d_v, double scale, tuple policy, int n_threads):
     """small_attention for one query per batch entry: kv entry g for the `group` query
-    heads of group g, in C-contiguous arrays (None when one is not)."""
+    heads of group g, its keys start to n_keys, in C-contiguous arrays (None when one is
+    not)."""
     cdef Py_buffer qb, kb, vb
+    cdef Py_ssize_t item = 4 if q.dtype is _float32 else 8
     if not _c_buffers(q, k, v, &qb, &kb, &vb):
         return None
     try:
-        return _decode_call(q, qb.buf, kb.buf, vb.buf, n_keys * d_head, n_keys * d_v, n_groups,
-                            group, n_keys, d_head, d_v, scale, policy[4], policy[8], n_threads)
+        return _decode_call(q, qb.buf, <char*> kb.buf + start * d_head * item,
+                            <char*> vb.buf + start * d_v * item, n_keys * d_head,
+                            n_keys * d_v, n_groups, group, n_keys - start, d_head, d_v, scale,
+                            policy[4], policy[8], n_threads)
     finally:
         PyBuffer_Release(&qb)
         PyBuffer_Release(&kb)

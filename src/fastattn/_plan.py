@@ -334,6 +334,22 @@ def use_microkernels(compute, d_head, d_v):
             and d_v % lanes == 0)
 
 
+def window_as_keys(plan):
+    """A single-query plan with a sliding window as the same call without one: under
+    causal's bottom-right alignment the one query is the newest and sees exactly the last
+    `window` keys, so k and v become views of those (the decoding kernel then reads only
+    them; the fused kernel would take one-row tiles). Any other plan unchanged."""
+    lay = plan.layout
+    if not plan.window or lay.n_queries != 1 or plan.mask_kind != MaskKind.NONE:
+        return plan
+    k, v, n_keys = plan.k, plan.v, lay.n_keys
+    if plan.window < n_keys:
+        k = k[..., n_keys - plan.window:, :]
+        v = v[..., n_keys - plan.window:, :]
+        lay = layout(plan.q.shape, k.shape, v.shape, None)
+    return plan._replace(layout=lay, k=k, v=v, window=0)
+
+
 def decode_eligible(plan, return_weights):
     """Whether a call runs in the single-query (decoding) kernel: one query per batch
     entry, no mask or window, q not broadcast, and neither head size empty."""

@@ -189,17 +189,18 @@ def run_scores(plan):
 
 # --------------------------------------------------------------------------- small calls
 
-def small_attention(q, k, v, causal, scale, n_threads):
-    """attention(q, k, v, causal=causal, scale=scale) with every other argument at its
-    default (and num_threads=n_threads, None for OpenMP's default; scale None or a finite
-    float), for one query per batch entry (the decoding kernel, grouped-query heads too)
-    or calls small enough to run on one thread (below SERIAL_FLOPS); None for anything
-    else (the general path then validates it). The compiled kernels check
+def small_attention(q, k, v, causal, window, scale, n_threads):
+    """attention(q, k, v, causal=causal, window=window, scale=scale) with every other
+    argument at its default (and num_threads=n_threads, None for OpenMP's default; window
+    None or an int >= 1 with causal True; scale None or a finite float), for one query per
+    batch entry (the decoding kernel, grouped-query heads and windows too) or calls small
+    enough to run on one thread (below SERIAL_FLOPS, no window); None for anything else
+    (the general path then validates it). The compiled kernels check
     the arrays and run the general path's kernel choice, tile rule, thread count and
     micro-kernel choice, so the result is bitwise the same, without the planning that
     cost about 20 us of a 30 us tiny call (and 25 us of a 80 us decoding step)."""
     lanes = _plan.MICROKERNEL_LANES if _plan.TILE_GEMM == "auto" else {}
-    result = _kernels.small_attention(q, k, v, causal, scale, (
+    result = _kernels.small_attention(q, k, v, causal, window or 0, scale, (
         _plan.Q_BLOCK, _plan.K_BLOCK, _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS,
         _plan.SERIAL_FLOPS, BLAS_SERIAL_MNK, lanes.get(4, 0), lanes.get(8, 0),
         _plan.DECODE_CHUNK),
@@ -248,8 +249,8 @@ def run_attention(plan, return_weights, out, n_threads):
         target[...] = 0  # no key to attend to: every query is fully masked
         # ... and its log-sum-exp is the sink's alone, if it has one.
         lse[...] = -np.inf if plan.sinks is None else plan.sinks.reshape(n_batch, 1)
-    elif _plan.decode_eligible(plan, return_weights):
-        _decode_plan(plan, target, lse, n_threads)
+    elif _plan.decode_eligible(decoding := _plan.window_as_keys(plan), return_weights):
+        _decode_plan(decoding, target, lse, n_threads)
     else:
         weights = _fused(plan, return_weights, target, lse, n_threads)
     if return_weights and weights is None:
