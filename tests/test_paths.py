@@ -152,6 +152,60 @@ def test_a_window_in_a_decoding_step_is_its_last_keys(spy_small, dtype, kv_heads
         assert spy_small == [], label
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kv_heads,n_keys", [(8, 700), (2, 130), (1, 1025)])
+@pytest.mark.parametrize("softcap", [None, 50.0, 0.5])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_soft_cap_and_sinks_in_a_decoding_step_take_the_compiled_path(spy_small, dtype, kv_heads,
+                                                                      n_keys, softcap, with_sinks):
+    # Gemma 2's soft cap and GPT-OSS's sinks (one per query head, shape (H,)): the
+    # compiled path, bitwise the general path; what it cannot take falls back to it.
+    rng = np.random.default_rng(n_keys)
+    q = rng.standard_normal((3, 8, 1, 32)).astype(dtype) * 3
+    k = rng.standard_normal((3, kv_heads, n_keys, 32)).astype(dtype)
+    v = rng.standard_normal((3, kv_heads, n_keys, 40)).astype(dtype)
+    sinks = rng.standard_normal(8).astype(dtype) if with_sinks else None
+    if with_sinks:
+        sinks[1] = -np.inf  # a head without a sink
+    fast = fastattn.attention(q, k, v, causal=True, window=n_keys - 3, softcap=softcap,
+                              sinks=sinks)
+    assert spy_small and spy_small[-1] is not None, "the compiled path did not run"
+    general = fastattn.attention(q, k, v, causal=True, window=n_keys - 3, softcap=softcap,
+                                 sinks=sinks, return_lse=True)[0]
+    assert np.array_equal(fast, general)
+    if not with_sinks:
+        return
+    others = {"NaN sink": np.where(np.arange(8) == 3, np.nan, sinks).astype(dtype),
+              "+inf sink": np.where(np.arange(8) == 3, np.inf, sinks).astype(dtype),
+              "wrong length": sinks[:4], "other dtype": sinks.astype(np.float16),
+              "per batch entry": np.broadcast_to(sinks, (3, 8)).copy(), "a list": list(sinks),
+              "strided": np.repeat(sinks, 2)[::2], "0-d": sinks[0]}
+    for label, bad in others.items():
+        spy_small.clear()
+        try:
+            got = fastattn.attention(q, k, v, softcap=softcap, sinks=bad)
+        except (TypeError, ValueError) as e:
+            with pytest.raises(type(e)) as general_error:
+                fastattn.attention(q, k, v, softcap=softcap, sinks=bad, return_lse=True)
+            assert str(general_error.value) == str(e), label
+            assert label in ("NaN sink", "+inf sink", "wrong length"), label
+        else:
+            expected = fastattn.attention(q, k, v, softcap=softcap, sinks=bad, return_lse=True)[0]
+            assert np.array_equal(got, expected), label
+        assert spy_small == [None] or label in ("a list", "0-d", "other dtype"), label
+    for label, cap in {"NumPy float cap": np.float64(2.0), "int cap": 2, "zero cap": 0.0,
+                       "NaN cap": float("nan"), "inf cap": float("inf")}.items():
+        spy_small.clear()
+        try:
+            got = fastattn.attention(q, k, v, softcap=cap, sinks=sinks)
+        except (TypeError, ValueError) as e:
+            assert "softcap" in str(e), label
+        else:
+            assert np.array_equal(got, fastattn.attention(q, k, v, softcap=cap, sinks=sinks,
+                                                          return_lse=True)[0]), label
+        assert spy_small == [], label
+
+
 def test_small_call_path_falls_back_for_everything_else(spy_small):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((2, 8, 16)) for _ in range(3))
@@ -183,7 +237,7 @@ def test_small_call_path_never_raises_and_errors_are_the_general_paths(n_queries
     kv = np.ones((2, 4, 8))
     for label, bad in list(bad_values(good.shape)) + list(wrong_ranks(np.random.default_rng(0))):
         for args in ((bad, kv, kv), (good, bad, kv), (good, kv, bad)):
-            assert _run.small_attention(*args, False, None, None, None) is None, label
+            assert _run.small_attention(*args, False, None, None, None, None, None) is None, label
             with pytest.raises((TypeError, ValueError)) as fast:
                 fastattn.attention(*args)
             with pytest.raises(type(fast.value)) as general:

@@ -97,6 +97,8 @@ def small_attention(
     causal: bool,                       # bint
     window: int,                        # Py_ssize_t: 0 (none) or >= 1 with causal
     scale: Optional[float],             # object: None (1 / sqrt(D)) or a finite float
+    softcap: float,                     # double: 0 (none) or finite > 0
+    sinks: Any,                         # object: None, or (H,) in q's dtype
     policy: tuple[int, ...],            # tuple: see fastattn._run.small_attention
     n_threads: int,                     # int: the most threads a decoding call may use
 ) -> Optional[tuple[npt.NDArray[np.floating], int]]: ...  # (out, threads that ran)

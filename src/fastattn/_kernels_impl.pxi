@@ -709,13 +709,15 @@ cdef bint _c_buffers(object q, object k, object v, Py_buffer *qb, Py_buffer *kb,
 
 
 def small_attention(object q, object k, object v, bint causal, Py_ssize_t window, object scale,
-                    tuple policy, int n_threads):
-    """(attention(q, k, v, causal=causal, window=window or None, scale=scale) with every
-    other argument at its default, the threads that ran), or None when the call is not a
-    small one (fastattn._run.small_attention says which). scale: None (1 / sqrt(D)) or a
-    finite float, as the general path's check_scale returns it; window: 0 (none) or >= 1
-    with causal, for one query per batch entry only (its last `window` keys, as
-    fastattn._plan.window_as_keys).
+                    double softcap, object sinks, tuple policy, int n_threads):
+    """(attention(q, k, v, causal=causal, window=window or None, scale=scale,
+    softcap=softcap or None, sinks=sinks) with every other argument at its default, the
+    threads that ran), or None when the call is not a small one
+    (fastattn._run.small_attention says which). scale: None (1 / sqrt(D)) or a finite
+    float, as the general path's check_scale returns it. For one query per batch entry
+    only: window 0 (none) or >= 1 with causal (its last `window` keys, as
+    fastattn._plan.window_as_keys); softcap 0 (none) or finite > 0; sinks None or what
+    _small_sinks takes.
 
     One query per batch entry runs the decoding kernel, of any size, on up to n_threads
     threads, grouped-query heads too; more queries (not grouped) run the fused kernel on
@@ -744,8 +746,8 @@ def small_attention(object q, object k, object v, bint causal, Py_ssize_t window
     if n_queries == 1:
         return _small_decode(q, k, v, n_batch // group, group, n_keys,
                              n_keys - window if 0 < window < n_keys else 0, d_head, d_v,
-                             c_scale, policy, n_threads)
-    if group != 1 or window != 0:
+                             c_scale, softcap, sinks, policy, n_threads)
+    if group != 1 or window != 0 or softcap != 0 or sinks is not None:
         return None
     if 2.0 * n_batch * n_queries * n_keys * (d_head + d_v) >= <double> policy[4]:
         return None
@@ -800,22 +802,62 @@ def small_attention(object q, object k, object v, bint causal, Py_ssize_t window
         PyBuffer_Release(&vb)
 
 
+cdef void *_small_sinks(object sinks, object q, Py_ssize_t n_batch):
+    """The sinks of a small decoding call, one per batch entry (malloc'd, the caller frees
+    it), or NULL when the general path must take them: an ndarray (not a subclass) of q's
+    dtype, one value per query head, shape (H,) for q (..., H, 1, D), each finite or -inf
+    (check_sinks's rule: anything else is its error to raise)."""
+    cdef Py_buffer sb
+    cdef Py_ssize_t i, n_heads, item = 4 if q.dtype is _float32 else 8
+    cdef double x
+    cdef void *tiled
+    cdef tuple q_shape = q.shape
+    if (type(sinks) is not _ndarray or sinks.dtype is not q.dtype or sinks.ndim != 1
+            or len(q_shape) < 3 or sinks.shape[0] != q_shape[len(q_shape) - 3]):
+        return NULL
+    n_heads = sinks.shape[0]
+    if n_heads < 1 or not _c_buffer(sinks, &sb):
+        return NULL
+    tiled = malloc(n_batch * item)
+    if tiled != NULL:
+        for i in range(n_batch):  # entry i of the flattened batch is head i % H
+            x = (<float*> sb.buf)[i % n_heads] if item == 4 else (<double*> sb.buf)[i % n_heads]
+            if x != x or x == INFINITY:
+                free(tiled)
+                tiled = NULL
+                break
+            if item == 4:
+                (<float*> tiled)[i] = <float> x
+            else:
+                (<double*> tiled)[i] = x
+    PyBuffer_Release(&sb)
+    return tiled  # NULL too if malloc failed: the general path then allocates (or raises)
+
+
 cdef object _small_decode(object q, object k, object v, Py_ssize_t n_groups, Py_ssize_t group,
                           Py_ssize_t n_keys, Py_ssize_t start, Py_ssize_t d_head,
-                          Py_ssize_t d_v, double scale, tuple policy, int n_threads):
+                          Py_ssize_t d_v, double scale, double softcap, object sinks,
+                          tuple policy, int n_threads):
     """small_attention for one query per batch entry: kv entry g for the `group` query
     heads of group g, its keys start to n_keys, in C-contiguous arrays (None when one is
-    not)."""
+    not, or the sinks are not what _small_sinks takes)."""
     cdef Py_buffer qb, kb, vb
     cdef Py_ssize_t item = 4 if q.dtype is _float32 else 8
+    cdef void *sink_buf = NULL
+    if sinks is not None:
+        sink_buf = _small_sinks(sinks, q, n_groups * group)
+        if sink_buf == NULL:
+            return None
     if not _c_buffers(q, k, v, &qb, &kb, &vb):
+        free(sink_buf)
         return None
     try:
         return _decode_call(q, qb.buf, <char*> kb.buf + start * d_head * item,
                             <char*> vb.buf + start * d_v * item, n_keys * d_head,
                             n_keys * d_v, n_groups, group, n_keys - start, d_head, d_v, scale,
-                            policy[4], policy[8], n_threads)
+                            softcap, sink_buf, policy[4], policy[8], n_threads)
     finally:
+        free(sink_buf)
         PyBuffer_Release(&qb)
         PyBuffer_Release(&kb)
         PyBuffer_Release(&vb)
@@ -824,9 +866,11 @@ cdef object _small_decode(object q, object k, object v, Py_ssize_t n_groups, Py_
 cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const void *v_buf,
                         Py_ssize_t k_item, Py_ssize_t v_item, Py_ssize_t n_groups,
                         Py_ssize_t group, Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v,
-                        double scale, double serial_flops, Py_ssize_t chunk, int n_threads):
+                        double scale, double softcap, const void *sinks, double serial_flops,
+                        Py_ssize_t chunk, int n_threads):
     """(out, threads that ran): the general path's decoding call (fastattn._run.run_decode)
-    with this scale and no soft cap or sinks, for the single queries of q (its
+    with this scale, soft cap (0: none) and sinks (NULL: none; else one per query row, in
+    q's dtype), for the single queries of q (its
     buffer q_buf, C-contiguous: n_groups groups of `group` query heads) against kv entry
     g (k_item, v_item elements apart in k_buf, v_buf; rows contiguous) for group g. Its
     thread rule (one below serial_flops, else at most one per work item of `chunk` keys:
@@ -857,12 +901,12 @@ cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const vo
         if single:
             team = _decode_run(<const float*> q_buf, k_buf, v_buf, False, k_item, v_item,
                                index, n_groups, group, d_head, n_keys, d_v,
-                               scale, 0, <const float*> NULL,
+                               scale, softcap, <const float*> sinks,
                                <float*> ob.buf, <float*> lse, chunk, team)
         else:
             team = _decode_run(<const double*> q_buf, k_buf, v_buf, False, k_item, v_item,
                                index, n_groups, group, d_head, n_keys, d_v,
-                               scale, 0, <const double*> NULL,
+                               scale, softcap, <const double*> sinks,
                                <double*> ob.buf, <double*> lse, chunk, team)
     free(index)
     free(lse)
@@ -903,7 +947,8 @@ def cache_decode(object q, object k_store, object v_store, Py_ssize_t start, Py_
                             <char*> vb.buf + start * vb.shape[3] * item,
                             rows * kb.shape[3], rows * vb.shape[3], kb.shape[0] * kb.shape[1],
                             q_shape[1] // kb.shape[1], n_keys, kb.shape[3], vb.shape[3],
-                            1.0 / sqrt(<double> kb.shape[3]), serial_flops, chunk, n_threads)
+                            1.0 / sqrt(<double> kb.shape[3]), 0, NULL, serial_flops, chunk,
+                            n_threads)
     finally:
         PyBuffer_Release(&qb)
         PyBuffer_Release(&kb)

@@ -189,18 +189,20 @@ def run_scores(plan):
 
 # --------------------------------------------------------------------------- small calls
 
-def small_attention(q, k, v, causal, window, scale, n_threads):
-    """attention(q, k, v, causal=causal, window=window, scale=scale) with every other
-    argument at its default (and num_threads=n_threads, None for OpenMP's default; window
-    None or an int >= 1 with causal True; scale None or a finite float), for one query per
-    batch entry (the decoding kernel, grouped-query heads and windows too) or calls small
-    enough to run on one thread (below SERIAL_FLOPS, no window); None for anything else
-    (the general path then validates it). The compiled kernels check
+def small_attention(q, k, v, causal, window, scale, softcap, sinks, n_threads):
+    """attention(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap,
+    sinks=sinks) with every other argument at its default (and num_threads=n_threads,
+    None for OpenMP's default; window None or an int >= 1 with causal True; scale None or
+    a finite float; softcap None or a finite float > 0; sinks None or an ndarray), for one
+    query per batch entry (the decoding kernel, with grouped-query heads, windows, soft
+    caps and sinks of shape (H,) in q's dtype) or calls small enough to run on one thread
+    (below SERIAL_FLOPS, none of those options); None for anything else (the general path
+    then validates it). The compiled kernels check
     the arrays and run the general path's kernel choice, tile rule, thread count and
     micro-kernel choice, so the result is bitwise the same, without the planning that
     cost about 20 us of a 30 us tiny call (and 25 us of a 80 us decoding step)."""
     lanes = _plan.MICROKERNEL_LANES if _plan.TILE_GEMM == "auto" else {}
-    result = _kernels.small_attention(q, k, v, causal, window or 0, scale, (
+    result = _kernels.small_attention(q, k, v, causal, window or 0, scale, softcap or 0.0, sinks, (
         _plan.Q_BLOCK, _plan.K_BLOCK, _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS,
         _plan.SERIAL_FLOPS, BLAS_SERIAL_MNK, lanes.get(4, 0), lanes.get(8, 0),
         _plan.DECODE_CHUNK),

@@ -335,16 +335,18 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
     # Small calls and single-query (decoding) calls with default arguments take the
     # compiled path; it returns None for anything else.
     # (A finite float scale is what check_scale would return unchanged; x - x == 0 is
-    # False for inf and NaN, which the general path rejects. So is an int window >= 1
-    # with causal=True.)
+    # False for inf and NaN, which the general path rejects. So are an int window >= 1
+    # with causal=True and a finite float softcap > 0; the compiled code checks sinks.)
     if (cache is None and mask is None and out is None
             and (window is None or (type(window) is int and window >= 1 and causal is True))
             and (scale is None or (type(scale) is float and scale - scale == 0))
-            and softcap is None and sinks is None
+            and (softcap is None or (type(softcap) is float and softcap > 0
+                                     and softcap - softcap == 0))
             and return_weights is False and return_lse is False
             and (causal is False or causal is True)
             and (num_threads is None or (type(num_threads) is int and num_threads >= 1))):
-        result = _run.small_attention(q, k, v, causal, window, scale, num_threads)
+        result = _run.small_attention(q, k, v, causal, window, scale, softcap, sinks,
+                                      num_threads)
         if result is not None:
             return result
     nd = np.ndarray  # plain arrays skip the dask test (a generator: 1.2 us of a 55 us decode step)

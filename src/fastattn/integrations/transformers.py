@@ -126,7 +126,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                 k, v = k[..., :n_queries, :], v[..., :n_queries, :]
     sinks = None
     if s_aux is not None:
-        sinks = _array("s_aux", s_aux).to(torch.float32)
+        sinks = _plain(_array("s_aux", s_aux).to(torch.float32))
     out = api.attention(q, k, v, mask=mask_array, causal=causal, window=window,
                         scale=scaling, softcap=softcap, sinks=sinks)
     return to_torch(out).transpose(1, 2), None
