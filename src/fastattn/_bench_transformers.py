@@ -105,8 +105,8 @@ def main(threads=None, quick=False, repeat=None):
             t = time.perf_counter()
             fn_run()
             shares[impl, what] = sum(timed.calls) / (time.perf_counter() - t)
-            # a layer's call in a decoding step, inside the model (its caches cold)
-            per_call[impl, what] = statistics.median(timed.calls)
+        # a layer's call in a decoding step, inside the model (its caches cold)
+        per_call[impl] = statistics.median(timed.calls)
 
     print()
     print("| run | sdpa | fastattn | sdpa / fastattn | attention share (sdpa, fastattn) |")
@@ -123,6 +123,6 @@ def main(threads=None, quick=False, repeat=None):
     print(f"\nmedians of {repeat} alternating samples; decode includes generate()'s own "
           "overhead; the share is the time inside the attention function")
     print(f"one layer's attention call in a decoding step, inside the model (median): "
-          f"sdpa {per_call['sdpa', 'decode'] * 1e6:.0f} us, fastattn "
-          f"{per_call['fastattn', 'decode'] * 1e6:.0f} us")
+          f"sdpa {per_call['sdpa'] * 1e6:.0f} us, fastattn "
+          f"{per_call['fastattn'] * 1e6:.0f} us")
     return 0

@@ -52,8 +52,6 @@ cdef extern from "fa_exp.h" nogil:
     double fa_exp_shift_total_d(const double *x, Py_ssize_t n, double shift)
     void fa_softcap_row_f(float *s, Py_ssize_t n, float cap, float inv_cap)
     void fa_softcap_row_d(double *s, Py_ssize_t n, double cap, double inv_cap)
-    float fa_tanhf(float x)
-    double fa_tanh(double x)
 
 cdef extern from "fa_decode.h" nogil:
     int FA_DECODE_BLOCK

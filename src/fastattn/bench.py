@@ -516,8 +516,7 @@ def options(threads=None, min_time=0.2, repeat=7, quick=False, out=sys.stdout):
     dk, dv = (rng.standard_normal((db, dh, dn, dd), dtype=np.float32) for _ in range(2))
     sinks = rng.standard_normal(h).astype(np.float32)
     dsinks = rng.standard_normal(dh).astype(np.float32)
-    variants = {"plain": {}, "softcap 50": {"softcap": 50.0}, "softcap 5": {"softcap": 5.0},
-                "sinks": {}}
+    variants = {"plain": {}, "softcap 50": {"softcap": 50.0}, "softcap 5": {"softcap": 5.0}}
     print(f"\nsoftcap and sinks against plain attention, {threads} threads, float32, medians "
           f"of {repeat} alternating samples\n", file=out)
     print("| kernel | shape | variant | time | cost over plain |", file=out)
@@ -526,9 +525,8 @@ def options(threads=None, min_time=0.2, repeat=7, quick=False, out=sys.stdout):
     for kernel, shape, args, sink in (("fused", fused, (q, k, v), sinks),
                                       ("decoding", (db, dh, 1, dn, dd), (dq, dk, dv), dsinks)):
         contenders = {
-            name: (lambda kw=kw, name=name: api.attention(
-                *args, num_threads=threads, **(dict(sinks=sink) if name == "sinks" else kw)))
-            for name, kw in variants.items()}
+            name: (lambda kw=kw: api.attention(*args, num_threads=threads, **kw))
+            for name, kw in {**variants, "sinks": {"sinks": sink}}.items()}
         times = time_alternating(contenders, repeat, min_time)
         for name, t in times.items():
             result[(kernel, name)] = t
