@@ -88,8 +88,10 @@ cdef extern from "fa_microkernels.h" nogil:
                         Py_ssize_t n_cols)
     void fa_pack_keys_d(const double *k, Py_ssize_t rows, Py_ssize_t d, double *kp,
                         Py_ssize_t n_cols)
-    void fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v, float *vp)
-    void fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v, double *vp)
+    const float *fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v,
+                                  float *vp)
+    const double *fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v,
+                                   double *vp)
 
 cdef extern from "fa_bench.h" nogil:
     float fa_fma_loop_f(Py_ssize_t n_iter, float seed)
@@ -218,13 +220,14 @@ cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
         fa_pack_keys_d(k, rows, d, kp, n_cols)
 
 
-cdef inline void _pack_values(const floating *v, Py_ssize_t n_keys, Py_ssize_t d_v,
-                              floating *vp) noexcept nogil:
-    """vp = v (n_keys x d_v) as the micro-kernel's column bands."""
+cdef inline const floating *_pack_values(const floating *v, Py_ssize_t n_keys,
+                                         Py_ssize_t d_v, floating *vp) noexcept nogil:
+    """v (n_keys x d_v) as the micro-kernel's column bands: packed into vp, or v itself
+    where its layout is already theirs; returns which."""
     if floating is float:
-        fa_pack_values_f(v, n_keys, d_v, vp)
+        return fa_pack_values_f(v, n_keys, d_v, vp)
     else:
-        fa_pack_values_d(v, n_keys, d_v, vp)
+        return fa_pack_values_d(v, n_keys, d_v, vp)
 
 
 # --------------------------------------------------------------------------- build facts
@@ -374,9 +377,9 @@ cdef void _attend_block(
         const floating *add_mask, const unsigned char *bool_mask, int mask_kind,
         Py_ssize_t q_start, Py_ssize_t q_rows, Py_ssize_t n_queries, Py_ssize_t n_keys,
         Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, Py_ssize_t window,
-        floating scale, floating softcap, const floating *sink, floating *s_tile, floating *o_acc, floating *m_run, double *l_run,
-        floating *kp, floating *vp, floating *qs, bint micro, floating *out,
-        floating *lse) noexcept nogil:
+        floating scale, floating softcap, const floating *sink, floating *s_tile,
+        floating *o_acc, floating *m_run, double *l_run, floating *kp, Py_ssize_t *packed,
+        floating *vp, floating *qs, bint micro, floating *out, floating *lse) noexcept nogil:
     """out rows [q_start, q_start + q_rows) of softmax(scale q k.T + mask) v, by an online
     softmax over key blocks; lse (if not NULL) gets m + log(l) per row.
 
@@ -385,15 +388,20 @@ cdef void _attend_block(
     sum start at (*sink, 1) instead of (-inf, 0).
 
     micro: the tile GEMMs run in this build's micro-kernels (fastattn._plan.use_microkernels)
-    instead of BLAS: the query block is scaled once into qs, each key block is packed into
-    kp (padded with zero keys to a multiple of FA_MK_KEYS) and each value block into vp,
-    and the score tile then has that padded width as its row stride."""
+    instead of BLAS: the query block is scaled once into qs, and each value block packed
+    into vp where its layout is not already the micro-kernel's. The keys are packed into kp
+    once per thread and head, not per tile: kp holds the panels of the head whose keys
+    start at packed[0] (as an address), packed[1] keys of them so far, in panels of
+    FA_MK_KEYS from key 0 (zero keys pad the last). A tile whose first key is inside a
+    panel computes the scores of the whole panels it touches and uses the columns from
+    `off` on; the score tile's row stride is that width, a multiple of FA_MK_KEYS."""
     cdef Py_ssize_t offset = n_keys - n_queries   # causal: query i sees keys j <= i + offset
     cdef Py_ssize_t k_end = n_keys, k_start, k_rows, i, j, gi
     cdef floating m_new, m_use, alpha, inv
     cdef floating *s_row
     cdef floating *o_row
-    cdef Py_ssize_t k_begin = 0, ld = 0
+    cdef Py_ssize_t k_begin = 0, ld = 0, off = 0, k_panel, need
+    cdef const floating *vb
     if causal:
         # The block's last query sees keys up to q_start + q_rows - 1 + offset: later key
         # blocks are skipped whole, never computed and then masked.
@@ -414,11 +422,21 @@ cdef void _attend_block(
         k_rows = min(k_block, k_end - k_start)
         ld = k_rows
         if micro:
-            # kp = K_blk packed in panels, zero keys up to a multiple of FA_MK_KEYS; then
-            # s_tile (q_rows x ld) = (scale Q_blk) @ K_blk.T
-            ld = _round_up(k_rows, FA_MK_KEYS)
-            _pack_keys(k + k_start * d_head, k_rows, d_head, kp, ld)
-            _mk_scores(qs, q_rows, d_head, kp, ld, s_tile, ld)
+            # Pack the head's keys up to this tile's last panel (kp holds them from key 0),
+            # then s_tile (q_rows x ld) = (scale Q_blk) @ (the panels' keys).T, this tile's
+            # key k_start in column off.
+            if packed[0] != <Py_ssize_t> k:
+                packed[0] = <Py_ssize_t> k
+                packed[1] = 0
+            need = _round_up(k_start + k_rows, FA_MK_KEYS)
+            if packed[1] < need:
+                _pack_keys(k + packed[1] * d_head, min(n_keys, need) - packed[1], d_head,
+                           kp + packed[1] * d_head, need - packed[1])
+                packed[1] = need
+            k_panel = k_start // FA_MK_KEYS * FA_MK_KEYS
+            off = k_start - k_panel
+            ld = need - k_panel
+            _mk_scores(qs, q_rows, d_head, kp + k_panel * d_head, ld, s_tile, ld)
         else:
             # s_tile (q_rows x k_rows) = scale * Q_blk @ K_blk.T
             _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
@@ -426,7 +444,7 @@ cdef void _attend_block(
                   0, s_tile, <int> k_rows)
         for i in range(q_rows):
             gi = q_start + i
-            s_row = s_tile + i * ld
+            s_row = s_tile + i * ld + off
             if softcap > 0:
                 _softcap_row(s_row, k_rows, softcap)
             _mask_row(s_row, k_rows, gi + offset + 1 - window - k_start if window else 0,
@@ -448,8 +466,8 @@ cdef void _attend_block(
                     o_row[j] = o_row[j] * alpha
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
         if micro:
-            _pack_values(v + k_start * d_v, k_rows, d_v, vp)
-            _mk_pv(s_tile, ld, q_rows, vp, k_rows, d_v, o_acc)
+            vb = _pack_values(v + k_start * d_v, k_rows, d_v, vp)
+            _mk_pv(s_tile + off, ld, q_rows, vb, k_rows, d_v, o_acc)
         else:
             _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1,
                   s_tile, <int> k_rows, v + k_start * d_v, <int> d_v,
@@ -476,16 +494,17 @@ cdef enum:
     SCR_S_TILE = 0  # score tile, q_block x s_width
     SCR_O_ACC       # output accumulator, q_block x d_v
     SCR_M_RUN       # running max, q_block
-    SCR_KP          # packed key block, d_head x s_width (micro-kernels only)
+    SCR_KP          # packed keys of a head, d_head x kp_width (micro-kernels only)
     SCR_VP          # packed value block, k_block x d_v (micro-kernels only)
     SCR_QS          # scaled query block, q_block x d_head (micro-kernels only)
     SCR_L_RUN       # running sum, q_block doubles, 64-byte aligned
+    SCR_PACKED      # which head's keys kp holds, and how many: 2 Py_ssize_t, aligned
     SCR_SIZE        # the whole part, a multiple of 64 bytes
     SCR_N
 
 
-cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t d_head,
-                          Py_ssize_t d_v, bint micro, size_t item,
+cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t kp_width,
+                          Py_ssize_t d_head, Py_ssize_t d_v, bint micro, size_t item,
                           Py_ssize_t *at) noexcept nogil:
     """at[SCR_*] = where each buffer starts in one thread's scratch (in elements of item
     bytes), and at[SCR_SIZE] its length: each part and the doubles start 64-byte aligned."""
@@ -494,10 +513,11 @@ cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t d_h
     at[SCR_O_ACC] = at[SCR_S_TILE] + q_block * s_width
     at[SCR_M_RUN] = at[SCR_O_ACC] + q_block * d_v
     at[SCR_KP] = at[SCR_M_RUN] + q_block
-    at[SCR_VP] = at[SCR_KP] + (d_head * s_width if micro else 0)
+    at[SCR_VP] = at[SCR_KP] + (d_head * kp_width if micro else 0)
     at[SCR_QS] = at[SCR_VP] + (s_width * d_v if micro else 0)
     at[SCR_L_RUN] = _round_up(at[SCR_QS] + (q_block * d_head if micro else 0), per_line)
-    at[SCR_SIZE] = _round_up(at[SCR_L_RUN] + q_block * (sizeof(double) // item), per_line)
+    at[SCR_PACKED] = _round_up(at[SCR_L_RUN] + q_block * (sizeof(double) // item), per_line)
+    at[SCR_SIZE] = at[SCR_PACKED] + per_line
 
 
 cdef inline void _attend_item(
@@ -520,8 +540,8 @@ cdef inline void _attend_item(
                   mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
                   n_keys, d_head, d_v, k_block, causal, window, scale, softcap,
                   sinks + b if sinks != NULL else NULL, buf + at[SCR_S_TILE], buf + at[SCR_O_ACC], buf + at[SCR_M_RUN],
-                  <double*> (buf + at[SCR_L_RUN]), buf + at[SCR_KP], buf + at[SCR_VP],
-                  buf + at[SCR_QS], micro,
+                  <double*> (buf + at[SCR_L_RUN]), buf + at[SCR_KP],
+                  <Py_ssize_t*> (buf + at[SCR_PACKED]), buf + at[SCR_VP], buf + at[SCR_QS], micro,
                   out + b * n_queries * d_v, lse + b * n_queries)
 
 
@@ -537,16 +557,20 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
     (w_stop < 0: all): the team size, or -1 when the scratch cannot be allocated."""
     cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
     cdef Py_ssize_t n_work = n_batch * n_qblocks
-    # Score tile width: k_block, or rounded up to the micro-kernel's key blocks.
-    cdef Py_ssize_t s_width = _round_up(k_block, FA_MK_KEYS) if micro else k_block
+    # Score tile width: k_block, or with micro-kernels the whole key panels a block of
+    # k_block keys starting anywhere touches.
+    cdef Py_ssize_t s_width = _round_up(k_block, FA_MK_KEYS) + FA_MK_KEYS if micro else k_block
     cdef Py_ssize_t at[SCR_N]
     cdef Py_ssize_t w
     cdef floating *scratch
-    cdef int team = 1
-    _scratch_layout(q_block, s_width, d_head, d_v, micro, sizeof(floating), at)
+    cdef int team = 1, t
+    _scratch_layout(q_block, s_width, _round_up(n_keys, FA_MK_KEYS), d_head, d_v, micro,
+                    sizeof(floating), at)
     scratch = <floating*> aligned_alloc(64, n_threads * at[SCR_SIZE] * sizeof(floating))
     if scratch == NULL:
         return -1
+    for t in range(n_threads):  # no head's keys packed yet
+        (<Py_ssize_t*> (scratch + t * at[SCR_SIZE] + at[SCR_PACKED]))[0] = 0
     if w_stop < 0 or w_stop > n_work:
         w_stop = n_work
     if n_threads == 1:

@@ -207,14 +207,17 @@ static inline void fa_mk_pv_##SUFFIX(const T *p, ptrdiff_t ld_p, ptrdiff_t rows,
         fa_mk_pv_band_##SUFFIX(1, p, ld_p, rows, vp + c0 * n_keys, n_keys, d_v, o + c0);   \
 }                                                                                          \
                                                                                            \
-/* vp = v (n_keys x d_v, row-major) in the bands fa_mk_pv reads: the columns [c0, c0 +   */ \
-/* bw) of every key, contiguous, band after band (bw = NV W, then W for the columns      */ \
-/* left). Packed once per value block, so that each band streams from one contiguous     */ \
+/* v (n_keys x d_v, row-major) in the bands fa_mk_pv reads: the columns [c0, c0 + bw)    */ \
+/* of every key, contiguous, band after band (bw = NV W, then W for the columns left).   */ \
+/* Packed into vp once per value block, so that each band streams from one contiguous    */ \
 /* run rather than a line every d_v elements (whose cache sets alias when d_v is a       */ \
-/* power of two).                                                                        */ \
-static inline void fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, T *vp) \
+/* power of two). Returns where the bands are: v itself when d_v is one band of NV W     */ \
+/* (float32 D 64 in the AVX-512 build), whose layout is v's own, else vp.                */ \
+static inline const T *fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, \
+                                               T *vp)                                      \
 {                                                                                          \
     enum { W = FA_MK_W_##SUFFIX, NV = FA_MK_PV_NV };                                       \
+    if (d_v == NV * W) return v;                                                           \
     /* v is read row after row, once (a pass per band read every row d_v / bw times and */ \
     /* stalled on its misses); each copy is whole vectors (d_v is a multiple of W here): */ \
     /* explicit vector moves, since GCC turned the element loop into scalar moves and  */ \
@@ -230,6 +233,7 @@ static inline void fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff
         for (; c0 < d_v; c0 += W)                                                          \
             *(V *)(vp + c0 * n_keys + j * W) = *(const V *)(row + c0);                     \
     }                                                                                      \
+    return vp;                                                                             \
 }                                                                                          \
                                                                                            \
 /* kp = k (rows x d, row-major) in the panels fa_mk_scores reads: for each run of KR     */ \
@@ -278,8 +282,9 @@ static inline void fa_mk_pv_##SUFFIX(const T *p, ptrdiff_t ld_p, ptrdiff_t rows,
 static inline void fa_pack_keys_##SUFFIX(const T *k, ptrdiff_t rows, ptrdiff_t d,          \
                                          T *kp, ptrdiff_t n_cols)                          \
 { (void)k; (void)rows; (void)d; (void)kp; (void)n_cols; }                                  \
-static inline void fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, T *vp) \
-{ (void)v; (void)n_keys; (void)d_v; (void)vp; }
+static inline const T *fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, \
+                                               T *vp)                                      \
+{ (void)n_keys; (void)d_v; (void)vp; return v; }
 FA_DEFINE_MICROKERNEL_STUBS(float, f)
 FA_DEFINE_MICROKERNEL_STUBS(double, d)
 #endif
