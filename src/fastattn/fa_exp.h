@@ -255,6 +255,17 @@ static inline T fa_hmax_##SUFFIX(fa_rv_##SUFFIX v)                              
     return m;                                                                             \
 }
 #endif
+/* FA_WIDEN(p): the FA_ROW_VBYTES / 8 elements at p as a vector of doubles. GCC lowered
+ * the generic conversion of float vectors in two halves and a lane insert (three
+ * instructions more per vector, on the softmax's sum) where one vcvtps2pd does it. */
+#if defined(__AVX512F__)
+#define FA_WIDEN_f(p) ((fa_rvd_f)_mm512_cvtps_pd(_mm256_loadu_ps(p)))
+#elif defined(__AVX__)
+#define FA_WIDEN_f(p) ((fa_rvd_f)_mm256_cvtps_pd(_mm_loadu_ps(p)))
+#else
+#define FA_WIDEN_f(p) __builtin_convertvector(*(const fa_rvh_f *)(p), fa_rvd_f)
+#endif
+#define FA_WIDEN_d(p) (*(const fa_rvh_d *)(p))
 #ifndef FA_DEFINE_VMAX
 #define FA_DEFINE_VMAX(T, IT, SUFFIX)
 #endif
@@ -296,8 +307,7 @@ static inline double fa_exp_shift_sum_##SUFFIX(T *x, ptrdiff_t n, T shift)      
     ptrdiff_t j = 0;                                                                     \
     for (; j + FA_LANES <= n; j += FA_LANES)                                             \
         for (int v = 0; v < ND; v++)                                                     \
-            acc[v] += __builtin_convertvector(*(const fa_rvh_##SUFFIX *)(x + j + v * WD), \
-                                              fa_rvd_##SUFFIX);                          \
+            acc[v] += FA_WIDEN_##SUFFIX(x + j + v * WD);                                 \
     double total = 0;                                                                    \
     for (; j < n; j++) total += (double)x[j];                                            \
     for (int t = 0; t < FA_LANES; t++) total += acc[t / WD][t % WD];                     \
