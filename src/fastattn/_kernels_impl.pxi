@@ -581,7 +581,12 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
                          window, <floating> scale, <floating> softcap, sinks, scratch, at,
                          micro, out, lse)
     else:
-        for w in prange(w_start, w_stop, num_threads=n_threads, schedule='static', chunksize=1):
+        # Dynamic: on a shared machine a core that loses time to a neighbour takes fewer
+        # items instead of holding the others at the barrier (Zen 5 EPYC, alternating
+        # processes: long, medium and causal 0-5% faster, 128 and 256 tokens equal). Items
+        # are handed out in order, so a thread's next item is mostly of the same head and
+        # reuses its packed keys. Results do not depend on which thread runs an item.
+        for w in prange(w_start, w_stop, num_threads=n_threads, schedule='dynamic', chunksize=1):
             _attend_item(w, n_qblocks, q_block, k_block, q, k, v, add_base, bool_base,
                          mask_kind, index, n_batch, n_queries, n_keys, d_head, d_v, causal,
                          window, <floating> scale, <floating> softcap, sinks,
