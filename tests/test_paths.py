@@ -278,3 +278,31 @@ def test_every_tile_variant_agrees_with_the_oracle(tile_gemm, block_sizes, dtype
             assert out.dtype == dtype
             assert_close(out, float64_attention(q, k, v, mask)[0], dtype,
                          f"{tile_gemm} {label} d={d} d_v={d_v} threads={threads}", magnitude=4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"causal": True, "window": 37},
+                                    {"softcap": 5.0, "mask": "bool"}])
+def test_a_call_in_pieces_is_bitwise_one_call(monkeypatch, block_sizes, dtype, kwargs):
+    # A long call runs in pieces (for Ctrl-C) that share one scratch, in which each thread
+    # keeps the keys it packed: a piece must start from them exactly as a one-piece call
+    # would have. Grouped heads (4 over 2), so a thread's next item may be another head.
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 4, 300, 64)).astype(dtype)
+    k, v = (rng.standard_normal((2, 2, 333, 64)).astype(dtype) for _ in range(2))
+    if kwargs.get("mask") == "bool":
+        kwargs = {**kwargs, "mask": rng.random((300, 333)) > 0.2}
+    calls = []
+    kernel = _run._kernels.attention
+    monkeypatch.setattr(_run._kernels, "attention",
+                        lambda *args: calls.append(args) or kernel(*args))
+    one, lse_one = fastattn.attention(q, k, v, num_threads=2, return_lse=True, **kwargs)
+    assert len(calls) == 1 and calls[0][-1] is None
+    monkeypatch.setattr(_run, "PIECE_FLOPS", 1.0)  # pieces of one item per thread
+    calls.clear()
+    pieces, lse_pieces = fastattn.attention(q, k, v, num_threads=2, return_lse=True, **kwargs)
+    assert len(calls) > 2 and all(c[-1] is calls[0][-1] is not None for c in calls)
+    assert np.array_equal(one, pieces) and np.array_equal(lse_one, lse_pieces)
+    # A scratch too small for the call's sizes is refused, not overrun.
+    with pytest.raises(ValueError, match="scratch"):
+        kernel(*calls[0][:-1], np.zeros(64, np.uint8))

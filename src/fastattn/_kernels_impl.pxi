@@ -520,6 +520,17 @@ cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t kp_
     at[SCR_SIZE] = at[SCR_PACKED] + per_line
 
 
+cdef void _run_layout(Py_ssize_t q_block, Py_ssize_t k_block, Py_ssize_t n_keys,
+                      Py_ssize_t d_head, Py_ssize_t d_v, bint micro, size_t item,
+                      Py_ssize_t *at) noexcept nogil:
+    """_scratch_layout for a call of the fused kernel with these sizes."""
+    # Score tile width: k_block, or with micro-kernels the whole key panels a block of
+    # k_block keys starting anywhere touches.
+    cdef Py_ssize_t s_width = _round_up(k_block, FA_MK_KEYS) + FA_MK_KEYS if micro else k_block
+    _scratch_layout(q_block, s_width, _round_up(n_keys, FA_MK_KEYS), d_head, d_v, micro,
+                    item, at)
+
+
 cdef inline void _attend_item(
         Py_ssize_t w, Py_ssize_t n_qblocks, Py_ssize_t q_block, Py_ssize_t k_block,
         const floating *q, const floating *k, const floating *v,
@@ -552,25 +563,24 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
                         Py_ssize_t window, double scale, double softcap,
                         const floating *sinks, floating *out, floating *lse,
                         Py_ssize_t q_block, Py_ssize_t k_block, bint micro,
-                        int n_threads, Py_ssize_t w_start, Py_ssize_t w_stop) noexcept nogil:
+                        int n_threads, Py_ssize_t w_start, Py_ssize_t w_stop,
+                        floating *kept) noexcept nogil:
     """The fused kernel on raw pointers (see attention), work items w_start <= w < w_stop
-    (w_stop < 0: all): the team size, or -1 when the scratch cannot be allocated."""
+    (w_stop < 0: all): the team size, or -1 when the scratch cannot be allocated. kept:
+    the scratch of attention_scratch (64-byte aligned), or NULL to allocate one here."""
     cdef Py_ssize_t n_qblocks = (n_queries + q_block - 1) // q_block
     cdef Py_ssize_t n_work = n_batch * n_qblocks
-    # Score tile width: k_block, or with micro-kernels the whole key panels a block of
-    # k_block keys starting anywhere touches.
-    cdef Py_ssize_t s_width = _round_up(k_block, FA_MK_KEYS) + FA_MK_KEYS if micro else k_block
     cdef Py_ssize_t at[SCR_N]
     cdef Py_ssize_t w
-    cdef floating *scratch
+    cdef floating *scratch = kept
     cdef int team = 1, t
-    _scratch_layout(q_block, s_width, _round_up(n_keys, FA_MK_KEYS), d_head, d_v, micro,
-                    sizeof(floating), at)
-    scratch = <floating*> aligned_alloc(64, n_threads * at[SCR_SIZE] * sizeof(floating))
-    if scratch == NULL:
-        return -1
-    for t in range(n_threads):  # no head's keys packed yet
-        (<Py_ssize_t*> (scratch + t * at[SCR_SIZE] + at[SCR_PACKED]))[0] = 0
+    _run_layout(q_block, k_block, n_keys, d_head, d_v, micro, sizeof(floating), at)
+    if kept == NULL:
+        scratch = <floating*> aligned_alloc(64, n_threads * at[SCR_SIZE] * sizeof(floating))
+        if scratch == NULL:
+            return -1
+        for t in range(n_threads):  # no head's keys packed yet
+            (<Py_ssize_t*> (scratch + t * at[SCR_SIZE] + at[SCR_PACKED]))[0] = 0
     if w_stop < 0 or w_stop > n_work:
         w_stop = n_work
     if n_threads == 1:
@@ -592,7 +602,8 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
                          window, <floating> scale, <floating> softcap, sinks,
                          scratch + threadid() * at[SCR_SIZE], at, micro, out, lse)
             team = fa_omp_team_size()  # every thread writes the same value
-    free(scratch)
+    if kept == NULL:
+        free(scratch)
     return team
 
 
@@ -601,7 +612,7 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
               const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
               double softcap, object sinks, floating[:, :, ::1] out, floating[:, ::1] lse,
               Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels, int n_threads,
-              Py_ssize_t w_start=0, Py_ssize_t w_stop=-1):
+              Py_ssize_t w_start=0, Py_ssize_t w_stop=-1, object scratch=None):
     """out[b] = softmax(scale q[i0] k[i1].T + mask[i2]) v[i1], (i0, i1, i2) = index[:, b], fused.
 
     causal hides keys after each query's own position; window (0: none) also hides keys
@@ -617,8 +628,11 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     computed start to end by one thread with the same block sizes, so results do not
     depend on the thread count, nor on running the items w_start <= w < w_stop (w_stop -1:
     to the end; item w is query block w % n_qblocks of batch entry w // n_qblocks) in
-    several calls, which is how a long call lets Python handle signals between them. Returns the number of threads that ran (the OpenMP team),
-    or -1 if the scratch cannot be allocated.
+    several calls, which is how a long call lets Python handle signals between them.
+    scratch: None (each call allocates its own), or the attention_scratch of this call's
+    sizes and n_threads, passed to each of those calls: one allocation for all of them, and
+    the keys a thread packed in one piece serve it in the next. Returns the number of
+    threads that ran (the OpenMP team), or -1 if the scratch cannot be allocated.
     """
     cdef const floating[:, :, ::1] add_mask
     cdef const unsigned char[:, :, ::1] bool_mask
@@ -628,6 +642,16 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     cdef const floating *sink_base = NULL
     cdef int team
     cdef bint micro = FA_MICROKERNELS != 0 and microkernels
+    cdef unsigned char[::1] kept_view
+    cdef floating *kept = NULL
+    cdef Py_ssize_t at[SCR_N]
+    if scratch is not None:
+        kept_view = scratch
+        _run_layout(q_block, k_block, k.shape[1], q.shape[2], out.shape[2], micro,
+                    sizeof(floating), at)
+        if kept_view.shape[0] < n_threads * at[SCR_SIZE] * <Py_ssize_t> sizeof(floating) + 64:
+            raise ValueError("attention: the scratch is smaller than these sizes need")
+        kept = <floating*> _round_up(<Py_ssize_t> &kept_view[0], 64)
     if mask_kind == MASK_BOOL:
         bool_mask = mask
         bool_base = &bool_mask[0, 0, 0]
@@ -642,8 +666,21 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
                               mask_kind, &index[0, 0], out.shape[0], out.shape[1], k.shape[1],
                               q.shape[2], out.shape[2], causal, window, scale, softcap,
                               sink_base, &out[0, 0, 0], &lse[0, 0], q_block, k_block, micro,
-                              n_threads, w_start, w_stop)
+                              n_threads, w_start, w_stop, kept)
     return team
+
+
+def attention_scratch(Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v,
+                      Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels,
+                      Py_ssize_t itemsize, int n_threads):
+    """The per-thread scratch of attention() with these sizes (itemsize 4: float32, 8:
+    float64) on n_threads, as a uint8 array (64 bytes over, for alignment), with no keys
+    packed yet; for the pieces of one long call, which then share one allocation and
+    each thread's packed keys."""
+    cdef bint micro = FA_MICROKERNELS != 0 and microkernels
+    cdef Py_ssize_t at[SCR_N]
+    _run_layout(q_block, k_block, n_keys, d_head, d_v, micro, itemsize, at)
+    return _np.zeros(n_threads * at[SCR_SIZE] * itemsize + 64, _np.uint8)
 
 
 # --------------------------------------------------------------------------- small calls
@@ -810,13 +847,13 @@ def small_attention(object q, object k, object v, bint causal, Py_ssize_t window
                                       <const float*> vb.buf, NULL, NULL, MASK_NONE, index,
                                       n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
                                       c_scale, 0, NULL, <float*> ob.buf,
-                                      <float*> lse, q_block, k_block, micro, 1, 0, -1)
+                                      <float*> lse, q_block, k_block, micro, 1, 0, -1, NULL)
             else:
                 team = _attention_run(<const double*> qb.buf, <const double*> kb.buf,
                                       <const double*> vb.buf, NULL, NULL, MASK_NONE, index,
                                       n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
                                       c_scale, 0, NULL, <double*> ob.buf,
-                                      <double*> lse, q_block, k_block, micro, 1, 0, -1)
+                                      <double*> lse, q_block, k_block, micro, 1, 0, -1, NULL)
         free(index)
         free(lse)
         PyBuffer_Release(&ob)
