@@ -81,10 +81,13 @@ last_call = threading.local()
 # Ctrl-C: Python runs signal handlers only between bytecodes, never inside a kernel, so a
 # long call runs its work in pieces and returns to the interpreter between them; SIGINT
 # then raises KeyboardInterrupt at the next piece. A piece is about PIECE_FLOPS per thread
-# (20-40 ms on an AVX2 or AVX-512 core, a few tenths of a second on the baseline build);
-# a call below that is one piece, as before. Each extra piece costs one OpenMP fork/join
-# and one scratch allocation, some microseconds against tens of milliseconds.
-PIECE_FLOPS = 2e9
+# (40 ms on a Zen 5 AVX-512 core, about 150 ms on a Zen 3 AVX2 one, up to a few tenths of
+# a second on the baseline build: under a large projection's pieces); a call below that
+# is one piece, as before. What an extra piece costs is its end: the threads wait there
+# for the one still in its last work item (a query block against every key, 1.2 ms at
+# 4,096 tokens). Long, 1, 8, 4096, 4096, 64 on a Zen 5 EPYC, medians of 11 alternating
+# calls: 114 ms in pieces of 2e9, 110 ms of 8e9, 109 ms in one piece.
+PIECE_FLOPS = 8e9
 # A projection runs in pieces of PIECE_ROWS x PIECE_COLS outputs (or all of them when fewer):
 # each piece re-packs its part of x and of w in the BLAS. Measured on x (16384, 4096) @ w
 # (4096, 4096), float32, 2 threads (AMD EPYC Zen 3): 2048 x 1024 pieces ran as fast as one
@@ -93,6 +96,8 @@ PIECE_FLOPS = 2e9
 # 4.2 MFLOP per unit of d_in: 0.25 s at d_in 4096 on these 2 cores.
 PIECE_ROWS = 2048
 PIECE_COLS = 1024
+# ...and only a projection over this many floating-point operations (0.1-0.2 s) does.
+PROJECT_ONE_CALL_FLOPS = 8e9
 
 
 def pieces(n_items, flops, team):
@@ -154,7 +159,7 @@ def project_rows(x2, w, b, target):
     # every block re-pack w and ran 1.1-1.5x slower (256 x 128 x 384: 162 vs 115 us).
     # Only a large projection runs in pieces, for Ctrl-C (see PIECE_ROWS).
     d_out = target.shape[1]
-    if (2.0 * n_rows * d_in * d_out <= 4 * PIECE_FLOPS  # under 0.1-0.2 s: one call
+    if (2.0 * n_rows * d_in * d_out <= PROJECT_ONE_CALL_FLOPS
             or (n_rows <= PIECE_ROWS and d_out <= PIECE_COLS)):
         _kernels.project(x2, w, b2, b is not None, target)
         return
