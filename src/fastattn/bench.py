@@ -16,7 +16,10 @@ cold.
 The machine's own ceilings are measured in the same run, so the figures can be read
 against them: the FMA peak of the instruction set in use on all threads (float32 and
 float64: the physical limit), a large float32 NumPy matmul, a large copy, and, for the
-decode rows, the time to read the same bytes the step reads. The header names the CPU.
+decode rows, the time to read the same bytes the step reads. Each ceiling is the fastest
+of its samples, not their median: noise from a neighbour only ever lowers a ceiling, so a
+noisy run shows rows at a lower share of it rather than above 100%. The header names the
+CPU.
 OpenBLAS settings that restrict NumPy's and SciPy's kernels (OPENBLAS_CORETYPE,
 OPENBLAS_L2_SIZE) are removed from the benchmark's process (``__main__`` re-executes it),
 so the peers run as users run them; the header says when that happened.
@@ -160,20 +163,23 @@ def fma_peak(dtype, threads, min_time=0.1):
 
 
 def read_floor(n_bytes, threads, min_time=0.05):
-    """Seconds to read n_bytes once on `threads` threads (the bytes a decode step reads)."""
+    """Seconds to read n_bytes once on `threads` threads (the bytes a decode step reads):
+    the fastest of 7 samples, a ceiling as fma_peak's is."""
     block = _kernels.read_sum_multiple() * threads
     x = np.ones(-(-n_bytes // block) * block // 4, np.float32)
-    return time_alternating({"read": lambda: _kernels.read_sum(x, threads)}, 5, min_time)["read"]
+    return time_alternating({"read": lambda: _kernels.read_sum(x, threads)}, 7, min_time,
+                            stat=min)["read"]
 
 
 def ceilings(threads, min_time=0.2):
-    """The machine's FMA peaks, float32 matmul GFLOP/s and copy GB/s, measured now."""
+    """The machine's FMA peaks, float32 matmul GFLOP/s and copy GB/s, measured now (each
+    the fastest of its samples, as in fma_peak)."""
     n = 2048
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    t = time_alternating({"matmul": lambda: a @ a}, 5, min_time)["matmul"]
+    t = time_alternating({"matmul": lambda: a @ a}, 5, min_time, stat=min)["matmul"]
     src = np.ones(64 * 2**20 // 8)  # 64 MiB, far beyond the caches
     dst = np.empty_like(src)
-    c = time_alternating({"copy": lambda: np.copyto(dst, src)}, 5, min_time)["copy"]
+    c = time_alternating({"copy": lambda: np.copyto(dst, src)}, 5, min_time, stat=min)["copy"]
     return {"fma_float32": fma_peak(np.float32, threads), "fma_float64": fma_peak(np.float64, threads),
             "matmul_gflops": 2 * n**3 / t / 1e9, "copy_gbs": 2 * src.nbytes / c / 1e9}
 
