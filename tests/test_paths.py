@@ -306,3 +306,21 @@ def test_a_call_in_pieces_is_bitwise_one_call(monkeypatch, block_sizes, dtype, k
     # A scratch too small for the call's sizes is refused, not overrun.
     with pytest.raises(ValueError, match="scratch"):
         kernel(*calls[0][:-1], np.zeros(64, np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"causal": True, "window": 700}])
+def test_keys_beyond_a_threads_packing_room(block_sizes, dtype, kwargs):
+    # A thread keeps at most 16 MiB of a head's packed keys (the kernel's KP_MAX_BYTES):
+    # 4,096 keys of D 1024 in float32, 2,048 in float64. Past that, its tiles pack the keys
+    # again in runs; with the tiny tiles, runs restart mid-panel and at every query block.
+    rng = np.random.default_rng(9)
+    n_q, n_k, d = 24, 4100 if dtype == np.float32 else 2200, 1024
+    q = rng.standard_normal((2, n_q, d)).astype(dtype)
+    k, v = (rng.standard_normal((2, n_k, d)).astype(dtype) for _ in range(2))
+    i, j = np.arange(n_q)[:, None] + (n_k - n_q), np.arange(n_k)[None, :]
+    mask = None
+    if kwargs.get("causal"):
+        mask = (j <= i) & (j > i - kwargs.get("window", n_k))
+    out = fastattn.attention(q, k, v, num_threads=2, **kwargs)
+    assert_close(out, float64_attention(q, k, v, mask)[0], dtype, f"{kwargs}", magnitude=4)

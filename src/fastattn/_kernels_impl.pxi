@@ -378,8 +378,8 @@ cdef void _attend_block(
         Py_ssize_t q_start, Py_ssize_t q_rows, Py_ssize_t n_queries, Py_ssize_t n_keys,
         Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, Py_ssize_t window,
         floating scale, floating softcap, const floating *sink, floating *s_tile,
-        floating *o_acc, floating *m_run, double *l_run, floating *kp, Py_ssize_t *packed,
-        floating *vp, floating *qs, bint micro, floating *out, floating *lse) noexcept nogil:
+        floating *o_acc, floating *m_run, double *l_run, floating *kp, Py_ssize_t kp_keys,
+        Py_ssize_t *packed, floating *vp, floating *qs, bint micro, floating *out, floating *lse) noexcept nogil:
     """out rows [q_start, q_start + q_rows) of softmax(scale q k.T + mask) v, by an online
     softmax over key blocks; lse (if not NULL) gets m + log(l) per row.
 
@@ -390,11 +390,14 @@ cdef void _attend_block(
     micro: the tile GEMMs run in this build's micro-kernels (fastattn._plan.use_microkernels)
     instead of BLAS: the query block is scaled once into qs, and each value block packed
     into vp where its layout is not already the micro-kernel's. The keys are packed into kp
-    once per thread and head, not per tile: kp holds the panels of the head whose keys
-    start at packed[0] (as an address), packed[1] keys of them so far, in panels of
-    FA_MK_KEYS from key 0 (zero keys pad the last). A tile whose first key is inside a
-    panel computes the scores of the whole panels it touches and uses the columns from
-    `off` on; the score tile's row stride is that width, a multiple of FA_MK_KEYS."""
+    once per thread and head, not per tile: kp has room for kp_keys keys (a multiple of
+    FA_MK_KEYS, at least a tile's panels) and holds the panels of keys [packed[1],
+    packed[2]) of the head whose keys start at packed[0] (as an address), in panels of
+    FA_MK_KEYS counted from key 0 (zero keys pad the last). A tile whose panels are not in
+    kp extends it, or when there is no room starts it again at the tile's first panel. A
+    tile whose first key is inside a panel computes the scores of the whole panels it
+    touches and uses the columns from `off` on; the score tile's row stride is that
+    width, a multiple of FA_MK_KEYS."""
     cdef Py_ssize_t offset = n_keys - n_queries   # causal: query i sees keys j <= i + offset
     cdef Py_ssize_t k_end = n_keys, k_start, k_rows, i, j, gi
     cdef floating m_new, m_use, alpha, inv
@@ -422,21 +425,23 @@ cdef void _attend_block(
         k_rows = min(k_block, k_end - k_start)
         ld = k_rows
         if micro:
-            # Pack the head's keys up to this tile's last panel (kp holds them from key 0),
-            # then s_tile (q_rows x ld) = (scale Q_blk) @ (the panels' keys).T, this tile's
-            # key k_start in column off.
-            if packed[0] != <Py_ssize_t> k:
-                packed[0] = <Py_ssize_t> k
-                packed[1] = 0
-            need = _round_up(k_start + k_rows, FA_MK_KEYS)
-            if packed[1] < need:
-                _pack_keys(k + packed[1] * d_head, min(n_keys, need) - packed[1], d_head,
-                           kp + packed[1] * d_head, need - packed[1])
-                packed[1] = need
+            # The tile's key panels [k_panel, need) into kp (packing what is not there
+            # yet), then s_tile (q_rows x ld) = (scale Q_blk) @ (the panels' keys).T, this
+            # tile's key k_start in column off.
             k_panel = k_start // FA_MK_KEYS * FA_MK_KEYS
+            need = _round_up(k_start + k_rows, FA_MK_KEYS)
+            if (packed[0] != <Py_ssize_t> k or k_panel < packed[1]
+                    or need > packed[1] + kp_keys):
+                packed[0] = <Py_ssize_t> k
+                packed[1] = k_panel
+                packed[2] = k_panel
+            if packed[2] < need:
+                _pack_keys(k + packed[2] * d_head, min(n_keys, need) - packed[2], d_head,
+                           kp + (packed[2] - packed[1]) * d_head, need - packed[2])
+                packed[2] = need
             off = k_start - k_panel
             ld = need - k_panel
-            _mk_scores(qs, q_rows, d_head, kp + k_panel * d_head, ld, s_tile, ld)
+            _mk_scores(qs, q_rows, d_head, kp + (k_panel - packed[1]) * d_head, ld, s_tile, ld)
         else:
             # s_tile (q_rows x k_rows) = scale * Q_blk @ K_blk.T
             _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
@@ -488,18 +493,24 @@ cdef void _attend_block(
             lse[q_start + i] = <floating> (m_run[i] + log(l_run[i]))
 
 
+# A thread keeps a head's packed keys in at most this many bytes of its scratch: all of
+# them up to 65,536 keys of D 64 in float32 (16 MiB). A longer head's keys are packed in
+# runs of that many, again for each query block: memory before speed at such lengths.
+cdef enum:
+    KP_MAX_BYTES = 16 * 1024 * 1024
 # The per-thread scratch of the fused kernel, in floating elements from the start of one
 # thread's part (computed once per call by _scratch_layout, carved by _attend_item).
 cdef enum:
     SCR_S_TILE = 0  # score tile, q_block x s_width
     SCR_O_ACC       # output accumulator, q_block x d_v
     SCR_M_RUN       # running max, q_block
-    SCR_KP          # packed keys of a head, d_head x kp_width (micro-kernels only)
+    SCR_KP          # packed keys of a head, d_head x SCR_KP_KEYS (micro-kernels only)
     SCR_VP          # packed value block, k_block x d_v (micro-kernels only)
     SCR_QS          # scaled query block, q_block x d_head (micro-kernels only)
     SCR_L_RUN       # running sum, q_block doubles, 64-byte aligned
-    SCR_PACKED      # which head's keys kp holds, and how many: 2 Py_ssize_t, aligned
+    SCR_PACKED      # which head's keys kp holds, from and to: 3 Py_ssize_t, aligned
     SCR_SIZE        # the whole part, a multiple of 64 bytes
+    SCR_KP_KEYS     # (not a place) how many keys SCR_KP has room for
     SCR_N
 
 
@@ -518,6 +529,7 @@ cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t kp_
     at[SCR_L_RUN] = _round_up(at[SCR_QS] + (q_block * d_head if micro else 0), per_line)
     at[SCR_PACKED] = _round_up(at[SCR_L_RUN] + q_block * (sizeof(double) // item), per_line)
     at[SCR_SIZE] = at[SCR_PACKED] + per_line
+    at[SCR_KP_KEYS] = kp_width
 
 
 cdef void _run_layout(Py_ssize_t q_block, Py_ssize_t k_block, Py_ssize_t n_keys,
@@ -527,8 +539,11 @@ cdef void _run_layout(Py_ssize_t q_block, Py_ssize_t k_block, Py_ssize_t n_keys,
     # Score tile width: k_block, or with micro-kernels the whole key panels a block of
     # k_block keys starting anywhere touches.
     cdef Py_ssize_t s_width = _round_up(k_block, FA_MK_KEYS) + FA_MK_KEYS if micro else k_block
-    _scratch_layout(q_block, s_width, _round_up(n_keys, FA_MK_KEYS), d_head, d_v, micro,
-                    item, at)
+    # Room for a head's packed keys, up to KP_MAX_BYTES (and at least one tile's panels).
+    cdef Py_ssize_t kp_keys = KP_MAX_BYTES // (max(d_head, 1) * <Py_ssize_t> item)
+    kp_keys = max(s_width, kp_keys // FA_MK_KEYS * FA_MK_KEYS)
+    _scratch_layout(q_block, s_width, min(_round_up(n_keys, FA_MK_KEYS), kp_keys), d_head, d_v,
+                    micro, item, at)
 
 
 cdef inline void _attend_item(
@@ -551,7 +566,7 @@ cdef inline void _attend_item(
                   mask_kind, q_start, min(q_block, n_queries - q_start), n_queries,
                   n_keys, d_head, d_v, k_block, causal, window, scale, softcap,
                   sinks + b if sinks != NULL else NULL, buf + at[SCR_S_TILE], buf + at[SCR_O_ACC], buf + at[SCR_M_RUN],
-                  <double*> (buf + at[SCR_L_RUN]), buf + at[SCR_KP],
+                  <double*> (buf + at[SCR_L_RUN]), buf + at[SCR_KP], at[SCR_KP_KEYS],
                   <Py_ssize_t*> (buf + at[SCR_PACKED]), buf + at[SCR_VP], buf + at[SCR_QS], micro,
                   out + b * n_queries * d_v, lse + b * n_queries)
 
