@@ -166,15 +166,6 @@ def fma_peak(dtype, threads, min_time=0.1):
     return flops / t / 1e9
 
 
-def read_floor(n_bytes, threads, min_time=0.05):
-    """Seconds to read n_bytes once on `threads` threads (the bytes a decode step reads):
-    the fastest of 7 samples, a ceiling as fma_peak's is."""
-    block = _kernels.read_sum_multiple() * threads
-    x = np.ones(-(-n_bytes // block) * block // 4, np.float32)
-    return time_alternating({"read": lambda: _kernels.read_sum(x, threads)}, 7, min_time,
-                            stat=min)["read"]
-
-
 def ceilings(threads, min_time=0.2):
     """The machine's FMA peaks, float32 matmul GFLOP/s and copy GB/s, measured now (each
     the fastest of its samples, as in fma_peak)."""
@@ -421,11 +412,17 @@ def _decode_row(case, against, threads, min_time, gap):
                 return sdpa(tq, tk, tv)
 
         contenders["torch"] = run_torch
-    times = time_alternating(contenders, case.repeat, min_time, gap)
+    # The read floor between the row's samples, as the FMA peak in attention rows: this
+    # VM's memory bandwidth swings with its neighbours (the floor of 128 MiB measured apart
+    # from the row took 3.3 to 7.2 ms in five runs, the step beside it 3.8 to 5.2).
     moved = cache.keys.nbytes + cache.values.nbytes
+    block = _kernels.read_sum_multiple() * threads
+    floor_buf = np.ones(-(-moved // block) * block // 4, np.float32)
+    contenders["floor"] = lambda: _kernels.read_sum(floor_buf, threads)
+    times = time_alternating(contenders, case.repeat, min_time, gap, fastest=("floor",))
     return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s",
                    "kernel": times.pop("kernel"), "arrays": times.pop("arrays"),
-                   "floor": read_floor(moved, threads)}
+                   "floor": times.pop("floor")}
 
 
 _ROWS = {"attention": _attention_row, "decode": _decode_row, "projection": _projection_row,
