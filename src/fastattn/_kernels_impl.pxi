@@ -379,7 +379,8 @@ cdef void _attend_block(
         Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, Py_ssize_t window,
         floating scale, floating softcap, const floating *sink, floating *s_tile,
         floating *o_acc, floating *m_run, double *l_run, floating *kp, Py_ssize_t kp_keys,
-        Py_ssize_t *packed, floating *vp, floating *qs, bint micro, floating *out, floating *lse) noexcept nogil:
+        Py_ssize_t *packed, floating *vp, floating *qs, bint micro, floating *out,
+        floating *lse) noexcept nogil:
     """out rows [q_start, q_start + q_rows) of softmax(scale q k.T + mask) v, by an online
     softmax over key blocks; lse (if not NULL) gets m + log(l) per row.
 

@@ -139,8 +139,8 @@ static inline double fa_exp_nonpos(double x)
  * series it replaced needed seven terms for 0.59 ulp below 0.4, and the soft cap's vector
  * loop takes the series alone only where all lanes are under the threshold, so a higher
  * one sends more vectors there); for double below 0.25, the Taylor series through x^23
- * (the first omitted term is under 2e-19 relative). Above it (1 - e) / (1 + e) with e = exp(-2a) <= 1, whose
- * cancellation costs at most 1 / (2a) ulp there. Then y's sign (-0.0 too). tanh(+-inf) = +-1;
+ * (the first omitted term is under 2e-19 relative). Above it (1 - e) / (1 + e) with
+ * e = exp(-2a) <= 1, whose cancellation costs at most 1 / (2a) ulp there. Then y's sign (-0.0 too). tanh(+-inf) = +-1;
  * NaN stays NaN (a < threshold is false for NaN, and e is NaN). Measured against tanh in
  * double over every third float in [1e-30, 20]: at most 1.5 ulp (2.4 with the Taylor
  * series below 0.4); fa_tanh against long double on 5e7 random doubles: at most 3.1 ulp. */
@@ -292,7 +292,10 @@ static inline T fa_row_max_##SUFFIX(const T *x, ptrdiff_t n)                    
         for (int v = 0; v < NV; v++)                                                     \
             acc[v] = FA_VMAX_##SUFFIX(*(const fa_rvu_##SUFFIX *)(x + j + v * W), acc[v]); \
     /* acc holds no NaN: the folds may take any order */                                \
-    acc[0] = FA_VMAX_##SUFFIX(FA_VMAX_##SUFFIX(acc[0], acc[1]), FA_VMAX_##SUFFIX(acc[2], acc[3])); \
+    acc[0] = FA_VMAX_##SUFFIX(FA_VMAX_##SUFFIX(acc[0], acc[1]),                          \
+                              FA_VMAX_##SUFFIX(acc[2], acc[3]));                         \
+    for (; j + W <= n; j += W)  /* rows shorter than NV vectors, and tails */          \
+        acc[0] = FA_VMAX_##SUFFIX(*(const fa_rvu_##SUFFIX *)(x + j), acc[0]);            \
     T m = FA_HMAX_##SUFFIX(acc[0]);                                                      \
     for (; j < n; j++) m = x[j] > m ? x[j] : m;                                          \
     return m;                                                                            \
