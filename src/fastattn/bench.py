@@ -131,10 +131,9 @@ def _sample(fn, number):
     return (time.perf_counter() - t) / number
 
 
-def time_alternating(contenders, repeat, min_time, gap=0.0, stat=statistics.median,
-                     fastest=()):
-    """Median (or `stat`) seconds per call of each contender, sampled in turn, `gap` s
-    apart; the fastest sample for the contenders named in `fastest` (ceilings)."""
+def time_alternating(contenders, repeat, min_time, gap=0.0, fastest=()):
+    """Median seconds per call of each contender, sampled in turn, `gap` s apart; the
+    fastest sample instead for the contenders named in `fastest` (ceilings)."""
     numbers = {}
     for name, fn in contenders.items():
         fn()  # warm-up: first-touch, thread pools, caches
@@ -148,7 +147,8 @@ def time_alternating(contenders, repeat, min_time, gap=0.0, stat=statistics.medi
             time.sleep(gap)
             fn()  # warm again after the gap: no sample starts on sleeping vCPUs or pools
             samples[name].append(_sample(fn, numbers[name]))
-    return {name: (min if name in fastest else stat)(s) for name, s in samples.items()}
+    return {name: (min if name in fastest else statistics.median)(s)
+            for name, s in samples.items()}
 
 
 def fma_peak(dtype, threads, min_time=0.1):
@@ -162,7 +162,7 @@ def fma_peak(dtype, threads, min_time=0.1):
     n_iter = 1_000_000
     flops = _kernels.fma_loop(double, n_iter, threads)
     t = time_alternating({"fma": lambda: _kernels.fma_loop(double, n_iter, threads)}, 7,
-                         min_time, stat=min)["fma"]
+                         min_time, fastest=("fma",))["fma"]
     return flops / t / 1e9
 
 
@@ -171,10 +171,11 @@ def ceilings(threads, min_time=0.2):
     the fastest of its samples, as in fma_peak)."""
     n = 2048
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    t = time_alternating({"matmul": lambda: a @ a}, 5, min_time, stat=min)["matmul"]
+    t = time_alternating({"matmul": lambda: a @ a}, 5, min_time, fastest=("matmul",))["matmul"]
     src = np.ones(64 * 2**20 // 8)  # 64 MiB, far beyond the caches
     dst = np.empty_like(src)
-    c = time_alternating({"copy": lambda: np.copyto(dst, src)}, 5, min_time, stat=min)["copy"]
+    c = time_alternating({"copy": lambda: np.copyto(dst, src)}, 5, min_time,
+                         fastest=("copy",))["copy"]
     return {"fma_float32": fma_peak(np.float32, threads), "fma_float64": fma_peak(np.float64, threads),
             "matmul_gflops": 2 * n**3 / t / 1e9, "copy_gbs": 2 * src.nbytes / c / 1e9}
 
