@@ -140,10 +140,11 @@ static inline double fa_exp_nonpos(double x)
  * loop takes the series alone only where all lanes are under the threshold, so a higher
  * one sends more vectors there); for double below 0.25, the Taylor series through x^23
  * (the first omitted term is under 2e-19 relative). Above it (1 - e) / (1 + e) with
- * e = exp(-2a) <= 1, whose cancellation costs at most 1 / (2a) ulp there. Then y's sign (-0.0 too). tanh(+-inf) = +-1;
- * NaN stays NaN (a < threshold is false for NaN, and e is NaN). Measured against tanh in
- * double over every third float in [1e-30, 20]: at most 1.5 ulp (2.4 with the Taylor
- * series below 0.4); fa_tanh against long double on 5e7 random doubles: at most 3.1 ulp. */
+ * e = exp(-2a) <= 1, whose cancellation costs at most 1 / (2a) ulp there. Then y's sign
+ * (-0.0 too). tanh(+-inf) = +-1; NaN stays NaN (a < threshold is false for NaN, and e is
+ * NaN). Measured against tanh in double over every third float in [1e-30, 20]: at most
+ * 1.5 ulp (2.4 with the Taylor series below 0.4); fa_tanh against long double on 5e7
+ * random doubles: at most 3.1 ulp. */
 /* The series' coefficients, highest first (Horner), shared by fa_tanhf/fa_tanh and the
  * soft cap's vector loop: p(u) for float (tools/fit_tanh_series.py prints them); the odd
  * Taylor coefficients of x^23, x^21, ..., x^3 for double. */
