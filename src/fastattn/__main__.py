@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastattn bench [...]`` and ``python -m fastattn info``."""
+"""Command line: ``python -m fastattn bench [...]``, ``python -m fastattn tune [...]`` and
+``python -m fastattn info``."""
 
 import os
 import sys
@@ -15,7 +16,7 @@ def info():
     import numpy as np
 
     import fastattn
-    from fastattn import _dispatch
+    from fastattn import _dispatch, _plan, _tuning
 
     _kernels = _dispatch.kernels
     b = _kernels.build_info()
@@ -26,6 +27,8 @@ def info():
     print(f"compiler flags: {b['compile_flags']}")
     print(f"debug checks: {'on' if b['debug_checks'] else 'off'}")
     print(f"OpenMP: {'on' if b['openmp'] else 'off'}, default threads {b['max_threads']}")
+    print(_plan.tile_summary())
+    print(f"tuning file: {_tuning.path() or 'none (FASTATTN_TUNING is off)'}")
     print(f"python {platform.python_version()} on {platform.machine()}, NumPy {np.__version__}")
     try:
         from threadpoolctl import threadpool_info
@@ -41,8 +44,9 @@ def info():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m fastattn {bench,info} [options]\n"
+        print("usage: python -m fastattn {bench,tune,info} [options]\n"
               "  bench   time attention, softmax and projection against NumPy (and PyTorch)\n"
+              "  tune    measure this machine's tile size and tile GEMMs, and store them\n"
               "  info    version, build flags, OpenMP, threads and BLAS")
         return 0 if argv else 2
     if argv[0] == "bench":
@@ -57,13 +61,17 @@ def main(argv=None):
         from fastattn.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[0] == "tune":
+        from fastattn.tune import main as tune_main
+
+        return tune_main(argv[1:])
     if argv[0] == "info":
         if len(argv) > 1:
             print("usage: python -m fastattn info\n\nThe build, the CPU, the kernels chosen "
                   "and the threads.", file=sys.stdout if argv[1] in ("-h", "--help") else sys.stderr)
             return 0 if argv[1] in ("-h", "--help") else 2
         return info()
-    print(f"unknown command {argv[0]!r}; use bench or info", file=sys.stderr)
+    print(f"unknown command {argv[0]!r}; use bench, tune or info", file=sys.stderr)
     return 2
 
 

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
+from . import _tuning
 from ._dispatch import kernels as _kernels
 from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_sinks, check_softcap,
                           check_window, contiguous, dtypes_of, memory_limit, refuse_huge)
@@ -27,18 +28,25 @@ __all__ = ["MaskKind", "Layout", "AttentionPlan", "layout", "plan_attention",
            "refuse_huge_plan", "tiles", "use_microkernels", "decode_eligible", "kernel_inputs",
            "kv_contiguous", "kv_items", "frozen", "Q_BLOCK", "K_BLOCK", "MIN_Q_BLOCK",
            "MIN_WORK_ITEMS", "DECODE_CHUNK", "SERIAL_FLOPS", "SOFTMAX_PARALLEL_ELEMENTS",
-           "MICROKERNEL_LANES", "TILE_GEMM"]
+           "MICROKERNEL_LANES", "TILE_GEMM", "TUNED", "DEFAULT_Q_BLOCK",
+           "DEFAULT_K_BLOCK", "tile_lanes"]
 
 
 # --------------------------------------------------------------------------- named thresholds
 
+# This machine's tuning (fastattn._tuning: what `python -m fastattn tune` measured here),
+# or None; it replaces the defaults of Q_BLOCK, K_BLOCK and the tile GEMMs below.
+TUNED = _tuning.load(_kernels.build_info()["isa"])
 # Largest tiles of the fused kernel (query rows x keys); tiles() picks per shape. Sweep of
 # q_block in 32..256 x k_block in 128..1024 on a 2-core AVX-512 AMD EPYC (float32, D=64,
 # 2 threads): 256 x 512 was fastest for long sequences (2048 tokens, BLAS tiles: 43.8 ms
 # against 53.1 ms at 64 x 256; micro-kernel tiles: 24.2 against 28.1 ms), half the query
-# rows for causal, 256 x 256 for float64; others were within 3%.
-Q_BLOCK = 256
-K_BLOCK = 512
+# rows for causal, 256 x 256 for float64; others were within 3%. On a Zen 5 EPYC
+# 128-512 rows x 256-2048 keys were all within 5% of 256 x 512.
+DEFAULT_Q_BLOCK = 256
+DEFAULT_K_BLOCK = 512
+Q_BLOCK = TUNED["q_block"] if TUNED else DEFAULT_Q_BLOCK
+K_BLOCK = TUNED["k_block"] if TUNED else DEFAULT_K_BLOCK
 # Query blocks are halved until a call has this many work items, so that up to this many
 # threads share the work evenly. A constant, not the thread count: tile sizes must depend
 # on the shape alone for results to be bitwise identical for any number of threads.
@@ -59,11 +67,15 @@ SOFTMAX_PARALLEL_ELEMENTS = 100_000
 # Keyed by the compute dtype's itemsize (4 or 8): hashing a dtype costs more per call.
 MICROKERNEL_LANES = {np.dtype(name).itemsize: lanes
                      for name, lanes in _kernels.build_info()["microkernel_lanes"].items() if lanes}
-# FASTATTN_TILE_GEMM=blas sends every tile GEMM to BLAS (to test and time that path on a
-# build with micro-kernels); "auto" (the default) uses the micro-kernels where they apply.
+# Where a tile's GEMMs run: "auto" (the default) in the build's micro-kernels, for each
+# compute dtype whose head sizes are whole vectors, unless this machine's tuning found BLAS
+# faster for that dtype; FASTATTN_TILE_GEMM=micro or =blas forces one (to test and time
+# each path on any machine). The micro-kernels won on every CPU measured so far (Zen 3
+# AVX2 and Zen 5 AVX-512 by 25%; on an Intel Xeon, before their broadcasts came from
+# memory, BLAS did), so they are the default and the tuning is the way out.
 TILE_GEMM = os.environ.get("FASTATTN_TILE_GEMM", "auto").strip().lower() or "auto"
-if TILE_GEMM not in ("auto", "blas"):
-    raise ImportError(f"FASTATTN_TILE_GEMM={TILE_GEMM!r} is not 'auto' or 'blas'")
+if TILE_GEMM not in ("auto", "micro", "blas"):
+    raise ImportError(f"FASTATTN_TILE_GEMM={TILE_GEMM!r} is not 'auto', 'micro' or 'blas'")
 
 
 class MaskKind(enum.IntEnum):
@@ -325,13 +337,38 @@ def tiles(n_batch, n_queries, n_keys, causal, compute):
                           K_BLOCK, MIN_Q_BLOCK, MIN_WORK_ITEMS)
 
 
+def tile_lanes():
+    """{itemsize: vector lanes} of the compute dtypes whose tiles run in the micro-kernels
+    (FASTATTN_TILE_GEMM, else this machine's tuning, else all the build has)."""
+    if TILE_GEMM == "blas":
+        return {}
+    if TILE_GEMM == "micro" or not TUNED:
+        return MICROKERNEL_LANES
+    gemm = TUNED["tile_gemm"]
+    return {size: lanes for size, lanes in MICROKERNEL_LANES.items()
+            if gemm.get(str(size), "micro") == "micro"}
+
+
 def use_microkernels(compute, d_head, d_v):
-    """Whether a tile's GEMMs run in this build's micro-kernels rather than BLAS: in a
-    build that has them, unless FASTATTN_TILE_GEMM=blas, when both head sizes are whole
-    vectors. (Measured: they avoid BLAS's re-packing of each key and value block.)"""
-    lanes = MICROKERNEL_LANES.get(compute.itemsize)
-    return (TILE_GEMM == "auto" and lanes is not None and d_head % lanes == 0
-            and d_v % lanes == 0)
+    """Whether a tile's GEMMs run in this build's micro-kernels rather than BLAS: for a
+    dtype of tile_lanes(), when both head sizes are whole vectors. (Measured: they avoid
+    BLAS's re-packing of each key and value block.)"""
+    lanes = tile_lanes().get(compute.itemsize)
+    return lanes is not None and d_head % lanes == 0 and d_v % lanes == 0
+
+
+def tile_summary():
+    """Where tiles run and how large, and why, in words (bench's header, ``info``)."""
+    lanes = tile_lanes()
+    where = ", ".join(f"{name} {'micro-kernels' if size in lanes else 'BLAS'}"
+                      for name, size in (("float32", 4), ("float64", 8)))
+    if TILE_GEMM != "auto":
+        why = f"FASTATTN_TILE_GEMM={TILE_GEMM}"
+    elif TUNED:
+        why = f"tuned on this machine {TUNED.get('measured', '')}".rstrip()
+    else:
+        why = "built-in defaults; `python -m fastattn tune` measures this machine's"
+    return f"tile GEMMs {where}, tiles up to {Q_BLOCK} x {K_BLOCK} ({why})"
 
 
 def window_as_keys(plan):

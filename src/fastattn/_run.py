@@ -206,7 +206,7 @@ def small_attention(q, k, v, causal, window, scale, softcap, sinks, n_threads):
     the arrays and run the general path's kernel choice, tile rule, thread count and
     micro-kernel choice, so the result is bitwise the same, without the planning that
     cost about 20 us of a 30 us tiny call (and 25 us of a 80 us decoding step)."""
-    lanes = _plan.MICROKERNEL_LANES if _plan.TILE_GEMM == "auto" else {}
+    lanes = _plan.tile_lanes()
     result = _kernels.small_attention(q, k, v, causal, window or 0, scale, softcap or 0.0, sinks, (
         _plan.Q_BLOCK, _plan.K_BLOCK, _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS,
         _plan.SERIAL_FLOPS, BLAS_SERIAL_MNK, lanes.get(4, 0), lanes.get(8, 0),

@@ -465,8 +465,8 @@ def _header(threads, against):
         f"cpu: {cpu_description()}",
         f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cpus, "
         f"fastattn threads {threads}, OpenMP {'on' if info['openmp'] else 'off'}, "
-        f"kernels {info['isa']} ({info['compile_flags']}), tile GEMMs in "
-        + ("micro-kernels" if info["microkernels"] and _plan.TILE_GEMM == "auto" else "BLAS"),
+        f"kernels {info['isa']} ({info['compile_flags']})",
+        _plan.tile_summary(),
     ]
     removed = os.environ.get("FASTATTN_BENCH_UNSET")
     if removed:

@@ -1,0 +1,153 @@
+"""``python -m fastattn tune``: measure this machine's tile choices and store them.
+
+Which way a tile's GEMMs run fastest (the build's micro-kernels or BLAS) and which tile
+size suits the caches depend on the CPU, not on the shape: the defaults in _plan were
+measured on the CPUs seen so far. This times the candidates on this machine, the public
+``attention`` call on two long shapes (float32 1, 8, 2048, 2048, 64 and float64
+1, 8, 1024, 1024, 64) as users run it, alternating candidates round after round, and
+keeps a candidate over the default only when its median is at least ``MARGIN`` faster:
+on a shared machine a smaller difference is noise, and a choice that flips between runs
+would make results change (in the last bits) for nothing. The winners go to the tuning
+file (fastattn._tuning), which every later import on this machine reads.
+
+Steps: (1) the largest tile, float32, in the GEMM path the build prefers; (2) for each
+compute dtype the build has micro-kernels for, micro-kernels against BLAS at that tile.
+Float64 tiles follow the same rule as always (half the keys of float32's). About ten
+seconds on a 2-core machine.
+"""
+
+import argparse
+import datetime
+import sys
+
+import numpy as np
+
+from . import _dispatch, _plan, _tuning
+from .api import attention
+from .bench import time_alternating
+
+__all__ = ["CANDIDATE_TILES", "MARGIN", "SHAPES", "choose", "tune", "main"]
+
+# (query rows, keys) per tile, the default first. Around it: fewer rows, fewer keys (an
+# L2 of 512 KiB or less), more keys and more rows (an L2 of 2 MiB).
+CANDIDATE_TILES = ((_plan.DEFAULT_Q_BLOCK, _plan.DEFAULT_K_BLOCK), (128, 512), (256, 256),
+                   (256, 1024), (512, 512))
+# The shape each compute dtype is timed on (B, H, L_q, L_k, D): long enough that the tiles
+# dominate, short enough for a quick run.
+SHAPES = {4: (1, 8, 2048, 2048, 64), 8: (1, 8, 1024, 1024, 64)}
+# A candidate replaces the default only when its median time is this much lower.
+MARGIN = 0.05
+
+
+def choose(default, medians, margin=MARGIN):
+    """The fastest of `medians` ({candidate: seconds}) if it beats `default`'s by at least
+    `margin` (a fraction), else `default`."""
+    best = min(medians, key=medians.get)
+    return best if medians[best] <= (1 - margin) * medians[default] else default
+
+
+def _inputs(shape, dtype):
+    b, h, lq, lk, d = shape
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((b, h, lq, d)).astype(dtype)
+    k = rng.standard_normal((b, h, lk, d)).astype(dtype)
+    v = rng.standard_normal((b, h, lk, d)).astype(dtype)
+    return q, k, v, np.empty_like(q)
+
+
+def _call(q, k, v, out, tile, gemm, threads):
+    """One attention call with the tile and GEMM path of a candidate set in _plan."""
+    def run():
+        _plan.Q_BLOCK, _plan.K_BLOCK = tile
+        _plan.TILE_GEMM = gemm
+        attention(q, k, v, out=out, num_threads=threads)
+    return run
+
+
+def _flops(shape):
+    b, h, lq, lk, d = shape
+    return 4.0 * b * h * lq * lk * d
+
+
+def tune(shapes=None, tiles=CANDIDATE_TILES, rounds=7, min_time=0.05, threads=None,
+         out=sys.stdout):
+    """Time the candidates and return this machine's entry for the tuning file (not
+    written). `shapes` {itemsize: shape} defaults to SHAPES."""
+    shapes = dict(SHAPES if shapes is None else shapes)
+    saved = (_plan.Q_BLOCK, _plan.K_BLOCK, _plan.TILE_GEMM)
+    lanes = _plan.MICROKERNEL_LANES
+    figures = {}
+
+    def report(what, shape, medians, chosen, default):
+        for name, t in medians.items():
+            label = name if isinstance(name, str) else f"{name[0]} x {name[1]}"
+            gflops = _flops(shape) / t / 1e9
+            mark = " <- chosen" if name == chosen else ""
+            print(f"  {what} {label:>10}: {t * 1e3:8.2f} ms {gflops:7.1f} GFLOP/s "
+                  f"({medians[default] / t:.2f}x the default){mark}", file=out)
+            figures[f"{what} {label}"] = round(t * 1e3, 3)
+
+    try:
+        shape = shapes[4]
+        q, k, v, o = _inputs(shape, np.float32)
+        gemm = "micro" if 4 in lanes else "blas"
+        print(f"tiles: float32 {shape}, {gemm} GEMMs, medians of {rounds} rounds", file=out)
+        calls = {t: _call(q, k, v, o, t, gemm, threads) for t in tiles}
+        medians = time_alternating(calls, rounds, min_time, gap=0.02)
+        tile = choose(tiles[0], medians)
+        report("float32 tile", shape, medians, tile, tiles[0])
+        chosen = {}
+        for size, name in ((4, "float32"), (8, "float64")):
+            if size not in lanes:
+                continue  # no micro-kernels for it: its tiles run in BLAS regardless
+            shape = shapes[size]
+            q, k, v, o = _inputs(shape, np.dtype(name))
+            print(f"tile GEMMs: {name} {shape}, tiles up to {tile[0]} x {tile[1]}", file=out)
+            calls = {g: _call(q, k, v, o, tile, g, threads) for g in ("micro", "blas")}
+            medians = time_alternating(calls, rounds, min_time, gap=0.02)
+            chosen[str(size)] = choose("micro", medians)
+            report(f"{name} GEMMs", shape, medians, chosen[str(size)], "micro")
+    finally:
+        _plan.Q_BLOCK, _plan.K_BLOCK, _plan.TILE_GEMM = saved
+    return {"q_block": tile[0], "k_block": tile[1], "tile_gemm": chosen,
+            "measured": datetime.date.today().isoformat(), "rounds": rounds,
+            "threads": threads or _dispatch.kernels.max_threads(), "median_ms": figures}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m fastattn tune",
+        description="Measure which tile size and tile GEMMs (micro-kernels or BLAS) are "
+                    "fastest on this machine and store them in the tuning file, which later "
+                    "imports read. Without an entry, fastattn uses its built-in defaults.")
+    parser.add_argument("--show", action="store_true", help="print this machine's entry and exit")
+    parser.add_argument("--forget", action="store_true",
+                        help="remove this machine's entry (back to the defaults) and exit")
+    parser.add_argument("--dry-run", action="store_true", help="measure, but write nothing")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per candidate")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for every call (default: all, as attention uses)")
+    args = parser.parse_args(argv)
+    isa = _dispatch.isa
+    file = _tuning.path()
+    print(f"machine: {_tuning.machine_key(isa)}")
+    print(f"tuning file: {file or 'none (FASTATTN_TUNING is off)'}")
+    if args.show:
+        print(f"in use: {_plan.tile_summary()}")
+        print(f"entry: {_plan.TUNED}" if _plan.TUNED else "entry: none for this machine")
+        return 0
+    if args.forget:
+        print("entry removed" if _tuning.forget(isa) else "no entry for this machine")
+        return 0
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    entry = tune(rounds=args.rounds, threads=args.threads)
+    gemm = ", ".join(f"{'float32' if s == '4' else 'float64'} {g}"
+                     for s, g in sorted(entry["tile_gemm"].items()))
+    print(f"chosen: tiles up to {entry['q_block']} x {entry['k_block']}"
+          + (f"; tile GEMMs {gemm}" if gemm else ""))
+    if args.dry_run or file is None:
+        print("not written" + (" (--dry-run)" if args.dry_run else ""))
+        return 0
+    print(f"written to {_tuning.save(isa, entry)}; later imports on this machine use it")
+    return 0
