@@ -102,7 +102,10 @@ def tune(shapes=None, tiles=CANDIDATE_TILES, rounds=7, min_time=0.05, threads=No
                 continue  # no micro-kernels for it: its tiles run in BLAS regardless
             shape = shapes[size]
             q, k, v, o = _inputs(shape, np.dtype(name))
-            print(f"tile GEMMs: {name} {shape}, tiles up to {tile[0]} x {tile[1]}", file=out)
+            largest = _dispatch.kernels.tiles(1, 1 << 30, 1 << 30, False, size, *tile,
+                                              _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS)
+            print(f"tile GEMMs: {name} {shape}, tiles up to {largest[0]} x {largest[1]}",
+                  file=out)
             calls = {g: _call(q, k, v, o, tile, g, threads) for g in ("micro", "blas")}
             medians = time_alternating(calls, rounds, min_time, gap=0.02)
             chosen[str(size)] = choose("micro", medians)
