@@ -30,6 +30,14 @@ def tuning_file(tmp_path, monkeypatch):
 ENTRY = {"q_block": 128, "k_block": 256, "tile_gemm": {"4": "blas", "8": "micro"}}
 
 
+def test_auto_lanes_drop_the_dtypes_tuned_to_blas():
+    lanes = _plan.MICROKERNEL_LANES
+    assert _plan.auto_lanes(None) == lanes
+    assert _plan.auto_lanes(ENTRY) == {s: n for s, n in lanes.items() if s != 4}
+    assert _plan.auto_lanes(dict(ENTRY, tile_gemm={})) == lanes
+    assert _plan.auto_lanes(dict(ENTRY, tile_gemm={"4": "blas", "8": "blas"})) == {}
+
+
 def test_choose_keeps_the_default_unless_a_candidate_is_clearly_faster():
     assert tune.choose("a", {"a": 1.0, "b": 0.96}) == "a"    # 4%: noise on a shared machine
     assert tune.choose("a", {"a": 1.0, "b": 0.95}) == "b"
@@ -164,6 +172,7 @@ def test_a_tuned_process_computes_what_the_same_choices_compute(tuning_file, tmp
     monkeypatch.setattr(_plan, "Q_BLOCK", 128)
     monkeypatch.setattr(_plan, "K_BLOCK", 256)
     monkeypatch.setattr(_plan, "TUNED", dict(ENTRY) if not forced else None)
+    monkeypatch.setattr(_plan, "AUTO_LANES", _plan.auto_lanes(_plan.TUNED))
     monkeypatch.setattr(_plan, "TILE_GEMM", forced or "auto")
     got = np.load(result)
     for name, (q, k, v) in _inputs().items():

@@ -29,7 +29,7 @@ __all__ = ["MaskKind", "Layout", "AttentionPlan", "layout", "plan_attention",
            "kv_contiguous", "kv_items", "frozen", "Q_BLOCK", "K_BLOCK", "MIN_Q_BLOCK",
            "MIN_WORK_ITEMS", "DECODE_CHUNK", "SERIAL_FLOPS", "SOFTMAX_PARALLEL_ELEMENTS",
            "MICROKERNEL_LANES", "TILE_GEMM", "TUNED", "DEFAULT_Q_BLOCK",
-           "DEFAULT_K_BLOCK", "tile_lanes"]
+           "DEFAULT_K_BLOCK", "AUTO_LANES", "auto_lanes", "tile_lanes", "tile_summary"]
 
 
 # --------------------------------------------------------------------------- named thresholds
@@ -337,16 +337,26 @@ def tiles(n_batch, n_queries, n_keys, causal, compute):
                           K_BLOCK, MIN_Q_BLOCK, MIN_WORK_ITEMS)
 
 
+def auto_lanes(tuned):
+    """The micro-kernel lanes FASTATTN_TILE_GEMM=auto uses with the tuning `tuned` (None:
+    every dtype the build has micro-kernels for; else less those tuned to BLAS)."""
+    if not tuned:
+        return MICROKERNEL_LANES
+    gemm = tuned["tile_gemm"]
+    return {size: lanes for size, lanes in MICROKERNEL_LANES.items()
+            if gemm.get(str(size), "micro") == "micro"}
+
+
+# ...this machine's, computed once: tile_lanes() runs on every call.
+AUTO_LANES = auto_lanes(TUNED)
+
+
 def tile_lanes():
     """{itemsize: vector lanes} of the compute dtypes whose tiles run in the micro-kernels
     (FASTATTN_TILE_GEMM, else this machine's tuning, else all the build has)."""
     if TILE_GEMM == "blas":
         return {}
-    if TILE_GEMM == "micro" or not TUNED:
-        return MICROKERNEL_LANES
-    gemm = TUNED["tile_gemm"]
-    return {size: lanes for size, lanes in MICROKERNEL_LANES.items()
-            if gemm.get(str(size), "micro") == "micro"}
+    return MICROKERNEL_LANES if TILE_GEMM == "micro" else AUTO_LANES
 
 
 def use_microkernels(compute, d_head, d_v):
