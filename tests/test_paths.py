@@ -325,3 +325,33 @@ def test_keys_beyond_a_threads_packing_room(block_sizes, dtype, kwargs):
         mask = (j <= i) & (j > i - kwargs.get("window", n_k))
     out = fastattn.attention(q, k, v, num_threads=2, **kwargs)
     assert_close(out, float64_attention(q, k, v, mask)[0], dtype, f"{kwargs}", magnitude=4)
+
+
+@pytest.mark.parametrize("n_rows,d_in,d_out", [(1, 5, 3), (37, 16, 19), (300, 64, 130)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_projection_in_pieces_covers_every_output_once(monkeypatch, n_rows, d_in, d_out, bias):
+    # Pieces far smaller than the shipped ones, so that small shapes cut into many uneven
+    # row and column bands: every output written exactly once, by the right rows and
+    # columns (out= starts as NaN), with the bias of its own column.
+    monkeypatch.setattr(_run, "PROJECT_ONE_CALL_FLOPS", 0.0)
+    monkeypatch.setattr(_run, "PIECE_COLS", 7)
+    monkeypatch.setattr(_run, "PROJECT_PIECE_FLOPS", 2.0 * 5 * d_in * 7)
+    rows, cols = _run.project_pieces(n_rows, d_in, d_out)
+    for ranges, n in ((rows, n_rows), (cols, d_out)):
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(r1 - r0 for r0, r1 in ranges) - min(r1 - r0 for r0, r1 in ranges) <= 1
+    assert max(c1 - c0 for c0, c1 in cols) <= 7 and max(r1 - r0 for r0, r1 in rows) <= 5
+    rng = np.random.default_rng(n_rows)
+    x, w = rng.standard_normal((n_rows, d_in)), rng.standard_normal((d_in, d_out))
+    b = rng.standard_normal(d_out) if bias else None
+    out = np.full((n_rows, d_out), np.nan)
+    fastattn.project(x, w, b, out=out)
+    np.testing.assert_allclose(out, x @ w + (0 if b is None else b), rtol=1e-12, atol=1e-12)
+
+
+def test_a_projection_under_the_threshold_is_one_gemm():
+    assert _run.project_pieces(4096, 768, 2304) == ([(0, 4096)], [(0, 2304)])
+    rows, cols = _run.project_pieces(8192, 8192, 8192)
+    assert len(cols) == 4 and all(2.0 * (r1 - r0) * 8192 * 2048 <= _run.PROJECT_PIECE_FLOPS
+                                  for r0, r1 in rows)

@@ -88,16 +88,20 @@ last_call = threading.local()
 # 4,096 tokens). Long, 1, 8, 4096, 4096, 64 on a Zen 5 EPYC, medians of 11 alternating
 # calls: 114 ms in pieces of 2e9, 110 ms of 8e9, 109 ms in one piece.
 PIECE_FLOPS = 8e9
-# A projection runs in pieces of PIECE_ROWS x PIECE_COLS outputs (or all of them when fewer):
-# each piece re-packs its part of x and of w in the BLAS. Measured on x (16384, 4096) @ w
-# (4096, 4096), float32, 2 threads (AMD EPYC Zen 3): 2048 x 1024 pieces ran as fast as one
-# GEMM (7.63 s against 7.79 s), 2048 x 512 5% slower, 1024 x 1024 19% slower, and pieces
-# of whole rows 512 high 19% slower (w re-packed whole each time). A 2048 x 1024 piece is
-# 4.2 MFLOP per unit of d_in: 0.25 s at d_in 4096 on these 2 cores.
-PIECE_ROWS = 2048
-PIECE_COLS = 1024
-# ...and only a projection over this many floating-point operations (0.1-0.2 s) does.
-PROJECT_ONE_CALL_FLOPS = 8e9
+# A projection over PROJECT_ONE_CALL_FLOPS runs in pieces: column bands of at most
+# PIECE_COLS outputs, each cut into row bands of at most PROJECT_PIECE_FLOPS, both split
+# evenly. Each piece is a BLAS call of its own, which re-packs its part of x and w and
+# starts and joins the BLAS's threads: about 10 ms a piece on a Zen 5 EPYC, 2 threads,
+# float32 (x (8192, 4096) @ w (4096, 4096), alternating medians: one GEMM 671-702 ms,
+# pieces of 128 / 64 / 32 / 16 GFLOP 691 / 722 / 784-818 / 921 ms; x (4096, 768) @
+# w (768, 2304): one GEMM 38 ms, as fast as NumPy's, where the 2048 x 1024 output pieces
+# used before, 3.2 GFLOP at that d_in, took 43-46 ms). Pieces of 64 GFLOP keep that under
+# 8% for the largest projections and keep Ctrl-C within about 0.2 s here (0.4 s on 2
+# AVX2 cores); a projection up to 64 GFLOP (a 4096-token QKV of width 768 is 14.5) is one
+# GEMM.
+PIECE_COLS = 2048
+PROJECT_PIECE_FLOPS = 64e9
+PROJECT_ONE_CALL_FLOPS = 64e9
 
 
 def pieces(n_items, flops, team):
@@ -157,16 +161,28 @@ def project_rows(x2, w, b, target):
     w = contiguous(w, compute)
     # One GEMM threaded by the BLAS itself: splitting rows over fastattn's threads made
     # every block re-pack w and ran 1.1-1.5x slower (256 x 128 x 384: 162 vs 115 us).
-    # Only a large projection runs in pieces, for Ctrl-C (see PIECE_ROWS).
-    d_out = target.shape[1]
-    if (2.0 * n_rows * d_in * d_out <= PROJECT_ONE_CALL_FLOPS
-            or (n_rows <= PIECE_ROWS and d_out <= PIECE_COLS)):
-        _kernels.project(x2, w, b2, b is not None, target)
-        return
-    for row in range(0, n_rows, PIECE_ROWS):
-        x_rows, out_rows = x2[row:row + PIECE_ROWS], target[row:row + PIECE_ROWS]
-        for col in range(0, d_out, PIECE_COLS):
-            _kernels.project(x_rows, w, b2, b is not None, out_rows, col, col + PIECE_COLS)
+    # Only a large projection runs in pieces, for Ctrl-C (see PIECE_COLS).
+    rows, cols = project_pieces(n_rows, d_in, target.shape[1])
+    for r0, r1 in rows:
+        for c0, c1 in cols:
+            _kernels.project(x2[r0:r1], w, b2, b is not None, target[r0:r1], c0, c1)
+
+
+def _even(n, most):
+    """range(n) in the fewest runs of at most `most`, as even as can be."""
+    count = -(-n // max(1, most))
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
+
+
+def project_pieces(n_rows, d_in, d_out):
+    """(row ranges, column ranges) of a projection's pieces: one of each up to
+    PROJECT_ONE_CALL_FLOPS, else column bands of at most PIECE_COLS, cut into row bands
+    of at most PROJECT_PIECE_FLOPS."""
+    if 2.0 * n_rows * d_in * d_out <= PROJECT_ONE_CALL_FLOPS:
+        return [(0, n_rows)], [(0, d_out)]
+    cols = _even(d_out, PIECE_COLS)
+    width = cols[0][1] - cols[0][0]
+    return _even(n_rows, int(PROJECT_PIECE_FLOPS // (2.0 * d_in * width))), cols
 
 
 # --------------------------------------------------------------------------- softmax
