@@ -27,7 +27,7 @@ def tuning_file(tmp_path, monkeypatch):
     return file
 
 
-ENTRY = {"q_block": 128, "k_block": 256, "tile_gemm": {"4": "blas", "8": "micro"}}
+ENTRY = {"q_block": 128, "k_block": 256, "tile_gemm": {"float32": "blas", "float64": "micro"}}
 
 
 def test_auto_lanes_drop_the_dtypes_tuned_to_blas():
@@ -35,12 +35,12 @@ def test_auto_lanes_drop_the_dtypes_tuned_to_blas():
     assert _plan.auto_lanes(None) == lanes
     assert _plan.auto_lanes(ENTRY) == {s: n for s, n in lanes.items() if s != 4}
     assert _plan.auto_lanes(dict(ENTRY, tile_gemm={})) == lanes
-    assert _plan.auto_lanes(dict(ENTRY, tile_gemm={"4": "blas", "8": "blas"})) == {}
+    assert _plan.auto_lanes(dict(ENTRY, tile_gemm={"float32": "blas", "float64": "blas"})) == {}
 
 
 def test_choose_keeps_the_default_unless_a_candidate_is_clearly_faster():
-    assert tune.choose("a", {"a": 1.0, "b": 0.96}) == "a"    # 4%: noise on a shared machine
-    assert tune.choose("a", {"a": 1.0, "b": 0.95}) == "b"
+    assert tune.choose("a", {"a": 1.0, "b": 0.95}) == "a"    # 5%: noise on a shared machine
+    assert tune.choose("a", {"a": 1.0, "b": 0.92}) == "b"
     assert tune.choose("a", {"a": 1.0, "b": 0.90, "c": 0.80}) == "c"
     assert tune.choose("a", {"a": 1.0, "b": 1.5}) == "a"
     assert tune.choose("a", {"a": 1.0, "b": 0.97}, margin=0.02) == "b"
@@ -105,8 +105,9 @@ def test_cpu_signature_matches_the_operating_system():
     {"q_block": 128, "k_block": 1 << 20, "tile_gemm": {}},
     {"q_block": True, "k_block": 256, "tile_gemm": {}},
     {"q_block": 128.0, "k_block": 256, "tile_gemm": {}},
-    {"q_block": 128, "k_block": 256, "tile_gemm": {"4": "fast"}},
-    {"q_block": 128, "k_block": 256, "tile_gemm": {"2": "blas"}},
+    {"q_block": 128, "k_block": 256, "tile_gemm": {"float32": "fast"}},
+    {"q_block": 128, "k_block": 256, "tile_gemm": {"4": "blas"}},
+    {"q_block": 128, "k_block": 256, "tile_gemm": {"float16": "blas"}},
     {"q_block": 128, "k_block": 256},
     [128, 256],
 ])
@@ -197,7 +198,7 @@ def test_tune_measures_every_candidate_and_restores_the_plan():
     assert (_plan.Q_BLOCK, _plan.K_BLOCK, _plan.TILE_GEMM) == saved
     _tuning.validate(entry)
     assert (entry["q_block"], entry["k_block"]) in tune.CANDIDATE_TILES
-    assert set(entry["tile_gemm"]) == {str(s) for s in _plan.MICROKERNEL_LANES}
+    assert set(entry["tile_gemm"]) == {f"float{8 * s}" for s in _plan.MICROKERNEL_LANES}
     text = "".join(lines)
     for q_block, k_block in tune.CANDIDATE_TILES:
         assert f"{q_block} x {k_block}:" in text

@@ -344,7 +344,7 @@ def auto_lanes(tuned):
         return MICROKERNEL_LANES
     gemm = tuned["tile_gemm"]
     return {size: lanes for size, lanes in MICROKERNEL_LANES.items()
-            if gemm.get(str(size), "micro") == "micro"}
+            if gemm.get(f"float{8 * size}", "micro") == "micro"}
 
 
 # ...this machine's, computed once: tile_lanes() runs on every call.

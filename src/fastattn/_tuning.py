@@ -63,7 +63,8 @@ def machine_key(isa):
 
 def validate(entry):
     """The entry if it is a well-formed tuning (dict with q_block, k_block and
-    tile_gemm {"4": "micro"|"blas", "8": ...}); else ValueError saying what is wrong."""
+    tile_gemm {"float32": "micro"|"blas", "float64": ...}); else ValueError saying what
+    is wrong."""
     if not isinstance(entry, dict):
         raise ValueError("an entry is a JSON object")
     for name in ("q_block", "k_block"):
@@ -72,9 +73,9 @@ def validate(entry):
                 or not _BLOCK_RANGE[0] <= value <= _BLOCK_RANGE[1]):
             raise ValueError(f"{name} must be an integer in {list(_BLOCK_RANGE)}, got {value!r}")
     gemm = entry.get("tile_gemm")
-    if (not isinstance(gemm, dict) or set(gemm) - {"4", "8"}
+    if (not isinstance(gemm, dict) or set(gemm) - {"float32", "float64"}
             or any(g not in _GEMMS for g in gemm.values())):
-        raise ValueError(f"tile_gemm must map '4'/'8' (float32/float64) to one of {_GEMMS}, "
+        raise ValueError(f"tile_gemm must map 'float32'/'float64' to one of {_GEMMS}, "
                          f"got {gemm!r}")
     return entry
 
