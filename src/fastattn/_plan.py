@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _tuning
+from . import _dispatch, _tuning
 from ._dispatch import kernels as _kernels
 from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_sinks, check_softcap,
                           check_window, contiguous, dtypes_of, memory_limit, refuse_huge)
@@ -36,7 +36,7 @@ __all__ = ["MaskKind", "Layout", "AttentionPlan", "layout", "plan_attention",
 
 # This machine's tuning (fastattn._tuning: what `python -m fastattn tune` measured here),
 # or None; it replaces the defaults of Q_BLOCK, K_BLOCK and the tile GEMMs below.
-TUNED = _tuning.load(_kernels.build_info()["isa"])
+TUNED = _tuning.load(_dispatch.isa)
 # Largest tiles of the fused kernel (query rows x keys); tiles() picks per shape. Sweep of
 # q_block in 32..256 x k_block in 128..1024 on a 2-core AVX-512 AMD EPYC (float32, D=64,
 # 2 threads): 256 x 512 was fastest for long sequences (2048 tokens, BLAS tiles: 43.8 ms

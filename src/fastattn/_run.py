@@ -181,7 +181,7 @@ def project_pieces(n_rows, d_in, d_out):
     if 2.0 * n_rows * d_in * d_out <= PROJECT_ONE_CALL_FLOPS:
         return [(0, n_rows)], [(0, d_out)]
     cols = _even(d_out, PIECE_COLS)
-    width = cols[0][1] - cols[0][0]
+    width = max(c1 - c0 for c0, c1 in cols)
     return _even(n_rows, int(PROJECT_PIECE_FLOPS // (2.0 * d_in * width))), cols
 
 
