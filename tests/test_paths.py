@@ -355,3 +355,54 @@ def test_a_projection_under_the_threshold_is_one_gemm():
     rows, cols = _run.project_pieces(8192, 8192, 8192)
     assert len(cols) == 4 and all(2.0 * (r1 - r0) * 8192 * 2048 <= _run.PROJECT_PIECE_FLOPS
                                   for r0, r1 in rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_rows,d_in,d_out,cols", [
+    (1, 33, 100, (0, 100)),    # one row: GEMV bands of columns
+    (5, 17, 70, (0, 70)),      # more columns: bands on multiples of 16, the last 22 wide
+    (3, 8, 40, (5, 37)),       # a piece's columns only, edges off the multiples of 16
+    (70, 9, 20, (0, 20)),      # more rows: bands of rows, uneven
+    (2, 4, 31, (0, 31)),       # fewer columns than two bands of 16: one thread
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_projection_kernel_splits_over_threads_exactly(dtype, n_rows, d_in, d_out, cols,
+                                                           bias):
+    # Each thread one BLAS call on its band of rows or columns: for every team size, the
+    # piece's outputs (with their own bias) and nothing else; out= starts as NaN.
+    kernels = fastattn._dispatch.kernels
+    rng = np.random.default_rng(d_out)
+    x = rng.standard_normal((n_rows, d_in)).astype(dtype)
+    w = rng.standard_normal((d_in, d_out)).astype(dtype)
+    b = rng.standard_normal(d_out).astype(dtype)
+    c0, c1 = cols
+    want = (x.astype(np.float64) @ w.astype(np.float64) + (b if bias else 0))[:, c0:c1]
+    for threads in (1, 2, 3, 8):
+        out = np.full((n_rows, d_out), np.nan, dtype)
+        with _run.serial_blas:
+            kernels.project(x, w, b, bias, out, c0, c1, threads)
+        assert np.isnan(out[:, :c0]).all() and np.isnan(out[:, c1:]).all(), threads
+        assert_close(out[:, c0:c1], want, dtype, f"{threads} threads", magnitude=d_in)
+
+
+def test_a_projection_holds_blas_to_one_thread(monkeypatch):
+    # fastattn's threads split a projection, so BLAS's own pool must not start as well
+    # (it would then spin on the cores after the call, slowing whatever runs next).
+    kernels = fastattn._dispatch.kernels
+    depths = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def project(self, *args):
+            depths.append(_run.serial_blas._depth)
+            return kernels.project(*args)
+
+    monkeypatch.setattr(_run, "_kernels", Spy())
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((64, 128)), rng.standard_normal((128, 300))
+    np.testing.assert_allclose(fastattn.project(x, w), x @ w, rtol=1e-12, atol=1e-12)
+    fastattn.self_attention(x, w[:, :64], w[:, 64:128], w[:, 128:192])
+    assert len(depths) == 4 and all(d >= 1 for d in depths)
+    assert _run.serial_blas._depth == 0

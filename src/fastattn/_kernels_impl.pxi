@@ -81,17 +81,17 @@ cdef extern from "fa_microkernels.h" nogil:
     void fa_mk_scores_d(const double *q, Py_ssize_t rows, Py_ssize_t d, const double *kp,
                         Py_ssize_t n_cols, double *s, Py_ssize_t ld)
     void fa_mk_pv_f(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *v,
-                    Py_ssize_t n_keys, Py_ssize_t d_v, float *o)
+                    Py_ssize_t n_keys, Py_ssize_t d_v, float *o, Py_ssize_t ld_o)
     void fa_mk_pv_d(const double *p, Py_ssize_t ld_p, Py_ssize_t rows, const double *v,
-                    Py_ssize_t n_keys, Py_ssize_t d_v, double *o)
+                    Py_ssize_t n_keys, Py_ssize_t d_v, double *o, Py_ssize_t ld_o)
     void fa_pack_keys_f(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kp,
                         Py_ssize_t n_cols)
     void fa_pack_keys_d(const double *k, Py_ssize_t rows, Py_ssize_t d, double *kp,
                         Py_ssize_t n_cols)
     const float *fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v,
-                                  float *vp)
+                                  Py_ssize_t ld_v, float *vp)
     const double *fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v,
-                                   double *vp)
+                                   Py_ssize_t ld_v, double *vp)
 
 cdef extern from "fa_bench.h" nogil:
     float fa_fma_loop_f(Py_ssize_t n_iter, float seed)
@@ -139,19 +139,19 @@ cdef inline void _gemm(bint trans_b, int m, int n, int k, floating alpha,
 
 
 cdef inline void _gemv_rows(int d_in, int d_out, const floating *x, const floating *w,
-                            floating beta, floating *y) noexcept nogil:
-    """y (d_out) = x (d_in) @ W (d_in x d_out, row-major) + beta * y."""
+                            int ld_w, floating beta, floating *y) noexcept nogil:
+    """y (d_out) = x (d_in) @ W (d_in x d_out, row-major, row stride ld_w) + beta * y."""
     # Row-major W is column-major W.T (d_out x d_in), so y = W.T x is gemv 'N'.
     cdef char trans = b'N'
     cdef int inc = 1
     cdef floating one = 1
     fa_check_matrix(x, 1, d_in, d_in, sizeof(floating))
-    fa_check_matrix(w, d_in, d_out, d_out, sizeof(floating))
+    fa_check_matrix(w, d_in, d_out, ld_w, sizeof(floating))
     fa_check_matrix(y, 1, d_out, d_out, sizeof(floating))
     if floating is float:
-        sgemv(&trans, &d_out, &d_in, &one, <float*> w, &d_out, <float*> x, &inc, &beta, y, &inc)
+        sgemv(&trans, &d_out, &d_in, &one, <float*> w, &ld_w, <float*> x, &inc, &beta, y, &inc)
     else:
-        dgemv(&trans, &d_out, &d_in, &one, <double*> w, &d_out, <double*> x, &inc, &beta, y, &inc)
+        dgemv(&trans, &d_out, &d_in, &one, <double*> w, &ld_w, <double*> x, &inc, &beta, y, &inc)
 
 
 cdef inline floating _row_max(const floating *x, Py_ssize_t n) noexcept nogil:
@@ -203,12 +203,13 @@ cdef inline void _mk_scores(const floating *q, Py_ssize_t rows, Py_ssize_t d,
 
 cdef inline void _mk_pv(const floating *p, Py_ssize_t ld_p, Py_ssize_t rows,
                         const floating *vp, Py_ssize_t n_keys, Py_ssize_t d_v,
-                        floating *o) noexcept nogil:
-    """o (rows x d_v) += p (rows x n_keys, stride ld_p) @ v, v packed by _pack_values."""
+                        floating *o, Py_ssize_t ld_o) noexcept nogil:
+    """o (rows x d_v, stride ld_o) += p (rows x n_keys, stride ld_p) @ v, v packed by
+    _pack_values."""
     if floating is float:
-        fa_mk_pv_f(p, ld_p, rows, vp, n_keys, d_v, o)
+        fa_mk_pv_f(p, ld_p, rows, vp, n_keys, d_v, o, ld_o)
     else:
-        fa_mk_pv_d(p, ld_p, rows, vp, n_keys, d_v, o)
+        fa_mk_pv_d(p, ld_p, rows, vp, n_keys, d_v, o, ld_o)
 
 
 cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
@@ -221,13 +222,15 @@ cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
 
 
 cdef inline const floating *_pack_values(const floating *v, Py_ssize_t n_keys,
-                                         Py_ssize_t d_v, floating *vp) noexcept nogil:
-    """v (n_keys x d_v) as the micro-kernel's column bands: packed into vp, or v itself
-    where its layout is already theirs; returns which."""
+                                         Py_ssize_t d_v, Py_ssize_t ld_v,
+                                         floating *vp) noexcept nogil:
+    """v (n_keys x d_v, row stride ld_v) as the micro-kernel's column bands: packed into
+    vp, or v itself where its layout is already theirs; returns which."""
     if floating is float:
-        return fa_pack_values_f(v, n_keys, d_v, vp)
+        return fa_pack_values_f(v, n_keys, d_v, ld_v, vp)
     else:
-        return fa_pack_values_d(v, n_keys, d_v, vp)
+        return fa_pack_values_d(v, n_keys, d_v, ld_v, vp)
+
 
 
 # --------------------------------------------------------------------------- build facts
@@ -253,27 +256,86 @@ def max_threads():
 
 # --------------------------------------------------------------------------- projection
 
+cdef void _project_band(const floating *x, const floating *w, const floating *b,
+                        bint has_bias, floating *out, int n_rows, int d_in, int d_out,
+                        Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """out[:, c0:c1] = x @ w[:, c0:c1] (+ b[c0:c1]) in one BLAS call (GEMV for one row);
+    x (n_rows x d_in), w (d_in x d_out) and out (n_rows x d_out) row-major."""
+    cdef Py_ssize_t i, j
+    cdef floating beta = 1 if has_bias else 0
+    if c1 <= c0:
+        return
+    if has_bias:
+        for i in range(n_rows):
+            for j in range(c0, c1):
+                out[i * d_out + j] = b[j]
+    if n_rows == 1:
+        _gemv_rows(d_in, <int> (c1 - c0), x, w + c0, d_out, beta, out + c0)
+    else:
+        _gemm(False, n_rows, <int> (c1 - c0), d_in, 1, x, d_in, w + c0, d_out, beta,
+              out + c0, d_out)
+
+
 def project(const floating[:, ::1] x, const floating[:, ::1] w, const floating[::1] b,
             bint has_bias, floating[:, ::1] out, Py_ssize_t col_start=0,
-            Py_ssize_t col_stop=-1):
+            Py_ssize_t col_stop=-1, int n_threads=1):
     """out[:, c0:c1] = x @ w[:, c0:c1] (+ b[c0:c1]), (c0, c1) = (col_start, col_stop; -1:
-    d_out): one GEMM (GEMV for one whole row), threaded by the BLAS itself."""
+    d_out), on n_threads of fastattn's OpenMP team, each one BLAS call (GEMV for one row)
+    on an even band of rows, or of columns (edges on multiples of 16) when there are more
+    of those: each thread's BLAS packs its band and all of the other operand, so the band
+    is cut from the larger side. Returns the team size.
+
+    The caller holds BLAS to one thread (fastattn._run.serial_blas), so that BLAS's own
+    thread pool never starts: after a call it spins for a while, and on a 2-core Zen 5
+    EPYC the first attention call after a projection threaded by OpenBLAS took 7.8 ms
+    instead of 1.9. Each output is one BLAS dot product whichever band holds it."""
     cdef int n_rows = <int> x.shape[0], d_in = <int> x.shape[1], d_out = <int> w.shape[1]
-    cdef Py_ssize_t i
-    cdef floating beta = 1 if has_bias else 0
+    cdef Py_ssize_t n_cols, t, c0, c1, r0, r1
+    cdef bint by_rows
+    cdef int team = 1
     if col_stop < 0 or col_stop > d_out:
         col_stop = d_out
-    if col_start < 0 or col_start >= col_stop:
-        return
+    if col_start < 0 or col_start >= col_stop or n_rows == 0:
+        return team
+    n_cols = col_stop - col_start
+    by_rows = n_rows > n_cols
+    n_threads = max(1, min(n_threads, n_rows if by_rows else <int> (n_cols // 16)))
     with nogil:
-        if has_bias:
-            for i in range(n_rows):
-                out[i, col_start:col_stop] = b[col_start:col_stop]
-        if n_rows == 1 and col_start == 0 and col_stop == d_out:
-            _gemv_rows(d_in, d_out, &x[0, 0], &w[0, 0], beta, &out[0, 0])
+        if n_threads == 1:
+            _project_band(&x[0, 0], &w[0, 0], &b[0], has_bias, &out[0, 0], n_rows, d_in,
+                          d_out, col_start, col_stop)
         else:
-            _gemm(False, n_rows, <int> (col_stop - col_start), d_in, 1, &x[0, 0], d_in,
-                  &w[0, col_start], d_out, beta, &out[0, col_start], d_out)
+            for t in prange(n_threads, num_threads=n_threads, schedule='static', chunksize=1):
+                if by_rows:
+                    r0 = n_rows * t // n_threads
+                    r1 = n_rows * (t + 1) // n_threads
+                    _project_band(&x[0, 0] + r0 * d_in, &w[0, 0], &b[0], has_bias,
+                                  &out[0, 0] + r0 * d_out, <int> (r1 - r0), d_in, d_out,
+                                  col_start, col_stop)
+                else:
+                    c0 = col_start + n_cols * t // n_threads // 16 * 16
+                    c1 = col_start + (n_cols if t == n_threads - 1
+                                      else n_cols * (t + 1) // n_threads // 16 * 16)
+                    _project_band(&x[0, 0], &w[0, 0], &b[0], has_bias, &out[0, 0], n_rows,
+                                  d_in, d_out, c0, c1)
+                team = fa_omp_team_size()  # every thread writes the same value
+    return team
+    n_cols = col_stop - col_start
+    if n_threads > n_cols // 16:
+        n_threads = max(1, <int> (n_cols // 16))
+    with nogil:
+        if n_threads == 1:
+            _project_band(&x[0, 0], &w[0, 0], &b[0], has_bias, &out[0, 0], n_rows, d_in,
+                          d_out, col_start, col_stop)
+        else:
+            for t in prange(n_threads, num_threads=n_threads, schedule='static', chunksize=1):
+                c0 = col_start + n_cols * t // n_threads // 16 * 16
+                c1 = col_start + (n_cols if t == n_threads - 1 else n_cols * (t + 1) // n_threads // 16 * 16)
+                _project_band(&x[0, 0], &w[0, 0], &b[0], has_bias, &out[0, 0], n_rows, d_in,
+                              d_out, c0, c1)
+                team = fa_omp_team_size()  # every thread writes the same value
+    return team
+
 
 
 # --------------------------------------------------------------------------- masking
@@ -472,8 +534,8 @@ cdef void _attend_block(
                     o_row[j] = o_row[j] * alpha
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
         if micro:
-            vb = _pack_values(v + k_start * d_v, k_rows, d_v, vp)
-            _mk_pv(s_tile + off, ld, q_rows, vb, k_rows, d_v, o_acc)
+            vb = _pack_values(v + k_start * d_v, k_rows, d_v, d_v, vp)
+            _mk_pv(s_tile + off, ld, q_rows, vb, k_rows, d_v, o_acc, d_v)
         else:
             _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1,
                   s_tile, <int> k_rows, v + k_start * d_v, <int> d_v,

@@ -159,13 +159,20 @@ def project_rows(x2, w, b, target):
         return
     b2 = contiguous(b, compute) if b is not None else np.zeros(1, compute)
     w = contiguous(w, compute)
-    # One GEMM threaded by the BLAS itself: splitting rows over fastattn's threads made
-    # every block re-pack w and ran 1.1-1.5x slower (256 x 128 x 384: 162 vs 115 us).
-    # Only a large projection runs in pieces, for Ctrl-C (see PIECE_COLS).
+    # fastattn's threads each take a band of columns with BLAS held to one thread, rather
+    # than one GEMM threaded by the BLAS: as fast from 128 rows up (Zen 5 EPYC, float32,
+    # 2 threads, d_in 768 to 4096: within 2% of OpenBLAS's own threads and of NumPy), and
+    # BLAS's pool, never started, is not left spinning on the cores when the call returns
+    # (an attention call right after took 4x its time). Splitting rows instead made every
+    # block re-pack w and ran 1.1-1.5x slower. Only a large projection runs in pieces, for
+    # Ctrl-C (see PIECE_COLS).
+    flops = 2.0 * n_rows * d_in * target.shape[1]
+    team = _team(max(1, _kernels.max_threads()), flops, target.shape[1])
     rows, cols = project_pieces(n_rows, d_in, target.shape[1])
-    for r0, r1 in rows:
-        for c0, c1 in cols:
-            _kernels.project(x2[r0:r1], w, b2, b is not None, target[r0:r1], c0, c1)
+    with serial_blas:
+        for r0, r1 in rows:
+            for c0, c1 in cols:
+                _kernels.project(x2[r0:r1], w, b2, b is not None, target[r0:r1], c0, c1, team)
 
 
 def _even(n, most):

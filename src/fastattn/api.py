@@ -45,7 +45,10 @@ def project(x, w, b=None, *, out=None):
 
     Notes
     -----
-    ``out[..., j] = sum_i x[..., i] w[i, j] + b[j]``, one BLAS GEMM (GEMV for one token).
+    ``out[..., j] = sum_i x[..., i] w[i, j] + b[j]``, by SciPy's BLAS (GEMV for one token)
+    on fastattn's threads: each takes an even band of rows, or of columns when there are
+    more of those, with BLAS held to one thread, so that BLAS's own thread pool never
+    starts and is not left spinning on the cores for the attention that follows.
 
     Examples
     --------
