@@ -402,6 +402,7 @@ def test_a_projection_holds_blas_to_one_thread(monkeypatch):
     monkeypatch.setattr(_run, "_kernels", Spy())
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((64, 128)), rng.standard_normal((128, 300))
+    assert 64 * 128 * 64 > _run.BLAS_SERIAL_MNK  # calls BLAS would thread
     np.testing.assert_allclose(fastattn.project(x, w), x @ w, rtol=1e-12, atol=1e-12)
     fastattn.self_attention(x, w[:, :64], w[:, 64:128], w[:, 128:192])
     assert len(depths) == 4 and all(d >= 1 for d in depths)

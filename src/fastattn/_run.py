@@ -169,7 +169,8 @@ def project_rows(x2, w, b, target):
     flops = 2.0 * n_rows * d_in * target.shape[1]
     team = _team(max(1, _kernels.max_threads()), flops, target.shape[1])
     rows, cols = project_pieces(n_rows, d_in, target.shape[1])
-    with serial_blas:
+    # (OpenBLAS runs a call of at most BLAS_SERIAL_MNK on the calling thread anyway.)
+    with serial_blas if n_rows * d_in * target.shape[1] > BLAS_SERIAL_MNK else _no_context:
         for r0, r1 in rows:
             for c0, c1 in cols:
                 _kernels.project(x2[r0:r1], w, b2, b is not None, target[r0:r1], c0, c1, team)
