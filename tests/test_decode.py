@@ -244,6 +244,7 @@ def test_decode_benchmark_row_times_the_public_call_and_the_kernel_alone():
     times, extra = bench._decode_row(case, ("numpy",), 1, 0.001, 0.0)
     assert set(times) == {"fastattn", "numpy"} and extra["unit"] == "GB/s"
     assert extra["kernel"] > 0 and extra["rate"] > 0
+    assert 0 < extra["floor"] <= extra["floor_median"]  # the fastest sample, and the median
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

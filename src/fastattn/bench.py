@@ -131,14 +131,16 @@ def _sample(fn, number):
     return (time.perf_counter() - t) / number
 
 
-def time_alternating(contenders, repeat, min_time, gap=0.0, fastest=()):
+def time_alternating(contenders, repeat, min_time, gap=0.0, fastest=(), samples=None):
     """Median seconds per call of each contender, sampled in turn, `gap` s apart; the
-    fastest sample instead for the contenders named in `fastest` (ceilings)."""
+    fastest sample instead for the contenders named in `fastest` (ceilings). `samples`,
+    a dict, receives every contender's samples."""
     numbers = {}
     for name, fn in contenders.items():
         fn()  # warm-up: first-touch, thread pools, caches
         numbers[name] = _calibrate(fn, min_time)
-    samples = {name: [] for name in contenders}
+    samples = {} if samples is None else samples
+    samples.update({name: [] for name in contenders})
     order = list(contenders.items())
     for r in range(repeat):
         # Each round starts with the next contender: none always follows the same one (whose
@@ -147,8 +149,8 @@ def time_alternating(contenders, repeat, min_time, gap=0.0, fastest=()):
             time.sleep(gap)
             fn()  # warm again after the gap: no sample starts on sleeping vCPUs or pools
             samples[name].append(_sample(fn, numbers[name]))
-    return {name: (min if name in fastest else statistics.median)(s)
-            for name, s in samples.items()}
+    return {name: (min if name in fastest else statistics.median)(samples[name])
+            for name in contenders}
 
 
 def fma_peak(dtype, threads, min_time=0.1):
@@ -433,10 +435,16 @@ def _decode_row(case, against, threads, min_time, gap):
     block = _kernels.read_sum_multiple() * threads
     floor_buf = np.ones(-(-moved // block) * block // 4, np.float32)
     contenders["floor"] = lambda: _kernels.read_sum(floor_buf, threads)
-    times = time_alternating(contenders, case.repeat, min_time, gap, fastest=("floor",))
+    samples = {}
+    times = time_alternating(contenders, case.repeat, min_time, gap, fastest=("floor",),
+                             samples=samples)
+    # The floor's median beside its fastest sample: read against the row's median, the
+    # fastest is the strict ceiling, the median the like-for-like one (a read of 128 MiB
+    # once took 1.71 ms, 78 GB/s, in a run whose other samples and copy ceiling gave 43).
     return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s",
                    "kernel": times.pop("kernel"), "arrays": times.pop("arrays"),
-                   "floor": times.pop("floor")}
+                   "floor": times.pop("floor"),
+                   "floor_median": statistics.median(samples["floor"])}
 
 
 _ROWS = {"attention": _attention_row, "decode": _decode_row, "projection": _projection_row,
@@ -511,7 +519,9 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
             + (", causal" if case.causal else "")
         rate = f"{extra['rate']:.1f} {extra['unit']}"
         if case.kind == "decode":
-            rate += (f" (read floor {_fmt_time(extra['floor'])}: {100 * extra['floor'] / fa:.0f}%), "
+            rate += (f" (read floor {_fmt_time(extra['floor'])} fastest, "
+                     f"{_fmt_time(extra['floor_median'])} median: {100 * extra['floor'] / fa:.0f}%, "
+                     f"{100 * extra['floor_median'] / fa:.0f}%), "
                      f"kernel alone {_fmt_time(extra['kernel'])}, plain arrays "
                      f"{_fmt_time(extra['arrays'])}"
                      + ("" if tt is None else f" ({tt / extra['arrays']:.2f}x torch)"))
