@@ -81,17 +81,17 @@ cdef extern from "fa_microkernels.h" nogil:
     void fa_mk_scores_d(const double *q, Py_ssize_t rows, Py_ssize_t d, const double *kp,
                         Py_ssize_t n_cols, double *s, Py_ssize_t ld)
     void fa_mk_pv_f(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *v,
-                    Py_ssize_t n_keys, Py_ssize_t d_v, float *o, Py_ssize_t ld_o)
+                    Py_ssize_t n_keys, Py_ssize_t d_v, float *o)
     void fa_mk_pv_d(const double *p, Py_ssize_t ld_p, Py_ssize_t rows, const double *v,
-                    Py_ssize_t n_keys, Py_ssize_t d_v, double *o, Py_ssize_t ld_o)
+                    Py_ssize_t n_keys, Py_ssize_t d_v, double *o)
     void fa_pack_keys_f(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kp,
                         Py_ssize_t n_cols)
     void fa_pack_keys_d(const double *k, Py_ssize_t rows, Py_ssize_t d, double *kp,
                         Py_ssize_t n_cols)
     const float *fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v,
-                                  Py_ssize_t ld_v, float *vp)
+                                  float *vp)
     const double *fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v,
-                                   Py_ssize_t ld_v, double *vp)
+                                   double *vp)
 
 cdef extern from "fa_bench.h" nogil:
     float fa_fma_loop_f(Py_ssize_t n_iter, float seed)
@@ -203,13 +203,12 @@ cdef inline void _mk_scores(const floating *q, Py_ssize_t rows, Py_ssize_t d,
 
 cdef inline void _mk_pv(const floating *p, Py_ssize_t ld_p, Py_ssize_t rows,
                         const floating *vp, Py_ssize_t n_keys, Py_ssize_t d_v,
-                        floating *o, Py_ssize_t ld_o) noexcept nogil:
-    """o (rows x d_v, stride ld_o) += p (rows x n_keys, stride ld_p) @ v, v packed by
-    _pack_values."""
+                        floating *o) noexcept nogil:
+    """o (rows x d_v) += p (rows x n_keys, stride ld_p) @ v, v packed by _pack_values."""
     if floating is float:
-        fa_mk_pv_f(p, ld_p, rows, vp, n_keys, d_v, o, ld_o)
+        fa_mk_pv_f(p, ld_p, rows, vp, n_keys, d_v, o)
     else:
-        fa_mk_pv_d(p, ld_p, rows, vp, n_keys, d_v, o, ld_o)
+        fa_mk_pv_d(p, ld_p, rows, vp, n_keys, d_v, o)
 
 
 cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
@@ -222,15 +221,13 @@ cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
 
 
 cdef inline const floating *_pack_values(const floating *v, Py_ssize_t n_keys,
-                                         Py_ssize_t d_v, Py_ssize_t ld_v,
-                                         floating *vp) noexcept nogil:
-    """v (n_keys x d_v, row stride ld_v) as the micro-kernel's column bands: packed into
-    vp, or v itself where its layout is already theirs; returns which."""
+                                         Py_ssize_t d_v, floating *vp) noexcept nogil:
+    """v (n_keys x d_v) as the micro-kernel's column bands: packed into vp, or v itself
+    where its layout is already theirs; returns which."""
     if floating is float:
-        return fa_pack_values_f(v, n_keys, d_v, ld_v, vp)
+        return fa_pack_values_f(v, n_keys, d_v, vp)
     else:
-        return fa_pack_values_d(v, n_keys, d_v, ld_v, vp)
-
+        return fa_pack_values_d(v, n_keys, d_v, vp)
 
 
 # --------------------------------------------------------------------------- build facts
@@ -288,7 +285,8 @@ def project(const floating[:, ::1] x, const floating[:, ::1] w, const floating[:
     The caller holds BLAS to one thread (fastattn._run.serial_blas), so that BLAS's own
     thread pool never starts: after a call it spins for a while, and on a 2-core Zen 5
     EPYC the first attention call after a projection threaded by OpenBLAS took 7.8 ms
-    instead of 1.9. Each output is one BLAS dot product whichever band holds it."""
+    instead of 1.9. Which band holds an output can change its last bits (OpenBLAS's
+    kernels for a band's edges sum in another order), as BLAS's own thread count did."""
     cdef int n_rows = <int> x.shape[0], d_in = <int> x.shape[1], d_out = <int> w.shape[1]
     cdef Py_ssize_t n_cols, t, c0, c1, r0, r1
     cdef bint by_rows
@@ -320,22 +318,6 @@ def project(const floating[:, ::1] x, const floating[:, ::1] w, const floating[:
                                   d_in, d_out, c0, c1)
                 team = fa_omp_team_size()  # every thread writes the same value
     return team
-    n_cols = col_stop - col_start
-    if n_threads > n_cols // 16:
-        n_threads = max(1, <int> (n_cols // 16))
-    with nogil:
-        if n_threads == 1:
-            _project_band(&x[0, 0], &w[0, 0], &b[0], has_bias, &out[0, 0], n_rows, d_in,
-                          d_out, col_start, col_stop)
-        else:
-            for t in prange(n_threads, num_threads=n_threads, schedule='static', chunksize=1):
-                c0 = col_start + n_cols * t // n_threads // 16 * 16
-                c1 = col_start + (n_cols if t == n_threads - 1 else n_cols * (t + 1) // n_threads // 16 * 16)
-                _project_band(&x[0, 0], &w[0, 0], &b[0], has_bias, &out[0, 0], n_rows, d_in,
-                              d_out, c0, c1)
-                team = fa_omp_team_size()  # every thread writes the same value
-    return team
-
 
 
 # --------------------------------------------------------------------------- masking
@@ -534,8 +516,8 @@ cdef void _attend_block(
                     o_row[j] = o_row[j] * alpha
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
         if micro:
-            vb = _pack_values(v + k_start * d_v, k_rows, d_v, d_v, vp)
-            _mk_pv(s_tile + off, ld, q_rows, vb, k_rows, d_v, o_acc, d_v)
+            vb = _pack_values(v + k_start * d_v, k_rows, d_v, vp)
+            _mk_pv(s_tile + off, ld, q_rows, vb, k_rows, d_v, o_acc)
         else:
             _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1,
                   s_tile, <int> k_rows, v + k_start * d_v, <int> d_v,

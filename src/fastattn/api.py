@@ -48,7 +48,9 @@ def project(x, w, b=None, *, out=None):
     ``out[..., j] = sum_i x[..., i] w[i, j] + b[j]``, by SciPy's BLAS (GEMV for one token)
     on fastattn's threads: each takes an even band of rows, or of columns when there are
     more of those, with BLAS held to one thread, so that BLAS's own thread pool never
-    starts and is not left spinning on the cores for the attention that follows.
+    starts and is not left spinning on the cores for the attention that follows. The
+    bands follow the thread count (``OMP_NUM_THREADS``), and BLAS may sum a band's edge
+    columns in another order, so the last bits of the result can depend on it.
 
     Examples
     --------

@@ -170,12 +170,12 @@ static inline void fa_mk_scores_##SUFFIX(const T *q, ptrdiff_t rows, ptrdiff_t d
 /* packed band of values (n_keys x nv W, contiguous), o already offset to its column.    */ \
 static inline __attribute__((always_inline)) void fa_mk_pv_block_##SUFFIX(                 \
     const int mr, const int nv, const T *p, ptrdiff_t ld_p, const T *vp, ptrdiff_t n_keys, \
-    T *o, ptrdiff_t ld_o)                                                                  \
+    ptrdiff_t d_v, T *o)                                                                   \
 {                                                                                          \
     enum { W = FA_MK_W_##SUFFIX };                                                         \
     fa_mkv_##SUFFIX c[8][FA_MK_PV_NV];  /* mr <= 8 rows, nv <= NV vectors used */          \
     for (int r = 0; r < mr; r++)                                                           \
-        for (int u = 0; u < nv; u++) c[r][u] = *(const fa_mkvu_##SUFFIX *)(o + r * ld_o + u * W); \
+        for (int u = 0; u < nv; u++) c[r][u] = *(const fa_mkvu_##SUFFIX *)(o + r * d_v + u * W); \
     for (ptrdiff_t j = 0; j < n_keys; j++) {                                               \
         fa_mkv_##SUFFIX b[FA_MK_PV_NV];                                                    \
         for (int u = 0; u < nv; u++) b[u] = *(const fa_mkvu_##SUFFIX *)(vp + (j * nv + u) * W); \
@@ -185,27 +185,27 @@ static inline __attribute__((always_inline)) void fa_mk_pv_block_##SUFFIX(      
         }                                                                                  \
     }                                                                                      \
     for (int r = 0; r < mr; r++)                                                           \
-        for (int u = 0; u < nv; u++) *(fa_mkvu_##SUFFIX *)(o + r * ld_o + u * W) = c[r][u]; \
+        for (int u = 0; u < nv; u++) *(fa_mkvu_##SUFFIX *)(o + r * d_v + u * W) = c[r][u]; \
 }                                                                                          \
                                                                                            \
 /* One column band of nv vectors and a run of keys: every row, in blocks of MR and then  */ \
 /* the rows left.                                                                        */ \
 static inline __attribute__((always_inline)) void fa_mk_pv_run_##SUFFIX(                   \
     const int nv, const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *v, ptrdiff_t n_keys, \
-    T *o, ptrdiff_t ld_o)                                                                  \
+    ptrdiff_t d_v, T *o)                                                                   \
 {                                                                                          \
     enum { MR = FA_MK_PV_MR };                                                             \
     ptrdiff_t i0 = 0;                                                                      \
     for (; i0 + MR <= rows; i0 += MR)                                                      \
-        fa_mk_pv_block_##SUFFIX(MR, nv, p + i0 * ld_p, ld_p, v, n_keys, o + i0 * ld_o, ld_o); \
+        fa_mk_pv_block_##SUFFIX(MR, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); \
     switch (rows - i0) {                                                                   \
-    case 7: fa_mk_pv_block_##SUFFIX(7, nv, p + i0 * ld_p, ld_p, v, n_keys, o + i0 * ld_o, ld_o); break; \
-    case 6: fa_mk_pv_block_##SUFFIX(6, nv, p + i0 * ld_p, ld_p, v, n_keys, o + i0 * ld_o, ld_o); break; \
-    case 5: fa_mk_pv_block_##SUFFIX(5, nv, p + i0 * ld_p, ld_p, v, n_keys, o + i0 * ld_o, ld_o); break; \
-    case 4: fa_mk_pv_block_##SUFFIX(4, nv, p + i0 * ld_p, ld_p, v, n_keys, o + i0 * ld_o, ld_o); break; \
-    case 3: fa_mk_pv_block_##SUFFIX(3, nv, p + i0 * ld_p, ld_p, v, n_keys, o + i0 * ld_o, ld_o); break; \
-    case 2: fa_mk_pv_block_##SUFFIX(2, nv, p + i0 * ld_p, ld_p, v, n_keys, o + i0 * ld_o, ld_o); break; \
-    case 1: fa_mk_pv_block_##SUFFIX(1, nv, p + i0 * ld_p, ld_p, v, n_keys, o + i0 * ld_o, ld_o); break; \
+    case 7: fa_mk_pv_block_##SUFFIX(7, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 6: fa_mk_pv_block_##SUFFIX(6, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 5: fa_mk_pv_block_##SUFFIX(5, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 4: fa_mk_pv_block_##SUFFIX(4, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 3: fa_mk_pv_block_##SUFFIX(3, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 2: fa_mk_pv_block_##SUFFIX(2, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
+    case 1: fa_mk_pv_block_##SUFFIX(1, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break; \
     default: break;                                                                        \
     }                                                                                      \
 }                                                                                          \
@@ -214,40 +214,39 @@ static inline __attribute__((always_inline)) void fa_mk_pv_run_##SUFFIX(        
 /* for each run of at most FA_MK_PV_KC_BYTES of the band's values in turn.               */ \
 static inline __attribute__((always_inline)) void fa_mk_pv_band_##SUFFIX(                  \
     const int nv, const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *v, ptrdiff_t n_keys, \
-    T *o, ptrdiff_t ld_o)                                                                  \
+    ptrdiff_t d_v, T *o)                                                                   \
 {                                                                                          \
     const ptrdiff_t kc = FA_MK_PV_KC_BYTES / (nv * FA_MK_VBYTES);                          \
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += kc)                                          \
         fa_mk_pv_run_##SUFFIX(nv, p + j0, ld_p, rows, v + j0 * nv * FA_MK_W_##SUFFIX,      \
-                              n_keys - j0 < kc ? n_keys - j0 : kc, o, ld_o);               \
+                              n_keys - j0 < kc ? n_keys - j0 : kc, d_v, o);                \
 }                                                                                          \
                                                                                            \
 /* o[i][c] += sum_j p[i][j] v[j][c] for i < rows, j < n_keys, c < d_v (a multiple of W): */ \
-/* p has row stride ld_p, vp the value block packed by fa_pack_values, o row stride ld_o. */ \
-/* Bands of NV vectors of columns, then of one vector for the columns left.              */ \
+/* p has row stride ld_p, vp the value block packed by fa_pack_values, o (rows x d_v)    */ \
+/* row-major. Bands of NV vectors of columns, then of one vector for the columns left.   */ \
 static inline void fa_mk_pv_##SUFFIX(const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *vp, \
-                                     ptrdiff_t n_keys, ptrdiff_t d_v, T *o, ptrdiff_t ld_o) \
+                                     ptrdiff_t n_keys, ptrdiff_t d_v, T *o)                \
 {                                                                                          \
     enum { W = FA_MK_W_##SUFFIX, NV = FA_MK_PV_NV };                                       \
     ptrdiff_t c0 = 0;                                                                      \
     for (; c0 + NV * W <= d_v; c0 += NV * W)                                               \
-        fa_mk_pv_band_##SUFFIX(NV, p, ld_p, rows, vp + c0 * n_keys, n_keys, o + c0, ld_o); \
+        fa_mk_pv_band_##SUFFIX(NV, p, ld_p, rows, vp + c0 * n_keys, n_keys, d_v, o + c0);  \
     for (; c0 < d_v; c0 += W)                                                              \
-        fa_mk_pv_band_##SUFFIX(1, p, ld_p, rows, vp + c0 * n_keys, n_keys, o + c0, ld_o);  \
+        fa_mk_pv_band_##SUFFIX(1, p, ld_p, rows, vp + c0 * n_keys, n_keys, d_v, o + c0);   \
 }                                                                                          \
                                                                                            \
-/* v (n_keys x d_v, row stride ld_v) in the bands fa_mk_pv reads: the columns            */ \
-/* [c0, c0 + bw) of every key, contiguous, band after band (bw = NV W, then W for the    */ \
-/* columns left). Packed into vp once per value block, so that each band streams from    */ \
-/* one contiguous run rather than a line every ld_v elements (whose cache sets alias     */ \
-/* when it is a power of two). Returns where the bands are: v itself when d_v is one     */ \
-/* contiguous band of NV W (ld_v == d_v)                                                 */ \
+/* v (n_keys x d_v, row-major) in the bands fa_mk_pv reads: the columns [c0, c0 + bw)    */ \
+/* of every key, contiguous, band after band (bw = NV W, then W for the columns left).   */ \
+/* Packed into vp once per value block, so that each band streams from one contiguous    */ \
+/* run rather than a line every d_v elements (whose cache sets alias when d_v is a       */ \
+/* power of two). Returns where the bands are: v itself when d_v is one band of NV W     */ \
 /* (float32 D 64 in the AVX-512 build), whose layout is v's own, else vp.                */ \
 static inline const T *fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, \
-                                               ptrdiff_t ld_v, T *vp)                      \
+                                               T *vp)                                      \
 {                                                                                          \
     enum { W = FA_MK_W_##SUFFIX, NV = FA_MK_PV_NV };                                       \
-    if (d_v == NV * W && ld_v == d_v) return v;                                            \
+    if (d_v == NV * W) return v;                                                           \
     /* v is read row after row, once (a pass per band read every row d_v / bw times and */ \
     /* stalled on its misses); each copy is whole vectors (d_v is a multiple of W here): */ \
     /* explicit vector moves, since GCC turned the element loop into scalar moves and  */ \
@@ -255,7 +254,7 @@ static inline const T *fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptr
     typedef fa_mkvu_##SUFFIX V;                                                            \
     const ptrdiff_t full = d_v / (NV * W) * (NV * W);                                      \
     for (ptrdiff_t j = 0; j < n_keys; j++) {                                               \
-        const T *row = v + j * ld_v;                                                       \
+        const T *row = v + j * d_v;                                                        \
         ptrdiff_t c0 = 0;                                                                  \
         for (; c0 < full; c0 += NV * W)                                                    \
             for (int c = 0; c < NV; c++)                                                   \
@@ -302,20 +301,19 @@ FA_DEFINE_MICROKERNELS(double, d)
 #define FA_MICROKERNELS 0
 #define FA_MK_VBYTES 0
 #define FA_MK_KEYS 1
-#define FA_MK_PV_NV 1
 #define FA_DEFINE_MICROKERNEL_STUBS(T, SUFFIX)                                             \
 static inline void fa_mk_scores_##SUFFIX(const T *q, ptrdiff_t rows, ptrdiff_t d,          \
                                          const T *kt, ptrdiff_t n_cols, T *s, ptrdiff_t ld) \
 { (void)q; (void)rows; (void)d; (void)kt; (void)n_cols; (void)s; (void)ld; }               \
 static inline void fa_mk_pv_##SUFFIX(const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *v, \
-                                     ptrdiff_t n_keys, ptrdiff_t d_v, T *o, ptrdiff_t ld_o) \
-{ (void)p; (void)ld_p; (void)rows; (void)v; (void)n_keys; (void)d_v; (void)o; (void)ld_o; } \
+                                     ptrdiff_t n_keys, ptrdiff_t d_v, T *o)                \
+{ (void)p; (void)ld_p; (void)rows; (void)v; (void)n_keys; (void)d_v; (void)o; }            \
 static inline void fa_pack_keys_##SUFFIX(const T *k, ptrdiff_t rows, ptrdiff_t d,          \
                                          T *kp, ptrdiff_t n_cols)                          \
 { (void)k; (void)rows; (void)d; (void)kp; (void)n_cols; }                                  \
 static inline const T *fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, \
-                                               ptrdiff_t ld_v, T *vp)                      \
-{ (void)n_keys; (void)d_v; (void)ld_v; (void)vp; return v; }
+                                               T *vp)                                      \
+{ (void)n_keys; (void)d_v; (void)vp; return v; }
 FA_DEFINE_MICROKERNEL_STUBS(float, f)
 FA_DEFINE_MICROKERNEL_STUBS(double, d)
 #endif
