@@ -7,7 +7,8 @@ Per layer: q, k, v = x @ w_q, x @ w_k, x @ w_v; causal multi-head attention; x @
 Defaults: 512 tokens, width 512, 8 heads (D 64), float32, 8 layers per pass, 2 threads
 each (torch.set_num_threads; fastattn's OpenMP default; NumPy's OpenBLAS as it starts).
 Each library runs whole passes in turn, 0.3 s apart, so that none runs while another's
-threads are still awake; the medians of 15 passes, per layer, with the attention's share.
+threads are still awake, and times the second of two passes, so that none starts on
+sleeping vCPUs; the medians of 15 such passes, per layer, with the attention's share.
 
 A library that runs its projections on one thread pool and its attention on another pays
 when the first pool's threads keep spinning after their call: before fastattn ran its
@@ -102,6 +103,7 @@ def main(argv):
     for _ in range(15):
         for name in runners:
             time.sleep(0.3)
+            one_pass(name)  # warm again after the gap: no pass starts on sleeping vCPUs
             results[name].append(one_pass(name))
     print(f"{tokens} tokens, width {width}, {heads} heads of {d}, causal, float32; "
           f"{layers} layers per pass, medians of 15 passes, per layer:")
