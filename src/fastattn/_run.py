@@ -159,18 +159,20 @@ def project_rows(x2, w, b, target):
         return
     b2 = contiguous(b, compute) if b is not None else np.zeros(1, compute)
     w = contiguous(w, compute)
-    # fastattn's threads each take a band of columns with BLAS held to one thread, rather
-    # than one GEMM threaded by the BLAS: as fast from 128 rows up (Zen 5 EPYC, float32,
-    # 2 threads, d_in 768 to 4096: within 2% of OpenBLAS's own threads and of NumPy), and
-    # BLAS's pool, never started, is not left spinning on the cores when the call returns
-    # (an attention call right after took 4x its time). Splitting rows instead made every
-    # block re-pack w and ran 1.1-1.5x slower. Only a large projection runs in pieces, for
-    # Ctrl-C (see PIECE_COLS).
-    flops = 2.0 * n_rows * d_in * target.shape[1]
-    team = _team(max(1, _kernels.max_threads()), flops, target.shape[1])
-    rows, cols = project_pieces(n_rows, d_in, target.shape[1])
+    # fastattn's threads each take a band of the output (rows, or columns when there are
+    # more of those; _kernels.project) with BLAS held to one thread, rather than one GEMM
+    # threaded by the BLAS: as fast alone (Zen 5 EPYC, float32, 2 threads, 1 to 4096 rows,
+    # d_in 768 and 4096: within noise of OpenBLAS's own threads), and BLAS's pool, never
+    # started, is not left spinning on the cores when the call returns (an attention call
+    # right after took 4x its time). Only a large projection runs in pieces, for Ctrl-C
+    # (see PIECE_COLS).
+    d_out = target.shape[1]
+    # (The kernel caps the team at its bands: n_rows of rows, or d_out / 16 of columns.)
+    team = _team(max(1, _kernels.max_threads()), 2.0 * n_rows * d_in * d_out,
+                 max(n_rows, d_out))
+    rows, cols = project_pieces(n_rows, d_in, d_out)
     # (OpenBLAS runs a call of at most BLAS_SERIAL_MNK on the calling thread anyway.)
-    with serial_blas if n_rows * d_in * target.shape[1] > BLAS_SERIAL_MNK else _no_context:
+    with serial_blas if n_rows * d_in * d_out > BLAS_SERIAL_MNK else _no_context:
         for r0, r1 in rows:
             for c0, c1 in cols:
                 _kernels.project(x2[r0:r1], w, b2, b is not None, target[r0:r1], c0, c1, team)
