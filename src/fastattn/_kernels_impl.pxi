@@ -81,9 +81,9 @@ cdef extern from "fa_microkernels.h" nogil:
     void fa_mk_scores_d(const double *q, Py_ssize_t rows, Py_ssize_t d, const double *kp,
                         Py_ssize_t n_cols, double *s, Py_ssize_t ld)
     void fa_mk_pv_f(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *v,
-                    Py_ssize_t n_keys, Py_ssize_t d_v, float *o)
+                    Py_ssize_t n_keys, Py_ssize_t d_v, float *o, const float *next_v)
     void fa_mk_pv_d(const double *p, Py_ssize_t ld_p, Py_ssize_t rows, const double *v,
-                    Py_ssize_t n_keys, Py_ssize_t d_v, double *o)
+                    Py_ssize_t n_keys, Py_ssize_t d_v, double *o, const double *next_v)
     void fa_pack_keys_f(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kp,
                         Py_ssize_t n_cols)
     void fa_pack_keys_d(const double *k, Py_ssize_t rows, Py_ssize_t d, double *kp,
@@ -203,12 +203,13 @@ cdef inline void _mk_scores(const floating *q, Py_ssize_t rows, Py_ssize_t d,
 
 cdef inline void _mk_pv(const floating *p, Py_ssize_t ld_p, Py_ssize_t rows,
                         const floating *vp, Py_ssize_t n_keys, Py_ssize_t d_v,
-                        floating *o) noexcept nogil:
-    """o (rows x d_v) += p (rows x n_keys, stride ld_p) @ v, v packed by _pack_values."""
+                        floating *o, const floating *next_vp) noexcept nogil:
+    """o (rows x d_v) += p (rows x n_keys, stride ld_p) @ v, v packed by _pack_values;
+    next_vp (or NULL): the next value block, in the same layout, to prefetch."""
     if floating is float:
-        fa_mk_pv_f(p, ld_p, rows, vp, n_keys, d_v, o)
+        fa_mk_pv_f(p, ld_p, rows, vp, n_keys, d_v, o, next_vp)
     else:
-        fa_mk_pv_d(p, ld_p, rows, vp, n_keys, d_v, o)
+        fa_mk_pv_d(p, ld_p, rows, vp, n_keys, d_v, o, next_vp)
 
 
 cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
@@ -517,7 +518,11 @@ cdef void _attend_block(
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
         if micro:
             vb = _pack_values(v + k_start * d_v, k_rows, d_v, vp)
-            _mk_pv(s_tile + off, ld, q_rows, vb, k_rows, d_v, o_acc)
+            # Where the tile reads v in place (its layout is the bands'), the next tile's
+            # values are there too, and its first run is prefetched during this tile's
+            # last; a packed next block does not exist yet.
+            _mk_pv(s_tile + off, ld, q_rows, vb, k_rows, d_v, o_acc,
+                   vb + k_rows * d_v if vb != vp and k_start + k_rows < k_end else NULL)
         else:
             _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1,
                   s_tile, <int> k_rows, v + k_start * d_v, <int> d_v,
