@@ -312,9 +312,10 @@ def test_a_call_in_pieces_is_bitwise_one_call(monkeypatch, block_sizes, dtype, k
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"causal": True, "window": 700}])
 def test_keys_beyond_a_threads_packing_room(block_sizes, dtype, kwargs):
-    # A thread keeps at most 16 MiB of a head's packed keys (the kernel's KP_MAX_BYTES):
-    # 4,096 keys of D 1024 in float32, 2,048 in float64. Past that, its tiles pack the keys
-    # again in runs; with the tiny tiles, runs restart mid-panel and at every query block.
+    # A thread keeps at most 16 MiB of a head's packed keys, and as much of its packed
+    # values (the kernel's KP_MAX_BYTES and VP_MAX_BYTES): 4,096 keys of D 1024 in float32,
+    # 2,048 in float64. Past that, its tiles pack the keys and values again in runs; with
+    # the tiny tiles, runs restart mid-panel (mid-chunk) and at every query block.
     rng = np.random.default_rng(9)
     n_q, n_k, d = 24, 4100 if dtype == np.float32 else 2200, 1024
     q = rng.standard_normal((2, n_q, d)).astype(dtype)

@@ -80,18 +80,23 @@ cdef extern from "fa_microkernels.h" nogil:
                         Py_ssize_t n_cols, float *s, Py_ssize_t ld)
     void fa_mk_scores_d(const double *q, Py_ssize_t rows, Py_ssize_t d, const double *kp,
                         Py_ssize_t n_cols, double *s, Py_ssize_t ld)
-    void fa_mk_pv_f(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *v,
-                    Py_ssize_t n_keys, Py_ssize_t d_v, float *o, const float *next_v)
-    void fa_mk_pv_d(const double *p, Py_ssize_t ld_p, Py_ssize_t rows, const double *v,
-                    Py_ssize_t n_keys, Py_ssize_t d_v, double *o, const double *next_v)
+    int FA_MK_PV_CHUNK
+    void fa_mk_pv_f(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *vp,
+                    Py_ssize_t j0, Py_ssize_t n_keys, Py_ssize_t next_keys, Py_ssize_t d_v,
+                    float *o)
+    void fa_mk_pv_d(const double *p, Py_ssize_t ld_p, Py_ssize_t rows, const double *vp,
+                    Py_ssize_t j0, Py_ssize_t n_keys, Py_ssize_t next_keys, Py_ssize_t d_v,
+                    double *o)
+    int fa_mk_values_in_place_f(Py_ssize_t d_v)
+    int fa_mk_values_in_place_d(Py_ssize_t d_v)
     void fa_pack_keys_f(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kp,
                         Py_ssize_t n_cols)
     void fa_pack_keys_d(const double *k, Py_ssize_t rows, Py_ssize_t d, double *kp,
                         Py_ssize_t n_cols)
-    const float *fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v,
-                                  float *vp)
-    const double *fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v,
-                                   double *vp)
+    void fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v, float *vp,
+                          Py_ssize_t c_lo, Py_ssize_t c_hi)
+    void fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v, double *vp,
+                          Py_ssize_t c_lo, Py_ssize_t c_hi)
 
 cdef extern from "fa_bench.h" nogil:
     float fa_fma_loop_f(Py_ssize_t n_iter, float seed)
@@ -202,14 +207,15 @@ cdef inline void _mk_scores(const floating *q, Py_ssize_t rows, Py_ssize_t d,
 
 
 cdef inline void _mk_pv(const floating *p, Py_ssize_t ld_p, Py_ssize_t rows,
-                        const floating *vp, Py_ssize_t n_keys, Py_ssize_t d_v,
-                        floating *o, const floating *next_vp) noexcept nogil:
-    """o (rows x d_v) += p (rows x n_keys, stride ld_p) @ v, v packed by _pack_values;
-    next_vp (or NULL): the next value block, in the same layout, to prefetch."""
+                        const floating *vp, Py_ssize_t j0, Py_ssize_t n_keys,
+                        Py_ssize_t next_keys, Py_ssize_t d_v, floating *o) noexcept nogil:
+    """o (rows x d_v) += p (rows x n_keys, stride ld_p) @ v[j0:j0 + n_keys], v in the
+    chunk layout vp (_pack_values, or v itself where _values_in_place); the next_keys keys
+    after them are in vp too (prefetched)."""
     if floating is float:
-        fa_mk_pv_f(p, ld_p, rows, vp, n_keys, d_v, o, next_vp)
+        fa_mk_pv_f(p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o)
     else:
-        fa_mk_pv_d(p, ld_p, rows, vp, n_keys, d_v, o, next_vp)
+        fa_mk_pv_d(p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o)
 
 
 cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
@@ -221,14 +227,18 @@ cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
         fa_pack_keys_d(k, rows, d, kp, n_cols)
 
 
-cdef inline const floating *_pack_values(const floating *v, Py_ssize_t n_keys,
-                                         Py_ssize_t d_v, floating *vp) noexcept nogil:
-    """v (n_keys x d_v) as the micro-kernel's column bands: packed into vp, or v itself
-    where its layout is already theirs; returns which."""
+cdef inline void _pack_values(const floating *v, Py_ssize_t n_keys, Py_ssize_t d_v,
+                              floating *vp, Py_ssize_t c_lo, Py_ssize_t c_hi) noexcept nogil:
+    """vp = chunks [c_lo, c_hi) of v (n_keys x d_v) in the micro-kernel's chunk layout."""
     if floating is float:
-        return fa_pack_values_f(v, n_keys, d_v, vp)
+        fa_pack_values_f(v, n_keys, d_v, vp, c_lo, c_hi)
     else:
-        return fa_pack_values_d(v, n_keys, d_v, vp)
+        fa_pack_values_d(v, n_keys, d_v, vp, c_lo, c_hi)
+
+
+cdef inline bint _values_in_place(Py_ssize_t d_v, size_t item) noexcept nogil:
+    """Whether values of this width are already in the chunk layout (one band)."""
+    return fa_mk_values_in_place_f(d_v) if item == 4 else fa_mk_values_in_place_d(d_v)
 
 
 # --------------------------------------------------------------------------- build facts
@@ -424,8 +434,8 @@ cdef void _attend_block(
         Py_ssize_t d_head, Py_ssize_t d_v, Py_ssize_t k_block, bint causal, Py_ssize_t window,
         floating scale, floating softcap, const floating *sink, floating *s_tile,
         floating *o_acc, floating *m_run, double *l_run, floating *kp, Py_ssize_t kp_keys,
-        Py_ssize_t *packed, floating *vp, floating *qs, bint micro, floating *out,
-        floating *lse) noexcept nogil:
+        Py_ssize_t *packed, floating *vp, Py_ssize_t vp_chunks, floating *qs, bint micro,
+        floating *out, floating *lse) noexcept nogil:
     """out rows [q_start, q_start + q_rows) of softmax(scale q k.T + mask) v, by an online
     softmax over key blocks; lse (if not NULL) gets m + log(l) per row.
 
@@ -434,8 +444,7 @@ cdef void _attend_block(
     sum start at (*sink, 1) instead of (-inf, 0).
 
     micro: the tile GEMMs run in this build's micro-kernels (fastattn._plan.use_microkernels)
-    instead of BLAS: the query block is scaled once into qs, and each value block packed
-    into vp where its layout is not already the micro-kernel's. The keys are packed into kp
+    instead of BLAS: the query block is scaled once into qs. The keys are packed into kp
     once per thread and head, not per tile: kp has room for kp_keys keys (a multiple of
     FA_MK_KEYS, at least a tile's panels) and holds the panels of keys [packed[1],
     packed[2]) of the head whose keys start at packed[0] (as an address), in panels of
@@ -443,14 +452,19 @@ cdef void _attend_block(
     kp extends it, or when there is no room starts it again at the tile's first panel. A
     tile whose first key is inside a panel computes the scores of the whole panels it
     touches and uses the columns from `off` on; the score tile's row stride is that
-    width, a multiple of FA_MK_KEYS."""
+    width, a multiple of FA_MK_KEYS. The values, where their layout is not already the
+    micro-kernel's chunk layout, are packed likewise into vp, once per thread and head: vp
+    has room for vp_chunks chunks of FA_MK_PV_CHUNK keys (at least a tile's) and holds
+    chunks [packed[4], packed[5]) of the head whose values start at packed[3]."""
     cdef Py_ssize_t offset = n_keys - n_queries   # causal: query i sees keys j <= i + offset
     cdef Py_ssize_t k_end = n_keys, k_start, k_rows, i, j, gi
     cdef floating m_new, m_use, alpha, inv
     cdef floating *s_row
     cdef floating *o_row
     cdef Py_ssize_t k_begin = 0, ld = 0, off = 0, k_panel, need
-    cdef const floating *vb
+    cdef const floating *vb = v
+    cdef Py_ssize_t v_origin = 0, v_first, v_need, v_next
+    cdef bint v_in_place = _values_in_place(d_v, sizeof(floating))
     if causal:
         # The block's last query sees keys up to q_start + q_rows - 1 + offset: later key
         # blocks are skipped whole, never computed and then masked.
@@ -517,12 +531,29 @@ cdef void _attend_block(
                     o_row[j] = o_row[j] * alpha
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
         if micro:
-            vb = _pack_values(v + k_start * d_v, k_rows, d_v, vp)
-            # Where the tile reads v in place (its layout is the bands'), the next tile's
-            # values are there too, and its first run is prefetched during this tile's
-            # last; a packed next block does not exist yet.
-            _mk_pv(s_tile + off, ld, q_rows, vb, k_rows, d_v, o_acc,
-                   vb + k_rows * d_v if vb != vp and k_start + k_rows < k_end else NULL)
+            # The tile's value chunks [v_first, v_need) into vp (packing what is not there
+            # yet) unless v is read in place; v_next: the keys after the tile that vb holds
+            # (the next tile's, prefetched during this one).
+            v_next = k_end - k_start - k_rows
+            if not v_in_place:
+                v_first = k_start // FA_MK_PV_CHUNK
+                v_need = (k_start + k_rows + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK
+                if (packed[3] != <Py_ssize_t> v or v_first < packed[4]
+                        or v_need > packed[4] + vp_chunks):
+                    packed[3] = <Py_ssize_t> v
+                    packed[4] = v_first
+                    packed[5] = v_first
+                if packed[5] < v_need:
+                    _pack_values(v + packed[4] * FA_MK_PV_CHUNK * d_v,
+                                 n_keys - packed[4] * FA_MK_PV_CHUNK, d_v,
+                                 vp + (packed[5] - packed[4]) * FA_MK_PV_CHUNK * d_v,
+                                 packed[5] - packed[4], v_need - packed[4])
+                    packed[5] = v_need
+                vb = vp
+                v_origin = packed[4] * FA_MK_PV_CHUNK
+                v_next = min(v_next, packed[5] * FA_MK_PV_CHUNK - k_start - k_rows)
+            _mk_pv(s_tile + off, ld, q_rows, vb, k_start - v_origin, k_rows, max(v_next, 0),
+                   d_v, o_acc)
         else:
             _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1,
                   s_tile, <int> k_rows, v + k_start * d_v, <int> d_v,
@@ -546,8 +577,10 @@ cdef void _attend_block(
 # A thread keeps a head's packed keys in at most this many bytes of its scratch: all of
 # them up to 65,536 keys of D 64 in float32 (16 MiB). A longer head's keys are packed in
 # runs of that many, again for each query block: memory before speed at such lengths.
+# The same for its packed values (where they are not read in place).
 cdef enum:
     KP_MAX_BYTES = 16 * 1024 * 1024
+    VP_MAX_BYTES = 16 * 1024 * 1024
 # The per-thread scratch of the fused kernel, in floating elements from the start of one
 # thread's part (computed once per call by _scratch_layout, carved by _attend_item).
 cdef enum:
@@ -555,18 +588,19 @@ cdef enum:
     SCR_O_ACC       # output accumulator, q_block x d_v
     SCR_M_RUN       # running max, q_block
     SCR_KP          # packed keys of a head, d_head x SCR_KP_KEYS (micro-kernels only)
-    SCR_VP          # packed value block, k_block x d_v (micro-kernels only)
+    SCR_VP          # packed values of a head, SCR_VP_CHUNKS chunks (micro-kernels only)
     SCR_QS          # scaled query block, q_block x d_head (micro-kernels only)
     SCR_L_RUN       # running sum, q_block doubles, 64-byte aligned
-    SCR_PACKED      # which head's keys kp holds, from and to: 3 Py_ssize_t, aligned
+    SCR_PACKED      # which head's keys kp holds, from and to, and its values: 6 Py_ssize_t
     SCR_SIZE        # the whole part, a multiple of 64 bytes
     SCR_KP_KEYS     # (not a place) how many keys SCR_KP has room for
+    SCR_VP_CHUNKS   # (not a place) how many value chunks SCR_VP has room for
     SCR_N
 
 
 cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t kp_width,
-                          Py_ssize_t d_head, Py_ssize_t d_v, bint micro, size_t item,
-                          Py_ssize_t *at) noexcept nogil:
+                          Py_ssize_t vp_chunks, Py_ssize_t d_head, Py_ssize_t d_v, bint micro,
+                          size_t item, Py_ssize_t *at) noexcept nogil:
     """at[SCR_*] = where each buffer starts in one thread's scratch (in elements of item
     bytes), and at[SCR_SIZE] its length: each part and the doubles start 64-byte aligned."""
     cdef Py_ssize_t per_line = 64 // item
@@ -575,11 +609,12 @@ cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t kp_
     at[SCR_M_RUN] = at[SCR_O_ACC] + q_block * d_v
     at[SCR_KP] = at[SCR_M_RUN] + q_block
     at[SCR_VP] = at[SCR_KP] + (d_head * kp_width if micro else 0)
-    at[SCR_QS] = at[SCR_VP] + (s_width * d_v if micro else 0)
+    at[SCR_QS] = at[SCR_VP] + (vp_chunks * FA_MK_PV_CHUNK * d_v if micro else 0)
     at[SCR_L_RUN] = _round_up(at[SCR_QS] + (q_block * d_head if micro else 0), per_line)
     at[SCR_PACKED] = _round_up(at[SCR_L_RUN] + q_block * (sizeof(double) // item), per_line)
     at[SCR_SIZE] = at[SCR_PACKED] + per_line
     at[SCR_KP_KEYS] = kp_width
+    at[SCR_VP_CHUNKS] = vp_chunks
 
 
 cdef void _run_layout(Py_ssize_t q_block, Py_ssize_t k_block, Py_ssize_t n_keys,
@@ -592,8 +627,15 @@ cdef void _run_layout(Py_ssize_t q_block, Py_ssize_t k_block, Py_ssize_t n_keys,
     # Room for a head's packed keys, up to KP_MAX_BYTES (and at least one tile's panels).
     cdef Py_ssize_t kp_keys = KP_MAX_BYTES // (max(d_head, 1) * <Py_ssize_t> item)
     kp_keys = max(s_width, kp_keys // FA_MK_KEYS * FA_MK_KEYS)
-    _scratch_layout(q_block, s_width, min(_round_up(n_keys, FA_MK_KEYS), kp_keys), d_head, d_v,
-                    micro, item, at)
+    # Room for a head's packed values likewise (at least the chunks one tile touches), or
+    # none where they are read in place.
+    cdef Py_ssize_t vp_chunks = 0
+    if micro and not _values_in_place(d_v, item):
+        vp_chunks = max((k_block + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK + 1,
+                        VP_MAX_BYTES // (FA_MK_PV_CHUNK * max(d_v, 1) * <Py_ssize_t> item))
+        vp_chunks = min((n_keys + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK, vp_chunks)
+    _scratch_layout(q_block, s_width, min(_round_up(n_keys, FA_MK_KEYS), kp_keys), vp_chunks,
+                    d_head, d_v, micro, item, at)
 
 
 cdef inline void _attend_item(
@@ -617,7 +659,8 @@ cdef inline void _attend_item(
                   n_keys, d_head, d_v, k_block, causal, window, scale, softcap,
                   sinks + b if sinks != NULL else NULL, buf + at[SCR_S_TILE], buf + at[SCR_O_ACC], buf + at[SCR_M_RUN],
                   <double*> (buf + at[SCR_L_RUN]), buf + at[SCR_KP], at[SCR_KP_KEYS],
-                  <Py_ssize_t*> (buf + at[SCR_PACKED]), buf + at[SCR_VP], buf + at[SCR_QS], micro,
+                  <Py_ssize_t*> (buf + at[SCR_PACKED]), buf + at[SCR_VP], at[SCR_VP_CHUNKS],
+                  buf + at[SCR_QS], micro,
                   out + b * n_queries * d_v, lse + b * n_queries)
 
 
@@ -644,8 +687,9 @@ cdef int _attention_run(const floating *q, const floating *k, const floating *v,
         scratch = <floating*> aligned_alloc(64, n_threads * at[SCR_SIZE] * sizeof(floating))
         if scratch == NULL:
             return -1
-        for t in range(n_threads):  # no head's keys packed yet
+        for t in range(n_threads):  # no head's keys or values packed yet
             (<Py_ssize_t*> (scratch + t * at[SCR_SIZE] + at[SCR_PACKED]))[0] = 0
+            (<Py_ssize_t*> (scratch + t * at[SCR_SIZE] + at[SCR_PACKED]))[3] = 0
     if w_stop < 0 or w_stop > n_work:
         w_stop = n_work
     if n_threads == 1:

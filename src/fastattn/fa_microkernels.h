@@ -62,6 +62,10 @@
 #define FA_MK_BCAST_d(p) ((fa_mkv_d)_mm256_broadcast_sd(p))
 #endif
 
+/* Keys per chunk of the values' layout, and per run of P V: FA_MK_PV_KC_BYTES of a band of
+ * FA_MK_PV_NV vectors (a band of one vector, for the columns left over, runs as long). */
+#define FA_MK_PV_CHUNK (FA_MK_PV_KC_BYTES / (FA_MK_PV_NV * FA_MK_VBYTES))
+
 /* Keys per score block: the key block is packed and padded with zero keys to a
  * multiple of this (the widest score block, float32's). */
 #define FA_MK_KEYS (FA_MK_SCORES_NV * FA_MK_VBYTES / 4)
@@ -115,20 +119,19 @@ _Static_assert((FA_MK_SCORES_NV * FA_MK_VBYTES / 4) % 8 == 0
                && (FA_MK_SCORES_NV * FA_MK_VBYTES / 8) % 4 == 0,
                "a key panel is a whole number of transpose blocks wide");
 
-/* Software prefetch for P V: during each run of values, the next run (of the band, else
- * the next band's first, else the next value block's when the caller names it), spread
- * over the run's register blocks: block b of n_blocks asks for its share of the n_lines
- * cache lines from `next` into L1. The hardware prefetchers follow a stream while it is
- * read, but a run is read by its first register block and then reused from L1 by all the
- * others, so the stream pauses for a whole run's FMAs (64 row blocks of 256 rows), and the
- * next run's first block stalled on L3 or memory (a head's values are read again for each
- * query block, and a long call's q, k, v and output fill L3). Measured on a Zen 5 EPYC, one
- * thread, the long shape (1, 8, 4096, 4096, 64), perf samples against the FLOPs: P V in
- * place 201-204 GFLOP/s without, 213-222 with (the core's FMA peak is 230), the call 2-3%
- * faster; a packed value block (the AVX2 build, D 128, float64) was just written by the
- * packing and gained nothing, and the same prefetch of the scores' next key panel gained
- * nothing either, so there is none. A prefetch never faults and changes no result: the
- * next block's lines are counted as this block's (the last block may be shorter). */
+/* Software prefetch for P V: during each run of values, the run read next (of the band,
+ * else the next band's first, else the next tile's first where the caller says its values
+ * are in the layout already), spread over the run's register blocks: block b of n_blocks
+ * asks for its share of the n_lines cache lines from `next` into L1. The hardware
+ * prefetchers follow a stream while it is read, but a run is read by its first register
+ * block and then reused from L1 by all the others, so the stream pauses for a whole run's
+ * FMAs (64 row blocks of 256 rows), and the next run's first block stalled on L3 or memory
+ * (a head's values are read again for each query block, and a VM's L3 is shared with
+ * other tenants). Measured on a Zen 5 EPYC, the long shape (1, 8, 4096, 4096, 64), one
+ * thread, perf samples against the FLOPs: P V in place 201-204 GFLOP/s without, 213-222
+ * with (the core's FMA peak is 230); the call 0.989x in paired alternating runs, 0.990x on
+ * two threads. The same prefetch of the scores' next key panel measured nothing, so there
+ * is none. A prefetch never faults and changes no result. */
 static inline __attribute__((always_inline)) void fa_mk_prefetch_share(
     const void *next, ptrdiff_t n_lines, ptrdiff_t b, ptrdiff_t n_blocks)
 {
@@ -236,79 +239,119 @@ static inline __attribute__((always_inline)) void fa_mk_pv_run_##SUFFIX(        
     }                                                                                      \
 }                                                                                          \
                                                                                            \
-/* One column band of nv vectors: every row, in blocks of MR and then the rows left,     */ \
-/* for each run of at most FA_MK_PV_KC_BYTES of the band's values in turn, each run      */ \
-/* prefetching the next one, and the last the next band's first (next_band, NULL: none,  */ \
-/* next_nv vectors wide).                                                                */ \
-static inline __attribute__((always_inline)) void fa_mk_pv_band_##SUFFIX(                  \
-    const int nv, const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *v, ptrdiff_t n_keys, \
-    ptrdiff_t d_v, T *o, const T *next_band, int next_nv)                                  \
+/* Where key j's values of the band at column c0 (nv vectors wide) are in the chunk      */ \
+/* layout vp (see fa_pack_values).                                                       */ \
+static inline __attribute__((always_inline)) const T *fa_mk_pv_at_##SUFFIX(               \
+    const T *vp, ptrdiff_t j, ptrdiff_t c0, int nv, ptrdiff_t d_v)                         \
 {                                                                                          \
-    const ptrdiff_t kc = FA_MK_PV_KC_BYTES / (nv * FA_MK_VBYTES);                          \
-    const ptrdiff_t next_kc = FA_MK_PV_KC_BYTES / (next_nv * FA_MK_VBYTES);                \
-    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += kc) {                                        \
-        const ptrdiff_t j1 = n_keys - j0 < kc ? n_keys : j0 + kc;                          \
+    enum { CH = FA_MK_PV_CHUNK };                                                          \
+    return vp + j / CH * CH * d_v + c0 * CH + j % CH * nv * FA_MK_W_##SUFFIX;              \
+}                                                                                          \
+                                                                                           \
+/* The first run of the band at column c0 from key j, up to n keys: where it starts      */ \
+/* (NULL if there is no such band or no key) and its cache lines in *lines.              */ \
+static inline const T *fa_mk_pv_first_run_##SUFFIX(const T *vp, ptrdiff_t j, ptrdiff_t n,  \
+                                                   ptrdiff_t c0, ptrdiff_t d_v,            \
+                                                   ptrdiff_t *lines)                       \
+{                                                                                          \
+    enum { CH = FA_MK_PV_CHUNK, W = FA_MK_W_##SUFFIX, NV = FA_MK_PV_NV };                  \
+    const int nv = c0 + NV * W <= d_v ? NV : 1;                                            \
+    const ptrdiff_t keys = CH - j % CH < n ? CH - j % CH : n;                              \
+    *lines = keys * nv * FA_MK_VBYTES / 64;                                                \
+    return c0 < d_v && n > 0 ? fa_mk_pv_at_##SUFFIX(vp, j, c0, nv, d_v) : NULL;            \
+}                                                                                          \
+                                                                                           \
+/* One column band of nv vectors at column c0, keys [j0, j0 + n_keys) of the chunk       */ \
+/* layout vp: every row, in blocks of MR and then the rows left, for each run of the     */ \
+/* band's keys within one chunk in turn, each run prefetching the next one, and the last */ \
+/* `next` (next_lines lines: the next band's first run, or NULL).                        */ \
+static inline __attribute__((always_inline)) void fa_mk_pv_band_##SUFFIX(                  \
+    const int nv, const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *vp, ptrdiff_t c0,   \
+    ptrdiff_t j0, ptrdiff_t n_keys, ptrdiff_t d_v, T *o, const T *next_band,              \
+    ptrdiff_t next_band_lines)                                                             \
+{                                                                                          \
+    enum { CH = FA_MK_PV_CHUNK };                                                          \
+    const ptrdiff_t end = j0 + n_keys;                                                     \
+    for (ptrdiff_t j = j0; j < end;) {                                                     \
+        const ptrdiff_t j1 = (j / CH + 1) * CH < end ? (j / CH + 1) * CH : end;            \
         const T *next = next_band;                                                         \
-        ptrdiff_t next_keys = n_keys < next_kc ? n_keys : next_kc, width = next_nv;        \
-        if (j1 < n_keys) {                                                                 \
-            next = v + j1 * nv * FA_MK_W_##SUFFIX;                                         \
-            next_keys = n_keys - j1 < kc ? n_keys - j1 : kc;                               \
-            width = nv;                                                                    \
+        ptrdiff_t lines = next_band_lines;                                                 \
+        if (j1 < end) {                                                                    \
+            next = fa_mk_pv_at_##SUFFIX(vp, j1, c0, nv, d_v);                              \
+            lines = (end - j1 < CH ? end - j1 : CH) * nv * FA_MK_VBYTES / 64;              \
         }                                                                                  \
-        fa_mk_pv_run_##SUFFIX(nv, p + j0, ld_p, rows, v + j0 * nv * FA_MK_W_##SUFFIX,      \
-                              j1 - j0, d_v, o, next,                                       \
-                              next_keys * width * FA_MK_VBYTES / 64);                      \
+        fa_mk_pv_run_##SUFFIX(nv, p + (j - j0), ld_p, rows,                                \
+                              fa_mk_pv_at_##SUFFIX(vp, j, c0, nv, d_v), j1 - j, d_v,       \
+                              o + c0, next, lines);                                        \
+        j = j1;                                                                            \
     }                                                                                      \
 }                                                                                          \
                                                                                            \
-/* o[i][c] += sum_j p[i][j] v[j][c] for i < rows, j < n_keys, c < d_v (a multiple of W): */ \
-/* p has row stride ld_p, vp the value block packed by fa_pack_values, o (rows x d_v)    */ \
-/* row-major. Bands of NV vectors of columns, then of one vector for the columns left.   */ \
+/* o[i][c] += sum_j p[i][j] v[j0 + j][c] for i < rows, j < n_keys, c < d_v (a multiple   */ \
+/* of W): p has row stride ld_p, v is the chunk layout vp (fa_pack_values) counted from  */ \
+/* its chunk 0, o (rows x d_v) row-major. Bands of NV vectors of columns, then of one    */ \
+/* vector for the columns left. next_keys (>= 0): how many keys after the block are in   */ \
+/* vp too (the next block's, whose first run is prefetched during this block's last).    */ \
 static inline void fa_mk_pv_##SUFFIX(const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *vp, \
-                                     ptrdiff_t n_keys, ptrdiff_t d_v, T *o, const T *next_vp) \
+                                     ptrdiff_t j0, ptrdiff_t n_keys, ptrdiff_t next_keys,  \
+                                     ptrdiff_t d_v, T *o)                                  \
 {                                                                                          \
     enum { W = FA_MK_W_##SUFFIX, NV = FA_MK_PV_NV };                                       \
-    const int first_nv = d_v >= NV * W ? NV : 1;  /* the width of a block's first band */  \
-    ptrdiff_t c0 = 0;                                                                      \
+    ptrdiff_t c0 = 0, lines;                                                               \
+    const T *next;                                                                         \
     /* (nv a constant in each loop, so that each block compiles to its own unrolled loop) */ \
-    for (; c0 + NV * W <= d_v; c0 += NV * W)                                               \
-        fa_mk_pv_band_##SUFFIX(NV, p, ld_p, rows, vp + c0 * n_keys, n_keys, d_v, o + c0,   \
-                               c0 + NV * W < d_v ? vp + (c0 + NV * W) * n_keys : next_vp,  \
-                               c0 + NV * W < d_v ? (c0 + 2 * NV * W <= d_v ? NV : 1)       \
-                                                 : first_nv);                              \
-    for (; c0 < d_v; c0 += W)                                                              \
-        fa_mk_pv_band_##SUFFIX(1, p, ld_p, rows, vp + c0 * n_keys, n_keys, d_v, o + c0,    \
-                               c0 + W < d_v ? vp + (c0 + W) * n_keys : next_vp,            \
-                               c0 + W < d_v ? 1 : first_nv);                               \
+    for (; c0 + NV * W <= d_v; c0 += NV * W) {                                             \
+        next = c0 + NV * W < d_v                                                           \
+            ? fa_mk_pv_first_run_##SUFFIX(vp, j0, n_keys, c0 + NV * W, d_v, &lines)        \
+            : fa_mk_pv_first_run_##SUFFIX(vp, j0 + n_keys, next_keys, 0, d_v, &lines);     \
+        fa_mk_pv_band_##SUFFIX(NV, p, ld_p, rows, vp, c0, j0, n_keys, d_v, o, next, lines); \
+    }                                                                                      \
+    for (; c0 < d_v; c0 += W) {                                                            \
+        next = c0 + W < d_v                                                                \
+            ? fa_mk_pv_first_run_##SUFFIX(vp, j0, n_keys, c0 + W, d_v, &lines)             \
+            : fa_mk_pv_first_run_##SUFFIX(vp, j0 + n_keys, next_keys, 0, d_v, &lines);     \
+        fa_mk_pv_band_##SUFFIX(1, p, ld_p, rows, vp, c0, j0, n_keys, d_v, o, next, lines); \
+    }                                                                                      \
 }                                                                                          \
                                                                                            \
-/* v (n_keys x d_v, row-major) in the bands fa_mk_pv reads: the columns [c0, c0 + bw)    */ \
-/* of every key, contiguous, band after band (bw = NV W, then W for the columns left).   */ \
-/* Packed into vp once per value block, so that each band streams from one contiguous    */ \
-/* run rather than a line every d_v elements (whose cache sets alias when d_v is a       */ \
-/* power of two). Returns where the bands are: v itself when d_v is one band of NV W     */ \
-/* (float32 D 64 in the AVX-512 build), whose layout is v's own, else vp.                */ \
-static inline const T *fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, \
-                                               T *vp)                                      \
+/* The chunk layout of a head's values, which fa_mk_pv reads: keys in chunks of          */ \
+/* FA_MK_PV_CHUNK (one run), chunk c holding its keys' column bands one after another:   */ \
+/* the band of columns [c0, c0 + bw) at c CH d_v + c0 CH, key jj of the chunk at + jj bw */ \
+/* (bw = NV W, then W for the columns left). Each run then streams from one contiguous   */ \
+/* piece rather than a line every d_v elements (whose cache sets alias when d_v is a     */ \
+/* power of two). Where d_v is one band of NV W (float32 D 64 in the AVX-512 build),     */ \
+/* this is v's own row-major layout, and v is read in place (fa_mk_values_in_place).      */ \
+/* Chunks, not one block per tile, so that a head's values are packed once per thread    */ \
+/* and serve every query block after it, whatever keys its tiles start at.               */ \
+static inline int fa_mk_values_in_place_##SUFFIX(ptrdiff_t d_v)                           \
 {                                                                                          \
-    enum { W = FA_MK_W_##SUFFIX, NV = FA_MK_PV_NV };                                       \
-    if (d_v == NV * W) return v;                                                           \
+    return d_v == FA_MK_PV_NV * FA_MK_W_##SUFFIX;                                          \
+}                                                                                          \
+                                                                                           \
+/* vp (chunks c_lo <= c < c_hi of the layout, chunk c_lo first) = v's keys               */ \
+/* [c_lo CH, min(n_keys, c_hi CH)) (v: n_keys x d_v, row-major; d_v a multiple of W).    */ \
+static inline void fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v,   \
+                                           T *vp, ptrdiff_t c_lo, ptrdiff_t c_hi)         \
+{                                                                                          \
+    enum { W = FA_MK_W_##SUFFIX, NV = FA_MK_PV_NV, CH = FA_MK_PV_CHUNK };                  \
     /* v is read row after row, once (a pass per band read every row d_v / bw times and */ \
     /* stalled on its misses); each copy is whole vectors (d_v is a multiple of W here): */ \
     /* explicit vector moves, since GCC turned the element loop into scalar moves and  */ \
     /* memcpy of a variable width into rep movsq.                                       */ \
     typedef fa_mkvu_##SUFFIX V;                                                            \
     const ptrdiff_t full = d_v / (NV * W) * (NV * W);                                      \
-    for (ptrdiff_t j = 0; j < n_keys; j++) {                                               \
+    const ptrdiff_t j_end = n_keys < c_hi * CH ? n_keys : c_hi * CH;                       \
+    for (ptrdiff_t j = c_lo * CH; j < j_end; j++) {                                        \
         const T *row = v + j * d_v;                                                        \
+        T *chunk = vp + (j / CH - c_lo) * CH * d_v;                                        \
+        const ptrdiff_t jj = j % CH;                                                       \
         ptrdiff_t c0 = 0;                                                                  \
         for (; c0 < full; c0 += NV * W)                                                    \
             for (int c = 0; c < NV; c++)                                                   \
-                *(V *)(vp + c0 * n_keys + j * NV * W + c * W) = *(const V *)(row + c0 + c * W); \
+                *(V *)(chunk + c0 * CH + jj * NV * W + c * W) = *(const V *)(row + c0 + c * W); \
         for (; c0 < d_v; c0 += W)                                                          \
-            *(V *)(vp + c0 * n_keys + j * W) = *(const V *)(row + c0);                     \
+            *(V *)(chunk + c0 * CH + jj * W) = *(const V *)(row + c0);                     \
     }                                                                                      \
-    return vp;                                                                             \
 }                                                                                          \
                                                                                            \
 /* kp = k (rows x d, row-major) in the panels fa_mk_scores reads: for each run of KR     */ \
@@ -347,19 +390,23 @@ FA_DEFINE_MICROKERNELS(double, d)
 #define FA_MICROKERNELS 0
 #define FA_MK_VBYTES 0
 #define FA_MK_KEYS 1
+#define FA_MK_PV_CHUNK 1
 #define FA_DEFINE_MICROKERNEL_STUBS(T, SUFFIX)                                             \
 static inline void fa_mk_scores_##SUFFIX(const T *q, ptrdiff_t rows, ptrdiff_t d,          \
                                          const T *kt, ptrdiff_t n_cols, T *s, ptrdiff_t ld) \
 { (void)q; (void)rows; (void)d; (void)kt; (void)n_cols; (void)s; (void)ld; }               \
-static inline void fa_mk_pv_##SUFFIX(const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *v, \
-                                     ptrdiff_t n_keys, ptrdiff_t d_v, T *o, const T *next_vp) \
-{ (void)p; (void)ld_p; (void)rows; (void)v; (void)n_keys; (void)d_v; (void)o; (void)next_vp; } \
+static inline void fa_mk_pv_##SUFFIX(const T *p, ptrdiff_t ld_p, ptrdiff_t rows, const T *vp, \
+                                     ptrdiff_t j0, ptrdiff_t n_keys, ptrdiff_t next_keys,  \
+                                     ptrdiff_t d_v, T *o)                                  \
+{ (void)p; (void)ld_p; (void)rows; (void)vp; (void)j0; (void)n_keys; (void)next_keys;      \
+  (void)d_v; (void)o; }                                                                    \
+static inline int fa_mk_values_in_place_##SUFFIX(ptrdiff_t d_v) { (void)d_v; return 1; }   \
 static inline void fa_pack_keys_##SUFFIX(const T *k, ptrdiff_t rows, ptrdiff_t d,          \
                                          T *kp, ptrdiff_t n_cols)                          \
 { (void)k; (void)rows; (void)d; (void)kp; (void)n_cols; }                                  \
-static inline const T *fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v, \
-                                               T *vp)                                      \
-{ (void)n_keys; (void)d_v; (void)vp; return v; }
+static inline void fa_pack_values_##SUFFIX(const T *v, ptrdiff_t n_keys, ptrdiff_t d_v,   \
+                                           T *vp, ptrdiff_t c_lo, ptrdiff_t c_hi)         \
+{ (void)v; (void)n_keys; (void)d_v; (void)vp; (void)c_lo; (void)c_hi; }
 FA_DEFINE_MICROKERNEL_STUBS(float, f)
 FA_DEFINE_MICROKERNEL_STUBS(double, d)
 #endif
