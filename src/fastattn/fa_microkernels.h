@@ -121,23 +121,20 @@ _Static_assert((FA_MK_SCORES_NV * FA_MK_VBYTES / 4) % 8 == 0
 
 /* Software prefetch for P V: during each run of values, the run read next (of the band,
  * else the next band's first, else the next tile's first where the caller says its values
- * are in the layout already), spread over the run's register blocks: block b of n_blocks
- * asks for its share of the n_lines cache lines from `next` into L1. The hardware
- * prefetchers follow a stream while it is read, but a run is read by its first register
- * block and then reused from L1 by all the others, so the stream pauses for a whole run's
- * FMAs (64 row blocks of 256 rows), and the next run's first block stalled on L3 or memory
- * (a head's values are read again for each query block, and a VM's L3 is shared with
- * other tenants). Measured on a Zen 5 EPYC, the long shape (1, 8, 4096, 4096, 64), one
+ * are in the layout already), spread over the run's register blocks: each asks for its
+ * share of the run's cache lines into L1 (fa_mk_prefetch_lines; the share is computed once
+ * per run, not per block). The hardware prefetchers follow a stream while it is read, but
+ * a run is read by its first register block and then reused from L1 by all the others,
+ * so the stream pauses for a whole run's FMAs (64 row blocks of 256 rows), and the next
+ * run's first block stalled on L3 or memory (a head's values are read again for each
+ * query block, and a VM's L3 is shared with other tenants). Measured on a Zen 5 EPYC, the long shape (1, 8, 4096, 4096, 64), one
  * thread, perf samples against the FLOPs: P V in place 201-204 GFLOP/s without, 213-222
  * with (the core's FMA peak is 230); the call 0.989x in paired alternating runs, 0.990x on
  * two threads. The same prefetch of the scores' next key panel measured nothing, so there
  * is none. A prefetch never faults and changes no result. */
-static inline __attribute__((always_inline)) void fa_mk_prefetch_share(
-    const void *next, ptrdiff_t n_lines, ptrdiff_t b, ptrdiff_t n_blocks)
+static inline __attribute__((always_inline)) void fa_mk_prefetch_lines(
+    const void *next, ptrdiff_t first, ptrdiff_t last)
 {
-    if (next == NULL || n_blocks <= 0) return;
-    const ptrdiff_t per = (n_lines + n_blocks - 1) / n_blocks;
-    const ptrdiff_t first = b * per, last = first + per < n_lines ? first + per : n_lines;
     for (ptrdiff_t l = first; l < last; l++)
         __builtin_prefetch((const char *)next + 64 * l, 0, 3);
 }
@@ -222,9 +219,12 @@ static inline __attribute__((always_inline)) void fa_mk_pv_run_##SUFFIX(        
     ptrdiff_t d_v, T *o, const T *next, ptrdiff_t next_lines)                              \
 {                                                                                          \
     enum { MR = FA_MK_PV_MR };                                                             \
-    ptrdiff_t i0 = 0;                                                                      \
-    for (; i0 + MR <= rows; i0 += MR) {                                                    \
-        fa_mk_prefetch_share(next, next_lines, i0 / MR, rows / MR);                        \
+    /* each full register block prefetches its share, per lines, of the next run */        \
+    const ptrdiff_t blocks = rows / MR;                                                    \
+    const ptrdiff_t per = next != NULL && blocks > 0 ? (next_lines + blocks - 1) / blocks : 0; \
+    ptrdiff_t i0 = 0, line = 0;                                                            \
+    for (; i0 + MR <= rows; i0 += MR, line += per) {                                       \
+        fa_mk_prefetch_lines(next, line, line + per < next_lines ? line + per : next_lines); \
         fa_mk_pv_block_##SUFFIX(MR, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); \
     }                                                                                      \
     switch (rows - i0) {                                                                   \
