@@ -7,6 +7,7 @@ initialisation checks back on (a debug build for finding out-of-bounds access);
 it with libasan preloaded: tools/check_build.sh does it all).
 """
 
+import glob
 import importlib.util
 import os
 import platform
@@ -88,8 +89,8 @@ def extension(module, isa, isa_flags, depends):
     )
 
 
-extensions = [extension(b.module, b.name, b.flags, ["src/fastattn/_kernels_impl.pxi"] + headers)
-              for b in builds]
+kernel_sources = ["src/fastattn/_kernels_impl.pxi"] + sorted(glob.glob("src/fastattn/_k_*.pxi"))
+extensions = [extension(b.module, b.name, b.flags, kernel_sources + headers) for b in builds]
 extensions.append(extension("_cpu", "baseline", (), ["src/fastattn/fa_cpu.h"]))
 
 setup(

@@ -1,0 +1,103 @@
+# Declarations: cimports, the C headers' functions and constants, the mask kinds.
+# Part of _kernels_impl.pxi (see there).
+
+from cython cimport floating
+from cython.parallel cimport parallel, prange, threadid
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Release,
+                            PyObject_GetBuffer)
+from libc.math cimport log, sqrt, INFINITY
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+from libc.stdint cimport uint16_t
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
+
+import numpy as _np
+
+cdef extern from "<stdlib.h>" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)  # C11; size a multiple of alignment
+
+cdef extern from "fa_platform.h" nogil:
+    int fa_openmp_enabled()
+    int fa_omp_max_threads()
+    int fa_omp_team_size()
+    const char *fa_build_flags
+    const char *fa_isa_name
+    const int fa_debug_build
+    void fa_check_matrix(const void *p, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ld,
+                         size_t item)
+
+cdef extern from "fa_exp.h" nogil:
+    float fa_expf(float x)
+    double fa_exp(double x)
+    float fa_row_max_f(const float *x, Py_ssize_t n)
+    double fa_row_max_d(const double *x, Py_ssize_t n)
+    double fa_exp_shift_sum_f(float *x, Py_ssize_t n, float shift)
+    double fa_exp_shift_sum_d(double *x, Py_ssize_t n, double shift)
+    double fa_exp_shift_total_f(const float *x, Py_ssize_t n, float shift)
+    double fa_exp_shift_total_d(const double *x, Py_ssize_t n, double shift)
+    void fa_softcap_row_f(float *s, Py_ssize_t n, float cap, float inv_cap)
+    void fa_softcap_row_d(double *s, Py_ssize_t n, double cap, double inv_cap)
+
+cdef extern from "fa_decode.h" nogil:
+    int FA_DECODE_BLOCK
+    void fa_decode_chunk_f(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const float *k,
+                           const float *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
+                           float softcap, float *m, double *l, float *o, float *s)
+    void fa_decode_chunk_d(const double *q, Py_ssize_t n_rows, Py_ssize_t d, const double *k,
+                           const double *v, Py_ssize_t d_v, Py_ssize_t n_keys, double scale,
+                           double softcap, double *m, double *l, double *o, double *s)
+    void fa_decode_chunk_bf(const float *q, Py_ssize_t n_rows, Py_ssize_t d,
+                            const uint16_t *k, const uint16_t *v, Py_ssize_t d_v,
+                            Py_ssize_t n_keys, float scale, float softcap, float *m,
+                            double *l, float *o, float *s)
+    void fa_decode_merge_f(const float *parts, const double *l_parts, Py_ssize_t n_chunks,
+                           Py_ssize_t n_rows, Py_ssize_t d_v, const float *sinks,
+                           float *out, float *lse)
+    void fa_decode_merge_d(const double *parts, const double *l_parts, Py_ssize_t n_chunks,
+                           Py_ssize_t n_rows, Py_ssize_t d_v, const double *sinks,
+                           double *out, double *lse)
+
+cdef extern from "fa_microkernels.h" nogil:
+    int FA_MICROKERNELS
+    int FA_MK_VBYTES
+    int FA_MK_KEYS
+    void fa_mk_scores_f(const float *q, Py_ssize_t rows, Py_ssize_t d, const float *kp,
+                        Py_ssize_t n_cols, float *s, Py_ssize_t ld)
+    void fa_mk_scores_d(const double *q, Py_ssize_t rows, Py_ssize_t d, const double *kp,
+                        Py_ssize_t n_cols, double *s, Py_ssize_t ld)
+    int FA_MK_PV_CHUNK
+    void fa_mk_pv_f(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *vp,
+                    Py_ssize_t j0, Py_ssize_t n_keys, Py_ssize_t next_keys, Py_ssize_t d_v,
+                    float *o)
+    void fa_mk_pv_d(const double *p, Py_ssize_t ld_p, Py_ssize_t rows, const double *vp,
+                    Py_ssize_t j0, Py_ssize_t n_keys, Py_ssize_t next_keys, Py_ssize_t d_v,
+                    double *o)
+    int fa_mk_values_in_place_f(Py_ssize_t d_v)
+    int fa_mk_values_in_place_d(Py_ssize_t d_v)
+    void fa_pack_keys_f(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kp,
+                        Py_ssize_t n_cols)
+    void fa_pack_keys_d(const double *k, Py_ssize_t rows, Py_ssize_t d, double *kp,
+                        Py_ssize_t n_cols)
+    void fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v, float *vp,
+                          Py_ssize_t c_lo, Py_ssize_t c_hi)
+    void fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v, double *vp,
+                          Py_ssize_t c_lo, Py_ssize_t c_hi)
+
+cdef extern from "fa_bench.h" nogil:
+    float fa_fma_loop_f(Py_ssize_t n_iter, float seed)
+    double fa_fma_loop_d(Py_ssize_t n_iter, double seed)
+    float fa_read_sum_f(const float *x, Py_ssize_t n)
+    double fa_read_sum_d(const double *x, Py_ssize_t n)
+    Py_ssize_t fa_fma_flops_per_iter(size_t item)
+    int FA_BENCH_VBYTES
+    int FA_READ_CHAINS
+
+# The mask kinds, as fastattn._plan.MaskKind numbers them.
+cdef enum:
+    MASK_NONE = 0
+    MASK_ADD = 1    # floating, added to the scores
+    MASK_BOOL = 2   # uint8, 0 = hidden
+
+cdef object _ndarray = _np.ndarray
+cdef object _float32 = _np.dtype(_np.float32)
+cdef object _float64 = _np.dtype(_np.float64)

@@ -1,0 +1,60 @@
+# Probes: the machine's ceilings for the benchmark, and the kernels' own exp and tanh for the tests.
+# Part of _kernels_impl.pxi (see there).
+
+# --------------------------------------------------------------------------- ceilings
+
+def fma_loop(bint double, Py_ssize_t n_iter, int n_threads):
+    """Run the FMA-peak loop (fa_bench.h) n_iter times on each of n_threads threads;
+    returns the floating-point operations done (the caller times the call)."""
+    cdef int t
+    cdef double sink = 0
+    with nogil:
+        for t in prange(n_threads, num_threads=n_threads, schedule='static', chunksize=1):
+            if double:
+                sink += fa_fma_loop_d(n_iter, t)
+            else:
+                sink += fa_fma_loop_f(n_iter, <float> t)
+    if sink != sink:  # the loop's result is used, so it cannot be dropped
+        return 0.0
+    return float(n_threads) * n_iter * fa_fma_flops_per_iter(sizeof(double) if double else sizeof(float))
+
+
+def read_sum(const floating[::1] x, int n_threads):
+    """Sum x once, split in n_threads contiguous parts read in parallel (the bytes-read
+    ceiling of the decode rows; x.shape[0] a multiple of read_sum_multiple())."""
+    cdef Py_ssize_t n = x.shape[0], part, t
+    cdef double total = 0
+    part = n // n_threads
+    with nogil:
+        for t in prange(n_threads, num_threads=n_threads, schedule='static', chunksize=1):
+            if floating is float:
+                total += fa_read_sum_f(&x[0] + t * part, part)
+            else:
+                total += fa_read_sum_d(&x[0] + t * part, part)
+    return total
+
+
+def read_sum_multiple():
+    """read_sum reads whole blocks of this many bytes per thread."""
+    return FA_BENCH_VBYTES * FA_READ_CHAINS
+
+
+# --------------------------------------------------------------------------- testing aid
+
+def tanh(const floating[::1] x, floating[::1] out):
+    """out = tanh(x) with the kernels' own tanh, as the soft cap computes it (a cap of 1,
+    exact: both of its vector paths and the scalar one), for the accuracy tests."""
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(x.shape[0]):
+            out[i] = x[i]
+        if x.shape[0] > 0:
+            _softcap_row(&out[0], x.shape[0], 1.0)
+
+
+def exp(const floating[::1] x, floating[::1] out):
+    """out = exp(x) with the kernels' own exp (for the accuracy tests)."""
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(x.shape[0]):
+            out[i] = _exp(x[i])
