@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from fastattn import _dispatch, _plan
+from fastattn import _dispatch
 
 kernels = _dispatch.kernels
 
@@ -28,8 +28,7 @@ def main():
     x = np.ones(moved // 4, np.float32)
     for threads in (1, 2):
         args = (q, k, v, np.arange(heads, dtype=np.intp), 1 / np.sqrt(d), 0.0, None,
-                np.empty((heads, 1, d), np.float32), np.empty((heads, 1), np.float32),
-                _plan.DECODE_CHUNK, threads)
+                np.empty((heads, 1, d), np.float32), np.empty((heads, 1), np.float32), threads)
         times = {"decode": [], "read": []}
         for _ in range(15):
             t = time.perf_counter()

@@ -1,5 +1,6 @@
 """Shared test helpers: tolerances, awkward layouts, hypothesis profiles."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -78,16 +79,25 @@ def with_layout(a, layout):
     raise AssertionError(layout)
 
 
+@contextlib.contextmanager
+def kernel_policy(**values):
+    """The compiled kernel-choice policy with these values while the block runs (every
+    path, compiled or Python, reads the same values), restored after."""
+    from fastattn._dispatch import kernels
+
+    saved = kernels.set_policy(**values)
+    try:
+        yield
+    finally:
+        kernels.set_policy(**saved)
+
+
 @pytest.fixture(params=["default", "tiny"])
-def block_sizes(request, monkeypatch):
+def block_sizes(request):
     """Run with the shipped tile sizes and with tiny ones, so that small inputs still
     cross query- and key-block boundaries."""
-    from fastattn import _plan
-
-    if request.param == "tiny":
-        monkeypatch.setattr(_plan, "Q_BLOCK", 3)
-        monkeypatch.setattr(_plan, "K_BLOCK", 5)
-    return request.param
+    with kernel_policy(**({"q_block": 3, "k_block": 5} if request.param == "tiny" else {})):
+        yield request.param
 
 
 def float64_attention(q, k, v, mask=None):

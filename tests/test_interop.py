@@ -141,14 +141,15 @@ def test_bfloat16_decoding_reads_keys_in_place_and_equals_float32_bitwise():
         v = rand((2, 3, n_keys, d_v), 3).astype(bf16)
         sinks = rand((6,), 4)
         calls = []
-        original = kernels.decode_bf16
+        original = kernels.decode
         kernels_attr = _run._kernels
         try:
-            kernels_attr.decode_bf16 = lambda *a: calls.append(a) or original(*a)
+            kernels_attr.decode = lambda *a: calls.append(a) or original(*a)
             out, lse = fastattn.attention(q, k, v, softcap=4.0, sinks=sinks, return_lse=True)
         finally:
-            kernels_attr.decode_bf16 = original
-        assert calls and np.shares_memory(calls[0][1], k)  # the bfloat16 keys, not a copy
+            kernels_attr.decode = original
+        # the bfloat16 keys (their bits), not a copy
+        assert calls and calls[0][1].dtype == np.uint16 and np.shares_memory(calls[0][1], k)
         f32 = fastattn.attention(*(a.astype(np.float32) for a in (q, k, v)), softcap=4.0,
                                  sinks=sinks, return_lse=True)
         assert out.dtype == bf16 and np.array_equal(out, f32[0].astype(bf16)), d
@@ -166,11 +167,11 @@ def test_without_ml_dtypes_no_array_is_taken_for_bfloat16(monkeypatch, dtype):
     try:
         assert _validation.bfloat16() is None
         calls = []
-        monkeypatch.setattr(_run._kernels, "decode_bf16", lambda *a: calls.append(a),
-                            raising=False)
+        original = _run._kernels.decode
+        monkeypatch.setattr(_run._kernels, "decode", lambda *a: calls.append(a) or original(*a))
         q, k, v = rand((2, 4, 1, 16), 5, dtype), rand((2, 2, 40, 16), 6, dtype), rand((2, 2, 40, 8), 7, dtype)
-        out = fastattn.attention(q, k, v)
-        assert not calls and out.dtype == dtype
+        out = fastattn.attention(q, k, v, return_lse=True)[0]  # the general path's decoding
+        assert calls and calls[0][1].dtype == dtype and out.dtype == dtype  # not as bfloat16 bits
         np.testing.assert_allclose(out, reference.attention(q, k, v),
                                    rtol=1e-12 if dtype == np.float64 else 2e-5, atol=1e-6)
     finally:

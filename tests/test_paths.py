@@ -14,7 +14,7 @@ import pytest
 
 import fastattn
 from fastattn import _plan, _run
-from conftest import assert_close, float64_attention
+from conftest import assert_close, float64_attention, kernel_policy
 from hostile import _awkward_layouts, bad_values, wrong_ranks
 
 
@@ -253,11 +253,11 @@ def test_small_call_path_never_raises_and_errors_are_the_general_paths(n_queries
 
 
 @pytest.fixture(params=["micro", "blas"])
-def tile_gemm(request, monkeypatch):
+def tile_gemm(request):
     """Each way a tile's GEMMs run: this build's micro-kernels (where it has them) or BLAS,
     whatever this machine's tuning chose."""
-    monkeypatch.setattr(_plan, "TILE_GEMM", request.param)
-    return request.param
+    with kernel_policy(**_plan.policy_for(_plan.TUNED, request.param)):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -403,7 +403,7 @@ def test_a_projection_holds_blas_to_one_thread(monkeypatch):
     monkeypatch.setattr(_run, "_kernels", Spy())
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((64, 128)), rng.standard_normal((128, 300))
-    assert 64 * 128 * 64 > _run.BLAS_SERIAL_MNK  # calls BLAS would thread
+    assert _run._kernels.blas_would_thread(64, 128, 64)  # calls BLAS would thread
     np.testing.assert_allclose(fastattn.project(x, w), x @ w, rtol=1e-12, atol=1e-12)
     fastattn.self_attention(x, w[:, :64], w[:, 64:128], w[:, 128:192])
     assert len(depths) == 4 and all(d >= 1 for d in depths)

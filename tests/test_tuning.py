@@ -13,6 +13,7 @@ import pytest
 
 import fastattn
 from fastattn import _dispatch, _plan, _tuning, tune
+from fastattn._dispatch import kernels as _kernels
 from fastattn.__main__ import main as cli
 
 from conftest import float64_attention
@@ -139,7 +140,8 @@ for dtype in (np.float32, np.float64):
     q, k, v = (rng.standard_normal((2, 3, 300, 64)).astype(dtype) for _ in range(3))
     out[np.dtype(dtype).name] = (fastattn.attention(q, k, v), fastattn.attention(q[:, :, :7], k, v))
 np.savez(sys.argv[1], **{f"{n}_{i}": a for n, pair in out.items() for i, a in enumerate(pair)})
-print(_plan.Q_BLOCK, _plan.K_BLOCK, sorted(_plan.tile_lanes()))
+p = _plan._kernels.policy()
+print(p["q_block"], p["k_block"], sorted(_plan.tile_lanes()))
 print(_plan.tile_summary())
 """
 
@@ -170,23 +172,24 @@ def test_a_tuned_process_computes_what_the_same_choices_compute(tuning_file, tmp
     assert numbers == f"128 256 {expect_lanes}"
     assert (f"FASTATTN_TILE_GEMM={forced}" if forced else "tuned on this machine 2026-12-03") in summary
     # The same choices made by hand in this process: bitwise the same results.
-    monkeypatch.setattr(_plan, "Q_BLOCK", 128)
-    monkeypatch.setattr(_plan, "K_BLOCK", 256)
-    monkeypatch.setattr(_plan, "TUNED", dict(ENTRY) if not forced else None)
-    monkeypatch.setattr(_plan, "AUTO_LANES", _plan.auto_lanes(_plan.TUNED))
-    monkeypatch.setattr(_plan, "TILE_GEMM", forced or "auto")
-    got = np.load(result)
-    for name, (q, k, v) in _inputs().items():
-        mine = (fastattn.attention(q, k, v), fastattn.attention(q[:, :, :7], k, v))
-        for i, expected in enumerate(mine):
-            np.testing.assert_array_equal(got[f"{name}_{i}"], expected)
-        oracle, _ = float64_attention(q, k, v)
-        tol = 2e-5 if name == "float32" else 1e-12
-        np.testing.assert_allclose(got[f"{name}_0"], oracle, rtol=tol, atol=tol)
+    lanes = {"micro": _plan.MICROKERNEL_LANES, "auto": _plan.auto_lanes(ENTRY)}[forced or "auto"]
+    saved = _kernels.set_policy(q_block=128, k_block=256, lanes_f=lanes.get(4, 0),
+                                lanes_d=lanes.get(8, 0))
+    try:
+        got = np.load(result)
+        for name, (q, k, v) in _inputs().items():
+            mine = (fastattn.attention(q, k, v), fastattn.attention(q[:, :, :7], k, v))
+            for i, expected in enumerate(mine):
+                np.testing.assert_array_equal(got[f"{name}_{i}"], expected)
+            oracle, _ = float64_attention(q, k, v)
+            tol = 2e-5 if name == "float32" else 1e-12
+            np.testing.assert_allclose(got[f"{name}_0"], oracle, rtol=tol, atol=tol)
+    finally:
+        _kernels.set_policy(**saved)
 
 
 def test_tune_measures_every_candidate_and_restores_the_plan():
-    saved = (_plan.Q_BLOCK, _plan.K_BLOCK, _plan.TILE_GEMM)
+    saved = _kernels.policy()
     lines = []
 
     class Out:
@@ -195,7 +198,7 @@ def test_tune_measures_every_candidate_and_restores_the_plan():
 
     shapes = {4: (1, 2, 40, 70, 16), 8: (1, 2, 40, 70, 16)}
     entry = tune.tune(shapes=shapes, rounds=1, min_time=0.0, out=Out())
-    assert (_plan.Q_BLOCK, _plan.K_BLOCK, _plan.TILE_GEMM) == saved
+    assert _kernels.policy() == saved
     _tuning.validate(entry)
     assert (entry["q_block"], entry["k_block"]) in tune.CANDIDATE_TILES
     assert set(entry["tile_gemm"]) == {f"float{8 * s}" for s in _plan.MICROKERNEL_LANES}

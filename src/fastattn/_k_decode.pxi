@@ -1,29 +1,38 @@
 # The decoding kernel: single queries against many keys, split over key chunks.
 # Part of _kernels_impl.pxi (see there).
-
-# --------------------------------------------------------------------------- decoding
+#
+# One runner, _decode_run, picks the chunks and the team (the policy's rules) and runs the
+# C kernel of fa_decode.h; its entries are decode() (fastattn._run's general path) and
+# _decode_call (the small-call path and a cache's plain step), so every route computes
+# bitwise the same result.
 
 cdef int _decode_run(const floating *q, const void *k, const void *v, bint kv_bf16,
                      Py_ssize_t k_item, Py_ssize_t v_item, const Py_ssize_t *kv_index,
                      Py_ssize_t n_groups, Py_ssize_t n_rows, Py_ssize_t d, Py_ssize_t n_keys,
                      Py_ssize_t d_v, double scale, double softcap, const floating *sink_base,
-                     floating *out, floating *lse, Py_ssize_t chunk,
-                     int n_threads) noexcept nogil:
-    """The decoding kernel on raw pointers (see decode); k and v hold floating, or
-    bfloat16 (kv_bf16, floating = float). k_item, v_item: elements between kv heads."""
-    cdef Py_ssize_t n_chunks = (n_keys + chunk - 1) // chunk
+                     floating *out, floating *lse, int n_threads) noexcept nogil:
+    """out[g] = softmax(scale q[g] k[kv_index[g]].T) v[kv_index[g]] for the n_rows single
+    queries of each group g, on raw pointers (see decode); k and v hold floating, or
+    bfloat16 (kv_bf16, floating = float); k_item, v_item: elements between kv heads.
+    Returns the team that ran, or -1 when the scratch cannot be allocated."""
+    cdef Py_ssize_t chunk = _policy.decode_chunk
+    cdef Py_ssize_t n_chunks = _decode_chunks(n_keys)
     cdef Py_ssize_t n_work = n_groups * n_chunks
     # Partial state per work item: m (n_rows), o (n_rows * d_v), in floating; l in double.
     cdef Py_ssize_t part = n_rows * (1 + d_v)
     # The scores of each thread start on a cache line (rows of FA_DECODE_BLOCK keys are
     # whole lines): the kernel stores and reloads them as full vectors.
     cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK
-    cdef floating *parts = <floating*> malloc(n_work * part * sizeof(floating))
-    cdef double *l_parts = <double*> malloc(n_work * n_rows * sizeof(double))
-    cdef floating *s_all = <floating*> aligned_alloc(64, n_threads * s_size * sizeof(floating))
+    cdef floating *parts
+    cdef double *l_parts
+    cdef floating *s_all
     cdef Py_ssize_t w, grp, k0, k_at, v_at
     cdef int team = 1
     cdef int *team_out = &team
+    n_threads = _team(n_threads, 2.0 * n_groups * n_rows * n_keys * (d + d_v), n_work)
+    parts = <floating*> malloc(n_work * part * sizeof(floating))
+    l_parts = <double*> malloc(n_work * n_rows * sizeof(double))
+    s_all = <floating*> aligned_alloc(64, n_threads * s_size * sizeof(floating))
     if parts == NULL or l_parts == NULL or s_all == NULL:
         free(parts)
         free(l_parts)
@@ -73,10 +82,9 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, bint kv_bf
     return team
 
 
-def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
-           const floating[:, :, :] v, const Py_ssize_t[::1] kv_index, double scale,
-           double softcap, object sinks, floating[:, :, ::1] out, floating[:, ::1] lse,
-           Py_ssize_t chunk, int n_threads):
+def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1] kv_index,
+           double scale, double softcap, object sinks, floating[:, :, ::1] out,
+           floating[:, ::1] lse, int n_threads):
     """out[i] = softmax(scale q[i] k[kv_index[i]].T) v[kv_index[i]] for groups of single queries.
 
     softcap (0: none) caps the scores to softcap tanh(s / softcap); sinks (None, or one
@@ -84,43 +92,117 @@ def decode(const floating[:, :, ::1] q, const floating[:, :, :] k,
 
     q is (n_groups, G, D): the G query heads that share one key/value head, each with one
     query; k, v are (n_kv, L_k, D) and (n_kv, L_k, D_v) with contiguous rows (the caller
-    checks) and any stride between kv heads (a cache's storage is read in place). The
-    keys are split in chunks of `chunk` (fixed, not the thread count); the work items
-    (group, chunk) run in parallel and their partial states are merged per group in chunk
+    checks) and any stride between kv heads (a cache's storage is read in place), in q's
+    dtype, or for float32 q both bfloat16 given as their bits (uint16), widened as they
+    are read (bitwise the result on the widened arrays). The keys are split in chunks of
+    the policy's decode_chunk (fixed, not the thread count); the work items (group, chunk)
+    run on the team of _team, and their partial states are merged per group in chunk
     order, so results are bitwise thread-invariant. Returns the number of threads that
     ran, or -1 if the scratch cannot be allocated.
     """
     cdef const floating[:, ::1] sink_view
     cdef const floating *sink_base = NULL
+    cdef Py_buffer kb, vb
     cdef int team
+    cdef bint bf16
     if sinks is not None:
         sink_view = sinks
         sink_base = &sink_view[0, 0]
+    PyObject_GetBuffer(k, &kb, PyBUF_STRIDES)
+    try:
+        PyObject_GetBuffer(v, &vb, PyBUF_STRIDES)
+    except BaseException:
+        PyBuffer_Release(&kb)
+        raise
+    bf16 = kb.itemsize == 2
     with nogil:
-        team = _decode_run(&q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0], False,
-                           k.strides[0] // sizeof(floating), v.strides[0] // sizeof(floating),
-                           &kv_index[0], q.shape[0], q.shape[1], q.shape[2], k.shape[1],
-                           v.shape[2], scale, softcap, sink_base, &out[0, 0, 0], &lse[0, 0],
-                           chunk, n_threads)
+        team = _decode_run(&q[0, 0, 0], kb.buf, vb.buf, bf16, kb.strides[0] // kb.itemsize,
+                           vb.strides[0] // vb.itemsize, &kv_index[0], q.shape[0], q.shape[1],
+                           q.shape[2], kb.shape[1], vb.shape[2], scale, softcap, sink_base,
+                           &out[0, 0, 0], &lse[0, 0], n_threads)
+    PyBuffer_Release(&kb)
+    PyBuffer_Release(&vb)
     return team
 
 
-def decode_bf16(const float[:, :, ::1] q, const uint16_t[:, :, :] k,
-                const uint16_t[:, :, :] v, const Py_ssize_t[::1] kv_index, double scale,
-                double softcap, object sinks, float[:, :, ::1] out, float[:, ::1] lse,
-                Py_ssize_t chunk, int n_threads):
-    """decode() with bfloat16 keys and values (their bits as uint16), read in place and
-    widened to float32 as they are loaded: bitwise decode() on the widened arrays."""
-    cdef const float[:, ::1] sink_view
-    cdef const float *sink_base = NULL
+cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const void *v_buf,
+                        Py_ssize_t k_item, Py_ssize_t v_item, Py_ssize_t n_groups,
+                        Py_ssize_t group, Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v,
+                        double scale, double softcap, const void *sinks, int n_threads):
+    """(out, threads that ran): decode() for the single queries of q (its buffer q_buf,
+    C-contiguous: n_groups groups of `group` query heads) against kv entry g (k_item,
+    v_item elements apart in k_buf, v_buf; rows contiguous) for group g, with this scale,
+    soft cap (0: none) and sinks (NULL: none; else one per query row, in q's dtype); out
+    shaped like q with D_v last. Raises MemoryError when the scratch cannot be allocated."""
+    cdef Py_ssize_t g
     cdef int team
-    if sinks is not None:
-        sink_view = sinks
-        sink_base = &sink_view[0, 0]
+    cdef Py_buffer ob
+    cdef Py_ssize_t *index
+    cdef void *lse
+    cdef tuple q_shape = q.shape
+    cdef bint single = q.dtype is _float32
+    cdef object out = _np.empty(q_shape[:len(q_shape) - 1] + (d_v,), q.dtype)
+    PyObject_GetBuffer(out, &ob, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
+    index = <Py_ssize_t*> malloc(n_groups * sizeof(Py_ssize_t))
+    lse = malloc(n_groups * group * (4 if single else 8))
+    if index == NULL or lse == NULL:
+        free(index)
+        free(lse)
+        PyBuffer_Release(&ob)
+        raise MemoryError("attention: cannot allocate the decoding scratch")
+    for g in range(n_groups):
+        index[g] = g
     with nogil:
-        team = _decode_run(&q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0], True,
-                           k.strides[0] // sizeof(uint16_t), v.strides[0] // sizeof(uint16_t),
-                           &kv_index[0], q.shape[0], q.shape[1], q.shape[2], k.shape[1],
-                           v.shape[2], scale, softcap, sink_base, &out[0, 0, 0], &lse[0, 0],
-                           chunk, n_threads)
-    return team
+        if single:
+            team = _decode_run(<const float*> q_buf, k_buf, v_buf, False, k_item, v_item,
+                               index, n_groups, group, d_head, n_keys, d_v,
+                               scale, softcap, <const float*> sinks,
+                               <float*> ob.buf, <float*> lse, n_threads)
+        else:
+            team = _decode_run(<const double*> q_buf, k_buf, v_buf, False, k_item, v_item,
+                               index, n_groups, group, d_head, n_keys, d_v,
+                               scale, softcap, <const double*> sinks,
+                               <double*> ob.buf, <double*> lse, n_threads)
+    free(index)
+    free(lse)
+    PyBuffer_Release(&ob)
+    if team < 0:
+        raise MemoryError("attention: cannot allocate the decoding scratch")
+    return out, team
+
+
+def cache_decode(object q, object k_store, object v_store, Py_ssize_t start, Py_ssize_t n_keys,
+                 int n_threads):
+    """(attention(q, cache=c), threads that ran) with every other argument at its
+    default, read from the cache's storage arrays (B, H_kv, rows, D or D_v), rows start
+    to start + n_keys; or None: q must be a C-contiguous ndarray (B, H, 1, D) in the
+    storage's dtype (float32 or float64), with H a multiple of H_kv (fastattn.cache.
+    decode_step checked the shapes). Reading the storage, not a view of it, spares NumPy
+    building the buffer description of a new view at every step."""
+    cdef Py_buffer qb, kb, vb
+    cdef tuple q_shape, k_shape, v_shape
+    cdef Py_ssize_t rows, item
+    cdef object dtype = getattr(q, "dtype", None)
+    if (type(q) is not _ndarray or (dtype is not _float32 and dtype is not _float64)
+            or k_store.dtype is not dtype or v_store.dtype is not dtype):
+        return None
+    q_shape, k_shape, v_shape = q.shape, k_store.shape, v_store.shape
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4 or q_shape[2] != 1:
+        return None
+    rows = k_shape[2]
+    if (v_shape[2] != rows or n_keys < 1 or start < 0 or start + n_keys > rows
+            or k_shape[0] * k_shape[1] < 1):
+        return None
+    if not _c_buffers(q, k_store, v_store, &qb, &kb, &vb):
+        return None
+    item = 4 if dtype is _float32 else 8
+    try:
+        return _decode_call(q, qb.buf, <char*> kb.buf + start * kb.shape[3] * item,
+                            <char*> vb.buf + start * vb.shape[3] * item,
+                            rows * kb.shape[3], rows * vb.shape[3], kb.shape[0] * kb.shape[1],
+                            q_shape[1] // kb.shape[1], n_keys, kb.shape[3], vb.shape[3],
+                            _default_scale(kb.shape[3]), 0, NULL, n_threads)
+    finally:
+        PyBuffer_Release(&qb)
+        PyBuffer_Release(&kb)
+        PyBuffer_Release(&vb)

@@ -1,8 +1,8 @@
-# Stub for the compiled module fastattn._kernels (see _kernels.pyx). The kernels trust
-# their inputs: fastattn._validation and fastattn._plan check and normalise everything
-# first, and fastattn._run is their only caller. Trailing
-# comments give the C type of each argument; `floating` is float32 or float64, the same
-# for every floating argument of one call.
+# Stub for the compiled module fastattn._kernels (see _kernels_impl.pxi). The kernels
+# trust their inputs: fastattn._validation and fastattn._plan check and normalise
+# everything first, and fastattn._run calls the kernels; _plan, _validation and tune also
+# ask the policy's rules. Trailing comments give the C type of each argument; `floating`
+# is float32 or float64, the same for every floating argument of one call.
 
 from typing import Any, Optional
 
@@ -19,7 +19,8 @@ def project(
     out: npt.NDArray[np.floating],      # floating[:, ::1]        (n_rows, d_out)
     col_start: int = 0,                 # Py_ssize_t: the columns of w and out to compute
     col_stop: int = -1,                 # Py_ssize_t (-1: d_out)
-) -> None: ...
+    n_threads: int = 1,                 # int: bands on this many threads
+) -> int: ...  # the team that ran
 def scores(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_q_stored, L_q, D)
     k: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_kv_stored, L_k, D)
@@ -59,39 +60,27 @@ def attention(
     n_threads: int,                     # int
     w_start: int = 0,                   # Py_ssize_t: first work item
     w_stop: int = -1,                   # Py_ssize_t: past the last work item (-1: all)
+    scratch: Optional[np.ndarray] = None,  # object: None or attention_scratch(...)
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
+def attention_scratch(
+    n_keys: int, d_head: int, d_v: int, q_block: int, k_block: int,  # Py_ssize_t
+    microkernels: bool,                 # bint
+    itemsize: int,                      # Py_ssize_t: 4 or 8
+    n_threads: int,                     # int
+) -> npt.NDArray[np.uint8]: ...
 def decode(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)
-    k: npt.NDArray[np.floating],        # const floating[:, :, :]    (n_kv, L_k, D), rows contiguous
-    v: npt.NDArray[np.floating],        # const floating[:, :, :]    (n_kv, L_k, D_v), rows contiguous
+    k: np.ndarray,                      # object: (n_kv, L_k, D), rows contiguous; q's dtype,
+                                        #   or uint16 (bfloat16 bits) for float32 q
+    v: np.ndarray,                      # object: (n_kv, L_k, D_v), likewise
     kv_index: npt.NDArray[np.intp],     # const Py_ssize_t[::1]      (n_groups,)
     scale: float,                       # double
     softcap: float,                     # double (0: none)
     sinks: Optional[np.ndarray],        # object: None or const floating[:, ::1] (n_groups, G)
     out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_groups, G, D_v)
     lse: npt.NDArray[np.floating],      # floating[:, ::1]           (n_groups, G)
-    chunk: int,                         # Py_ssize_t
-    n_threads: int,                     # int
+    n_threads: int,                     # int: the most threads it may use
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
-def decode_bf16(
-    q: npt.NDArray[np.float32],         # const float[:, :, ::1]     (n_groups, G, D)
-    k: npt.NDArray[np.uint16],          # const uint16_t[:, :, :]    bfloat16 bits (n_kv, L_k, D)
-    v: npt.NDArray[np.uint16],          # const uint16_t[:, :, :]    bfloat16 bits (n_kv, L_k, D_v)
-    kv_index: npt.NDArray[np.intp],     # const Py_ssize_t[::1]      (n_groups,)
-    scale: float,                       # double
-    softcap: float,                     # double (0: none)
-    sinks: Optional[np.ndarray],        # object: None or const float[:, ::1] (n_groups, G)
-    out: npt.NDArray[np.float32],       # float[:, :, ::1]           (n_groups, G, D_v)
-    lse: npt.NDArray[np.float32],       # float[:, ::1]              (n_groups, G)
-    chunk: int,                         # Py_ssize_t
-    n_threads: int,                     # int
-) -> int: ...  # decode() with bfloat16 keys and values widened as they are read
-def tiles(
-    n_batch: int, n_queries: int, n_keys: int,  # Py_ssize_t
-    causal: bool,                       # bint
-    itemsize: int,                      # Py_ssize_t: 4 or 8
-    q_block_max: int, k_block_max: int, min_q_block: int, min_work_items: int,  # Py_ssize_t
-) -> tuple[int, int]: ...  # (query rows, keys) per tile: fastattn._plan.tiles
 def small_attention(
     q: Any, k: Any, v: Any,             # object: anything; None unless small ndarrays
     causal: bool,                       # bint
@@ -99,16 +88,31 @@ def small_attention(
     scale: Optional[float],             # object: None (1 / sqrt(D)) or a finite float
     softcap: float,                     # double: 0 (none) or finite > 0
     sinks: Any,                         # object: None, or (H,) in q's dtype
-    policy: tuple[int, ...],            # tuple: see fastattn._run.small_attention
     n_threads: int,                     # int: the most threads a decoding call may use
 ) -> Optional[tuple[npt.NDArray[np.floating], int]]: ...  # (out, threads that ran)
 def cache_decode(
     q: Any, k_store: Any, v_store: Any,  # object: None unless q is what it takes
     start: int, n_keys: int,            # Py_ssize_t: the rows of the storage held
-    serial_flops: float,                # double: fastattn._plan.SERIAL_FLOPS
-    chunk: int,                         # Py_ssize_t: fastattn._plan.DECODE_CHUNK
     n_threads: int,                     # int: the most threads it may use
 ) -> Optional[tuple[npt.NDArray[np.floating], int]]: ...  # (out, threads that ran)
+# The kernel-choice policy (_k_policy.pxi): its values, and its rules.
+def policy() -> dict[str, float]: ...
+def set_policy(**values: float) -> dict[str, float]: ...  # the previous values of those names
+def tiles(
+    n_batch: int, n_queries: int, n_keys: int,  # Py_ssize_t
+    causal: bool,                       # bint
+    itemsize: int,                      # Py_ssize_t: 4 or 8
+) -> tuple[int, int]: ...  # (query rows, keys) per tile
+def use_microkernels(itemsize: int, d_head: int, d_v: int) -> bool: ...
+def blas_would_thread(m: float, n: float, k: float) -> bool: ...
+def team(n_threads: int, flops: float, n_work: int) -> int: ...
+def softmax_threads(n_elements: int, n_threads: int) -> int: ...
+def default_scale(d_head: int) -> float: ...
+def window_first_key(n_keys: int, window: int) -> int: ...
+def gqa_group(h_q: int, h_kv: int) -> int: ...  # -1: the head axes do not fit
+def sinks_valid(sinks: npt.NDArray[np.floating]) -> bool: ...  # const floating[::1]
+def decode_eligible(n_queries: int, mask_kind: int, window: int, q_broadcast: bool,
+                    d_head: int, d_v: int, return_weights: bool) -> bool: ...
 def fma_loop(double: bool, n_iter: int, n_threads: int) -> float: ...  # flops done
 def read_sum(
     x: npt.NDArray[np.floating],        # const floating[::1]

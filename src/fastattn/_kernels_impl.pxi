@@ -18,6 +18,7 @@
 
 include "_k_decl.pxi"
 include "_k_helpers.pxi"
+include "_k_policy.pxi"
 include "_k_project.pxi"
 include "_k_scores.pxi"
 include "_k_fused.pxi"

@@ -5,9 +5,9 @@ broadcasting, grouped-query heads, the index maps that replace copies of broadca
 entries) and depends on shapes alone, so it is cached. ``plan_attention()`` adds the
 arrays, the mask kind, the flags and the dtypes, and returns an immutable
 ``AttentionPlan``. The tile sizes, whether a tile runs in the micro-kernels and whether a
-call takes the decoding kernel are decided here too, by named rules that depend on the
-shape (never on the thread count, so that results are bitwise identical for any number of
-threads); _run picks the threads.
+call takes the decoding kernel are asked of the compiled policy (_k_policy.pxi), whose
+rules depend on the shape, never on the thread count, so that results are bitwise
+identical for any number of threads.
 """
 
 import dataclasses
@@ -26,56 +26,56 @@ from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_sink
 
 __all__ = ["MaskKind", "Layout", "AttentionPlan", "layout", "plan_attention",
            "refuse_huge_plan", "tiles", "use_microkernels", "decode_eligible", "kernel_inputs",
-           "kv_contiguous", "kv_items", "frozen", "Q_BLOCK", "K_BLOCK", "MIN_Q_BLOCK",
-           "MIN_WORK_ITEMS", "DECODE_CHUNK", "SERIAL_FLOPS", "SOFTMAX_PARALLEL_ELEMENTS",
-           "MICROKERNEL_LANES", "TILE_GEMM", "TUNED", "DEFAULT_Q_BLOCK",
-           "DEFAULT_K_BLOCK", "AUTO_LANES", "auto_lanes", "tile_lanes", "tile_summary"]
+           "kv_contiguous", "kv_items", "frozen", "DEFAULTS", "DEFAULT_Q_BLOCK",
+           "DEFAULT_K_BLOCK", "MICROKERNEL_LANES", "TILE_GEMM", "TUNED", "auto_lanes",
+           "policy_for", "tile_lanes", "tile_summary"]
 
 
-# --------------------------------------------------------------------------- named thresholds
+# --------------------------------------------------------------------------- the policy
 
+# The kernel-choice rules and the values they read are compiled (_k_policy.pxi); this
+# module only sets the values at import, from this machine's tuning and the environment.
+# The compiled defaults, before anything here changed them:
+DEFAULTS = _kernels.policy()
+DEFAULT_Q_BLOCK = DEFAULTS["q_block"]
+DEFAULT_K_BLOCK = DEFAULTS["k_block"]
 # This machine's tuning (fastattn._tuning: what `python -m fastattn tune` measured here),
-# or None; it replaces the defaults of Q_BLOCK, K_BLOCK and the tile GEMMs below.
+# or None; it replaces the default tile size and tile GEMMs.
 TUNED = _tuning.load(_dispatch.isa)
-# Largest tiles of the fused kernel (query rows x keys); tiles() picks per shape. Sweep of
-# q_block in 32..256 x k_block in 128..1024 on a 2-core AVX-512 AMD EPYC (float32, D=64,
-# 2 threads): 256 x 512 was fastest for long sequences (2048 tokens, BLAS tiles: 43.8 ms
-# against 53.1 ms at 64 x 256; micro-kernel tiles: 24.2 against 28.1 ms), half the query
-# rows for causal, 256 x 256 for float64; others were within 3%. On a Zen 5 EPYC
-# 128-512 rows x 256-2048 keys were all within 5% of 256 x 512.
-DEFAULT_Q_BLOCK = 256
-DEFAULT_K_BLOCK = 512
-Q_BLOCK = TUNED["q_block"] if TUNED else DEFAULT_Q_BLOCK
-K_BLOCK = TUNED["k_block"] if TUNED else DEFAULT_K_BLOCK
-# Query blocks are halved until a call has this many work items, so that up to this many
-# threads share the work evenly. A constant, not the thread count: tile sizes must depend
-# on the shape alone for results to be bitwise identical for any number of threads.
-MIN_WORK_ITEMS = 8
-# ...but never below this many query rows: a smaller tile leaves the GEMMs too thin.
-MIN_Q_BLOCK = 32
-# Single-query attention splits the keys in chunks of this many, merged in a fixed order:
-# a constant, so that results do not depend on the thread count.
-DECODE_CHUNK = 512
-# Below this many floating-point operations a call runs on one thread: waking a team of
-# threads costs more than it saves.
-SERIAL_FLOPS = 2_000_000
-# softmax/log_softmax run on one thread below this many elements, for the same reason.
-SOFTMAX_PARALLEL_ELEMENTS = 100_000
-# The micro-kernels' vector lanes per compute dtype in this build (fa_microkernels.h):
-# 8 float32 / 4 float64 in the AVX2 build, 16 / 8 in the AVX-512 build; {} in the
-# baseline build, whose tiles always call BLAS.
-# Keyed by the compute dtype's itemsize (4 or 8): hashing a dtype costs more per call.
-MICROKERNEL_LANES = {np.dtype(name).itemsize: lanes
-                     for name, lanes in _kernels.build_info()["microkernel_lanes"].items() if lanes}
+# The micro-kernels' vector lanes per compute dtype in this build (fa_microkernels.h),
+# keyed by the dtype's itemsize (4 or 8); {} in the baseline build, whose tiles always
+# call BLAS.
+MICROKERNEL_LANES = {size: DEFAULTS[name] for size, name in ((4, "lanes_f"), (8, "lanes_d"))
+                     if DEFAULTS[name]}
 # Where a tile's GEMMs run: "auto" (the default) in the build's micro-kernels, for each
 # compute dtype whose head sizes are whole vectors, unless this machine's tuning found BLAS
 # faster for that dtype; FASTATTN_TILE_GEMM=micro or =blas forces one (to test and time
-# each path on any machine). The micro-kernels won on every CPU measured so far (Zen 3
-# AVX2 and Zen 5 AVX-512 by 25%; on an Intel Xeon, before their broadcasts came from
-# memory, BLAS did), so they are the default and the tuning is the way out.
+# each path on any machine).
 TILE_GEMM = os.environ.get("FASTATTN_TILE_GEMM", "auto").strip().lower() or "auto"
 if TILE_GEMM not in ("auto", "micro", "blas"):
     raise ImportError(f"FASTATTN_TILE_GEMM={TILE_GEMM!r} is not 'auto', 'micro' or 'blas'")
+
+
+def auto_lanes(tuned):
+    """The micro-kernel lanes FASTATTN_TILE_GEMM=auto uses with the tuning `tuned` (None:
+    every dtype the build has micro-kernels for; else less those tuned to BLAS)."""
+    if not tuned:
+        return MICROKERNEL_LANES
+    gemm = tuned["tile_gemm"]
+    return {size: lanes for size, lanes in MICROKERNEL_LANES.items()
+            if gemm.get(f"float{8 * size}", "micro") == "micro"}
+
+
+def policy_for(tuned, tile_gemm):
+    """The policy values a tuning entry (or None) and a FASTATTN_TILE_GEMM value choose:
+    the largest tile and the micro-kernel lanes of each dtype (0: its tiles in BLAS)."""
+    lanes = {"auto": auto_lanes(tuned), "micro": MICROKERNEL_LANES, "blas": {}}[tile_gemm]
+    return {"q_block": tuned["q_block"] if tuned else DEFAULT_Q_BLOCK,
+            "k_block": tuned["k_block"] if tuned else DEFAULT_K_BLOCK,
+            "lanes_f": lanes.get(4, 0), "lanes_d": lanes.get(8, 0)}
+
+
+_kernels.set_policy(**policy_for(TUNED, TILE_GEMM))
 
 
 class MaskKind(enum.IntEnum):
@@ -155,17 +155,18 @@ def layout(q_shape, k_shape, v_shape, mask_shape):
     q_batch = q_shape[:-2]
 
     # Grouped-query attention: query heads h share key/value head h // (H_q / H_kv).
+    # (A head axis of 1 broadcasts, as in NumPy.)
     group = 1
     kv_heads_as = kv_batch
-    if q_batch and kv_batch and 1 not in (q_batch[-1], kv_batch[-1]) and kv_batch[-1] != q_batch[-1]:
-        h_q, h_kv = q_batch[-1], kv_batch[-1]
-        if h_kv == 0 or h_q % h_kv:
+    if q_batch and kv_batch and 1 not in (q_batch[-1], kv_batch[-1]):
+        group = _kernels.gqa_group(q_batch[-1], kv_batch[-1])
+        if group < 0:
             raise ValueError(
                 f"the head axis (-3) of k and v must divide that of q for grouped-query attention, "
                 f"got q.shape={q_shape} and k.shape={k_shape}"
             )
-        group = h_q // h_kv
-        kv_heads_as = kv_batch[:-1] + (h_q,)
+        if group != 1:
+            kv_heads_as = kv_batch[:-1] + (q_batch[-1],)
     shapes = [("q", q_batch), ("k", kv_heads_as)]
     mask_batch = ()
     if mask_shape is not None:
@@ -328,48 +329,28 @@ def refuse_huge_plan(plan, results):
 # --------------------------------------------------------------------------- kernel choices
 
 def tiles(n_batch, n_queries, n_keys, causal, compute):
-    """(query rows, keys) per tile for a shape; never depends on the thread count. Query
-    blocks of Q_BLOCK rows (half for causal: rows see a triangle, and smaller blocks skip
-    more) halved down to MIN_Q_BLOCK until there are MIN_WORK_ITEMS; key blocks of K_BLOCK
-    (half for float64, whose tile would not fit L2 beside its operands). The rule itself is
-    compiled (the small-call path runs it without Python)."""
-    return _kernels.tiles(n_batch, n_queries, n_keys, causal, compute.itemsize, Q_BLOCK,
-                          K_BLOCK, MIN_Q_BLOCK, MIN_WORK_ITEMS)
-
-
-def auto_lanes(tuned):
-    """The micro-kernel lanes FASTATTN_TILE_GEMM=auto uses with the tuning `tuned` (None:
-    every dtype the build has micro-kernels for; else less those tuned to BLAS)."""
-    if not tuned:
-        return MICROKERNEL_LANES
-    gemm = tuned["tile_gemm"]
-    return {size: lanes for size, lanes in MICROKERNEL_LANES.items()
-            if gemm.get(f"float{8 * size}", "micro") == "micro"}
-
-
-# ...this machine's, computed once: tile_lanes() runs on every call.
-AUTO_LANES = auto_lanes(TUNED)
+    """(query rows, keys) per tile for a shape (the compiled rule); never depends on the
+    thread count."""
+    return _kernels.tiles(n_batch, n_queries, n_keys, causal, compute.itemsize)
 
 
 def tile_lanes():
-    """{itemsize: vector lanes} of the compute dtypes whose tiles run in the micro-kernels
-    (FASTATTN_TILE_GEMM, else this machine's tuning, else all the build has)."""
-    if TILE_GEMM == "blas":
-        return {}
-    return MICROKERNEL_LANES if TILE_GEMM == "micro" else AUTO_LANES
+    """{itemsize: vector lanes} of the compute dtypes whose tiles run in the micro-kernels,
+    as the policy says now."""
+    p = _kernels.policy()
+    return {size: p[name] for size, name in ((4, "lanes_f"), (8, "lanes_d")) if p[name]}
 
 
 def use_microkernels(compute, d_head, d_v):
-    """Whether a tile's GEMMs run in this build's micro-kernels rather than BLAS: for a
-    dtype of tile_lanes(), when both head sizes are whole vectors. (Measured: they avoid
-    BLAS's re-packing of each key and value block.)"""
-    lanes = tile_lanes().get(compute.itemsize)
-    return lanes is not None and d_head % lanes == 0 and d_v % lanes == 0
+    """Whether a tile's GEMMs run in this build's micro-kernels rather than BLAS (the
+    compiled rule: a dtype of tile_lanes(), both head sizes whole vectors)."""
+    return _kernels.use_microkernels(compute.itemsize, d_head, d_v)
 
 
 def tile_summary():
     """Where tiles run and how large, and why, in words (bench's header, ``info``)."""
     lanes = tile_lanes()
+    p = _kernels.policy()
     where = ", ".join(f"{name} {'micro-kernels' if size in lanes else 'BLAS'}"
                       for name, size in (("float32", 4), ("float64", 8)))
     if TILE_GEMM != "auto":
@@ -378,7 +359,7 @@ def tile_summary():
         why = f"tuned on this machine {TUNED.get('measured', '')}".rstrip()
     else:
         why = "built-in defaults; `python -m fastattn tune` measures this machine's"
-    return f"tile GEMMs {where}, tiles up to {Q_BLOCK} x {K_BLOCK} ({why})"
+    return f"tile GEMMs {where}, tiles up to {p['q_block']} x {p['k_block']} ({why})"
 
 
 def window_as_keys(plan):
@@ -390,9 +371,10 @@ def window_as_keys(plan):
     if not plan.window or lay.n_queries != 1 or plan.mask_kind != MaskKind.NONE:
         return plan
     k, v, n_keys = plan.k, plan.v, lay.n_keys
-    if plan.window < n_keys:
-        k = k[..., n_keys - plan.window:, :]
-        v = v[..., n_keys - plan.window:, :]
+    first = _kernels.window_first_key(n_keys, plan.window)
+    if first:
+        k = k[..., first:, :]
+        v = v[..., first:, :]
         lay = layout(plan.q.shape, k.shape, v.shape, None)
     return plan._replace(layout=lay, k=k, v=v, window=0)
 
@@ -401,9 +383,9 @@ def decode_eligible(plan, return_weights):
     """Whether a call runs in the single-query (decoding) kernel: one query per batch
     entry, no mask or window, q not broadcast, and neither head size empty."""
     lay = plan.layout
-    return (lay.n_queries == 1 and plan.mask_kind == MaskKind.NONE and not plan.window
-            and lay.q_batch == lay.batch and lay.d_head > 0 and lay.d_v > 0
-            and not return_weights)
+    return _kernels.decode_eligible(lay.n_queries, plan.mask_kind, plan.window,
+                                    lay.q_batch != lay.batch, lay.d_head, lay.d_v,
+                                    return_weights)
 
 
 # --------------------------------------------------------------------------- kernel inputs

@@ -22,12 +22,6 @@ __all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "small_att
            "cache_decode", "run_softmax", "run_scores", "run_attention", "run_decode",
            "identity_index", "kernel_target", "finish"]
 
-# OpenBLAS runs a GEMM on the calling thread when m*n*k <= 65536 * 4 (interface/gemm.c,
-# SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD); above that it would start its own
-# threads inside ours, so fastattn holds it to one thread for such calls.
-BLAS_SERIAL_MNK = 65536 * 4
-
-
 class _SerialBlas:
     """Holds the BLAS libraries to one thread while any fastattn kernel that needs it runs.
 
@@ -113,11 +107,6 @@ def pieces(n_items, flops, team):
     return [(start, min(start + per_piece, n_items)) for start in range(0, n_items, per_piece)]
 
 
-def _team(n_threads, flops, n_work):
-    """Threads for a call: one below SERIAL_FLOPS, else at most one per work item."""
-    return 1 if flops < _plan.SERIAL_FLOPS else min(n_threads, n_work)
-
-
 def _checked(team, what):
     """The team size a kernel returned, or MemoryError when it could not allocate."""
     if team < 0:
@@ -168,11 +157,10 @@ def project_rows(x2, w, b, target):
     # (see PIECE_COLS).
     d_out = target.shape[1]
     # (The kernel caps the team at its bands: n_rows of rows, or d_out / 16 of columns.)
-    team = _team(max(1, _kernels.max_threads()), 2.0 * n_rows * d_in * d_out,
-                 max(n_rows, d_out))
+    team = _kernels.team(max(1, _kernels.max_threads()), 2.0 * n_rows * d_in * d_out,
+                         max(n_rows, d_out))
     rows, cols = project_pieces(n_rows, d_in, d_out)
-    # (OpenBLAS runs a call of at most BLAS_SERIAL_MNK on the calling thread anyway.)
-    with serial_blas if n_rows * d_in * d_out > BLAS_SERIAL_MNK else _no_context:
+    with serial_blas if _kernels.blas_would_thread(n_rows, d_in, d_out) else _no_context:
         for r0, r1 in rows:
             for c0, c1 in cols:
                 _kernels.project(x2[r0:r1], w, b2, b is not None, target[r0:r1], c0, c1, team)
@@ -199,9 +187,7 @@ def project_pieces(n_rows, d_in, d_out):
 
 def run_softmax(rows, target, log_out, n_threads):
     """target = softmax (or log_softmax) of each row of rows (n_rows, n), both contiguous."""
-    if rows.size < _plan.SOFTMAX_PARALLEL_ELEMENTS:
-        n_threads = 1
-    _kernels.softmax(rows, target, log_out, False, n_threads)
+    _kernels.softmax(rows, target, log_out, False, _kernels.softmax_threads(rows.size, n_threads))
 
 
 # --------------------------------------------------------------------------- scores
@@ -232,11 +218,8 @@ def small_attention(q, k, v, causal, window, scale, softcap, sinks, n_threads):
     the arrays and run the general path's kernel choice, tile rule, thread count and
     micro-kernel choice, so the result is bitwise the same, without the planning that
     cost about 20 us of a 30 us tiny call (and 25 us of a 80 us decoding step)."""
-    lanes = _plan.tile_lanes()
-    result = _kernels.small_attention(q, k, v, causal, window or 0, scale, softcap or 0.0, sinks, (
-        _plan.Q_BLOCK, _plan.K_BLOCK, _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS,
-        _plan.SERIAL_FLOPS, BLAS_SERIAL_MNK, lanes.get(4, 0), lanes.get(8, 0),
-        _plan.DECODE_CHUNK),
+    result = _kernels.small_attention(
+        q, k, v, causal, window or 0, scale, softcap or 0.0, sinks,
         # a team is at most one thread per work item: any larger request is the same
         max(1, _kernels.max_threads()) if n_threads is None else min(n_threads, 1 << 30))
     if result is None:
@@ -251,8 +234,7 @@ def cache_decode(q, k_store, v_store, start, n_keys, n_threads):
     the general path's decoding call); None unless q is a C-contiguous float32/float64
     ndarray (B, H, 1, D) in the cache's dtype (fastattn.cache.decode_step checked the
     shapes)."""
-    result = _kernels.cache_decode(q, k_store, v_store, start, n_keys, _plan.SERIAL_FLOPS,
-                                   _plan.DECODE_CHUNK, min(n_threads, 1 << 30))
+    result = _kernels.cache_decode(q, k_store, v_store, start, n_keys, min(n_threads, 1 << 30))
     if result is None:
         return None
     last_call.threads = result[1]
@@ -309,7 +291,7 @@ def _fused(plan, return_weights, target, lse, n_threads):
     q_block, k_block = _plan.tiles(n_batch, n_queries, n_keys, plan.causal, compute)
     flops = 2.0 * n_batch * n_queries * n_keys * (d_head + d_v)
     n_work = n_batch * -(-n_queries // q_block)
-    team = _team(n_threads, flops, n_work)
+    team = _kernels.team(n_threads, flops, n_work)
     micro = _plan.use_microkernels(compute, d_head, d_v)
     sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
     args = (q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window, plan.scale,
@@ -320,8 +302,9 @@ def _fused(plan, return_weights, target, lse, n_threads):
     # per piece, they grew the heap: 9-56 MiB peak extra at 16,384 tokens, 9.7 in one.
     scratch = (None if len(parts) == 1 else _kernels.attention_scratch(
         n_keys, d_head, d_v, q_block, k_block, micro, q.itemsize, team))
-    with (serial_blas if not micro and q_block * k_block * max(d_head, d_v) > BLAS_SERIAL_MNK
-          else _no_context):  # the micro-kernels call no BLAS; OpenBLAS runs smaller tiles on our thread
+    # (The micro-kernels call no BLAS.)
+    with (serial_blas if not micro and _kernels.blas_would_thread(q_block, k_block, max(d_head, d_v))
+          else _no_context):
         for start, stop in parts:  # one piece unless the call is long (Ctrl-C, PIECE_FLOPS)
             _checked(_kernels.attention(*args, start, stop, scratch), "per-thread scratch")
     if not return_weights:
@@ -361,18 +344,11 @@ def _decode_plan(plan, target, lse, n_threads):
 def run_decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads):
     """The decoding kernel on prepared arrays: q3 (n_groups, G, D), k3/v3 (n_kv, L_k,
     D or D_v; in q3's dtype, or both bfloat16 for float32 q3), sinks None or (n_groups,
-    G), out3 (n_groups, G, D_v), lse2 (n_groups, G); small work runs serially."""
-    n_groups, group, d_head = q3.shape
-    n_keys, d_v = k3.shape[1], v3.shape[2]
-    n_chunks = -(-n_keys // _plan.DECODE_CHUNK)
-    team = _team(n_threads, 2.0 * n_groups * group * n_keys * (d_head + d_v), n_groups * n_chunks)
+    G), out3 (n_groups, G, D_v), lse2 (n_groups, G); the kernel picks its team."""
     if is_bfloat16(k3.dtype):
-        status = _kernels.decode_bf16(q3, k3.view(np.uint16), v3.view(np.uint16), kv_index, scale,
-                                      softcap, sinks, out3, lse2, _plan.DECODE_CHUNK, team)
-    else:
-        status = _kernels.decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2,
-                                 _plan.DECODE_CHUNK, team)
-    _checked(status, "decoding scratch")
+        k3, v3 = k3.view(np.uint16), v3.view(np.uint16)  # the kernel widens the bits
+    _checked(_kernels.decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads),
+             "decoding scratch")
 
 
 @functools.lru_cache(maxsize=64)

@@ -3,7 +3,8 @@
 Design: every rule about what an argument may be lives here once, so that the public
 functions (api.py), the layer (layers.py) and the cache (cache.py) raise the same error
 for the same mistake: a ``TypeError`` for the wrong kind of thing, a ``ValueError`` for a
-value or shape out of range, each naming the argument. Nothing here calls the kernels.
+value or shape out of range, each naming the argument. Of the kernels it asks only the
+compiled rules (the default scale, the sinks' validity) and the default thread count.
 """
 
 import functools
@@ -205,7 +206,7 @@ def check_threads(num_threads):
 def check_scale(scale, d_head):
     """The score scale: 1/sqrt(d_head) by default (1 when d_head is 0: every score is 0)."""
     if scale is None:
-        return 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0
+        return _kernels.default_scale(d_head)
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {scale!r}")
     scale = float(scale)
@@ -243,7 +244,7 @@ def check_sinks(sinks, batch, compute):
                          f"{sinks.shape}") from None
     with np.errstate(over="ignore", invalid="ignore"):
         full = np.ascontiguousarray(full, compute)
-    if np.isnan(full).any() or (full == np.inf).any():
+    if not _kernels.sinks_valid(full.reshape(-1)):
         raise ValueError(f"sinks must be finite or -inf (no sink) in {compute}, got "
                          f"NaN or +inf: {sinks.tolist() if sinks.size <= 8 else sinks}")
     return full

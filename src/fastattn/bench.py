@@ -410,7 +410,7 @@ def _decode_row(case, against, threads, min_time, gap):
     kernel_args = (q.reshape(b * h, 1, d), cache.keys.reshape(b * h, n, d),
                    cache.values.reshape(b * h, n, d), np.arange(b * h, dtype=np.intp),
                    1 / np.sqrt(d), 0.0, None, np.empty((b * h, 1, d), np.float32),
-                   np.empty((b * h, 1), np.float32), _plan.DECODE_CHUNK, threads)
+                   np.empty((b * h, 1), np.float32), threads)
     # The same step on plain arrays (what a caller keeping its own K/V passes).
     keys, values = np.ascontiguousarray(cache.keys), np.ascontiguousarray(cache.values)
     contenders = {"fastattn": lambda: api.attention(q, cache=cache, num_threads=threads),

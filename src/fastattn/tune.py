@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from . import _dispatch, _plan, _tuning
+from ._dispatch import kernels as _kernels
 from .api import attention
 from .bench import time_alternating
 
@@ -61,10 +62,11 @@ def _inputs(shape, dtype):
 
 
 def _call(q, k, v, out, tile, gemm, threads):
-    """One attention call with the tile and GEMM path of a candidate set in _plan."""
+    """One attention call with the tile and GEMM path of a candidate set in the policy."""
+    values = dict(_plan.policy_for(None, gemm), q_block=tile[0], k_block=tile[1])
+
     def run():
-        _plan.Q_BLOCK, _plan.K_BLOCK = tile
-        _plan.TILE_GEMM = gemm
+        _kernels.set_policy(**values)
         attention(q, k, v, out=out, num_threads=threads)
     return run
 
@@ -79,7 +81,7 @@ def tune(shapes=None, tiles=CANDIDATE_TILES, rounds=7, min_time=0.05, threads=No
     """Time the candidates and return this machine's entry for the tuning file (not
     written). `shapes` {itemsize: shape} defaults to SHAPES."""
     shapes = dict(SHAPES if shapes is None else shapes)
-    saved = (_plan.Q_BLOCK, _plan.K_BLOCK, _plan.TILE_GEMM)
+    saved = _kernels.policy()
     lanes = _plan.MICROKERNEL_LANES
     figures = {}
 
@@ -107,8 +109,8 @@ def tune(shapes=None, tiles=CANDIDATE_TILES, rounds=7, min_time=0.05, threads=No
                 continue  # no micro-kernels for it: its tiles run in BLAS regardless
             shape = shapes[size]
             q, k, v, o = _inputs(shape, np.dtype(name))
-            largest = _dispatch.kernels.tiles(1, 1 << 30, 1 << 30, False, size, *tile,
-                                              _plan.MIN_Q_BLOCK, _plan.MIN_WORK_ITEMS)
+            _kernels.set_policy(q_block=tile[0], k_block=tile[1])
+            largest = _kernels.tiles(1, 1 << 30, 1 << 30, False, size)
             print(f"tile GEMMs: {name} {shape}, tiles up to {largest[0]} x {largest[1]}",
                   file=out)
             calls = {g: _call(q, k, v, o, tile, g, threads) for g in ("micro", "blas")}
@@ -116,10 +118,10 @@ def tune(shapes=None, tiles=CANDIDATE_TILES, rounds=7, min_time=0.05, threads=No
             chosen[name] = choose("micro", medians)
             report(f"{name} GEMMs", shape, medians, chosen[name], "micro")
     finally:
-        _plan.Q_BLOCK, _plan.K_BLOCK, _plan.TILE_GEMM = saved
+        _kernels.set_policy(**saved)
     return {"q_block": tile[0], "k_block": tile[1], "tile_gemm": chosen,
             "measured": datetime.date.today().isoformat(), "rounds": rounds,
-            "threads": threads or _dispatch.kernels.max_threads(), "median_ms": figures}
+            "threads": threads or _kernels.max_threads(), "median_ms": figures}
 
 
 def main(argv=None):
