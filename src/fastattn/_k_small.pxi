@@ -62,6 +62,7 @@ def small_attention(object q, object k, object v, bint causal, Py_ssize_t window
     cdef int team
     cdef object out
     cdef tuple q_shape
+    cdef Call c
     if shape is None:
         return None
     n_batch, n_queries, n_keys, d_head, d_v, group = shape
@@ -98,19 +99,15 @@ def small_attention(object q, object k, object v, bint causal, Py_ssize_t window
             index[b] = b
             index[n_batch + b] = b
             index[2 * n_batch + b] = 0
+        memset(&c, 0, sizeof(Call))
+        _call_sizes(&c, n_batch, n_queries, n_keys, d_head, d_v, q_block, k_block)
+        c.q, c.k, c.v, c.index, c.out, c.lse = qb.buf, kb.buf, vb.buf, index, ob.buf, lse
+        c.mask_kind, c.causal, c.scale, c.micro = MASK_NONE, causal, c_scale, micro
         with nogil:
             if itemsize == 4:
-                team = _attention_run(<const float*> qb.buf, <const float*> kb.buf,
-                                      <const float*> vb.buf, NULL, NULL, MASK_NONE, index,
-                                      n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
-                                      c_scale, 0, NULL, <float*> ob.buf,
-                                      <float*> lse, q_block, k_block, micro, 1, 0, -1, NULL)
+                team = _attention_run(&c, <float*> NULL, 1, 0, -1)
             else:
-                team = _attention_run(<const double*> qb.buf, <const double*> kb.buf,
-                                      <const double*> vb.buf, NULL, NULL, MASK_NONE, index,
-                                      n_batch, n_queries, n_keys, d_head, d_v, causal, 0,
-                                      c_scale, 0, NULL, <double*> ob.buf,
-                                      <double*> lse, q_block, k_block, micro, 1, 0, -1, NULL)
+                team = _attention_run(&c, <double*> NULL, 1, 0, -1)
         free(index)
         free(lse)
         PyBuffer_Release(&ob)
