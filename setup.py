@@ -68,8 +68,7 @@ def _load_isa_table():
 _isa = _load_isa_table()
 x86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
 builds = [b for b in _isa.BUILDS if x86 or b.name not in _isa.X86_ONLY]
-headers = ["src/fastattn/" + h for h in ("fa_platform.h", "fa_exp.h", "fa_decode.h",
-                                          "fa_microkernels.h", "fa_bench.h")]
+headers = sorted(glob.glob("src/fastattn/fa_*.h"))
 
 
 def extension(module, isa, isa_flags, depends):

@@ -89,7 +89,7 @@ cdef extern from "fa_bench.h" nogil:
     float fa_read_sum_f(const float *x, Py_ssize_t n)
     double fa_read_sum_d(const double *x, Py_ssize_t n)
     Py_ssize_t fa_fma_flops_per_iter(size_t item)
-    int FA_BENCH_VBYTES
+    int FA_VBYTES
     int FA_READ_CHAINS
 
 # The mask kinds, as fastattn._plan.MaskKind numbers them.

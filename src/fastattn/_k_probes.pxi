@@ -36,7 +36,7 @@ def read_sum(const floating[::1] x, int n_threads):
 
 def read_sum_multiple():
     """read_sum reads whole blocks of this many bytes per thread."""
-    return FA_BENCH_VBYTES * FA_READ_CHAINS
+    return FA_VBYTES * FA_READ_CHAINS
 
 
 # --------------------------------------------------------------------------- testing aid

@@ -11,19 +11,13 @@
 
 #include <stddef.h>
 
-#if defined(__AVX512F__)
-#define FA_BENCH_VBYTES 64
-#elif defined(__AVX__)
-#define FA_BENCH_VBYTES 32
-#else
-#define FA_BENCH_VBYTES 16
-#endif
+#include "fa_simd.h"
 #define FA_FMA_CHAINS 12
 #define FA_READ_CHAINS 8
 
 #define FA_DEFINE_BENCH(T, SUFFIX)                                                        \
-typedef T fa_bv_##SUFFIX __attribute__((vector_size(FA_BENCH_VBYTES)));                    \
-typedef T fa_bvu_##SUFFIX __attribute__((vector_size(FA_BENCH_VBYTES), aligned(sizeof(T)))); \
+typedef T fa_bv_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                    \
+typedef T fa_bvu_##SUFFIX __attribute__((vector_size(FA_VBYTES), aligned(sizeof(T)))); \
 /* n_iter steps of FA_FMA_CHAINS vector FMAs; returns a value that depends on them all,  */ \
 /* so the compiler cannot drop the loop. Floating-point operations: 2 x lanes x chains   */ \
 /* x n_iter (fa_fma_flops_per_iter).                                                      */ \
@@ -38,13 +32,13 @@ static inline T fa_fma_loop_##SUFFIX(ptrdiff_t n_iter, T seed)                  
     }                                                                                      \
     T total = 0;                                                                           \
     for (int c = 0; c < FA_FMA_CHAINS; c++)                                                \
-        for (int u = 0; u < (int)(FA_BENCH_VBYTES / sizeof(T)); u++) total += acc[c][u];   \
+        for (int u = 0; u < (int)(FA_VBYTES / sizeof(T)); u++) total += acc[c][u];   \
     return total;                                                                          \
 }                                                                                          \
 /* The sum of x[0:n] (n a multiple of lanes x FA_READ_CHAINS), read once.                */ \
 static inline T fa_read_sum_##SUFFIX(const T *x, ptrdiff_t n)                             \
 {                                                                                          \
-    enum { W = FA_BENCH_VBYTES / sizeof(T) };                                              \
+    enum { W = FA_VBYTES / sizeof(T) };                                              \
     fa_bv_##SUFFIX acc[FA_READ_CHAINS];                                                    \
     for (int c = 0; c < FA_READ_CHAINS; c++) acc[c] = (fa_bv_##SUFFIX){0};                 \
     for (ptrdiff_t i = 0; i + W * FA_READ_CHAINS <= n; i += W * FA_READ_CHAINS)            \
@@ -62,7 +56,7 @@ FA_DEFINE_BENCH(double, d)
 /* Floating-point operations per iteration of fa_fma_loop_f/_d. */
 static inline ptrdiff_t fa_fma_flops_per_iter(size_t item)
 {
-    return 2 * (ptrdiff_t)(FA_BENCH_VBYTES / item) * FA_FMA_CHAINS;
+    return 2 * (ptrdiff_t)(FA_VBYTES / item) * FA_FMA_CHAINS;
 }
 
 #endif

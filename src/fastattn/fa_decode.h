@@ -30,13 +30,6 @@
 #define FA_DOT_LANES 64
 /* fa_dot's reduction tree (32, 16, ..., 1) is written out for exactly 64 lanes. */
 _Static_assert(FA_DOT_LANES == 64, "fa_dot's reduction tree is written for 64 lanes");
-#if defined(__AVX512F__)
-#define FA_VBYTES 64
-#elif defined(__AVX__)
-#define FA_VBYTES 32
-#else
-#define FA_VBYTES 16
-#endif
 
 /* One pass of P V over W vectors of output columns from column c (see fa_dec_pv). With
  * fewer than 8 vectors, W chains of FMAs would wait on the FMA latency (a d_v of 64 floats

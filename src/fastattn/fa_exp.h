@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fa_simd.h"
+
 /* The part both forms of each exp share: for a clamped x, unit p(r) with r = x - n ln 2
  * (unit a power of two, a constant where it is inlined), and the integer n = round(x / ln 2)
  * (read from the rounding sum's mantissa: no float-to-int conversion, so none of NaN
@@ -205,13 +207,6 @@ static inline double fa_tanh(double y)
  * (x > m is false) just as in a scalar loop. */
 #define FA_LANES 16
 #define FA_MAX_NV 4
-#if defined(__AVX512F__)
-#define FA_ROW_VBYTES 64
-#elif defined(__AVX__)
-#define FA_ROW_VBYTES 32
-#else
-#define FA_ROW_VBYTES 16
-#endif
 
 /* FA_VMAX(x, acc) = x > acc ? x : acc per lane (acc when x is NaN: x > acc is false),
  * which is exactly what the x86 max instructions compute (the second operand unless the
@@ -253,18 +248,18 @@ static inline double fa_hmax2_d(__m128d m)
 #define FA_DEFINE_VMAX(T, IT, SUFFIX)                                                     \
 static inline fa_rv_##SUFFIX fa_vmax_##SUFFIX(fa_rv_##SUFFIX x, fa_rv_##SUFFIX acc)       \
 {                                                                                         \
-    typedef IT VI __attribute__((vector_size(FA_ROW_VBYTES)));                            \
+    typedef IT VI __attribute__((vector_size(FA_VBYTES)));                            \
     const VI gt = x > acc;                                                                \
     return (fa_rv_##SUFFIX)((gt & (VI)x) | (~gt & (VI)acc));                              \
 }                                                                                         \
 static inline T fa_hmax_##SUFFIX(fa_rv_##SUFFIX v)                                        \
 {                                                                                         \
     T m = v[0];                                                                           \
-    for (int t = 1; t < (int)(FA_ROW_VBYTES / sizeof(T)); t++) m = v[t] > m ? v[t] : m;   \
+    for (int t = 1; t < (int)(FA_VBYTES / sizeof(T)); t++) m = v[t] > m ? v[t] : m;   \
     return m;                                                                             \
 }
 #endif
-/* FA_WIDEN(p): the FA_ROW_VBYTES / 8 elements at p as a vector of doubles. GCC lowered
+/* FA_WIDEN(p): the FA_VBYTES / 8 elements at p as a vector of doubles. GCC lowered
  * the generic conversion of float vectors in two halves and a lane insert (three
  * instructions more per vector, on the softmax's sum) where one vcvtps2pd does it. */
 #if defined(__AVX512F__)
@@ -282,18 +277,18 @@ _Static_assert(FA_MAX_NV == 4, "fa_row_max folds four vectors");
 
 /* Lane t of the FA_LANES partial results is lane t % W of vector t / W: vectors of the
  * build's native width (GCC lowers wider generic vectors through the stack). The sums run
- * in double: FA_ROW_VBYTES / 8 lanes per vector, loaded from half as many bytes of T. */
+ * in double: FA_VBYTES / 8 lanes per vector, loaded from half as many bytes of T. */
 #define FA_DEFINE_ROW_OPS(T, IT, SUFFIX, EXP)                                          \
-typedef T fa_rv_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES)));                    \
-typedef T fa_rvu_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES), aligned(sizeof(T)))); \
-typedef IT fa_rvi_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES)));                  \
-typedef double fa_rvd_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES)));             \
-typedef T fa_rvh_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES / 8 * sizeof(T)),    \
+typedef T fa_rv_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                    \
+typedef T fa_rvu_##SUFFIX __attribute__((vector_size(FA_VBYTES), aligned(sizeof(T)))); \
+typedef IT fa_rvi_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                  \
+typedef double fa_rvd_##SUFFIX __attribute__((vector_size(FA_VBYTES)));             \
+typedef T fa_rvh_##SUFFIX __attribute__((vector_size(FA_VBYTES / 8 * sizeof(T)),    \
                                          aligned(sizeof(T))));                           \
 FA_DEFINE_VMAX(T, IT, SUFFIX)                                                            \
 static inline T fa_row_max_##SUFFIX(const T *x, ptrdiff_t n)                            \
 {                                                                                        \
-    enum { W = FA_ROW_VBYTES / sizeof(T), NV = FA_MAX_NV };                              \
+    enum { W = FA_VBYTES / sizeof(T), NV = FA_MAX_NV };                              \
     fa_rv_##SUFFIX acc[NV];                                                              \
     for (int v = 0; v < NV; v++) acc[v] = (fa_rv_##SUFFIX){0} - (T)INFINITY;             \
     ptrdiff_t j = 0;                                                                     \
@@ -312,7 +307,7 @@ static inline T fa_row_max_##SUFFIX(const T *x, ptrdiff_t n)                    
 /* x[j] = exp(x[j] - shift) in place, shift >= max(x); returns the sum, in double. */        \
 static inline double fa_exp_shift_sum_##SUFFIX(T *x, ptrdiff_t n, T shift)              \
 {                                                                                        \
-    enum { WD = FA_ROW_VBYTES / 8, ND = FA_LANES / WD };                                 \
+    enum { WD = FA_VBYTES / 8, ND = FA_LANES / WD };                                 \
     for (ptrdiff_t j = 0; j < n; j++) x[j] = EXP(x[j] - shift);                          \
     fa_rvd_##SUFFIX acc[ND];                                                             \
     for (int v = 0; v < ND; v++) acc[v] = (fa_rvd_##SUFFIX){0};                          \
@@ -362,12 +357,12 @@ static inline double fa_exp_shift_total_##SUFFIX(const T *x, ptrdiff_t n, T shif
 #define FA_SOFTCAP_SERIES 0
 #endif
 #define FA_DEFINE_SOFTCAP(T, IT, SUFFIX, TANH, THRESHOLD, SIGN, ...)                     \
-typedef T fa_scv_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES)));                   \
-typedef T fa_scvu_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES), aligned(sizeof(T)))); \
-typedef IT fa_sci_##SUFFIX __attribute__((vector_size(FA_ROW_VBYTES)));                  \
+typedef T fa_scv_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                   \
+typedef T fa_scvu_##SUFFIX __attribute__((vector_size(FA_VBYTES), aligned(sizeof(T)))); \
+typedef IT fa_sci_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                  \
 static inline void fa_softcap_row_##SUFFIX(T *s, ptrdiff_t n, T cap, T inv_cap)         \
 {                                                                                        \
-    enum { W = FA_ROW_VBYTES / sizeof(T) };                                              \
+    enum { W = FA_VBYTES / sizeof(T) };                                              \
     static const T coef[] = {__VA_ARGS__};                                               \
     enum { N_COEF = sizeof coef / sizeof coef[0] };                                      \
     ptrdiff_t j = 0;                                                                     \
