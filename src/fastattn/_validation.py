@@ -26,7 +26,8 @@ except ImportError:  # pragma: no cover
 __all__ = ["AxisError", "INT_MAX", "as_array", "dtype_pair", "dtypes", "dtypes_of",
            "bfloat16", "is_bfloat16", "contiguous", "memory_limit", "refuse_huge",
            "positive_int", "check_threads",
-           "check_scale", "check_softcap", "check_sinks", "check_flag", "check_window",
+           "is_dask_array", "check_scale", "check_softcap", "check_sinks", "check_flag",
+           "check_window",
            "check_axis", "check_out", "qkv_arguments"]
 
 INT_MAX = 2**31 - 1  # BLAS dimensions are C ints
@@ -201,6 +202,11 @@ def check_threads(num_threads):
     if num_threads is None:
         return max(1, _kernels.max_threads())
     return positive_int("num_threads", num_threads, allow_none=True)
+
+
+def is_dask_array(a):
+    """Whether a is a dask array, told by its type alone (importing no dask)."""
+    return type(a).__module__.startswith("dask.array") and hasattr(a, "dask")
 
 
 def check_scale(scale, d_head):

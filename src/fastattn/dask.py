@@ -33,14 +33,9 @@ from dask.highlevelgraph import HighLevelGraph
 from . import api
 from ._plan import layout
 from ._validation import (check_flag, check_scale, check_sinks, check_softcap, check_window,
-                          dtypes_of, positive_int)
+                          dtypes_of, is_dask_array, positive_int)
 
 __all__ = ["attention", "is_dask_array", "ShardedKVCache"]
-
-
-def is_dask_array(a):
-    """Whether a is a dask array (without importing dask for anything else)."""
-    return type(a).__module__.startswith("dask.array") and hasattr(a, "dask")
 
 
 def _as_dask(name, a):
