@@ -23,7 +23,8 @@ def main(threads=None, quick=False, repeat=None):
     except ImportError:
         print("bench --dask needs dask and distributed: pip install 'fastattn[dask]'")
         return 1
-    from . import api, bench
+    from . import api
+    from ._timing import cpu_description
     from . import dask as fd
 
     threads = threads or 2
@@ -33,7 +34,7 @@ def main(threads=None, quick=False, repeat=None):
     q_chunk, k_chunk = (256, 512) if quick else (1024, 4096)
     print(f"fastattn bench --dask: LocalCluster of {threads} worker processes x 1 thread, "
           f"against fastattn.attention on {threads} threads")
-    print(f"cpu: {bench.cpu_description()}")
+    print(f"cpu: {cpu_description()}")
     print(f"shape (1, {heads}, L, L, {d}) float32; query chunks {q_chunk}, key chunks "
           f"{k_chunk}; medians of {repeat}")
     print()

@@ -46,7 +46,7 @@ def main(threads=None, quick=False, repeat=None):
         print("bench --transformers needs torch and transformers: "
               "pip install 'fastattn[transformers]'")
         return 1
-    from . import bench
+    from ._timing import cpu_description
     from .integrations import transformers as fa_tf
 
     fa_tf.register("fastattn")
@@ -60,7 +60,7 @@ def main(threads=None, quick=False, repeat=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"fastattn bench --transformers: transformers {transformers.__version__}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"cpu: {bench.cpu_description()}")
+    print(f"cpu: {cpu_description()}")
     print(f"model: random Llama, {n_params / 1e6:.0f}M parameters, "
           f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads "
           f"({model.config.num_key_value_heads} key/value), float32, batch 1")

@@ -33,10 +33,10 @@ def project(const floating[:, ::1] x, const floating[:, ::1] w, const floating[:
     is cut from the larger side. Returns the team size.
 
     The caller holds BLAS to one thread (fastattn._run.serial_blas), so that BLAS's own
-    thread pool never starts: after a call it spins for a while, and on a 2-core Zen 5
-    EPYC the first attention call after a projection threaded by OpenBLAS took 7.8 ms
-    instead of 1.9. Which band holds an output can change its last bits (OpenBLAS's
-    kernels for a band's edges sum in another order), as BLAS's own thread count did."""
+    thread pool never starts: after a call it spins for a while, and the first attention
+    call after a projection threaded by OpenBLAS took 4x its time. Which band holds an
+    output can change its last bits (OpenBLAS's kernels for a band's edges sum in another
+    order), as BLAS's own thread count did."""
     cdef int n_rows = <int> x.shape[0], d_in = <int> x.shape[1], d_out = <int> w.shape[1]
     cdef Py_ssize_t n_cols, t, c0, c1, r0, r1
     cdef bint by_rows

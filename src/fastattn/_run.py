@@ -1,10 +1,12 @@
-"""The only caller of the compiled kernels: thread counts, BLAS threads, and the runners
-of projection, softmax, scores, the fused attention and the decoding kernel.
+"""The runners of the compiled kernels: projection, softmax, scores, the fused attention
+and the decoding kernel.
 
-Design: the runners take what _validation and _plan have checked and prepared; they
-choose threads (small work runs on one thread), hold BLAS to one thread where the tile
-kernels call it from several, raise MemoryError when a kernel reports that its scratch
-could not be allocated, and record the threads that ran (``last_call``, for tests).
+Design: the runners take what _validation and _plan have checked and prepared; they ask
+the compiled policy for the thread team (small work runs on one thread), hold BLAS to one
+thread where the tile kernels call it from several, raise MemoryError when a kernel
+reports that its scratch could not be allocated, and record the threads that ran
+(``last_call``, for tests). (_plan, _validation and tune ask the compiled policy's rules
+too, but call no kernel.)
 """
 
 import contextlib
@@ -75,24 +77,15 @@ last_call = threading.local()
 # Ctrl-C: Python runs signal handlers only between bytecodes, never inside a kernel, so a
 # long call runs its work in pieces and returns to the interpreter between them; SIGINT
 # then raises KeyboardInterrupt at the next piece. A piece is about PIECE_FLOPS per thread
-# (40 ms on a Zen 5 AVX-512 core, about 150 ms on a Zen 3 AVX2 one, up to a few tenths of
-# a second on the baseline build: under a large projection's pieces); a call below that
-# is one piece, as before. What an extra piece costs is its end: the threads wait there
-# for the one still in its last work item (a query block against every key, 1.2 ms at
-# 4,096 tokens). Long, 1, 8, 4096, 4096, 64 on a Zen 5 EPYC, medians of 11 alternating
-# calls: 114 ms in pieces of 2e9, 110 ms of 8e9, 109 ms in one piece.
+# (a few tenths of a second at most); a call below that is one piece. An extra piece
+# costs its end, where the threads wait for the one still in its last work item: at this
+# size that is within noise of one piece (docs/DESIGN.md has the figures).
 PIECE_FLOPS = 8e9
 # A projection over PROJECT_ONE_CALL_FLOPS runs in pieces: column bands of at most
 # PIECE_COLS outputs, each cut into row bands of at most PROJECT_PIECE_FLOPS, both split
-# evenly. Each piece is a BLAS call of its own, which re-packs its part of x and w and
-# starts and joins the BLAS's threads: about 10 ms a piece on a Zen 5 EPYC, 2 threads,
-# float32 (x (8192, 4096) @ w (4096, 4096), alternating medians: one GEMM 671-702 ms,
-# pieces of 128 / 64 / 32 / 16 GFLOP 691 / 722 / 784-818 / 921 ms; x (4096, 768) @
-# w (768, 2304): one GEMM 38 ms, as fast as NumPy's, where the 2048 x 1024 output pieces
-# used before, 3.2 GFLOP at that d_in, took 43-46 ms). Pieces of 64 GFLOP keep that under
-# 8% for the largest projections and keep Ctrl-C within about 0.2 s here (0.4 s on 2
-# AVX2 cores); a projection up to 64 GFLOP (a 4096-token QKV of width 768 is 14.5) is one
-# GEMM.
+# evenly. Each piece is a BLAS call of its own, which re-packs its part of x and w (about
+# 10 ms a piece), so pieces are large: under 8% slower than one GEMM for the largest
+# projections, and Ctrl-C still within a few tenths of a second.
 PIECE_COLS = 2048
 PROJECT_PIECE_FLOPS = 64e9
 PROJECT_ONE_CALL_FLOPS = 64e9
@@ -150,11 +143,9 @@ def project_rows(x2, w, b, target):
     w = contiguous(w, compute)
     # fastattn's threads each take a band of the output (rows, or columns when there are
     # more of those; _kernels.project) with BLAS held to one thread, rather than one GEMM
-    # threaded by the BLAS: as fast alone (Zen 5 EPYC, float32, 2 threads, 1 to 4096 rows,
-    # d_in 768 and 4096: within noise of OpenBLAS's own threads), and BLAS's pool, never
-    # started, is not left spinning on the cores when the call returns (an attention call
-    # right after took 4x its time). Only a large projection runs in pieces, for Ctrl-C
-    # (see PIECE_COLS).
+    # threaded by the BLAS: as fast alone, and BLAS's pool, never started, is not left
+    # spinning on the cores when the call returns (an attention call right after took 4x
+    # its time). Only a large projection runs in pieces, for Ctrl-C (see PIECE_COLS).
     d_out = target.shape[1]
     # (The kernel caps the team at its bands: n_rows of rows, or d_out / 16 of columns.)
     team = _kernels.team(max(1, _kernels.max_threads()), 2.0 * n_rows * d_in * d_out,
@@ -362,10 +353,9 @@ def identity_index(n):
 def project_qkv(x, weights, biases, compute):
     """[x @ w + b for each (w, b)], each (..., d_out) in the compute dtype; the arguments
     as _validation.qkv_arguments returns them."""
-    # Three whole-matrix GEMMs. Measured against the alternatives (float32, 2 threads):
-    # blocks of rows of x kept in cache re-pack the weights per block and ran up to 1.4x
-    # slower; one GEMM against [w_q | w_k | w_v] was within 6% (noise) and needs a copy of
-    # the weights and a split of the result.
+    # Three whole-matrix GEMMs: blocks of rows of x kept in cache re-pack the weights per
+    # block (up to 1.4x slower), and one GEMM against [w_q | w_k | w_v] was no faster and
+    # needs a copy of the weights and a split of the result.
     lead = x.shape[:-1]
     x2 = contiguous(x, compute).reshape(math.prod(lead), x.shape[-1])
     outs = []

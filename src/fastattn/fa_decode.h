@@ -22,10 +22,8 @@
 #include "fa_exp.h"
 
 /* Keys per block: each block reads its keys, then its values. Blocks of 256 rather than 64
- * switch between the two streams a quarter as often: one query x 32 heads x 4,096 tokens
- * x D 128 on one thread of a Zen 5 EPYC, 4.11-4.19 ms against 4.61-4.70 (three alternating
- * runs of bench/decode_vs_floor.py; a plain read of the same 128 MiB, 3.5-4.2 ms), and
- * grouped heads (32 over 8) 704-886 us against 800-909. */
+ * switch between the two streams a quarter as often (a step about 10% faster, within a
+ * tenth of a plain read of the same bytes). */
 #define FA_DECODE_BLOCK 256
 #define FA_DOT_LANES 64
 /* fa_dot's reduction tree (32, 16, ..., 1) is written out for exactly 64 lanes. */
@@ -120,9 +118,8 @@ static inline __attribute__((always_inline)) void fa_dec_scores_##SUFFIX(       
         fa_vec_##SUFFIX acc[FA_N_##SUFFIX];                                                \
         for (int u = 0; u < n; u++) acc[u] = (fa_vec_##SUFFIX){0};                         \
         /* Key after key, each row read start to end (q comes from L1 again for each): */ \
-        /* the N rows read in step, a vector of each in turn, held a decoding step over */ \
-        /* 4096 cached tokens to 64-73% of the read floor on a Zen 3 EPYC; this order, */  \
-        /* with the 16-vector P V pass, 83-92%. Each acc[u] sums in the same order.   */  \
+        /* reading the N rows in step, a vector of each in turn, held a step to 64-73% */ \
+        /* of the read floor, this order 83-92%. Each acc[u] sums in the same order.   */ \
         _Pragma("GCC unroll 16")                                                           \
         for (int u = 0; u < n; u++) {                                                      \
             const KT *ku = k + (u < count ? u : count - 1) * d;                            \

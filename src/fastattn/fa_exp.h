@@ -116,10 +116,9 @@ static inline double fa_exp(double x)
  * two-factor product rounds. The 2^-64 is in p's coefficients (`unit`): scaling them by a
  * power of two scales every Horner step's result, with its rounding, exactly (they stay
  * normal numbers), so 2^-64 p(r) costs no multiplication (checked bitwise against
- * p 2^(n + 64) 2^-64 over every non-positive float in each build, and 2e8 doubles; one
- * multiplication fewer of twelve, 6% of the exp loop on a Zen 5 EPYC). NaN stays NaN: p is
- * NaN, whatever the factor. Measured on a Zen 3 EPYC: a quarter fewer cycles per element
- * than fa_expf. */
+ * p 2^(n + 64) 2^-64 over every non-positive float in each build, and 2e8 doubles). NaN
+ * stays NaN: p is NaN, whatever the factor. A quarter fewer cycles per element than
+ * fa_expf. */
 static inline float fa_expf_nonpos(float x)
 {
     if (x < -104.0f) x = -104.0f;
@@ -200,8 +199,7 @@ static inline double fa_tanh(double y)
  * written as a loop over an array of FA_LANES scalars, GCC kept the max in 16 scalar
  * registers (vmaxss) and spilled one, measured at a fifth of a tile's softmax time. The
  * max keeps FA_MAX_NV vectors of the build's width instead (one zmm chain of compare and
- * blend per vector bound it at 5 cycles per vector on a Zen 5 EPYC; four chains, 2.5x
- * faster) and folds them, then the lanes of the last vector, as a tree. The sums are
+ * blend per vector bound it by its latency; four chains ran 2.5x faster) and folds them, then the lanes of the last vector, as a tree. The sums are
  * deterministic and the same in every build; the max is the same value in every build
  * (only which of +0 and -0 a row of zeros gives may differ), and NaN is ignored by it
  * (x > m is false) just as in a scalar loop. */

@@ -2,23 +2,21 @@
  * float32 and float64: s = Q K^T (queries against a packed key block) and o += P V (a packed
  * value block).
  * The baseline build has none (FA_MICROKERNELS 0) and its tiles call BLAS. Whether a tile
- * uses them is decided in Python (fastattn._plan.use_microkernels) and handed to the kernel.
+ * uses them is the compiled policy's rule (_use_micro in _k_policy.pxi). The kernels of
+ * one dtype are in fa_mk_kernels.h, included below once per dtype.
  *
  * Design, after BLIS's haswell/skx kernels: an MR x NV register block of accumulators
  * (NV vectors of W lanes across, MR rows down) is updated once per step of the inner
  * dimension by NV contiguous vector loads and MR scalar broadcasts taken straight from
  * memory (vbroadcastss/sd m, a load-port op). The block is chosen from the register file:
  *   AVX2, 16 ymm:    6 x 2 (12 accumulators, 2 loads, 1 broadcast: 15 registers);
- *   AVX-512, 32 zmm: scores 8 x 2, P V 4 x 4 (16 accumulators), as first tuned on an EPYC.
+ *   AVX-512, 32 zmm: scores 8 x 2, P V 4 x 4 (16 accumulators).
  * 12-16 independent FMA chains cover the FMA latency (4-5 cycles) x 2 FMA ports of both
  * vendors' cores. Broadcasting as `(vec){0} + x` instead costs a scalar add and a register
  * broadcast per row and step, which on Intel compete with the FMAs for ports 0 and 5.
  * Rows left over from MR run in a block of their own height (a switch on a constant, so
- * each height compiles to its own unrolled loop), never one row at a time.
- *
- * Measured on an AMD EPYC with AVX-512 (one thread, 64 tiles of 256 queries x 512 keys x
- * D 64): OpenBLAS sgemm 98.5 GFLOP/s for the scores and 93.0 for P V (its AVX2 kernels,
- * as that machine set OPENBLAS_CORETYPE=Haswell); the AVX-512 kernels 169.5 and 202.9. */
+ * each height compiles to its own unrolled loop), never one row at a time. Against BLAS,
+ * they spare the re-packing of each key and value block per tile call. */
 #ifndef FASTATTN_MICROKERNELS_H
 #define FASTATTN_MICROKERNELS_H
 
@@ -27,13 +25,9 @@
  * for every row block before the next: the run stays in L1 while the row blocks stream P
  * past it, as BLIS keeps its kc x nr panel of B in L1. Without runs each row block read the
  * whole band of the tile (128 KiB at 512 keys and D 64) from L2: 32 bytes per cycle at the
- * FMA peak, half of a Zen 5 core's L2 bandwidth and near all of what Intel's cores sustain
- * (on a Xeon, family 6 model 207, the P V kernel took 22% of a profile where the score
- * kernel, with the same FLOPs, took 15%). With runs, P V reads P once from L2, and the
- * accumulators are loaded and stored once per run (32 of each per 1024 FMAs): on a Zen 5
- * EPYC the same speed within noise (stand-alone kernel 226-230 GFLOP/s on one core either
- * way, the long attention shape in alternating builds too), bitwise the same results (each
- * output still sums its keys in order). */
+ * FMA peak, near all that Intel's cores sustain. With runs, P V reads P once from L2, and
+ * the accumulators are loaded and stored once per run (32 of each per 1024 FMAs); each
+ * output still sums its keys in order. */
 #ifndef FA_MK_PV_KC_BYTES
 #define FA_MK_PV_KC_BYTES 16384
 #endif
@@ -73,7 +67,7 @@
 
 /* Packing keys is a transpose (key j, dimension t) -> (t, j). Element by element it was a
  * scalar load and store per key element, repeated for every query block: 5-6% of the
- * long attention shape on a Zen 3 EPYC (perf). These move an 8 x 8 (float) or 4 x 4
+ * long attention shape. These move an 8 x 8 (float) or 4 x 4
  * (double) block through registers with AVX shuffles: 8 (4) vector loads and stores. */
 static inline void fa_transpose_block_f(const float *src, ptrdiff_t ld_src, float *dst,
                                         ptrdiff_t ld_dst)
@@ -123,16 +117,13 @@ _Static_assert((FA_MK_SCORES_NV * FA_MK_VBYTES / 4) % 8 == 0
 /* Software prefetch for P V: during each run of values, the run read next (of the band,
  * else the next band's first, else the next tile's first where the caller says its values
  * are in the layout already), spread over the run's register blocks: each asks for its
- * share of the run's cache lines into L1 (fa_mk_prefetch_lines; the share is computed once
- * per run, not per block). The hardware prefetchers follow a stream while it is read, but
- * a run is read by its first register block and then reused from L1 by all the others,
- * so the stream pauses for a whole run's FMAs (64 row blocks of 256 rows), and the next
- * run's first block stalled on L3 or memory (a head's values are read again for each
- * query block, and a VM's L3 is shared with other tenants). Measured on a Zen 5 EPYC, the long shape (1, 8, 4096, 4096, 64), one
- * thread, perf samples against the FLOPs: P V in place 201-204 GFLOP/s without, 213-222
- * with (the core's FMA peak is 230); the call 0.989x in paired alternating runs, 0.990x on
- * two threads. The same prefetch of the scores' next key panel measured nothing, so there
- * is none. A prefetch never faults and changes no result. */
+ * share of the run's cache lines into L1 (the share is computed once per run, not per
+ * block). The hardware prefetchers follow a stream while it is read, but a run is read by
+ * its first register block and then reused from L1 by all the others, so the stream
+ * pauses for a whole run's FMAs, and the next run's first block stalled on L3 or memory:
+ * P V in place went from 88% to 95% of a core's FMA peak. (The same prefetch of the
+ * scores' next key panel measured nothing, so there is none.) A prefetch never faults and
+ * changes no result. */
 static inline __attribute__((always_inline)) void fa_mk_prefetch_lines(
     const void *next, ptrdiff_t first, ptrdiff_t last)
 {

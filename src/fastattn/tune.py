@@ -25,7 +25,7 @@ import numpy as np
 from . import _dispatch, _plan, _tuning
 from ._dispatch import kernels as _kernels
 from .api import attention
-from .bench import time_alternating
+from ._timing import time_alternating
 
 __all__ = ["CANDIDATE_TILES", "MARGIN", "SHAPES", "choose", "tune", "main"]
 
@@ -37,11 +37,8 @@ CANDIDATE_TILES = ((_plan.DEFAULT_Q_BLOCK, _plan.DEFAULT_K_BLOCK), (128, 512), (
 # dominate, short enough for a quick run.
 SHAPES = {4: (1, 8, 2048, 2048, 64), 8: (1, 8, 1024, 1024, 64)}
 # A candidate replaces the default only when its median time is this much lower: on
-# this project's shared VMs, alternating medians of one call moved by up to 5% between
-# runs, and tile sizes measured within 4% of each other on a Zen 5 EPYC, while the
-# choices that matter can differ by more (BLAS tiles 9-35% faster than the micro-kernels
-# of 2026-11-28 on an Intel Xeon, before their broadcasts came from memory; 20-50% slower
-# than today's on Zen 5).
+# shared VMs, alternating medians of one call move by up to 5% between runs, while the
+# choices that matter differ by more (micro-kernels against BLAS: 20-50%).
 MARGIN = 0.08
 
 
