@@ -204,7 +204,7 @@ def small_attention(q, k, v, causal, window, scale, softcap, sinks, n_threads):
     a finite float; softcap None or a finite float > 0; sinks None or an ndarray), for one
     query per batch entry (the decoding kernel, with grouped-query heads, windows, soft
     caps and sinks of shape (H,) in q's dtype) or calls small enough to run on one thread
-    (below SERIAL_FLOPS, none of those options); None for anything else (the general path
+    (below the policy's serial_flops, none of those options); None for anything else (the general path
     then validates it). The compiled kernels check
     the arrays and run the general path's kernel choice, tile rule, thread count and
     micro-kernel choice, so the result is bitwise the same, without the planning that

@@ -3,8 +3,8 @@
 Design: everything a kernel could trip on is settled before the compiled code runs.
 ``_validation`` checks and converts each argument (one rule per kind of argument),
 ``_plan`` turns shapes into a frozen plan (broadcast batch dimensions and grouped-query
-heads become index arrays instead of copies; tiles and kernel choices are named rules),
-and ``_run`` is the only caller of the kernels. Arrays reach the kernels C-contiguous in
+heads become index arrays instead of copies; tiles and kernel choices come from the
+compiled policy's rules), and ``_run`` runs the kernels. Arrays reach the kernels C-contiguous in
 float32 or float64 (one normalising copy at most, none when the input is already so), and
 every bad input raises a ``ValueError`` or ``TypeError`` that names the argument. The
 kernels never raise.
