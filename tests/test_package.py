@@ -118,3 +118,22 @@ def test_readme_examples_run(index):
     if "model.set_attn_implementation" in code and "model =" not in code:
         pytest.skip("a fragment: `model` is the user's (docs/integrations/transformers.rst runs it)")
     exec(compile(code, f"README.md block {index}", "exec"), {"__name__": "readme"})
+
+
+@pytest.mark.parametrize("module, blocked, extra", [
+    ("fastattn.torch", "torch", "torch"),
+    ("fastattn.integrations.transformers", "torch", "transformers"),
+    ("fastattn.integrations.transformers", "transformers", "transformers"),
+    ("fastattn.dask", "dask", "dask"),
+])
+def test_an_optional_module_without_its_package_names_the_extra(monkeypatch, module, blocked, extra):
+    import importlib
+    import sys
+    for name in list(sys.modules):
+        if name == blocked or name.startswith(blocked + "."):
+            monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, blocked, None)  # importing it now fails
+    for name in ("fastattn.torch", "fastattn.integrations.transformers", "fastattn.dask"):
+        monkeypatch.delitem(sys.modules, name, raising=False)  # imported afresh, restored after
+    with pytest.raises(ImportError, match=rf"{module} needs {blocked}.*pip install 'fastattn\[{extra}\]'"):
+        importlib.import_module(module)

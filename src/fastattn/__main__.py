@@ -34,8 +34,11 @@ def info():
         from threadpoolctl import threadpool_info
 
         for lib in threadpool_info():
-            print(f"{lib['user_api']}: {lib['internal_api']} {lib.get('version')} "
-                  f"({lib.get('architecture', '?')}, {lib['num_threads']} threads) {lib['filepath']}")
+            # (what threadpoolctl does not know, an OpenMP runtime's version, is left out)
+            name = " ".join(str(x) for x in (lib["internal_api"], lib.get("version")) if x)
+            about = ", ".join(str(x) for x in (lib.get("architecture"),
+                                               f"{lib['num_threads']} threads") if x)
+            print(f"{lib['user_api']}: {name} ({about}) {lib['filepath']}")
     except ImportError:  # pragma: no cover
         pass
     return 0

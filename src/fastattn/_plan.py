@@ -123,10 +123,15 @@ class Layout:
 
 
 def _broadcast(shapes, what):
+    """np.broadcast_shapes of the batch shapes in shapes ((name, batch shape, the whole
+    shape), ...), or ValueError naming each batch shape beside its array's shape."""
     try:
-        return np.broadcast_shapes(*(s for _, s in shapes))
+        return np.broadcast_shapes(*(batch for _, batch, _ in shapes))
     except ValueError:
-        described = " and ".join(f"{name}.shape={s}" for name, s in shapes)
+        described = " and ".join(
+            f"{name}'s {tuple(shape[:-2])}"
+            + (f" (read as {batch} by grouped-query heads)" if batch != tuple(shape[:-2]) else "")
+            + f" ({name}.shape={shape})" for name, batch, shape in shapes)
         raise ValueError(f"{what} do not broadcast: {described}") from None
 
 
@@ -150,7 +155,7 @@ def layout(q_shape, k_shape, v_shape, mask_shape):
             raise ValueError(
                 f"k and v must have the same number of keys, got k.shape={k_shape} and v.shape={v_shape}"
             )
-        kv_batch = _broadcast([("k", k_shape[:-2]), ("v", v_shape[:-2])],
+        kv_batch = _broadcast([("k", k_shape[:-2], k_shape), ("v", v_shape[:-2], v_shape)],
                               "the batch dimensions of k and v")
     q_batch = q_shape[:-2]
 
@@ -167,11 +172,12 @@ def layout(q_shape, k_shape, v_shape, mask_shape):
             )
         if group != 1:
             kv_heads_as = kv_batch[:-1] + (q_batch[-1],)
-    shapes = [("q", q_batch), ("k", kv_heads_as)]
+    # (k's batch as the query heads read it: with grouped heads, its head axis as q's)
+    shapes = [("q", q_batch, q_shape), ("k", kv_heads_as, k_shape)]
     mask_batch = ()
     if mask_shape is not None:
         mask_batch = mask_shape[:-2] if len(mask_shape) > 2 else ()
-        shapes.append(("mask", mask_batch))
+        shapes.append(("mask", mask_batch, mask_shape))
     batch = _broadcast(shapes, "the batch dimensions of q, k/v and mask")
     if mask_shape is not None:
         tail = mask_shape[-2:]

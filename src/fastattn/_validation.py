@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["AxisError", "INT_MAX", "as_array", "dtype_pair", "dtypes", "dtypes_of",
            "bfloat16", "is_bfloat16", "contiguous", "memory_limit", "refuse_huge",
            "positive_int", "check_threads",
-           "is_dask_array", "check_scale", "check_softcap", "check_sinks", "check_flag",
+           "require", "is_dask_array", "check_scale", "check_softcap", "check_sinks", "check_flag",
            "check_window",
            "check_axis", "check_out", "qkv_arguments"]
 
@@ -202,6 +202,23 @@ def check_threads(num_threads):
     if num_threads is None:
         return max(1, _kernels.max_threads())
     return positive_int("num_threads", num_threads, allow_none=True)
+
+
+def require(module, extra, who, load=True):
+    """Import an optional package for one of fastattn's optional modules (load=False: only
+    check that it can be imported, importing nothing), or ImportError naming the extra
+    that installs it (not a bare "No module named ...")."""
+    import importlib
+    import importlib.util
+    try:
+        if not load:
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(f"No module named {module!r}")
+            return None
+        return importlib.import_module(module)
+    except (ImportError, ValueError) as e:  # find_spec: ValueError when sys.modules holds None
+        raise ImportError(f"{who} needs {module.split('.')[0]}, which is not installed: "
+                          f"pip install 'fastattn[{extra}]'") from e
 
 
 def is_dask_array(a):

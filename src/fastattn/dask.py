@@ -26,12 +26,14 @@ import math
 import operator
 
 import numpy as np
-import dask.array as da
-from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
 
 from . import api
 from ._plan import layout
+from ._validation import require
+
+da = require("dask.array", "dask", "fastattn.dask")
+from dask.base import tokenize  # noqa: E402 (after the check that names the extra)
+from dask.highlevelgraph import HighLevelGraph  # noqa: E402
 from ._validation import (check_flag, check_scale, check_sinks, check_softcap, check_window,
                           dtypes_of, is_dask_array, positive_int)
 

@@ -17,10 +17,11 @@ torch.Size([1, 2, 3, 4])
 import functools
 
 import numpy as np
-import torch
 
 from . import api
-from ._validation import as_array, is_bfloat16
+from ._validation import as_array, is_bfloat16, require
+
+torch = require("torch", "torch", "fastattn.torch")
 
 __all__ = ["attention", "scores", "softmax", "log_softmax", "self_attention",
            "merge_attention", "project", "to_torch"]

@@ -42,11 +42,13 @@ gets zeros, where sdpa gives NaN or a uniform average: compare models only at re
 tokens.
 """
 
-import numpy as np
-import torch
 
 from .. import api
-from ..torch import to_torch
+from .._validation import require
+
+torch = require("torch", "transformers", "fastattn.integrations.transformers")
+require("transformers", "transformers", "fastattn.integrations.transformers", load=False)
+from ..torch import to_torch  # noqa: E402 (after the check that names the extra)
 
 __all__ = ["register", "attention_forward", "mask"]
 
