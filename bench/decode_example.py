@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 import fastattn
+from fastattn._timing import cpu_description
 
 embed, heads, kv_heads, head_dim, prompt, new_tokens = 512, 8, 2, 64, 256, 256
 rng = np.random.default_rng(0)
@@ -32,6 +33,7 @@ recomputed = [layer(tokens[:, :t + 1], causal=True)[:, -1:] for t in range(promp
 full = time.perf_counter() - start
 
 err = max(float(np.abs(a - b).max()) for a, b in zip(steps, recomputed))
+print(f"cpu: {cpu_description()}, {fastattn._dispatch.kernels.max_threads()} threads")
 print(f"KVCache:    {new_tokens / cached:8.0f} tokens/s ({cached / new_tokens * 1e3:.3f} ms per token)")
 print(f"recompute:  {new_tokens / full:8.0f} tokens/s ({full / new_tokens * 1e3:.3f} ms per token)")
 print(f"speed-up {full / cached:.1f}x, largest difference between the two {err:.1e}")

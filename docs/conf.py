@@ -25,7 +25,7 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "_fragments"]  # _fragments: Markdown pieces that pages include
 root_doc = "index"
 
 # The optional modules import their packages; where one is absent (a docs-only
@@ -43,8 +43,14 @@ myst_heading_anchors = 3
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"fastattn {release}"
-html_theme_options = {"navigation_with_keys": False, "show_toc_level": 2}
-html_static_path = []
+html_theme_options = {"navigation_with_keys": False, "show_toc_level": 2,
+                      "header_links_before_dropdown": 4}
+# The left column lists a section's pages; the pages that stand alone get none (an empty
+# column would only narrow the text).
+html_sidebars = {page: [] for page in ("index", "install", "tutorial", "api", "performance",
+                                       "DESIGN")}
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 
 # doctest builder: every ">>>" block on every page and in every docstring.
 doctest_global_setup = "import numpy as np\nimport fastattn"

@@ -42,6 +42,7 @@ def test_many_python_threads_get_the_serial_results():
     assert _run.serial_blas._depth == 0  # every BLAS hold was released
 
 
+@pytest.mark.timing
 def test_the_gil_is_released_during_a_long_kernel():
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 8, 1024, 64), dtype=np.float32)

@@ -237,6 +237,7 @@ def test_constructor_and_cache_argument_errors():
         fastattn.attention(np.ones((1, 2)))
 
 
+@pytest.mark.timing
 def test_decode_benchmark_row_times_the_public_call_and_the_kernel_alone():
     from fastattn import bench
 

@@ -24,7 +24,9 @@ def _compute(*values):
 
 
 def run_case(fn_name, case, fast, ref, names, compute, magnitude=4.0, zero_weight_nan=False):
-    """Call fast(); if it raises, the message must name one of `names`; else compare.
+    """Ask the reference first, then fast(): both raise (fastattn's message naming one of
+    `names`), or both return and agree. An error of fastattn's where the reference
+    computes a result is a failure, however well the message names its argument.
 
     zero_weight_nan: the case puts inf/NaN in the value of keys that may get weight
     exactly 0, where whether it reaches the output is documented as unspecified; then
@@ -32,13 +34,20 @@ def run_case(fn_name, case, fast, ref, names, compute, magnitude=4.0, zero_weigh
     """
     COUNTS[fn_name] = COUNTS.get(fn_name, 0) + 1
     try:
+        want, refused = ref(), None
+    except (ValueError, TypeError) as exc:
+        want, refused = None, exc
+    try:
         got = fast()
     except (ValueError, TypeError) as exc:
         msg = str(exc)
+        assert refused is not None, \
+            f"{fn_name} {case}: fastattn raised {type(exc).__name__}({msg!r}), the reference computed it"
         assert any(re.search(rf"(?<![\w.]){re.escape(n)}(?![\w])", msg) for n in names), \
             f"{fn_name} {case}: {type(exc).__name__}({msg!r}) names none of {names}"
         return "raised"
-    want = ref()
+    assert refused is None, \
+        f"{fn_name} {case}: fastattn returned a result, the reference raised {refused!r}"
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
     for g, w in zip(got, want):
@@ -67,7 +76,15 @@ ATTENTION_SHAPES = [
 ]
 
 
+def _assert_many_cases(before, *names, at_least=50):
+    """Each of `names` ran at least `at_least` hostile cases since `before` (COUNTS then)."""
+    for name in names:
+        ran = COUNTS.get(name, 0) - before.get(name, 0)
+        assert ran >= at_least, f"{name}: only {ran} hostile cases"
+
+
 def test_attention_and_scores_on_hostile_inputs():
+    before = dict(COUNTS)
     rng = np.random.default_rng(RNG_SEED)
     outcomes = {"raised": 0, "agreed": 0}
     for qs, ks, vs in ATTENTION_SHAPES:
@@ -98,6 +115,7 @@ def test_attention_and_scores_on_hostile_inputs():
                          lambda: reference.attention(q, kk, vv), ["q", "k", "v"],
                          _compute(q, kk, vv))
     assert outcomes["raised"] and outcomes["agreed"]
+    _assert_many_cases(before, "attention", "scores")
 
 
 def test_attention_refuses_bad_values_and_ranks():
@@ -175,6 +193,7 @@ def test_out_that_aliases_or_mismatches():
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_softmax_on_hostile_inputs(log):
+    before = dict(COUNTS)
     rng = np.random.default_rng(RNG_SEED)
     fast, ref = (fastattn.log_softmax, reference.log_softmax) if log else (fastattn.softmax, reference.softmax)
     name = "log_softmax" if log else "softmax"
@@ -191,9 +210,11 @@ def test_softmax_on_hostile_inputs(log):
     for axis in (5, -5, 1.0, "0", None):
         run_case(name, f"axis={axis!r}", lambda: fast(np.ones((2, 3)), axis=axis),
                  lambda: ref(np.ones((2, 3)), axis=axis), ["axis"], np.float64)
+    _assert_many_cases(before, name)
 
 
 def test_project_and_self_attention_on_hostile_inputs():
+    before = dict(COUNTS)
     rng = np.random.default_rng(RNG_SEED)
     for xs, ws in (((4, 3), (3, 2)), ((3,), (3, 2)), ((0, 3), (3, 2)), ((4, 0), (0, 2)),
                    ((4, 3), (3, 0)), ((2, 4, 3), (3, 2)), ((4, 3), (2, 2)), ((4, 3), (3,))):
@@ -214,10 +235,4 @@ def test_project_and_self_attention_on_hostile_inputs():
                      lambda: reference.project(bad, w), ["x", "w"], np.float64)
             run_case("project", f"w={label}", lambda: fastattn.project(rng.standard_normal(xs), bad),
                      lambda: reference.project(rng.standard_normal(xs), bad), ["x", "w"], np.float64)
-
-
-def test_every_function_saw_many_hostile_cases():
-    # Runs last in this module (pytest keeps file order): the counts for the record.
-    for name in ("attention", "scores", "softmax", "log_softmax", "project", "self_attention"):
-        assert COUNTS.get(name, 0) >= 50, (name, COUNTS.get(name))
-    print("hostile cases per function:", COUNTS)
+    _assert_many_cases(before, "project", "self_attention")

@@ -63,6 +63,7 @@ CHILD = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kind", ["attention", "project"])
 def test_sigint_interrupts_a_long_call(kind):
     env = dict(os.environ, OMP_NUM_THREADS="2")

@@ -239,6 +239,7 @@ def test_sinks_in_awkward_layouts_and_dtypes_equal_plain_ones():
     assert all(np.array_equal(a, b) for a, b in zip(ints, again))
 
 
+@pytest.mark.timing
 def test_options_benchmark_times_each_variant_against_plain():
     import io
 

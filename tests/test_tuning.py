@@ -188,6 +188,7 @@ def test_a_tuned_process_computes_what_the_same_choices_compute(tuning_file, tmp
         _kernels.set_policy(**saved)
 
 
+@pytest.mark.timing
 def test_tune_measures_every_candidate_and_restores_the_plan():
     saved = _kernels.policy()
     lines = []

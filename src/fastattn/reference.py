@@ -32,12 +32,23 @@ _INF = float("inf")
 
 def _flatten(a):
     """(flat list, shape) of a nested list, or of an array-like with .shape and .tolist()
-    (whose shape survives empty axes, which nested lists lose); ValueError if ragged."""
+    (whose shape survives empty axes, which nested lists lose); ValueError if ragged,
+    TypeError for an array of a dtype fastattn does not take."""
     if hasattr(a, "shape") and hasattr(a, "tolist"):
+        # Arrays of the dtypes fastattn takes (bool, integers, floats up to double,
+        # bfloat16); any other (objects, complex, strings, dates, long double) is refused,
+        # as fastattn refuses it, even where its items would happen to be numbers.
+        dtype = getattr(a, "dtype", None)
+        kind, size = getattr(dtype, "kind", None), getattr(dtype, "itemsize", 0)
+        if dtype is not None and not (kind in ("b", "i", "u") or (kind == "f" and size <= 8)
+                                      or getattr(dtype, "name", "") == "bfloat16"):
+            raise TypeError(f"unsupported dtype {dtype}")
         shape = tuple(a.shape)
         flat, _ = _flatten(a.tolist())
         return (flat if math.prod(shape) else []), shape
     if not isinstance(a, (list, tuple)):
+        if not isinstance(a, (bool, int, float)) and not hasattr(a, "__float__"):
+            raise TypeError(f"expected real numbers, got {type(a).__name__}")
         return [a], ()
     if not a:
         return [], (0,)
@@ -150,6 +161,8 @@ def project(x, w, b=None):
 def _project(x, w, b):
     xf, xs = _flatten(x)
     wf, ws = _flatten(w)
+    if len(xs) < 1 or len(ws) != 2:
+        raise ValueError("x needs at least 1 dimension and w exactly 2")
     d_in, d_out = ws
     if xs[-1] != d_in:
         raise ValueError("x and w disagree on d_in")
@@ -301,6 +314,11 @@ def _prepare(q, k, v, mask, scale):
     if mask is not None:
         mf, ms = _flatten(mask)
         mb = ms[:-2] if len(ms) > 2 else ()
+        # Boolean (True = may attend) or floating (added): ints and other kinds are refused,
+        # as fastattn refuses an integer mask array (a Python bool is an int: test it first).
+        if not _is_bool_mask(mf) and not all(isinstance(m, (bool, float)) for m in mf):
+            kind = next(type(m).__name__ for m in mf if not isinstance(m, (bool, float)))
+            raise TypeError(f"mask must be boolean or floating, got {kind} entries")
     else:
         mf, ms, mb = None, None, ()
     batch = _broadcast_shapes(qb, kv_heads_as, mb)
