@@ -4,10 +4,11 @@ Design: a call is planned in two steps. ``layout()`` does the shape logic (batch
 broadcasting, grouped-query heads, the index maps that replace copies of broadcast
 entries) and depends on shapes alone, so it is cached. ``plan_attention()`` adds the
 arrays, the mask kind, the flags and the dtypes, and returns an immutable
-``AttentionPlan``. The tile sizes, whether a tile runs in the micro-kernels and whether a
-call takes the decoding kernel are asked of the compiled policy (_k_policy.pxi), whose
-rules depend on the shape, never on the thread count, so that results are bitwise
-identical for any number of threads.
+``AttentionPlan``, complete when _run receives it: its route (``Route``: nothing to do,
+no keys, the decoding kernel or the fused one), and for the fused kernel its tiles and
+whether they run in the micro-kernels. Those decisions are asked of the compiled policy
+(_k_policy.pxi), whose rules depend on the shape, never on the thread count, so that
+results are bitwise identical for any number of threads.
 """
 
 import dataclasses
@@ -24,7 +25,7 @@ from ._dispatch import kernels as _kernels
 from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_sinks, check_softcap,
                           check_window, contiguous, dtypes_of, memory_limit, refuse_huge)
 
-__all__ = ["MaskKind", "Layout", "AttentionPlan", "layout", "plan_attention",
+__all__ = ["MaskKind", "Route", "Layout", "AttentionPlan", "layout", "plan_attention",
            "refuse_huge_plan", "tiles", "use_microkernels", "decode_eligible", "kernel_inputs",
            "kv_contiguous", "kv_items", "frozen", "DEFAULTS", "DEFAULT_Q_BLOCK",
            "DEFAULT_K_BLOCK", "MICROKERNEL_LANES", "TILE_GEMM", "TUNED", "auto_lanes",
@@ -259,11 +260,20 @@ def frozen(a):
 
 # --------------------------------------------------------------------------- the plan
 
+class Route(enum.IntEnum):
+    """Which way an attention call runs (decided once, in plan_attention)."""
+    EMPTY = 0       # no batch entry or no query: nothing to compute
+    NO_KEYS = 1     # no key: every query fully masked
+    DECODE = 2      # one query per batch entry: the decoding kernel
+    FUSED = 3       # the fused kernel
+
+
 class AttentionPlan(NamedTuple):
     """A validated scores/attention call: its layout, its arrays (not yet converted to
-    the compute dtype), the mask kind, the flags and the dtypes. Immutable; a NamedTuple
-    rather than a frozen dataclass because it is built on every call (a frozen
-    dataclass's __init__ cost about 4 us of a 20 us tiny call)."""
+    the compute dtype), the mask kind, the flags and the dtypes, and for attention the
+    kernel decisions, complete when _run receives it. Immutable; a NamedTuple rather than
+    a frozen dataclass because it is built on every call (a frozen dataclass's __init__
+    cost about 4 us of a 20 us tiny call)."""
     layout: Layout
     q: np.ndarray
     k: np.ndarray
@@ -278,15 +288,20 @@ class AttentionPlan(NamedTuple):
     compute: np.dtype           # float32 or float64: what the kernels run in
     result: np.dtype            # what the caller gets back
     named: Any                  # ((name, array), ...): the inputs out= may not overlap
+    route: Optional[Route] = None   # attention: which kernel runs it (None for scores)
+    q_block: int = 0            # Route.FUSED: query rows and keys per tile...
+    k_block: int = 0
+    micro: bool = False         # ...and whether the tile GEMMs run in the micro-kernels
 
 
 _new_plan = tuple.__new__
 
 
 def plan_attention(q, k, v, mask, causal, scale, window=None, softcap=None, sinks=None, *,
-                   with_v=True):
+                   with_v=True, return_weights=False):
     """Validate q, k, v (if with_v), mask, the flags, softcap and sinks into an
-    AttentionPlan."""
+    AttentionPlan; with v, an attention call's route and kernel choices too (they depend
+    on return_weights)."""
     q = as_array("q", q)
     k = as_array("k", k)
     if not with_v:
@@ -305,10 +320,39 @@ def plan_attention(q, k, v, mask, causal, scale, window=None, softcap=None, sink
     causal = check_flag("causal", causal)
     # In AttentionPlan's field order; tuple.__new__ skips the generated __new__ (5,600
     # instructions with its argument binding, a quarter of this function).
-    return _new_plan(AttentionPlan, (lay, q, k, v if with_v else None, mask, mask_kind, causal,
+    plan = _new_plan(AttentionPlan, (lay, q, k, v if with_v else None, mask, mask_kind, causal,
                                      check_window(window, causal), check_scale(scale, lay.d_head),
                                      check_softcap(softcap), check_sinks(sinks, lay.batch, compute),
-                                     compute, result, named))
+                                     compute, result, named, None, 0, 0, False))
+    return _routed(plan, return_weights) if with_v else plan
+
+
+def _routed(plan, return_weights):
+    """plan with its route and kernel choices: a single query with a window becomes the
+    same call on its last keys (window_as_keys) where the decoding kernel takes it."""
+    lay = plan.layout
+    head = plan[:_N_CALL_FIELDS]  # the plan's fields before its decisions
+    if lay.n_batch == 0 or lay.n_queries == 0:
+        return _new_plan(AttentionPlan, head + (_EMPTY, 0, 0, False))
+    if lay.n_keys == 0:
+        return _new_plan(AttentionPlan, head + (_NO_KEYS, 0, 0, False))
+    if plan.window:
+        decoding = window_as_keys(plan)
+        if decode_eligible(decoding, return_weights):
+            return _new_plan(AttentionPlan, decoding[:_N_CALL_FIELDS] + (_DECODE, 0, 0, False))
+    elif decode_eligible(plan, return_weights):
+        return _new_plan(AttentionPlan, head + (_DECODE, 0, 0, False))
+    # (An empty head size runs as one zero column.)
+    compute = plan.compute
+    q_block, k_block = _kernels.tiles(lay.n_batch, lay.n_queries, lay.n_keys, plan.causal,
+                                      compute.itemsize)
+    micro = _kernels.use_microkernels(compute.itemsize, lay.d_head or 1, lay.d_v or 1)
+    # (Built as tuples: _replace costs a microsecond.)
+    return _new_plan(AttentionPlan, head + (_FUSED, q_block, k_block, micro))
+
+
+_N_CALL_FIELDS = AttentionPlan._fields.index("route")
+_EMPTY, _NO_KEYS, _DECODE, _FUSED = Route.EMPTY, Route.NO_KEYS, Route.DECODE, Route.FUSED
 
 
 def refuse_huge_plan(plan, results):

@@ -235,7 +235,8 @@ def cache_decode(q, k_store, v_store, start, n_keys, n_threads):
 # --------------------------------------------------------------------------- attention
 
 def run_attention(plan, return_weights, out, n_threads):
-    """Run a plan; returns (out, weights or None, lse), shaped as the caller sees them."""
+    """Run a plan by its route (the plan's decisions are final); returns (out, weights or
+    None, lse), shaped as the caller sees them."""
     lay, compute = plan.layout, plan.compute
     n_batch, n_queries, n_keys, d_v = lay.n_batch, lay.n_queries, lay.n_keys, lay.d_v
     out_shape = lay.batch + (n_queries, d_v)
@@ -249,15 +250,14 @@ def run_attention(plan, return_weights, out, n_threads):
     target = kernel_target(out, flat, compute)
     lse = np.empty((n_batch, n_queries), compute)
     weights = None
-    if n_batch == 0 or n_queries == 0:
-        pass
-    elif n_keys == 0:
+    route = plan.route
+    if route == _plan.Route.NO_KEYS:
         target[...] = 0  # no key to attend to: every query is fully masked
         # ... and its log-sum-exp is the sink's alone, if it has one.
         lse[...] = -np.inf if plan.sinks is None else plan.sinks.reshape(n_batch, 1)
-    elif _plan.decode_eligible(decoding := _plan.window_as_keys(plan), return_weights):
-        _decode_plan(decoding, target, lse, n_threads)
-    else:
+    elif route == _plan.Route.DECODE:
+        _decode_plan(plan, target, lse, n_threads)
+    elif route == _plan.Route.FUSED:
         weights = _fused(plan, return_weights, target, lse, n_threads)
     if return_weights and weights is None:
         weights = np.zeros((n_batch, n_queries, n_keys), compute)
@@ -279,11 +279,10 @@ def _fused(plan, return_weights, target, lse, n_threads):
         v = np.zeros(v.shape[:-1] + (1,), compute)
         kernel_out = np.empty((n_batch, n_queries, 1), compute)
     d_head, d_v = q.shape[-1], v.shape[-1]
-    q_block, k_block = _plan.tiles(n_batch, n_queries, n_keys, plan.causal, compute)
+    q_block, k_block, micro = plan.q_block, plan.k_block, plan.micro
     flops = 2.0 * n_batch * n_queries * n_keys * (d_head + d_v)
     n_work = n_batch * -(-n_queries // q_block)
     team = _kernels.team(n_threads, flops, n_work)
-    micro = _plan.use_microkernels(compute, d_head, d_v)
     sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
     args = (q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window, plan.scale,
             plan.softcap, sinks, kernel_out, lse, q_block, k_block, micro, team)

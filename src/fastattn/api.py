@@ -399,7 +399,8 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
         raise TypeError("attention needs v, the values, as well as k (or a cache): "
                         "attention(q, k, v)")
     # v=None must be refused as a bad value (its dtype), not taken for scores()'s "no v".
-    plan = _plan.plan_attention(q, k, v, mask, causal, scale, window, softcap, sinks)
+    plan = _plan.plan_attention(q, k, v, mask, causal, scale, window, softcap, sinks,
+                                return_weights=return_weights)
     n_threads = check_threads(num_threads)
     return _pack(*_run.run_attention(plan, return_weights, out, n_threads),
                  return_weights, return_lse)
@@ -459,7 +460,8 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
         if out is not None:
             check_out(out, (v.shape[-1],), result_dtype, named)
             out = out[None]
-    plan = _plan.plan_attention(q, k, v, mask, causal, scale, window, softcap, sinks)
+    plan = _plan.plan_attention(q, k, v, mask, causal, scale, window, softcap, sinks,
+                                return_weights=return_weights)
     # The projections ran in the compute dtype; the result takes the dtype of x and the
     # weights, and out= may not overlap any of them.
     plan = plan._replace(result=result_dtype, named=plan.named + tuple(named))
