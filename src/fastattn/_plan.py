@@ -23,11 +23,11 @@ import numpy as np
 from . import _dispatch, _tuning
 from ._dispatch import kernels as _kernels
 from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_sinks, check_softcap,
-                          check_window, contiguous, dtypes_of, memory_limit, refuse_huge)
+                          check_window, dtypes_of, memory_limit, refuse_huge)
 
 __all__ = ["MaskKind", "Route", "Layout", "AttentionPlan", "layout", "plan_attention",
-           "refuse_huge_plan", "tiles", "use_microkernels", "decode_eligible", "kernel_inputs",
-           "kv_contiguous", "kv_items", "frozen", "DEFAULTS", "DEFAULT_Q_BLOCK",
+           "refuse_huge_plan", "tiles", "use_microkernels", "decode_eligible",
+           "frozen", "DEFAULTS", "DEFAULT_Q_BLOCK",
            "DEFAULT_K_BLOCK", "MICROKERNEL_LANES", "TILE_GEMM", "TUNED", "auto_lanes",
            "policy_for", "tile_lanes", "tile_summary"]
 
@@ -436,54 +436,3 @@ def decode_eligible(plan, return_weights):
     return _kernels.decode_eligible(lay.n_queries, plan.mask_kind, plan.window,
                                     lay.q_batch != lay.batch, lay.d_head, lay.d_v,
                                     return_weights)
-
-
-# --------------------------------------------------------------------------- kernel inputs
-
-def _kv_stored(a, lay):
-    """k or v with the batch shape of the stored key/value entries (a view)."""
-    if a.shape[:-2] != lay.kv_batch:
-        a = np.broadcast_to(a, lay.kv_batch + a.shape[-2:])
-    return a
-
-
-def kv_contiguous(a, lay, width, compute):
-    """k or v as C-contiguous (n_kv_items, L_k, width) in the compute dtype."""
-    return contiguous(_kv_stored(a, lay), compute).reshape(lay.n_kv_items, lay.n_keys, width)
-
-
-def kv_items(a, lay, width, compute):
-    """k or v as (n_kv_items, L_k, width) in the dtype `compute` (the compute dtype, or
-    bfloat16 for the decoding kernel), without copying when the last two axes are already
-    contiguous (a KVCache's storage is read in place)."""
-    a = _kv_stored(a, lay)
-    itemsize = compute.itemsize
-    if not (a.dtype == compute and a.strides[-1] == itemsize
-            and (lay.n_keys == 1 or a.strides[-2] == width * itemsize)):
-        a = contiguous(a, compute)
-    items = a.reshape(lay.n_kv_items, lay.n_keys, width)  # a view whenever strides allow
-    if items.strides[0] % itemsize:  # pragma: no cover - exotic byte strides
-        items = contiguous(items, compute)
-    return items
-
-
-def kernel_inputs(plan):
-    """The contiguous, compute-dtype q, k and mask the kernels read (mask None without
-    one; a boolean mask goes as uint8, a float one in the compute dtype)."""
-    lay, compute = plan.layout, plan.compute
-    d_head = lay.d_head
-    q = contiguous(plan.q, compute).reshape(lay.n_q_items, lay.n_queries, d_head)
-    k = kv_contiguous(plan.k, lay, d_head, compute)
-    if d_head == 0:
-        # An empty dot product is 0: give BLAS one zero column instead of a zero dimension.
-        q = np.zeros(q.shape[:-1] + (1,), compute)
-        k = np.zeros(k.shape[:-1] + (1,), compute)
-    mask = None
-    if plan.mask_kind != MaskKind.NONE:
-        mask = np.broadcast_to(plan.mask, lay.mask_batch + (lay.n_queries, lay.n_keys))
-        mask = mask.reshape(lay.n_mask_items, lay.n_queries, lay.n_keys)
-        if plan.mask_kind == MaskKind.ADD:
-            mask = contiguous(mask, compute)
-        else:
-            mask = contiguous(mask, np.bool_).view(np.uint8)
-    return q, k, mask

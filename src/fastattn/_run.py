@@ -181,6 +181,59 @@ def run_softmax(rows, target, log_out, n_threads):
     _kernels.softmax(rows, target, log_out, False, _kernels.softmax_threads(rows.size, n_threads))
 
 
+# --------------------------------------------------------------------------- kernel inputs
+# Every array the attention kernels read is converted here, once: C-contiguous in the
+# compute dtype (bfloat16 keys and values of the decoding kernel stay as they are).
+
+def _kv_stored(a, lay):
+    """k or v with the batch shape of the stored key/value entries (a view)."""
+    if a.shape[:-2] != lay.kv_batch:
+        a = np.broadcast_to(a, lay.kv_batch + a.shape[-2:])
+    return a
+
+
+def _kv_contiguous(a, lay, width, compute):
+    """k or v as C-contiguous (n_kv_items, L_k, width) in the compute dtype."""
+    return contiguous(_kv_stored(a, lay), compute).reshape(lay.n_kv_items, lay.n_keys, width)
+
+
+def _kv_items(a, lay, width, compute):
+    """k or v as (n_kv_items, L_k, width) in the dtype `compute` (the compute dtype, or
+    bfloat16 for the decoding kernel), without copying when the last two axes are already
+    contiguous (a KVCache's storage is read in place)."""
+    a = _kv_stored(a, lay)
+    itemsize = compute.itemsize
+    if not (a.dtype == compute and a.strides[-1] == itemsize
+            and (lay.n_keys == 1 or a.strides[-2] == width * itemsize)):
+        a = contiguous(a, compute)
+    items = a.reshape(lay.n_kv_items, lay.n_keys, width)  # a view whenever strides allow
+    if items.strides[0] % itemsize:  # pragma: no cover - exotic byte strides
+        items = contiguous(items, compute)
+    return items
+
+
+def _kernel_inputs(plan):
+    """The contiguous, compute-dtype q, k and mask the kernels read (mask None without
+    one; a boolean mask goes as uint8, a float one in the compute dtype)."""
+    lay, compute = plan.layout, plan.compute
+    d_head = lay.d_head
+    q = contiguous(plan.q, compute).reshape(lay.n_q_items, lay.n_queries, d_head)
+    k = _kv_contiguous(plan.k, lay, d_head, compute)
+    if d_head == 0:
+        # An empty dot product is 0: give BLAS one zero column instead of a zero dimension.
+        q = np.zeros(q.shape[:-1] + (1,), compute)
+        k = np.zeros(k.shape[:-1] + (1,), compute)
+    mask = None
+    if plan.mask_kind != _plan.MaskKind.NONE:
+        mask = np.broadcast_to(plan.mask, lay.mask_batch + (lay.n_queries, lay.n_keys))
+        mask = mask.reshape(lay.n_mask_items, lay.n_queries, lay.n_keys)
+        if plan.mask_kind == _plan.MaskKind.ADD:
+            mask = contiguous(mask, compute)
+        else:
+            mask = contiguous(mask, np.bool_).view(np.uint8)
+    return q, k, mask
+
+
 # --------------------------------------------------------------------------- scores
 
 def run_scores(plan):
@@ -189,7 +242,7 @@ def run_scores(plan):
     _plan.refuse_huge_plan(plan, [("scores", lay.n_batch * lay.n_queries * lay.n_keys)])
     result = np.empty((lay.n_batch, lay.n_queries, lay.n_keys), plan.compute)
     if result.size:
-        q, k, mask = _plan.kernel_inputs(plan)
+        q, k, mask = _kernel_inputs(plan)
         _kernels.scores(q, k, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
                         plan.scale, plan.softcap, result)
     return result
@@ -271,8 +324,8 @@ def _fused(plan, return_weights, target, lse, n_threads):
     """The fused kernel into target and lse; the weights when asked, else None."""
     lay, compute = plan.layout, plan.compute
     n_batch, n_queries, n_keys = lay.n_batch, lay.n_queries, lay.n_keys
-    q, k, mask = _plan.kernel_inputs(plan)
-    v = _plan.kv_contiguous(plan.v, lay, lay.d_v, compute)
+    q, k, mask = _kernel_inputs(plan)
+    v = _kv_contiguous(plan.v, lay, lay.d_v, compute)
     kernel_out = target
     if lay.d_v == 0:
         # Nothing to average, but lse still needs the pass: use one zero column.
@@ -324,8 +377,8 @@ def _decode_plan(plan, target, lse, n_threads):
     # bfloat16 keys and values stay bfloat16: the kernel widens them as it reads them.
     stored = plan.k.dtype if (is_bfloat16(plan.k.dtype) and is_bfloat16(plan.v.dtype)
                               and compute == np.float32) else compute
-    k3 = _plan.kv_items(plan.k, lay, lay.d_head, stored)
-    v3 = _plan.kv_items(plan.v, lay, lay.d_v, stored)
+    k3 = _kv_items(plan.k, lay, lay.d_head, stored)
+    v3 = _kv_items(plan.v, lay, lay.d_v, stored)
     sinks = None if plan.sinks is None else plan.sinks.reshape(n_groups, group)
     run_decode(q3, k3, v3, lay.decode_kv, plan.scale, plan.softcap, sinks,
                target.reshape(n_groups, group, lay.d_v), lse.reshape(n_groups, group), n_threads)
