@@ -255,6 +255,43 @@ def _pack(result, weights, lse, return_weights, return_lse):
     return (result, *extra)
 
 
+def _compiled_route(cache, mask, out, causal, window, scale, softcap, return_weights,
+                    return_lse, num_threads):
+    """Whether a call may take the compiled path (small calls, and single queries, with
+    default arguments; the compiled code checks the arrays and the sinks): only
+    arguments the general path would take unchanged. A finite float scale is what
+    check_scale returns unchanged (x - x == 0 is False for inf and NaN, which the general
+    path rejects); so are an int window >= 1 with causal=True and a finite float softcap
+    > 0."""
+    return (cache is None and mask is None and out is None
+            and (window is None or (type(window) is int and window >= 1 and causal is True))
+            and (scale is None or (type(scale) is float and scale - scale == 0))
+            and (softcap is None or (type(softcap) is float and softcap > 0
+                                     and softcap - softcap == 0))
+            and return_weights is False and return_lse is False
+            and (causal is False or causal is True)
+            and (num_threads is None or (type(num_threads) is int and num_threads >= 1)))
+
+
+def _lazy_route(cache, q, k, v, mask):
+    """Whether the call holds dask arrays, which stay lazy (fastattn.dask)."""
+    nd = np.ndarray  # plain arrays skip the dask test (a generator: 1.2 us of a 55 us decode step)
+    return (cache is None and (type(q) is not nd or type(k) is not nd or type(v) is not nd
+                               or (mask is not None and type(mask) is not nd))
+            and any(is_dask_array(a) for a in (q, k, v, mask)))
+
+
+def _lazy_attention(q, k, v, mask, causal, window, scale, softcap, sinks, return_weights,
+                    return_lse, out, num_threads):
+    """attention on dask arrays: fastattn.dask splits the call into blocks."""
+    if return_weights is not False or out is not None:
+        raise ValueError("with dask arrays, attention returns no weights and takes no out=")
+    from . import dask as _dask
+    return _dask.attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                           softcap=softcap, sinks=sinks, return_lse=return_lse,
+                           num_threads=1 if num_threads is None else num_threads)
+
+
 def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=None,
               scale=None, softcap=None, sinks=None, return_weights=False, return_lse=False,
               out=None, num_threads=None):
@@ -337,34 +374,17 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
     >>> fastattn.attention(q, k, v, scale=0.0)
     array([[2., 3.]])
     """
-    # Small calls and single-query (decoding) calls with default arguments take the
-    # compiled path; it returns None for anything else.
-    # (A finite float scale is what check_scale would return unchanged; x - x == 0 is
-    # False for inf and NaN, which the general path rejects. So are an int window >= 1
-    # with causal=True and a finite float softcap > 0; the compiled code checks sinks.)
-    if (cache is None and mask is None and out is None
-            and (window is None or (type(window) is int and window >= 1 and causal is True))
-            and (scale is None or (type(scale) is float and scale - scale == 0))
-            and (softcap is None or (type(softcap) is float and softcap > 0
-                                     and softcap - softcap == 0))
-            and return_weights is False and return_lse is False
-            and (causal is False or causal is True)
-            and (num_threads is None or (type(num_threads) is int and num_threads >= 1))):
+    # The routes, in order: the compiled path (it returns None for what it does not
+    # take), lazy dask arrays, one query vector, a cache, then the general path.
+    if _compiled_route(cache, mask, out, causal, window, scale, softcap, return_weights,
+                       return_lse, num_threads):
         result = _run.small_attention(q, k, v, causal, window, scale, softcap, sinks,
                                       num_threads)
         if result is not None:
             return result
-    nd = np.ndarray  # plain arrays skip the dask test (a generator: 1.2 us of a 55 us decode step)
-    if (cache is None and (type(q) is not nd or type(k) is not nd or type(v) is not nd
-                           or (mask is not None and type(mask) is not nd))
-            and any(is_dask_array(a) for a in (q, k, v, mask))):
-        # Lazy arrays stay lazy: fastattn.dask splits the call into blocks.
-        if return_weights is not False or out is not None:
-            raise ValueError("with dask arrays, attention returns no weights and takes no out=")
-        from . import dask as _dask
-        return _dask.attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
-                               softcap=softcap, sinks=sinks, return_lse=return_lse,
-                               num_threads=1 if num_threads is None else num_threads)
+    if _lazy_route(cache, q, k, v, mask):
+        return _lazy_attention(q, k, v, mask, causal, window, scale, softcap, sinks,
+                               return_weights, return_lse, out, num_threads)
     return_weights = check_flag("return_weights", return_weights)
     return_lse = check_flag("return_lse", return_lse)
     if _one_query(q):
