@@ -85,4 +85,4 @@ def test_every_path_reads_the_same_policy(values):
         assert np.array_equal(small, general)
         if "decode_chunk" in values:  # 60 keys in chunks of 7: nine work items per group
             fastattn.attention(q, k, v, num_threads=2, return_lse=True)
-            assert _run.last_call.threads == 2
+            assert _run.last_call.threads == (2 if kernels.build_info()["openmp"] else 1)
