@@ -26,7 +26,7 @@ from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_sink
                           check_window, dtypes_of, memory_limit, refuse_huge)
 
 __all__ = ["MaskKind", "Route", "Layout", "AttentionPlan", "layout", "plan_attention",
-           "refuse_huge_plan", "tiles", "use_microkernels", "decode_eligible",
+           "refuse_huge_plan", "use_microkernels", "decode_eligible",
            "frozen", "DEFAULTS", "DEFAULT_Q_BLOCK",
            "DEFAULT_K_BLOCK", "MICROKERNEL_LANES", "TILE_GEMM", "TUNED", "auto_lanes",
            "policy_for", "tile_lanes", "tile_summary"]
@@ -377,12 +377,6 @@ def refuse_huge_plan(plan, results):
 
 
 # --------------------------------------------------------------------------- kernel choices
-
-def tiles(n_batch, n_queries, n_keys, causal, compute):
-    """(query rows, keys) per tile for a shape (the compiled rule); never depends on the
-    thread count."""
-    return _kernels.tiles(n_batch, n_queries, n_keys, causal, compute.itemsize)
-
 
 def tile_lanes():
     """{itemsize: vector lanes} of the compute dtypes whose tiles run in the micro-kernels,
