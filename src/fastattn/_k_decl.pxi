@@ -66,6 +66,8 @@ cdef extern from "fa_microkernels.h" nogil:
     void fa_mk_scores_d(const double *q, Py_ssize_t rows, Py_ssize_t d, const double *kp,
                         Py_ssize_t n_cols, double *s, Py_ssize_t ld)
     int FA_MK_PV_CHUNK
+    int FA_MK_PV_NV
+    int FA_MK_SCORES_NV
     void fa_mk_pv_f(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *vp,
                     Py_ssize_t j0, Py_ssize_t n_keys, Py_ssize_t next_keys, Py_ssize_t d_v,
                     float *o)
@@ -82,6 +84,37 @@ cdef extern from "fa_microkernels.h" nogil:
                           Py_ssize_t c_lo, Py_ssize_t c_hi)
     void fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v, double *vp,
                           Py_ssize_t c_lo, Py_ssize_t c_hi)
+
+cdef extern from "fa_lowp.h" nogil:
+    int FA_SRC_BF16, FA_SRC_F16, FA_SRC_F32
+    int FA_ENGINE_NONE, FA_ENGINE_DPBF16, FA_ENGINE_AMX, FA_ENGINE_AMX_EMU
+    int FA_LP_ROWS, FA_LP_DSTEP, FA_LP_KEYS, FA_LP_VCHUNK
+    int FA_HAVE_DPBF16, FA_HAVE_AMX
+    int fa_cpu_avx512_bf16()
+    int fa_cpu_amx_bf16()
+    int fa_amx_selftest()
+    void fa_lp_widen_scaled(const void *src, int kind, Py_ssize_t n, float scale, float *dst)
+    void fa_lp_pack_keys_widen(const void *k, int kind, Py_ssize_t rows, Py_ssize_t d,
+                               float *kp, Py_ssize_t n_cols, Py_ssize_t kr)
+    void fa_lp_pack_values_widen(const void *v, int kind, Py_ssize_t n_keys, Py_ssize_t d_v,
+                                 float *vp, Py_ssize_t c_lo, Py_ssize_t c_hi, Py_ssize_t ch,
+                                 Py_ssize_t bw, Py_ssize_t w)
+    void fa_lp_pack_q(const void *q, int kind, Py_ssize_t rows, Py_ssize_t d, uint16_t *qb,
+                      Py_ssize_t rows_pad, Py_ssize_t d_pad)
+    void fa_lp_pack_keys(const void *k, int kind, Py_ssize_t rows, Py_ssize_t d, uint16_t *kp,
+                         Py_ssize_t n_cols, Py_ssize_t d_pad)
+    void fa_lp_pack_values(const void *v, int kind, Py_ssize_t n_keys, Py_ssize_t d_v,
+                           uint16_t *vp, Py_ssize_t c_lo, Py_ssize_t c_hi)
+    void fa_lp_pack_p(const float *s, Py_ssize_t ld_s, Py_ssize_t rows, Py_ssize_t cols,
+                      uint16_t *pb, Py_ssize_t ld_p, Py_ssize_t rows_pad)
+    void fa_lp_scores(int engine, const uint16_t *qb, Py_ssize_t rows_pad, Py_ssize_t d_pad,
+                      const uint16_t *kp, Py_ssize_t n_cols, float scale, float *s,
+                      Py_ssize_t ld)
+    void fa_lp_pv(int engine, const uint16_t *pb, Py_ssize_t ld_p, Py_ssize_t rows_pad,
+                  const uint16_t *vp, Py_ssize_t j0, Py_ssize_t n_keys, Py_ssize_t d_v,
+                  float *o)
+    void fa_lp_begin(int engine)
+    void fa_lp_end(int engine)
 
 cdef extern from "fa_bench.h" nogil:
     float fa_fma_loop_f(Py_ssize_t n_iter, float seed)

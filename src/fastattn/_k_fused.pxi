@@ -25,6 +25,12 @@ cdef struct Call:
     Py_ssize_t window                # 0: none
     double scale, softcap            # softcap 0: none
     bint micro                       # tile GEMMs in the micro-kernels (else BLAS)
+    # 16-bit inputs (and float32 ones allowed bfloat16 products), float32 compute only:
+    int src_kind                     # what q, k, v hold: FA_SRC_*, or 0 (floating itself)
+    Py_ssize_t src_item              # ...bytes per element
+    int lowp                         # LP_NONE, LP_WIDEN or LP_ENGINE (_lowp_mode)
+    int engine                       # LP_ENGINE: the engine (FA_ENGINE_*)
+    Py_ssize_t d_pad                 # LP_ENGINE: d_head padded to whole FA_LP_DSTEP
 
 
 cdef struct Packed:
@@ -53,6 +59,7 @@ cdef enum:
     SCR_KP          # packed keys of a head, d_head x SCR_KP_KEYS (micro-kernels only)
     SCR_VP          # packed values of a head, SCR_VP_CHUNKS chunks (micro-kernels only)
     SCR_QS          # scaled query block, q_block x d_head (micro-kernels only)
+    SCR_PB          # LP_ENGINE: the tile's P in bfloat16
     SCR_L_RUN       # running sum, q_block doubles, 64-byte aligned
     SCR_PACKED      # what kp and vp hold: a Packed, carried from item to item
     SCR_SIZE        # the whole part, a multiple of 64 bytes
@@ -61,84 +68,135 @@ cdef enum:
     SCR_N
 
 
-cdef void _scratch_layout(Py_ssize_t q_block, Py_ssize_t s_width, Py_ssize_t kp_width,
-                          Py_ssize_t vp_chunks, Py_ssize_t d_head, Py_ssize_t d_v, bint micro,
-                          size_t item, Py_ssize_t *at) noexcept nogil:
+cdef void _scratch_layout(Py_ssize_t rows, Py_ssize_t s_width, Py_ssize_t kp_keys,
+                          Py_ssize_t kp_elems, Py_ssize_t vp_chunks, Py_ssize_t vp_elems,
+                          Py_ssize_t qs_elems, Py_ssize_t pb_elems, Py_ssize_t d_v, size_t item,
+                          Py_ssize_t *at) noexcept nogil:
     """at[SCR_*] = where each buffer starts in one thread's scratch (in elements of item
-    bytes), and at[SCR_SIZE] its length: each part and the doubles start 64-byte aligned."""
+    bytes), and at[SCR_SIZE] its length, for tiles of `rows` rows: each part and the
+    doubles start 64-byte aligned."""
     cdef Py_ssize_t per_line = 64 // item
     at[SCR_S_TILE] = 0
-    at[SCR_O_ACC] = at[SCR_S_TILE] + q_block * s_width
-    at[SCR_M_RUN] = at[SCR_O_ACC] + q_block * d_v
-    at[SCR_KP] = at[SCR_M_RUN] + q_block
-    at[SCR_VP] = at[SCR_KP] + (d_head * kp_width if micro else 0)
-    at[SCR_QS] = at[SCR_VP] + (vp_chunks * FA_MK_PV_CHUNK * d_v if micro else 0)
-    at[SCR_L_RUN] = _round_up(at[SCR_QS] + (q_block * d_head if micro else 0), per_line)
-    at[SCR_PACKED] = _round_up(at[SCR_L_RUN] + q_block * (sizeof(double) // item), per_line)
+    at[SCR_O_ACC] = _round_up(at[SCR_S_TILE] + rows * s_width, per_line)
+    at[SCR_M_RUN] = _round_up(at[SCR_O_ACC] + rows * d_v, per_line)
+    at[SCR_KP] = _round_up(at[SCR_M_RUN] + rows, per_line)
+    at[SCR_VP] = _round_up(at[SCR_KP] + kp_elems, per_line)
+    at[SCR_QS] = _round_up(at[SCR_VP] + vp_elems, per_line)
+    at[SCR_PB] = _round_up(at[SCR_QS] + qs_elems, per_line)
+    at[SCR_L_RUN] = _round_up(at[SCR_PB] + pb_elems, per_line)
+    at[SCR_PACKED] = _round_up(at[SCR_L_RUN] + rows * (sizeof(double) // item), per_line)
     at[SCR_SIZE] = at[SCR_PACKED] + per_line
-    at[SCR_KP_KEYS] = kp_width
+    at[SCR_KP_KEYS] = kp_keys
     at[SCR_VP_CHUNKS] = vp_chunks
 
 
-cdef void _run_layout(Py_ssize_t q_block, Py_ssize_t k_block, Py_ssize_t n_keys,
-                      Py_ssize_t d_head, Py_ssize_t d_v, bint micro, size_t item,
-                      Py_ssize_t *at) noexcept nogil:
-    """_scratch_layout for a call of the fused kernel with these sizes."""
-    # Score tile width: k_block, or with micro-kernels the whole key panels a block of
-    # k_block keys starting anywhere touches.
-    cdef Py_ssize_t s_width = _round_up(k_block, FA_MK_KEYS) + FA_MK_KEYS if micro else k_block
-    # Room for a head's packed keys, up to KP_MAX_BYTES (and at least one tile's panels).
-    cdef Py_ssize_t kp_keys = KP_MAX_BYTES // (max(d_head, 1) * <Py_ssize_t> item)
-    kp_keys = max(s_width, kp_keys // FA_MK_KEYS * FA_MK_KEYS)
+cdef void _run_layout(const Call *c, size_t item, Py_ssize_t *at) noexcept nogil:
+    """_scratch_layout for the call c (its sizes, micro and lowp)."""
+    cdef Py_ssize_t q_block = c.q_block, k_block = c.k_block, n_keys = c.n_keys
+    cdef Py_ssize_t d_head = c.d_head, d_v = c.d_v
+    cdef Py_ssize_t s_width, kp_keys, vp_chunks = 0, chunk, halves
+    if c.lowp == LP_ENGINE:
+        # bfloat16 tiles: rows padded to whole tiles, key tiles starting at whole panels;
+        # keys, values, queries and P held as bfloat16 (two to a float32 element).
+        q_block = _round_up(q_block, FA_LP_ROWS)
+        s_width = _round_up(k_block, FA_LP_KEYS)
+        kp_keys = max(s_width, KP_MAX_BYTES // (c.d_pad * 2) // FA_LP_KEYS * FA_LP_KEYS)
+        kp_keys = min(_round_up(n_keys, FA_LP_KEYS), kp_keys)
+        chunk = FA_LP_VCHUNK
+        vp_chunks = max((s_width + chunk - 1) // chunk + 1, VP_MAX_BYTES // (chunk * d_v * 2))
+        vp_chunks = min((n_keys + chunk - 1) // chunk, vp_chunks)
+        halves = (item // 2)
+        _scratch_layout(q_block, s_width, kp_keys, (c.d_pad * kp_keys + 1) // halves,
+                        vp_chunks, (vp_chunks * chunk * d_v + 1) // halves,
+                        (q_block * c.d_pad + 1) // halves, (q_block * s_width + 1) // halves,
+                        d_v, item, at)
+        return
+    if not c.micro:
+        _scratch_layout(q_block, k_block, 0, 0, 0, 0, 0, 0, d_v, item, at)
+        return
+    # Score tile width: the whole key panels a block of k_block keys starting anywhere
+    # touches. Room for a head's packed keys, up to KP_MAX_BYTES (and at least one tile's
+    # panels).
+    s_width = _round_up(k_block, FA_MK_KEYS) + FA_MK_KEYS
+    kp_keys = KP_MAX_BYTES // (max(d_head, 1) * <Py_ssize_t> item)
+    kp_keys = min(_round_up(n_keys, FA_MK_KEYS), max(s_width, kp_keys // FA_MK_KEYS * FA_MK_KEYS))
     # Room for a head's packed values likewise (at least the chunks one tile touches), or
     # none where they are read in place.
-    cdef Py_ssize_t vp_chunks = 0
-    if micro and not _values_in_place(d_v, item):
+    if c.lowp == LP_WIDEN or not _values_in_place(d_v, item):
         vp_chunks = max((k_block + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK + 1,
                         VP_MAX_BYTES // (FA_MK_PV_CHUNK * max(d_v, 1) * <Py_ssize_t> item))
         vp_chunks = min((n_keys + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK, vp_chunks)
-    _scratch_layout(q_block, s_width, min(_round_up(n_keys, FA_MK_KEYS), kp_keys), vp_chunks,
-                    d_head, d_v, micro, item, at)
+    _scratch_layout(q_block, s_width, kp_keys, d_head * kp_keys, vp_chunks,
+                    vp_chunks * FA_MK_PV_CHUNK * d_v, q_block * d_head, 0, d_v, item, at)
 
 
-cdef inline const floating *_keys_packed(Packed *packed, const floating *k, Py_ssize_t n_keys,
-                                        Py_ssize_t d_head, floating *kp, Py_ssize_t kp_keys,
-                                        Py_ssize_t k_start, Py_ssize_t k_rows) noexcept nogil:
+cdef inline void _pack_keys_of(const Call *c, const char *k, Py_ssize_t rows, char *kp,
+                               Py_ssize_t n_cols, floating *kind) noexcept nogil:
+    """kp = keys k (rows of c's input elements) packed for c's tiles, zero keys up to
+    n_cols: bfloat16 panels (LP_ENGINE), widened float32 panels (LP_WIDEN) or the
+    floating micro-kernels' (kind only names the dtype)."""
+    if c.lowp == LP_ENGINE:
+        fa_lp_pack_keys(k, c.src_kind, rows, c.d_head, <uint16_t*> kp, n_cols, c.d_pad)
+    elif c.lowp == LP_WIDEN:
+        fa_lp_pack_keys_widen(k, c.src_kind, rows, c.d_head, <float*> kp, n_cols, FA_MK_KEYS)
+    else:
+        _pack_keys(<const floating*> k, rows, c.d_head, <floating*> kp, n_cols)
+
+
+cdef inline const char *_keys_packed(const Call *c, Packed *packed, const char *k, char *kp,
+                                     Py_ssize_t kp_keys, Py_ssize_t k_start, Py_ssize_t k_rows,
+                                     floating *kind) noexcept nogil:
     """The key panels that keys [k_start, k_start + k_rows) of head k touch, in kp (room
     for kp_keys keys), packing those not there yet: where the first of them starts. kp is
     extended while the panels follow on; else it starts again at the tile's first panel."""
-    cdef Py_ssize_t k_panel = k_start // FA_MK_KEYS * FA_MK_KEYS
-    cdef Py_ssize_t need = _round_up(k_start + k_rows, FA_MK_KEYS)
+    cdef Py_ssize_t panel = FA_LP_KEYS if c.lowp == LP_ENGINE else FA_MK_KEYS
+    cdef Py_ssize_t key_bytes = (c.d_pad * 2 if c.lowp == LP_ENGINE
+                                 else c.d_head * <Py_ssize_t> sizeof(floating))
+    cdef Py_ssize_t k_panel = k_start // panel * panel
+    cdef Py_ssize_t need = _round_up(k_start + k_rows, panel)
     if (packed.k_head != <const void*> k or k_panel < packed.k_from
             or need > packed.k_from + kp_keys):
         packed.k_head = k
         packed.k_from = k_panel
         packed.k_to = k_panel
     if packed.k_to < need:
-        _pack_keys(k + packed.k_to * d_head, min(n_keys, need) - packed.k_to, d_head,
-                   kp + (packed.k_to - packed.k_from) * d_head, need - packed.k_to)
+        _pack_keys_of(c, k + packed.k_to * c.d_head * c.src_item, min(c.n_keys, need) - packed.k_to,
+                      kp + (packed.k_to - packed.k_from) * key_bytes, need - packed.k_to, kind)
         packed.k_to = need
-    return kp + (k_panel - packed.k_from) * d_head
+    return kp + (k_panel - packed.k_from) * key_bytes
 
 
-cdef inline const floating *_values_packed(Packed *packed, const floating *v, Py_ssize_t n_keys,
-                                          Py_ssize_t d_v, floating *vp, Py_ssize_t vp_chunks,
-                                          Py_ssize_t k_start, Py_ssize_t k_rows) noexcept nogil:
+cdef inline const char *_values_packed(const Call *c, Packed *packed, const char *v, char *vp,
+                                       Py_ssize_t vp_chunks, Py_ssize_t k_start,
+                                       Py_ssize_t k_rows, floating *kind) noexcept nogil:
     """The value chunks that keys [k_start, k_start + k_rows) of head v touch, in vp (room
     for vp_chunks chunks), packing those not there yet, as _keys_packed does for keys:
     vp, whose chunk 0 is chunk packed.v_from of the head."""
-    cdef Py_ssize_t v_first = k_start // FA_MK_PV_CHUNK
-    cdef Py_ssize_t v_need = (k_start + k_rows + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK
+    cdef Py_ssize_t chunk = FA_LP_VCHUNK if c.lowp == LP_ENGINE else FA_MK_PV_CHUNK
+    cdef Py_ssize_t chunk_bytes = chunk * c.d_v * (2 if c.lowp == LP_ENGINE else sizeof(floating))
+    cdef Py_ssize_t v_first = k_start // chunk
+    cdef Py_ssize_t v_need = (k_start + k_rows + chunk - 1) // chunk
+    cdef const char *src
     if (packed.v_head != <const void*> v or v_first < packed.v_from
             or v_need > packed.v_from + vp_chunks):
         packed.v_head = v
         packed.v_from = v_first
         packed.v_to = v_first
     if packed.v_to < v_need:
-        _pack_values(v + packed.v_from * FA_MK_PV_CHUNK * d_v,
-                     n_keys - packed.v_from * FA_MK_PV_CHUNK, d_v,
-                     vp + (packed.v_to - packed.v_from) * FA_MK_PV_CHUNK * d_v,
-                     packed.v_to - packed.v_from, v_need - packed.v_from)
+        src = v + packed.v_from * chunk * c.d_v * c.src_item
+        if c.lowp == LP_ENGINE:
+            fa_lp_pack_values(src, c.src_kind, c.n_keys - packed.v_from * chunk, c.d_v,
+                              <uint16_t*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
+                              packed.v_to - packed.v_from, v_need - packed.v_from)
+        elif c.lowp == LP_WIDEN:
+            fa_lp_pack_values_widen(src, c.src_kind, c.n_keys - packed.v_from * chunk, c.d_v,
+                                    <float*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
+                                    packed.v_to - packed.v_from, v_need - packed.v_from, chunk,
+                                    FA_MK_PV_NV * FA_MK_VBYTES // 4, FA_MK_VBYTES // 4)
+        else:
+            _pack_values(<const floating*> src, c.n_keys - packed.v_from * chunk, c.d_v,
+                         <floating*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
+                         packed.v_to - packed.v_from, v_need - packed.v_from)
         packed.v_to = v_need
     return vp
 
@@ -193,15 +251,21 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
     causal and window bound the key tiles: tiles hidden from every row of the block are
     never computed. softcap > 0: the scores become softcap tanh(s / softcap) before the
     masks. A sink is one more key per row with that logit and a zero value, so the
-    running max and sum start at (sink, 1) instead of (-inf, 0)."""
+    running max and sum start at (sink, 1) instead of (-inf, 0).
+
+    On bfloat16 tiles (LP_ENGINE) the key tiles start at whole panels of FA_LP_KEYS and
+    end at one or at the last key: keys of the widened range that the causal limit or the
+    window hide are masked in the tile like any other hidden key, and P is rounded to
+    bfloat16 for P V."""
     cdef Py_ssize_t b = w // c.n_qblocks
     cdef Py_ssize_t q_start = (w % c.n_qblocks) * c.q_block
     cdef Py_ssize_t q_rows = min(c.q_block, c.n_queries - q_start)
     cdef Py_ssize_t n_queries = c.n_queries, n_keys = c.n_keys, d_head = c.d_head, d_v = c.d_v
     cdef Py_ssize_t mask_item = c.index[2 * c.n_batch + b]
-    cdef const floating *q = (<const floating*> c.q) + c.index[b] * n_queries * d_head
-    cdef const floating *k = (<const floating*> c.k) + c.index[c.n_batch + b] * n_keys * d_head
-    cdef const floating *v = (<const floating*> c.v) + c.index[c.n_batch + b] * n_keys * d_v
+    cdef Py_ssize_t item = c.src_item
+    cdef const char *q = (<const char*> c.q) + c.index[b] * n_queries * d_head * item
+    cdef const char *k = (<const char*> c.k) + c.index[c.n_batch + b] * n_keys * d_head * item
+    cdef const char *v = (<const char*> c.v) + c.index[c.n_batch + b] * n_keys * d_v * item
     cdef const floating *add_mask = (<const floating*> c.add_mask) + mask_item * n_queries * n_keys
     cdef const unsigned char *bool_mask = c.bool_mask + mask_item * n_queries * n_keys
     cdef const floating *sink = (<const floating*> c.sinks) + b if c.sinks != NULL else NULL
@@ -209,16 +273,21 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
     cdef floating *lse = (<floating*> c.lse) + b * n_queries
     cdef floating scale = <floating> c.scale, softcap = <floating> c.softcap
     cdef bint micro = c.micro
+    cdef int lowp = c.lowp, engine = c.engine
     # This thread's scratch, carved as _scratch_layout laid it out:
     cdef floating *s_tile = buf + at[SCR_S_TILE]           # scores of a tile, q_rows x ld
     cdef floating *o_acc = buf + at[SCR_O_ACC]             # output so far, q_rows x d_v
     cdef floating *m_run = buf + at[SCR_M_RUN]             # running max of each row
     cdef double *l_run = <double*> (buf + at[SCR_L_RUN])   # running sum of each row
     cdef floating *qs = buf + at[SCR_QS]                   # the scaled query block (micro)
+    cdef uint16_t *qb = <uint16_t*> qs                     # ...or in bfloat16 (LP_ENGINE)
+    cdef uint16_t *pb = <uint16_t*> (buf + at[SCR_PB])     # P in bfloat16 (LP_ENGINE)
     cdef Packed *packed = <Packed*> (buf + at[SCR_PACKED])
     cdef Py_ssize_t offset = n_keys - n_queries   # causal: query i sees keys j <= i + offset
     cdef Py_ssize_t k_begin = 0, k_end = n_keys, k_start, k_rows, i, j, ld, off = 0, v_next
-    cdef bint v_in_place = _values_in_place(d_v, sizeof(floating))
+    cdef Py_ssize_t k_block = c.k_block
+    cdef Py_ssize_t rows = _round_up(q_rows, FA_LP_ROWS) if lowp == LP_ENGINE else q_rows
+    cdef bint v_in_place = lowp == LP_NONE and _values_in_place(d_v, sizeof(floating))
     cdef const floating *kp
     cdef const floating *vb
     cdef Py_ssize_t v_origin
@@ -230,48 +299,73 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
     if c.window:
         # ...and its first query none before q_start + offset - window + 1.
         k_begin = max(0, q_start + offset - c.window + 1)
+    if lowp == LP_ENGINE:
+        k_begin = k_begin // FA_LP_KEYS * FA_LP_KEYS
+        k_end = min(n_keys, _round_up(k_end, FA_LP_KEYS))
+        k_block = _round_up(k_block, FA_LP_KEYS)
     for i in range(q_rows):
         m_run[i] = -INFINITY if sink == NULL else sink[0]
         l_run[i] = 0 if sink == NULL or sink[0] == -INFINITY else 1
-    memset(o_acc, 0, q_rows * d_v * sizeof(floating))
-    if micro:
+    memset(o_acc, 0, rows * d_v * sizeof(floating))
+    if lowp == LP_ENGINE:
+        fa_lp_pack_q(q + q_start * d_head * item, c.src_kind, q_rows, d_head, qb, rows, c.d_pad)
+        fa_lp_begin(engine)
+    elif lowp == LP_WIDEN:
+        fa_lp_widen_scaled(q + q_start * d_head * item, c.src_kind, q_rows * d_head, scale,
+                           <float*> qs)
+    elif micro:
         for i in range(q_rows * d_head):
-            qs[i] = q[q_start * d_head + i] * scale
+            qs[i] = (<const floating*> q)[q_start * d_head + i] * scale
 
     k_start = k_begin
     while k_start < k_end:
-        k_rows = min(c.k_block, k_end - k_start)
+        k_rows = min(k_block, k_end - k_start)
         # s_tile = scale Q_blk @ K_blk.T: with micro-kernels, over the whole key panels
         # the tile touches (row stride ld), the tile's first key in column off.
-        if micro:
-            kp = _keys_packed(packed, k, n_keys, d_head, buf + at[SCR_KP], at[SCR_KP_KEYS],
-                              k_start, k_rows)
+        if lowp == LP_ENGINE:
+            kp = <const floating*> _keys_packed(c, packed, k, <char*> (buf + at[SCR_KP]),
+                                                at[SCR_KP_KEYS], k_start, k_rows, buf)
+            ld = _round_up(k_rows, FA_LP_KEYS)
+            fa_lp_scores(engine, qb, rows, c.d_pad, <const uint16_t*> kp, ld, <float> scale,
+                         <float*> s_tile, ld)
+        elif micro:
+            kp = <const floating*> _keys_packed(c, packed, k, <char*> (buf + at[SCR_KP]),
+                                                at[SCR_KP_KEYS], k_start, k_rows, buf)
             off = k_start % FA_MK_KEYS
             ld = _round_up(k_start + k_rows, FA_MK_KEYS) - (k_start - off)
             _mk_scores(qs, q_rows, d_head, kp, ld, s_tile, ld)
         else:
             ld = k_rows
             _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
-                  q + q_start * d_head, <int> d_head, k + k_start * d_head, <int> d_head,
-                  0, s_tile, <int> k_rows)
+                  <const floating*> q + q_start * d_head, <int> d_head,
+                  <const floating*> k + k_start * d_head, <int> d_head, 0, s_tile, <int> k_rows)
         _online_update(c, s_tile + off, ld, q_start, q_rows, k_start, k_rows, softcap,
                        add_mask, bool_mask, m_run, l_run, o_acc)
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
-        if micro:
+        if lowp == LP_ENGINE:
+            fa_lp_pack_p(<float*> s_tile, ld, q_rows, k_rows, pb, ld, rows)
+            vb = <const floating*> _values_packed(c, packed, v, <char*> (buf + at[SCR_VP]),
+                                                  at[SCR_VP_CHUNKS], k_start, k_rows, buf)
+            v_origin = packed.v_from * FA_LP_VCHUNK
+            fa_lp_pv(engine, pb, ld, rows, <const uint16_t*> vb, k_start - v_origin, ld, d_v,
+                     <float*> o_acc)
+        elif micro:
             # vb: the values in the chunk layout, from key v_origin, holding v_next keys
             # after the tile (the next tile's, prefetched during this one).
-            vb, v_origin, v_next = v, 0, k_end - k_start - k_rows
+            vb, v_origin, v_next = <const floating*> v, 0, k_end - k_start - k_rows
             if not v_in_place:
-                vb = _values_packed(packed, v, n_keys, d_v, buf + at[SCR_VP],
-                                    at[SCR_VP_CHUNKS], k_start, k_rows)
+                vb = <const floating*> _values_packed(c, packed, v, <char*> (buf + at[SCR_VP]),
+                                                      at[SCR_VP_CHUNKS], k_start, k_rows, buf)
                 v_origin = packed.v_from * FA_MK_PV_CHUNK
                 v_next = min(v_next, packed.v_to * FA_MK_PV_CHUNK - k_start - k_rows)
             _mk_pv(s_tile + off, ld, q_rows, vb, k_start - v_origin, k_rows, max(v_next, 0),
                    d_v, o_acc)
         else:
             _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1, s_tile, <int> k_rows,
-                  v + k_start * d_v, <int> d_v, 1, o_acc, <int> d_v)
+                  <const floating*> v + k_start * d_v, <int> d_v, 1, o_acc, <int> d_v)
         k_start = k_start + k_rows
+    if lowp == LP_ENGINE:
+        fa_lp_end(engine)
 
     for i in range(q_rows):
         o_row = out + (q_start + i) * d_v
@@ -297,7 +391,7 @@ cdef int _attention_run(const Call *c, floating *kept, int n_threads, Py_ssize_t
     cdef Py_ssize_t w
     cdef floating *scratch = kept
     cdef int team = 1, t
-    _run_layout(c.q_block, c.k_block, c.n_keys, c.d_head, c.d_v, c.micro, sizeof(floating), at)
+    _run_layout(c, sizeof(floating), at)
     if kept == NULL:
         scratch = <floating*> aligned_alloc(64, n_threads * at[SCR_SIZE] * sizeof(floating))
         if scratch == NULL:
@@ -333,6 +427,48 @@ cdef void _call_sizes(Call *c, Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssiz
     c.n_qblocks = (n_queries + q_block - 1) // q_block
 
 
+cdef object _call_options(Call *c, object mask, int mask_kind,
+                          const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window,
+                          double scale, double softcap, object sinks, floating *kind):
+    """Set c's masks, index, causal, window, scale, soft cap and sinks from attention()'s
+    arguments (mask and sinks in the compute dtype, which kind names); returns the
+    buffers c points into, to keep them alive for the call."""
+    cdef const floating[:, :, ::1] add_mask
+    cdef const unsigned char[:, :, ::1] bool_mask
+    cdef const floating[::1] sink_view
+    c.index = &index[0, 0]
+    c.mask_kind, c.causal, c.window, c.scale, c.softcap = mask_kind, causal, window, scale, softcap
+    kept = [index]
+    if mask_kind == MASK_BOOL:
+        bool_mask = mask
+        c.bool_mask = &bool_mask[0, 0, 0]
+        kept.append(bool_mask)
+    elif mask_kind == MASK_ADD:
+        add_mask = mask
+        c.add_mask = &add_mask[0, 0, 0]
+        kept.append(add_mask)
+    if sinks is not None:
+        sink_view = sinks
+        c.sinks = &sink_view[0]
+        kept.append(sink_view)
+    return kept
+
+
+cdef floating *_kept_scratch(const Call *c, object scratch, int n_threads,
+                             floating *kind) except? NULL:
+    """The 64-byte aligned start of scratch (attention_scratch's array) after checking that
+    it is large enough for c on n_threads; NULL for None."""
+    cdef unsigned char[::1] kept_view
+    cdef Py_ssize_t at[SCR_N]
+    if scratch is None:
+        return NULL
+    kept_view = scratch
+    _run_layout(c, sizeof(floating), at)
+    if kept_view.shape[0] < n_threads * at[SCR_SIZE] * <Py_ssize_t> sizeof(floating) + 64:
+        raise ValueError("attention: the scratch is smaller than these sizes need")
+    return <floating*> _round_up(<Py_ssize_t> &kept_view[0], 64)
+
+
 def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
               const floating[:, :, ::1] v, object mask, int mask_kind,
               const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
@@ -360,36 +496,61 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     the keys a thread packed in one piece serve it in the next. Returns the number of
     threads that ran (the OpenMP team), or -1 if the scratch cannot be allocated.
     """
-    cdef const floating[:, :, ::1] add_mask
-    cdef const unsigned char[:, :, ::1] bool_mask
-    cdef const floating[::1] sink_view
-    cdef unsigned char[::1] kept_view
-    cdef floating *kept = NULL
-    cdef Py_ssize_t at[SCR_N]
+    cdef floating *kept
     cdef int team
     cdef Call c
     memset(&c, 0, sizeof(Call))
     _call_sizes(&c, out.shape[0], out.shape[1], k.shape[1], q.shape[2], out.shape[2],
                 q_block, k_block)
-    c.q, c.k, c.v, c.index = &q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0], &index[0, 0]
+    c.q, c.k, c.v = &q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0]
     c.out, c.lse = &out[0, 0, 0], &lse[0, 0]
-    c.mask_kind, c.causal, c.window, c.scale, c.softcap = mask_kind, causal, window, scale, softcap
     c.micro = FA_MICROKERNELS != 0 and microkernels
-    if mask_kind == MASK_BOOL:
-        bool_mask = mask
-        c.bool_mask = &bool_mask[0, 0, 0]
-    elif mask_kind == MASK_ADD:
-        add_mask = mask
-        c.add_mask = &add_mask[0, 0, 0]
-    if sinks is not None:
-        sink_view = sinks
-        c.sinks = &sink_view[0]
-    if scratch is not None:
-        kept_view = scratch
-        _run_layout(q_block, k_block, c.n_keys, c.d_head, c.d_v, c.micro, sizeof(floating), at)
-        if kept_view.shape[0] < n_threads * at[SCR_SIZE] * <Py_ssize_t> sizeof(floating) + 64:
-            raise ValueError("attention: the scratch is smaller than these sizes need")
-        kept = <floating*> _round_up(<Py_ssize_t> &kept_view[0], 64)
+    c.src_item = sizeof(floating)
+    alive = _call_options(&c, mask, mask_kind, index, causal, window, scale, softcap, sinks,
+                          &out[0, 0, 0])
+    kept = _kept_scratch(&c, scratch, n_threads, &out[0, 0, 0])
+    with nogil:
+        team = _attention_run(&c, kept, n_threads, w_start, w_stop)
+    return team
+
+
+cdef void _call_lowp(Call *c, str kind, Py_ssize_t d_head_bytes) except *:
+    """Set c's 16-bit form (src_kind, src_item, d_head, lowp, engine, d_pad) for inputs of
+    kind ("bfloat16", "float16", or "float32" allowed bfloat16 products) whose rows are
+    d_head_bytes long; raises if the fused kernel does not take them (_lowp_mode)."""
+    c.src_kind = _SRC_KINDS[kind]
+    c.src_item = 4 if c.src_kind == FA_SRC_F32 else 2
+    c.d_head = d_head_bytes // c.src_item
+    c.lowp = _lowp_mode(c.src_kind, c.d_head, c.d_v)
+    if c.lowp == LP_NONE:
+        raise ValueError(f"attention_lowp: {kind} inputs of these head sizes run converted")
+    c.micro = True
+    c.engine = _policy.engine if c.lowp == LP_ENGINE else FA_ENGINE_NONE
+    c.d_pad = _round_up(c.d_head, FA_LP_DSTEP)
+
+
+def attention_lowp(str kind, const unsigned char[:, :, ::1] q, const unsigned char[:, :, ::1] k,
+                   const unsigned char[:, :, ::1] v, object mask, int mask_kind,
+                   const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
+                   double softcap, object sinks, float[:, :, ::1] out, float[:, ::1] lse,
+                   Py_ssize_t q_block, Py_ssize_t k_block, int n_threads,
+                   Py_ssize_t w_start=0, Py_ssize_t w_stop=-1, object scratch=None):
+    """attention() for inputs of kind "bfloat16" or "float16" (q, k, v: their bytes, as
+    uint8 arrays whose last axis is 2 D long) or "float32" allowed bfloat16 products (4 D
+    long), computed in float32 (out, lse, mask and sinks float32): on bfloat16 tiles where
+    _lowp_mode says LP_ENGINE, else widened in the packing for the float32 micro-kernels.
+    The other arguments, the pieces and the scratch as attention()'s."""
+    cdef float *kept
+    cdef int team
+    cdef Call c
+    memset(&c, 0, sizeof(Call))
+    _call_sizes(&c, out.shape[0], out.shape[1], k.shape[1], 0, out.shape[2], q_block, k_block)
+    _call_lowp(&c, kind, q.shape[2])
+    c.q, c.k, c.v = &q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0]
+    c.out, c.lse = &out[0, 0, 0], &lse[0, 0]
+    alive = _call_options(&c, mask, mask_kind, index, causal, window, scale, softcap, sinks,
+                          &out[0, 0, 0])
+    kept = _kept_scratch(&c, scratch, n_threads, &out[0, 0, 0])
     with nogil:
         team = _attention_run(&c, kept, n_threads, w_start, w_stop)
     return team
@@ -397,12 +558,17 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
 
 def attention_scratch(Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v,
                       Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels,
-                      Py_ssize_t itemsize, int n_threads):
+                      Py_ssize_t itemsize, int n_threads, str lowp_kind=None):
     """The per-thread scratch of attention() with these sizes (itemsize 4: float32, 8:
     float64) on n_threads, as a uint8 array (64 bytes over, for alignment), with no keys
     packed yet; for the pieces of one long call, which then share one allocation and
-    each thread's packed keys."""
-    cdef bint micro = FA_MICROKERNELS != 0 and microkernels
+    each thread's packed keys. lowp_kind: that of attention_lowp (d_head in elements)."""
     cdef Py_ssize_t at[SCR_N]
-    _run_layout(q_block, k_block, n_keys, d_head, d_v, micro, itemsize, at)
+    cdef Call c
+    memset(&c, 0, sizeof(Call))
+    _call_sizes(&c, 1, q_block, n_keys, d_head, d_v, q_block, k_block)
+    c.micro = FA_MICROKERNELS != 0 and microkernels
+    if lowp_kind is not None:
+        _call_lowp(&c, lowp_kind, d_head * (4 if lowp_kind == "float32" else 2))
+    _run_layout(&c, itemsize, at)
     return _np.zeros(n_threads * at[SCR_SIZE] * itemsize + 64, _np.uint8)

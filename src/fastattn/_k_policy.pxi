@@ -19,8 +19,10 @@ cdef struct Policy:
     Py_ssize_t softmax_serial   # softmax of fewer elements runs on one thread
     Py_ssize_t lanes_f          # vector lanes of float32 tiles' micro-kernels (0: BLAS)
     Py_ssize_t lanes_d          # ...of float64 tiles'
+    int engine                  # the matrix engine of bfloat16 tiles (ENGINES; 0: none)
 
 cdef Policy _policy
+_SRC_KINDS = {"bfloat16": FA_SRC_BF16, "float16": FA_SRC_F16, "float32": FA_SRC_F32}
 # Defaults. Tiles of 256 x 512 were fastest for long sequences on every CPU swept (within
 # 5% of their neighbours); eight work items let up to eight threads share a call evenly; a
 # team costs more to wake than 2 MFLOP of work saves. OpenBLAS runs a GEMM on the calling
@@ -36,6 +38,7 @@ _policy.blas_serial_mnk = 65536 * 4
 _policy.softmax_serial = 100_000
 _policy.lanes_f = FA_MK_VBYTES // 4
 _policy.lanes_d = FA_MK_VBYTES // 8
+_policy.engine = FA_ENGINE_NONE  # fastattn._plan chooses this CPU's at import (engines())
 
 # The build's own micro-kernel lanes (0: none), the only values lanes_f / lanes_d may take
 # besides 0.
@@ -65,6 +68,10 @@ def set_policy(**values):
         if new[name] not in (0, build):
             raise ValueError(f"set_policy: {name} must be 0 (BLAS tiles) or this build's "
                              f"{build}, got {new[name]!r}")
+    if new["engine"] != current["engine"] and engines().get(
+            ENGINES[new["engine"]] if new["engine"] in range(len(ENGINES)) else None) != "ok":
+        raise ValueError(f"set_policy: engine {new['engine']!r} cannot run here: "
+                         f"{engines()}")
     for name in ("serial_flops", "blas_serial_mnk", "softmax_serial"):
         if not new[name] >= 0:
             raise ValueError(f"set_policy: {name} must be >= 0, got {new[name]!r}")
@@ -78,7 +85,35 @@ def set_policy(**values):
     _policy.softmax_serial = new["softmax_serial"]
     _policy.lanes_f = new["lanes_f"]
     _policy.lanes_d = new["lanes_d"]
+    _policy.engine = new["engine"]
     return {name: current[name] for name in values}
+
+
+# --------------------------------------------------------------------------- engines
+
+# The engines of bfloat16 tiles by their number in Policy.engine (fa_lowp.h).
+ENGINES = ("none", "avx512bf16", "amx", "amx-emulated")
+cdef int _amx_status = -1  # fa_amx_selftest(), once per process (-1: not asked yet)
+_AMX_WHY = {1: "this CPU, OS or build has no AMX-BF16",
+            2: "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)",
+            3: "a known product on the AMX tiles differed from the emulation's"}
+
+
+def engines():
+    """{engine name: "ok" or why it cannot run here}. The native AMX engine is tried the
+    first time this is asked (the tile permission, then a known product on the tiles
+    against the emulation); a refusal or a mismatch says so and turns it off for the
+    process, never a crash."""
+    global _amx_status
+    if _amx_status < 0:
+        _amx_status = fa_amx_selftest() if FA_HAVE_AMX and fa_cpu_amx_bf16() else 1
+    return {
+        "none": "ok",
+        "avx512bf16": ("ok" if FA_HAVE_DPBF16 and fa_cpu_avx512_bf16() else
+                       "this CPU or build has no AVX512-BF16"),
+        "amx": "ok" if _amx_status == 0 else _AMX_WHY[_amx_status],
+        "amx-emulated": "ok",
+    }
 
 
 # --------------------------------------------------------------------------- the rules
@@ -103,6 +138,27 @@ cdef inline bint _use_micro(size_t item, Py_ssize_t d_head, Py_ssize_t d_v) noex
     has them for this dtype and the policy keeps them, for head sizes of whole vectors."""
     cdef Py_ssize_t lanes = _policy.lanes_f if item == 4 else _policy.lanes_d
     return FA_MICROKERNELS != 0 and lanes > 0 and d_head % lanes == 0 and d_v % lanes == 0
+
+
+# How the fused kernel takes 16-bit inputs (and float32 ones allowed bfloat16 products):
+cdef enum:
+    LP_NONE = 0     # not at all: they are converted to the compute dtype first
+    LP_WIDEN = 1    # widened to float32 as they are packed for the float32 micro-kernels
+    LP_ENGINE = 2   # bfloat16 tiles on the policy's engine
+
+
+cdef inline int _lowp_mode(int src_kind, Py_ssize_t d_head, Py_ssize_t d_v) noexcept nogil:
+    """How the fused kernel takes inputs of src_kind (FA_SRC_*): bfloat16 (and float32
+    allowed bfloat16 products) on the engine where there is one and d_v is whole tiles of
+    16 columns; bfloat16 and float16 widened in the packing where the float32 micro-kernels
+    take the head sizes; else LP_NONE (float32 inputs then run exact)."""
+    if (_policy.engine != FA_ENGINE_NONE and (src_kind == FA_SRC_BF16 or src_kind == FA_SRC_F32)
+            and d_head > 0 and d_v > 0 and d_v % 16 == 0):
+        return LP_ENGINE
+    if (src_kind == FA_SRC_BF16 or src_kind == FA_SRC_F16) and d_head > 0 and d_v > 0 \
+            and _use_micro(4, d_head, d_v):
+        return LP_WIDEN
+    return LP_NONE
 
 
 cdef inline bint _blas_would_thread(double m, double n, double k) noexcept nogil:
@@ -174,6 +230,13 @@ def tiles(Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssize_t n_keys, bint caus
 def use_microkernels(Py_ssize_t itemsize, Py_ssize_t d_head, Py_ssize_t d_v):
     """Whether a tile's GEMMs run in the micro-kernels (_use_micro)."""
     return _use_micro(itemsize, d_head, d_v)
+
+
+def lowp_mode(str kind, Py_ssize_t d_head, Py_ssize_t d_v):
+    """How the fused kernel takes inputs of this kind ("bfloat16", "float16", or "float32"
+    allowed bfloat16 products): "engine", "widen" or None (_lowp_mode)."""
+    cdef int mode = _lowp_mode(_SRC_KINDS[kind], d_head, d_v)
+    return "engine" if mode == LP_ENGINE else "widen" if mode == LP_WIDEN else None
 
 
 def blas_would_thread(double m, double n, double k):

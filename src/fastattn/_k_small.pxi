@@ -103,6 +103,7 @@ def small_attention(object q, object k, object v, bint causal, Py_ssize_t window
         _call_sizes(&c, n_batch, n_queries, n_keys, d_head, d_v, q_block, k_block)
         c.q, c.k, c.v, c.index, c.out, c.lse = qb.buf, kb.buf, vb.buf, index, ob.buf, lse
         c.mask_kind, c.causal, c.scale, c.micro = MASK_NONE, causal, c_scale, micro
+        c.src_item = itemsize
         with nogil:
             if itemsize == 4:
                 team = _attention_run(&c, <float*> NULL, 1, 0, -1)

@@ -139,6 +139,8 @@ _Static_assert(FA_MK_SCORES_MR <= 8 && FA_MK_PV_MR <= 8,
 #define FA_MK_VBYTES 0
 #define FA_MK_KEYS 1
 #define FA_MK_PV_CHUNK 1
+#define FA_MK_PV_NV 1
+#define FA_MK_SCORES_NV 1
 #endif
 
 /* Identifiers of one dtype's micro-kernels: FA_FN(fa_mk_scores_) is fa_mk_scores_f where
