@@ -23,7 +23,7 @@ import numpy as np
 from . import _dispatch, _tuning
 from ._dispatch import kernels as _kernels
 from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_sinks, check_softcap,
-                          check_window, dtypes_of, memory_limit, refuse_huge)
+                          check_window, dtypes_of, is_bfloat16, memory_limit, refuse_huge)
 
 __all__ = ["MaskKind", "Route", "Layout", "AttentionPlan", "layout", "plan_attention",
            "refuse_huge_plan", "use_microkernels", "decode_eligible",
@@ -77,6 +77,35 @@ def policy_for(tuned, tile_gemm):
 
 
 _kernels.set_policy(**policy_for(TUNED, TILE_GEMM))
+
+
+# The matrix engine of bfloat16 tiles (fa_lowp.h): "auto" (the default) takes AMX where
+# it passed its first contact, else AVX512-BF16, else none (16-bit inputs widened for the
+# float32 micro-kernels); FASTATTN_ENGINE=<name> forces one of _kernels.ENGINES, as
+# FASTATTN_ISA forces a build ("amx-emulated" runs the AMX kernels on any CPU, slowly: for
+# testing them). Forcing one that cannot run here is an error, never a crash.
+def choose_engine(requested):
+    """The engine name for a FASTATTN_ENGINE value ("" or "auto": the best here)."""
+    status = _kernels.engines()
+    if requested in ("", "auto"):
+        if status["amx"] != "ok" and "refused" in status["amx"] or "differed" in status["amx"]:
+            import warnings
+            warnings.warn(f"fastattn: the AMX engine is off for this process: {status['amx']}; "
+                          f"bfloat16 runs on {'avx512bf16' if status['avx512bf16'] == 'ok' else 'float32 kernels'}",
+                          RuntimeWarning, stacklevel=2)
+        for name in ("amx", "avx512bf16"):
+            if status[name] == "ok":
+                return name
+        return "none"
+    if requested not in status:
+        raise ImportError(f"FASTATTN_ENGINE={requested!r} is not 'auto' or one of {sorted(status)}")
+    if status[requested] != "ok":
+        raise ImportError(f"FASTATTN_ENGINE={requested!r} cannot run here: {status[requested]}")
+    return requested
+
+
+ENGINE = choose_engine(os.environ.get("FASTATTN_ENGINE", "auto").strip().lower())
+_kernels.set_policy(engine=_kernels.ENGINES.index(ENGINE))
 
 
 class MaskKind(enum.IntEnum):
@@ -292,16 +321,20 @@ class AttentionPlan(NamedTuple):
     q_block: int = 0            # Route.FUSED: query rows and keys per tile...
     k_block: int = 0
     micro: bool = False         # ...and whether the tile GEMMs run in the micro-kernels
+    lowp: Optional[str] = None  # Route.FUSED: "bfloat16" or "float16" when the kernel reads
+                                # q, k, v as they are (attention_lowp), "float32" when it
+                                # may round them to bfloat16 (precision="bfloat16")
 
 
 _new_plan = tuple.__new__
 
 
 def plan_attention(q, k, v, mask, causal, scale, window=None, softcap=None, sinks=None, *,
-                   with_v=True, return_weights=False):
-    """Validate q, k, v (if with_v), mask, the flags, softcap and sinks into an
+                   with_v=True, return_weights=False, precision=None):
+    """Validate q, k, v (if with_v), mask, the flags, softcap, sinks and precision into an
     AttentionPlan; with v, an attention call's route and kernel choices too (they depend
-    on return_weights)."""
+    on return_weights and, for float32 inputs, on precision)."""
+    precision = check_precision(precision)
     q = as_array("q", q)
     k = as_array("k", k)
     if not with_v:
@@ -323,32 +356,75 @@ def plan_attention(q, k, v, mask, causal, scale, window=None, softcap=None, sink
     plan = _new_plan(AttentionPlan, (lay, q, k, v if with_v else None, mask, mask_kind, causal,
                                      check_window(window, causal), check_scale(scale, lay.d_head),
                                      check_softcap(softcap), check_sinks(sinks, lay.batch, compute),
-                                     compute, result, named, None, 0, 0, False))
-    return _routed(plan, return_weights) if with_v else plan
+                                     compute, result, named, None, 0, 0, False, None))
+    return _routed(plan, return_weights, precision) if with_v else plan
 
 
-def _routed(plan, return_weights):
+def _routed(plan, return_weights, precision="highest"):
     """plan with its route and kernel choices: a single query with a window becomes the
     same call on its last keys (window_as_keys) where the decoding kernel takes it."""
     lay = plan.layout
     head = plan[:_N_CALL_FIELDS]  # the plan's fields before its decisions
     if lay.n_batch == 0 or lay.n_queries == 0:
-        return _new_plan(AttentionPlan, head + (_EMPTY, 0, 0, False))
+        return _new_plan(AttentionPlan, head + (_EMPTY, 0, 0, False, None))
     if lay.n_keys == 0:
-        return _new_plan(AttentionPlan, head + (_NO_KEYS, 0, 0, False))
+        return _new_plan(AttentionPlan, head + (_NO_KEYS, 0, 0, False, None))
     if plan.window:
         decoding = window_as_keys(plan)
         if decode_eligible(decoding, return_weights):
-            return _new_plan(AttentionPlan, decoding[:_N_CALL_FIELDS] + (_DECODE, 0, 0, False))
+            return _new_plan(AttentionPlan, decoding[:_N_CALL_FIELDS] + (_DECODE, 0, 0, False, None))
     elif decode_eligible(plan, return_weights):
-        return _new_plan(AttentionPlan, head + (_DECODE, 0, 0, False))
+        return _new_plan(AttentionPlan, head + (_DECODE, 0, 0, False, None))
     # (An empty head size runs as one zero column.)
     compute = plan.compute
     q_block, k_block = _kernels.tiles(lay.n_batch, lay.n_queries, lay.n_keys, plan.causal,
                                       compute.itemsize)
     micro = _kernels.use_microkernels(compute.itemsize, lay.d_head or 1, lay.d_v or 1)
+    lowp = _lowp_kind(plan, precision)
+    if lowp is not None and _kernels.lowp_mode(lowp, lay.d_head, lay.d_v) is None:
+        lowp = None
     # (Built as tuples: _replace costs a microsecond.)
-    return _new_plan(AttentionPlan, head + (_FUSED, q_block, k_block, micro))
+    return _new_plan(AttentionPlan, head + (_FUSED, q_block, k_block, micro, lowp))
+
+
+def _lowp_kind(plan, precision):
+    """What the fused kernel may read q, k, v as: "bfloat16" or "float16" when all three
+    are, "float32" when all three are float32 and precision allows bfloat16 products; else
+    None (converted to the compute dtype)."""
+    dtypes = (plan.q.dtype, plan.k.dtype, plan.v.dtype)
+    if all(is_bfloat16(d) for d in dtypes):
+        return "bfloat16"
+    if all(d == np.float16 for d in dtypes):
+        return "float16"
+    if precision == "bfloat16" and all(d == np.float32 for d in dtypes):
+        return "float32"
+    return None
+
+
+# --------------------------------------------------------------------------- precision
+
+PRECISIONS = ("highest", "bfloat16")
+_float32_precision = "highest"
+
+
+def check_precision(precision):
+    """precision validated (None: the module default of set_float32_precision)."""
+    if precision is None:
+        return _float32_precision
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def set_float32_precision(precision):
+    """Set the default precision of float32 attention (see fastattn.set_float32_precision);
+    returns the previous one."""
+    global _float32_precision
+    old = _float32_precision
+    if precision is None:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got None")
+    _float32_precision = check_precision(precision)
+    return old
 
 
 _N_CALL_FIELDS = AttentionPlan._fields.index("route")

@@ -223,6 +223,23 @@ def _kernel_inputs(plan):
         # An empty dot product is 0: give BLAS one zero column instead of a zero dimension.
         q = np.zeros(q.shape[:-1] + (1,), compute)
         k = np.zeros(k.shape[:-1] + (1,), compute)
+    return q, k, _kernel_mask(plan)
+
+
+def _lowp_inputs(plan):
+    """q, k, v for attention_lowp: C-contiguous in their own dtype (plan.lowp's), as
+    uint8 arrays of their bytes (n_items, L, width x itemsize)."""
+    lay = plan.layout
+    dtype = plan.q.dtype
+    q = contiguous(plan.q, dtype).reshape(lay.n_q_items, lay.n_queries, lay.d_head)
+    k = _kv_contiguous(plan.k, lay, lay.d_head, dtype)
+    v = _kv_contiguous(plan.v, lay, lay.d_v, dtype)
+    return [a.view(np.uint8) for a in (q, k, v)]
+
+
+def _kernel_mask(plan):
+    """The mask the kernels read: None, uint8 for a boolean one, else the compute dtype."""
+    lay, compute = plan.layout, plan.compute
     mask = None
     if plan.mask_kind != _plan.MaskKind.NONE:
         mask = np.broadcast_to(plan.mask, lay.mask_batch + (lay.n_queries, lay.n_keys))
@@ -231,7 +248,7 @@ def _kernel_inputs(plan):
             mask = contiguous(mask, compute)
         else:
             mask = contiguous(mask, np.bool_).view(np.uint8)
-    return q, k, mask
+    return mask
 
 
 # --------------------------------------------------------------------------- scores
@@ -324,6 +341,8 @@ def _fused(plan, return_weights, target, lse, n_threads):
     """The fused kernel into target and lse; the weights when asked, else None."""
     lay, compute = plan.layout, plan.compute
     n_batch, n_queries, n_keys = lay.n_batch, lay.n_queries, lay.n_keys
+    if plan.lowp is not None:
+        return _fused_lowp(plan, return_weights, target, lse, n_threads)
     q, k, mask = _kernel_inputs(plan)
     v = _kv_contiguous(plan.v, lay, lay.d_v, compute)
     kernel_out = target
@@ -352,6 +371,41 @@ def _fused(plan, return_weights, target, lse, n_threads):
             _checked(_kernels.attention(*args, start, stop, scratch), "per-thread scratch")
     if not return_weights:
         return None
+    return _weights(plan, q, k, mask, lse, team)
+
+
+def _fused_lowp(plan, return_weights, target, lse, n_threads):
+    """_fused for 16-bit inputs (and float32 ones allowed bfloat16 products): the kernel
+    reads q, k, v in their own dtype (attention_lowp), computing in float32."""
+    lay = plan.layout
+    n_batch, n_queries, n_keys, d_head, d_v = (lay.n_batch, lay.n_queries, lay.n_keys,
+                                               lay.d_head, lay.d_v)
+    q, k, v = _lowp_inputs(plan)
+    mask = _kernel_mask(plan)
+    q_block, k_block = plan.q_block, plan.k_block
+    flops = 2.0 * n_batch * n_queries * n_keys * (d_head + d_v)
+    n_work = n_batch * -(-n_queries // q_block)
+    team = _kernels.team(n_threads, flops, n_work)
+    sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
+    args = (plan.lowp, q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
+            plan.scale, plan.softcap, sinks, target, lse, q_block, k_block, team)
+    parts = pieces(n_work, flops / (2 if plan.causal else 1), team)
+    scratch = (None if len(parts) == 1 else _kernels.attention_scratch(
+        n_keys, d_head, d_v, q_block, k_block, True, 4, team, plan.lowp))
+    for start, stop in parts:
+        _checked(_kernels.attention_lowp(*args, start, stop, scratch), "per-thread scratch")
+    if not return_weights:
+        return None
+    # The weights from the scores in float32 (exact products of the inputs' values).
+    qf, kf, _ = _kernel_inputs(plan)
+    return _weights(plan, qf, kf, mask, lse, team)
+
+
+def _weights(plan, q, k, mask, lse, team):
+    """The attention weights (n_batch, L_q, L_k) of a fused call, from its scores and lse."""
+    lay, compute = plan.layout, plan.compute
+    n_batch, n_queries, n_keys = lay.n_batch, lay.n_queries, lay.n_keys
+    sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
     w = np.empty((n_batch, n_queries, n_keys), compute)
     _kernels.scores(q, k, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
                     plan.scale, plan.softcap, w)
