@@ -93,6 +93,7 @@ cdef extern from "fa_lowp.h" nogil:
     int fa_cpu_avx512_bf16()
     int fa_cpu_amx_bf16()
     int fa_amx_selftest()
+    void fa_lp_narrow(const float *src, Py_ssize_t n, int kind, uint16_t *dst)
     void fa_lp_widen_scaled(const void *src, int kind, Py_ssize_t n, float scale, float *dst)
     void fa_lp_pack_keys_widen(const void *k, int kind, Py_ssize_t rows, Py_ssize_t d,
                                float *kp, Py_ssize_t n_cols, Py_ssize_t kr)

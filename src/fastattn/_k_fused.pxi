@@ -31,6 +31,7 @@ cdef struct Call:
     int lowp                         # LP_NONE, LP_WIDEN or LP_ENGINE (_lowp_mode)
     int engine                       # LP_ENGINE: the engine (FA_ENGINE_*)
     Py_ssize_t d_pad                 # LP_ENGINE: d_head padded to whole FA_LP_DSTEP
+    int out_kind                     # what out holds: FA_SRC_BF16, FA_SRC_F16, or 0 (floating)
 
 
 cdef struct Packed:
@@ -270,6 +271,7 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
     cdef const unsigned char *bool_mask = c.bool_mask + mask_item * n_queries * n_keys
     cdef const floating *sink = (<const floating*> c.sinks) + b if c.sinks != NULL else NULL
     cdef floating *out = (<floating*> c.out) + b * n_queries * d_v
+    cdef uint16_t *out16 = (<uint16_t*> c.out) + b * n_queries * d_v  # (out_kind set)
     cdef floating *lse = (<floating*> c.lse) + b * n_queries
     cdef floating scale = <floating> c.scale, softcap = <floating> c.softcap
     cdef bint micro = c.micro
@@ -368,7 +370,8 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
         fa_lp_end(engine)
 
     for i in range(q_rows):
-        o_row = out + (q_start + i) * d_v
+        # (written into o_acc first where out holds 16-bit numbers)
+        o_row = out + (q_start + i) * d_v if c.out_kind == 0 else o_acc + i * d_v
         if l_run[i] == 0:
             # Every key hidden from this query: zeros, as PyTorch and FlashAttention give.
             for j in range(d_v):
@@ -377,6 +380,8 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
             inv = <floating> (1.0 / l_run[i])
             for j in range(d_v):
                 o_row[j] = o_acc[i * d_v + j] * inv
+        if c.out_kind != 0:
+            fa_lp_narrow(<float*> o_row, d_v, c.out_kind, out16 + (q_start + i) * d_v)
         lse[q_start + i] = <floating> (m_run[i] + log(l_run[i]))
 
 
@@ -532,25 +537,29 @@ cdef void _call_lowp(Call *c, str kind, Py_ssize_t d_head_bytes) except *:
 def attention_lowp(str kind, const unsigned char[:, :, ::1] q, const unsigned char[:, :, ::1] k,
                    const unsigned char[:, :, ::1] v, object mask, int mask_kind,
                    const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
-                   double softcap, object sinks, float[:, :, ::1] out, float[:, ::1] lse,
-                   Py_ssize_t q_block, Py_ssize_t k_block, int n_threads,
+                   double softcap, object sinks, str out_kind, unsigned char[:, :, ::1] out,
+                   float[:, ::1] lse, Py_ssize_t q_block, Py_ssize_t k_block, int n_threads,
                    Py_ssize_t w_start=0, Py_ssize_t w_stop=-1, object scratch=None):
     """attention() for inputs of kind "bfloat16" or "float16" (q, k, v: their bytes, as
     uint8 arrays whose last axis is 2 D long) or "float32" allowed bfloat16 products (4 D
-    long), computed in float32 (out, lse, mask and sinks float32): on bfloat16 tiles where
+    long), computed in float32 (lse, mask and sinks float32): on bfloat16 tiles where
     _lowp_mode says LP_ENGINE, else widened in the packing for the float32 micro-kernels.
-    The other arguments, the pieces and the scratch as attention()'s."""
+    out: the bytes of the output, of out_kind "float32", "bfloat16" or "float16" (rounded
+    to nearest even once, from float32). The other arguments, the pieces and the scratch
+    as attention()'s."""
     cdef float *kept
     cdef int team
     cdef Call c
     memset(&c, 0, sizeof(Call))
-    _call_sizes(&c, out.shape[0], out.shape[1], k.shape[1], 0, out.shape[2], q_block, k_block)
+    c.out_kind = 0 if out_kind == "float32" else _SRC_KINDS[out_kind]
+    _call_sizes(&c, out.shape[0], out.shape[1], k.shape[1], 0,
+                out.shape[2] // (4 if c.out_kind == 0 else 2), q_block, k_block)
     _call_lowp(&c, kind, q.shape[2])
     c.q, c.k, c.v = &q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0]
     c.out, c.lse = &out[0, 0, 0], &lse[0, 0]
     alive = _call_options(&c, mask, mask_kind, index, causal, window, scale, softcap, sinks,
-                          &out[0, 0, 0])
-    kept = _kept_scratch(&c, scratch, n_threads, &out[0, 0, 0])
+                          &lse[0, 0])
+    kept = _kept_scratch(&c, scratch, n_threads, &lse[0, 0])
     with nogil:
         team = _attention_run(&c, kept, n_threads, w_start, w_stop)
     return team

@@ -317,7 +317,8 @@ def run_attention(plan, return_weights, out, n_threads):
     if return_weights:
         results.append(("weights", n_batch * n_queries * n_keys))
     _plan.refuse_huge_plan(plan, results)
-    target = kernel_target(out, flat, compute)
+    # 16-bit results of 16-bit inputs are written by the kernel itself (no float32 copy).
+    target = kernel_target(out, flat, plan.result if _writes_result(plan) else compute)
     lse = np.empty((n_batch, n_queries), compute)
     weights = None
     route = plan.route
@@ -374,6 +375,12 @@ def _fused(plan, return_weights, target, lse, n_threads):
     return _weights(plan, q, k, mask, lse, team)
 
 
+def _writes_result(plan):
+    """Whether the fused kernel writes a 16-bit result dtype itself (attention_lowp)."""
+    return (plan.lowp is not None and plan.route == _plan.Route.FUSED and plan.layout.d_v > 0
+            and (plan.result == np.float16 or is_bfloat16(plan.result)))
+
+
 def _fused_lowp(plan, return_weights, target, lse, n_threads):
     """_fused for 16-bit inputs (and float32 ones allowed bfloat16 products): the kernel
     reads q, k, v in their own dtype (attention_lowp), computing in float32."""
@@ -387,8 +394,11 @@ def _fused_lowp(plan, return_weights, target, lse, n_threads):
     n_work = n_batch * -(-n_queries // q_block)
     team = _kernels.team(n_threads, flops, n_work)
     sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
+    out_kind = ("float32" if target.dtype == np.float32 else
+                "float16" if target.dtype == np.float16 else "bfloat16")
     args = (plan.lowp, q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
-            plan.scale, plan.softcap, sinks, target, lse, q_block, k_block, team)
+            plan.scale, plan.softcap, sinks, out_kind, target.view(np.uint8), lse, q_block,
+            k_block, team)
     parts = pieces(n_work, flops / (2 if plan.causal else 1), team)
     scratch = (None if len(parts) == 1 else _kernels.attention_scratch(
         n_keys, d_head, d_v, q_block, k_block, True, 4, team, plan.lowp))

@@ -36,8 +36,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
+#include "fa_microkernels.h"
 #include "fa_simd.h"
 
 /* What the fused kernel's q, k, v hold (0: its compute dtype itself). */
@@ -68,6 +70,24 @@ static inline uint16_t fa_f32_to_bf16(float f)
     memcpy(&u, &f, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Round to nearest even float16; overflow to inf, NaN stays a (quiet) NaN. */
+static inline uint16_t fa_f32_to_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;
+    if (a >= 0x477ff000u) return sign | 0x7c00u;  /* >= 65520: rounds to inf */
+    if (a < 0x38800000u) {  /* below 2^-14: a subnormal (or zero) float16, m 2^-24 */
+        float x;
+        memcpy(&x, &a, 4);
+        return sign | (uint16_t)lrintf(x * 16777216.0f);  /* exact scaling, then RNE */
+    }
+    uint32_t h = a - (112u << 23);
+    return sign | (uint16_t)((h + 0xfffu + ((h >> 13) & 1u)) >> 13);
 }
 
 static inline float fa_f16_to_f32(uint16_t h)
@@ -160,6 +180,15 @@ static inline void fa_lp_pack_values_widen(const void *v, int kind, ptrdiff_t n_
     }
 }
 
+/* dst[i] = src[i] (float32) as kind's bits (FA_SRC_BF16 or FA_SRC_F16), i < n. */
+static inline void fa_lp_narrow(const float *src, ptrdiff_t n, int kind, uint16_t *dst)
+{
+    if (kind == FA_SRC_BF16)
+        for (ptrdiff_t i = 0; i < n; i++) dst[i] = fa_f32_to_bf16(src[i]);
+    else
+        for (ptrdiff_t i = 0; i < n; i++) dst[i] = fa_f32_to_f16(src[i]);
+}
+
 /* --------------------------------------------------------------------------- engine packing */
 
 static inline ptrdiff_t fa_lp_round(ptrdiff_t n, ptrdiff_t m) { return (n + m - 1) / m * m; }
@@ -184,12 +213,20 @@ static inline void fa_lp_pack_keys(const void *k, int kind, ptrdiff_t rows, ptrd
         const ptrdiff_t nb = rows - j0 < KR ? (rows - j0 > 0 ? rows - j0 : 0) : KR;
         if (nb < KR || d < d_pad) memset(panel, 0, (size_t)(KR * d_pad) * sizeof(uint16_t));
         if (kind == FA_SRC_BF16 && d % 2 == 0) {
-            /* a transpose of 32-bit pairs */
-            const uint32_t *src = (const uint32_t *)k;
+            /* a transpose of 32-bit pairs: through registers 8 x 8 at a time where the
+             * build has the float transpose, else element by element */
+            const uint32_t *src = (const uint32_t *)k + j0 * (d / 2);
             uint32_t *dst = (uint32_t *)panel;
-            for (ptrdiff_t jj = 0; jj < nb; jj++)
-                for (ptrdiff_t t2 = 0; t2 < d / 2; t2++)
-                    dst[t2 * KR + jj] = src[(j0 + jj) * (d / 2) + t2];
+            ptrdiff_t jj0 = 0;
+#if FA_MICROKERNELS
+            if ((d / 2) % 8 == 0)
+                for (; jj0 + 8 <= nb; jj0 += 8)
+                    for (ptrdiff_t t2 = 0; t2 < d / 2; t2 += 8)
+                        fa_transpose_block_f((const float *)(src + jj0 * (d / 2) + t2), d / 2,
+                                             (float *)(dst + t2 * KR + jj0), KR);
+#endif
+            for (ptrdiff_t jj = jj0; jj < nb; jj++)
+                for (ptrdiff_t t2 = 0; t2 < d / 2; t2++) dst[t2 * KR + jj] = src[jj * (d / 2) + t2];
         } else {
             for (ptrdiff_t jj = 0; jj < nb; jj++)
                 for (ptrdiff_t t = 0; t < d; t++)
@@ -206,21 +243,44 @@ static inline __attribute__((always_inline)) const uint16_t *fa_lp_v_at(
     return vp + j / CH * CH * d_v + c0 * CH + (j % CH) / 2 * 2 * bw;
 }
 
+/* The pairs (a[c], b[c]) of two rows of bfloat16 bits as 32-bit words, c < n. */
+static inline void fa_lp_interleave(const uint16_t *a, const uint16_t *b, ptrdiff_t n,
+                                    uint32_t *out)
+{
+    for (ptrdiff_t c = 0; c < n; c++) out[c] = (uint32_t)a[c] | ((uint32_t)b[c] << 16);
+}
+
 /* vp (chunks c_lo <= c < c_hi, chunk c_lo first) = v's keys [c_lo CH, c_hi CH) (v: n_keys
  * x d_v, of kind; d_v a multiple of 16), zero keys from n_keys on. */
 static inline void fa_lp_pack_values(const void *v, int kind, ptrdiff_t n_keys, ptrdiff_t d_v,
                                      uint16_t *vp, ptrdiff_t c_lo, ptrdiff_t c_hi)
 {
-    enum { CH = FA_LP_VCHUNK, BW = FA_LP_BAND };
+    enum { CH = FA_LP_VCHUNK, BW = FA_LP_BAND, MAXD = 1024 };
     const ptrdiff_t full = d_v / BW * BW;
+    uint16_t row_a[MAXD], row_b[MAXD];
     for (ptrdiff_t j = c_lo * CH; j < c_hi * CH; j += 2) {
         uint16_t *chunk = vp + (j / CH - c_lo) * CH * d_v;
         const ptrdiff_t pr = (j % CH) / 2;
-        for (ptrdiff_t c = 0; c < d_v; c++) {
-            const ptrdiff_t bw = c < full ? BW : 16, c0 = c < full ? c / BW * BW : c / 16 * 16;
-            uint16_t *at = chunk + c0 * CH + pr * 2 * bw + 2 * (c - c0);
-            at[0] = j < n_keys ? fa_lp_bits(v, j * d_v + c, kind) : 0;
-            at[1] = j + 1 < n_keys ? fa_lp_bits(v, (j + 1) * d_v + c, kind) : 0;
+        for (ptrdiff_t c1 = 0; c1 < d_v; c1 += MAXD) {  /* columns in pieces of MAXD */
+            const ptrdiff_t c2 = c1 + MAXD < d_v ? c1 + MAXD : d_v;
+            const uint16_t *a = row_a, *b = row_b;
+            if (kind == FA_SRC_BF16 && j + 1 < n_keys) {  /* the rows themselves */
+                a = (const uint16_t *)v + j * d_v + c1;
+                b = a + d_v;
+            } else {
+                for (ptrdiff_t c = c1; c < c2; c++) {
+                    row_a[c - c1] = j < n_keys ? fa_lp_bits(v, j * d_v + c, kind) : 0;
+                    row_b[c - c1] = j + 1 < n_keys ? fa_lp_bits(v, (j + 1) * d_v + c, kind) : 0;
+                }
+            }
+            /* each band's run of columns in this piece: bands of BW, then of 16 */
+            for (ptrdiff_t c = c1; c < c2;) {
+                const ptrdiff_t bw = c < full ? BW : 16, c0 = c < full ? c / BW * BW : c / 16 * 16;
+                const ptrdiff_t end = c0 + bw < c2 ? c0 + bw : c2;
+                fa_lp_interleave(a + (c - c1), b + (c - c1), end - c,
+                                 (uint32_t *)(chunk + c0 * CH + pr * 2 * bw) + (c - c0));
+                c = end;
+            }
         }
     }
 }
@@ -233,7 +293,14 @@ static inline void fa_lp_pack_p(const float *s, ptrdiff_t ld_s, ptrdiff_t rows, 
     for (ptrdiff_t r = 0; r < rows; r++) {
         const float *row = s + r * ld_s;
         uint16_t *out = pb + r * ld_p;
-        for (ptrdiff_t j = 0; j < cols; j++) out[j] = fa_f32_to_bf16(row[j]);
+        /* fa_f32_to_bf16, written so that GCC vectorises it (a select, not a branch) */
+        for (ptrdiff_t j = 0; j < cols; j++) {
+            uint32_t u;
+            memcpy(&u, row + j, 4);
+            const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+            out[j] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40u)
+                                                     : (uint16_t)rounded;
+        }
         for (ptrdiff_t j = cols; j < ld_p; j++) out[j] = 0;
     }
     if (rows_pad > rows) memset(pb + rows * ld_p, 0, (size_t)((rows_pad - rows) * ld_p) * 2);
