@@ -36,7 +36,7 @@ class _Timed:
             self.calls.append(time.perf_counter() - t)
 
 
-def main(threads=None, quick=False, repeat=None):
+def main(threads=None, quick=False, dtype="float32", repeat=None):
     try:
         import torch
         import transformers
@@ -54,16 +54,19 @@ def main(threads=None, quick=False, repeat=None):
         torch.set_num_threads(threads)
     repeat = repeat or (2 if quick else 3)
     prompt_len, new_tokens, decode_prompt = (256, 8, 64) if quick else (2048, 32, 128)
+    if dtype != "float32" and not quick:
+        prompt_len = 4096  # the prefill length models in bfloat16 are measured at
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_config(transformers, quick),
                                                           attn_implementation="sdpa").eval()
+    model = model.to(getattr(torch, dtype))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"fastattn bench --transformers: transformers {transformers.__version__}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"cpu: {cpu_description()}")
     print(f"model: random Llama, {n_params / 1e6:.0f}M parameters, "
           f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads "
-          f"({model.config.num_key_value_heads} key/value), float32, batch 1")
+          f"({model.config.num_key_value_heads} key/value), {dtype}, batch 1")
 
     g = torch.Generator().manual_seed(1)
     long_ids = torch.randint(0, 32000, (1, prompt_len), generator=g)
@@ -92,7 +95,7 @@ def main(threads=None, quick=False, repeat=None):
                 samples[impl].append(time.perf_counter() - t)
         results[what] = {impl: statistics.median(s) for impl, s in samples.items()}
 
-    shares, per_call = {}, {}
+    shares, per_call, inside = {}, {}, {}
     for impl, fn in (("sdpa", AttentionInterface._global_mapping["sdpa"]),
                      ("fastattn", fa_tf.attention_forward)):
         timed = _Timed(fn)
@@ -105,6 +108,7 @@ def main(threads=None, quick=False, repeat=None):
             t = time.perf_counter()
             fn_run()
             shares[impl, what] = sum(timed.calls) / (time.perf_counter() - t)
+            inside[impl, what] = sum(timed.calls)
         # a layer's call in a decoding step, inside the model (its caches cold)
         per_call[impl] = statistics.median(timed.calls)
 
@@ -115,6 +119,9 @@ def main(threads=None, quick=False, repeat=None):
     print(f"| prefill {prompt_len} tokens | {p['sdpa']:.2f} s | {p['fastattn']:.2f} s | "
           f"{p['sdpa'] / p['fastattn']:.2f}x | {shares['sdpa', 'prefill']:.0%}, "
           f"{shares['fastattn', 'prefill']:.0%} |")
+    print(f"| attention inside the prefill | {inside['sdpa', 'prefill']:.2f} s | "
+          f"{inside['fastattn', 'prefill']:.2f} s | "
+          f"{inside['sdpa', 'prefill'] / inside['fastattn', 'prefill']:.2f}x | |")
     d = results["decode"]
     print(f"| decode {new_tokens} tokens after {decode_prompt} | "
           f"{new_tokens / d['sdpa']:.1f} tokens/s | {new_tokens / d['fastattn']:.1f} tokens/s | "

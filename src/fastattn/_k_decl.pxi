@@ -114,6 +114,8 @@ cdef extern from "fa_lowp.h" nogil:
     void fa_lp_pv(int engine, const uint16_t *pb, Py_ssize_t ld_p, Py_ssize_t rows_pad,
                   const uint16_t *vp, Py_ssize_t j0, Py_ssize_t n_keys, Py_ssize_t d_v,
                   float *o)
+    Py_ssize_t fa_lp_peak_flops(int engine)
+    float fa_lp_peak_loop(int engine, Py_ssize_t n_iter, float seed)
     void fa_lp_begin(int engine)
     void fa_lp_end(int engine)
 

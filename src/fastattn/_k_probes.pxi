@@ -19,6 +19,22 @@ def fma_loop(bint double, Py_ssize_t n_iter, int n_threads):
     return float(n_threads) * n_iter * fa_fma_flops_per_iter(sizeof(double) if double else sizeof(float))
 
 
+def engine_loop(Py_ssize_t n_iter, int n_threads):
+    """Run the policy's bfloat16 engine's peak loop (fa_lp_peak_loop) n_iter times on each
+    of n_threads threads; returns the floating-point operations done (0: no engine, or the
+    emulation, whose speed is no ceiling)."""
+    cdef int engine = _policy.engine, t
+    cdef double sink = 0
+    if engine != FA_ENGINE_DPBF16 and engine != FA_ENGINE_AMX:
+        return 0.0
+    with nogil:
+        for t in prange(n_threads, num_threads=n_threads, schedule='static', chunksize=1):
+            sink += fa_lp_peak_loop(engine, n_iter, <float> t)
+    if sink != sink:
+        return 0.0
+    return float(n_threads) * n_iter * fa_lp_peak_flops(engine)
+
+
 def read_sum(const floating[::1] x, int n_threads):
     """Sum x once, split in n_threads contiguous parts read in parallel (the bytes-read
     ceiling of the decode rows; x.shape[0] a multiple of read_sum_multiple())."""

@@ -514,6 +514,9 @@ def main(argv=None):
     parser.add_argument("--dask", action="store_true",
                         help="fastattn.dask on a LocalCluster of 2 workers against one "
                              "process (needs fastattn[dask])")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="bfloat16 or float16: attention on 16-bit inputs against fastattn "
+                             "float32 and torch on the same dtype (bfloat16 needs ml_dtypes)")
     parser.add_argument("--options", action="store_true",
                         help="what softcap and sinks cost over plain attention (fused and "
                              "decoding kernels)")
@@ -526,7 +529,20 @@ def main(argv=None):
         return _bench_dask.main(args.threads, args.quick)
     if args.transformers:
         from . import _bench_transformers
-        return _bench_transformers.main(args.threads, args.quick)
+        return _bench_transformers.main(args.threads, args.quick, args.dtype)
+    if args.dtype != "float32":
+        from . import _bench_lowp
+        cases = None
+        if args.cases:
+            wanted = {c.strip() for c in args.cases.split(",")}
+            table = _bench_lowp.QUICK_CASES if args.quick else _bench_lowp.CASES
+            unknown = wanted - {c[0] for c in table}
+            if unknown:
+                parser.error(f"unknown cases {sorted(unknown)}; choose from {[c[0] for c in table]}")
+            cases = [c for c in table if c[0] in wanted]
+        rows = _bench_lowp.main(args.dtype, args.threads, args.quick, min_time=args.min_time,
+                                gap=args.gap, cases=cases)
+        return 1 if rows == 1 else 0
     against = set(args.against or ["numpy"] + (["torch"] if _torch() is not None else []))
     against.add("numpy")
     if args.plot:

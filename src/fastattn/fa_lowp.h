@@ -396,9 +396,23 @@ static void fa_lp_pv_dp(const uint16_t *pb, ptrdiff_t ld_p, ptrdiff_t rows_pad,
         fa_lp_pv_band_dp(1, pb, ld_p, rows_pad, vp, c0, j0, n_keys, d_v, o);
 }
 
+/* The engine's peak: n_iter steps of 16 independent vdpbf16ps chains (each instruction 16
+ * lanes x 2 products, 64 FLOPs); returns a value that depends on every step. */
+static float fa_dpbf16_loop(ptrdiff_t n_iter, float seed)
+{
+    __m512 c[16];
+    for (int i = 0; i < 16; i++) c[i] = _mm512_set1_ps(seed * (float)i);
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = a;  /* 1.0 pairs */
+    for (ptrdiff_t n = 0; n < n_iter; n++)
+        for (int i = 0; i < 16; i++) c[i] = _mm512_dpbf16_ps(c[i], a, b);
+    __m512 sum = c[0];
+    for (int i = 1; i < 16; i++) sum = _mm512_add_ps(sum, c[i]);
+    return _mm512_reduce_add_ps(sum);
+}
 #pragma GCC pop_options
 #else
 #define FA_HAVE_DPBF16 0
+static float fa_dpbf16_loop(ptrdiff_t n_iter, float seed) { (void)n_iter; return seed; }
 static void fa_lp_scores_dp(const uint16_t *qb, ptrdiff_t rows_pad, ptrdiff_t d_pad,
                             const uint16_t *kp, ptrdiff_t n_cols, float scale, float *s,
                             ptrdiff_t ld)
@@ -436,6 +450,21 @@ static inline void fa_lp_pv(int engine, const uint16_t *pb, ptrdiff_t ld_p, ptrd
         fa_lp_pv_amx(pb, ld_p, rows_pad, vp, j0, n_keys, d_v, o);
     else
         fa_lp_pv_amx_emu(pb, ld_p, rows_pad, vp, j0, n_keys, d_v, o);
+}
+
+/* FLOPs of one step of the engine's peak loop (fa_lp_peak_loop). */
+static inline ptrdiff_t fa_lp_peak_flops(int engine)
+{
+    return engine == FA_ENGINE_DPBF16 ? 16 * 16 * 4 : engine == FA_ENGINE_AMX ? 4 * 16 * 16 * 32 * 2 : 0;
+}
+
+/* The engine's peak loop on this thread: n_iter steps of independent products (AVX512-BF16:
+ * 16 accumulator vectors; AMX: 4 accumulator tiles from 2 A and 2 B tiles). */
+static inline float fa_lp_peak_loop(int engine, ptrdiff_t n_iter, float seed)
+{
+    if (engine == FA_ENGINE_DPBF16) return fa_dpbf16_loop(n_iter, seed);
+    if (engine == FA_ENGINE_AMX) return fa_amx_loop(n_iter, seed);
+    return seed;
 }
 
 /* A thread's tiles for a work item (AMX: the tile configuration; nothing otherwise). */

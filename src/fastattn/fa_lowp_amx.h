@@ -93,11 +93,6 @@ static inline void fa_emu_dpbf16(int c, int a, int b)
 #define FA_TILE_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define FA_AMX_FN(name) name##amx
 #include "fa_lowp_amx_kernels.h"
-#undef FA_TILE_ZERO
-#undef FA_TILE_LOAD
-#undef FA_TILE_STORE
-#undef FA_TILE_DP
-#undef FA_AMX_FN
 
 static const unsigned char *fa_amx_config(void)
 {
@@ -112,6 +107,28 @@ static const unsigned char *fa_amx_config(void)
 }
 static inline void fa_amx_begin(void) { _tile_loadconfig(fa_amx_config()); }
 static inline void fa_amx_end(void) { _tile_release(); }
+
+static float fa_amx_loop(ptrdiff_t n_iter, float seed)
+{
+    static __thread unsigned char ab[4][16][64];
+    static __thread float c[16][16];
+    memset(ab, 0, sizeof ab);
+    fa_amx_begin();
+    FA_TILE_ZERO(0); FA_TILE_ZERO(1); FA_TILE_ZERO(2); FA_TILE_ZERO(3);
+    FA_TILE_LOAD(4, ab[0], 64); FA_TILE_LOAD(5, ab[1], 64);
+    FA_TILE_LOAD(6, ab[2], 64); FA_TILE_LOAD(7, ab[3], 64);
+    for (ptrdiff_t n = 0; n < n_iter; n++) {
+        FA_TILE_DP(0, 4, 6); FA_TILE_DP(1, 4, 7); FA_TILE_DP(2, 5, 6); FA_TILE_DP(3, 5, 7);
+    }
+    FA_TILE_STORE(0, c, 64);
+    fa_amx_end();
+    return c[0][0] + seed;
+}
+#undef FA_TILE_ZERO
+#undef FA_TILE_LOAD
+#undef FA_TILE_STORE
+#undef FA_TILE_DP
+#undef FA_AMX_FN
 #pragma GCC pop_options
 
 /* Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22) and the OS
@@ -146,6 +163,7 @@ static inline void fa_amx_begin(void) {}
 static inline void fa_amx_end(void) {}
 static inline int fa_cpu_amx_bf16(void) { return 0; }
 static inline int fa_amx_request(void) { return 0; }
+static inline float fa_amx_loop(ptrdiff_t n_iter, float seed) { (void)n_iter; return seed; }
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__AVX512F__)
 #include <cpuid.h>
 static inline int fa_cpu_avx512_bf16(void)
