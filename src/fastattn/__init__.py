@@ -7,8 +7,8 @@ that every kernel is checked against.
 
 from . import reference
 from ._version import __version__
-from .api import (attention, log_softmax, merge_attention, project, scores, self_attention,
-                  softmax)
+from .api import (attention, get_float32_precision, log_softmax, merge_attention, project,
+                  scores, self_attention, set_float32_precision, softmax)
 from .cache import KVCache
 from .layers import MultiHeadAttention
 
@@ -17,11 +17,13 @@ __all__ = [
     "MultiHeadAttention",
     "__version__",
     "attention",
+    "get_float32_precision",
     "log_softmax",
     "merge_attention",
     "project",
     "reference",
     "scores",
     "self_attention",
+    "set_float32_precision",
     "softmax",
 ]

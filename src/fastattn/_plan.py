@@ -416,6 +416,11 @@ def check_precision(precision):
     return precision
 
 
+def float32_precision():
+    """The module default of precision (set_float32_precision)."""
+    return _float32_precision
+
+
 def set_float32_precision(precision):
     """Set the default precision of float32 attention (see fastattn.set_float32_precision);
     returns the previous one."""

@@ -256,7 +256,7 @@ def _pack(result, weights, lse, return_weights, return_lse):
 
 
 def _compiled_route(cache, mask, out, causal, window, scale, softcap, return_weights,
-                    return_lse, num_threads):
+                    return_lse, num_threads, precision):
     """Whether a call may take the compiled path (small calls, and single queries, with
     default arguments; the compiled code checks the arrays and the sinks): only
     arguments the general path would take unchanged. A finite float scale is what
@@ -270,7 +270,8 @@ def _compiled_route(cache, mask, out, causal, window, scale, softcap, return_wei
                                      and softcap - softcap == 0))
             and return_weights is False and return_lse is False
             and (causal is False or causal is True)
-            and (num_threads is None or (type(num_threads) is int and num_threads >= 1)))
+            and (num_threads is None or (type(num_threads) is int and num_threads >= 1))
+            and (precision or _plan.float32_precision()) == "highest")
 
 
 def _lazy_route(cache, q, k, v, mask):
@@ -294,7 +295,7 @@ def _lazy_attention(q, k, v, mask, causal, window, scale, softcap, sinks, return
 
 def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=None,
               scale=None, softcap=None, sinks=None, return_weights=False, return_lse=False,
-              out=None, num_threads=None):
+              out=None, num_threads=None, precision=None):
     """Scaled dot-product attention, fused: ``softmax(scale q k^T + mask) v``.
 
     Parameters
@@ -342,6 +343,14 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
     num_threads : int, optional
         OpenMP threads; defaults to OpenMP's (``OMP_NUM_THREADS``). Results are bitwise
         identical for any value.
+    precision : {"highest", "bfloat16"}, optional
+        For float32 ``q``, ``k``, ``v`` only. ``"highest"`` (the default, unless
+        :func:`set_float32_precision` changed it): exact float32. ``"bfloat16"``: allows
+        the CPU's bfloat16 matrix engine (AMX, AVX512-BF16): q, k, v are rounded to
+        bfloat16 (8 bits of mantissa) as they are packed, and so are the weights for the
+        weights-times-values product; softmax and sums stay float32 and so does the
+        result. Where there is no engine the call runs exact. A permission, like
+        ``torch.set_float32_matmul_precision``: the error bounds are in the dtype guide.
 
     Returns
     -------
@@ -360,6 +369,13 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
     NaN or inf in the value of a key with weight 0 reaches the output is unspecified
     (0 * inf in the GEMM is NaN).
 
+    bfloat16 inputs (ml_dtypes) run on the CPU's matrix engine where it has one: the
+    products of bfloat16 values accumulate in float32, the weights are rounded to bfloat16
+    for the weights-times-values product (as FlashAttention and PyTorch do), softmax and
+    sums stay float32, and the result is rounded to bfloat16 once. Elsewhere (and for
+    float16) the inputs are widened to float32 as they are read, and the result equals
+    float32 attention on the same values, rounded once.
+
     With ``sinks``, ``p_ij = exp(s_ij - m_i) / (sum_j exp(s_ij - m_i) + exp(sink_i - m_i))``
     (``m_i`` now also covers the sink), and a fully masked query gets zeros and an lse
     equal to its sink. To split such a call over key sets and join the parts with
@@ -377,7 +393,7 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
     # The routes, in order: the compiled path (it returns None for what it does not
     # take), lazy dask arrays, one query vector, a cache, then the general path.
     if _compiled_route(cache, mask, out, causal, window, scale, softcap, return_weights,
-                       return_lse, num_threads):
+                       return_lse, num_threads, precision):
         result = _run.small_attention(q, k, v, causal, window, scale, softcap, sinks,
                                       num_threads)
         if result is not None:
@@ -395,7 +411,7 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
                         window=window, scale=scale, softcap=softcap, sinks=sinks,
                         return_weights=return_weights, return_lse=return_lse,
                         out=None if out is None else out[..., None, :],
-                        num_threads=num_threads)
+                        num_threads=num_threads, precision=precision)
         res = res if isinstance(res, tuple) else (res,)
         return _pack(res[0][..., 0, :] if out is None else out,
                      res[1][..., 0, :] if return_weights else None,
@@ -420,7 +436,7 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
                         "attention(q, k, v)")
     # v=None must be refused as a bad value (its dtype), not taken for scores()'s "no v".
     plan = _plan.plan_attention(q, k, v, mask, causal, scale, window, softcap, sinks,
-                                return_weights=return_weights)
+                                return_weights=return_weights, precision=precision)
     n_threads = check_threads(num_threads)
     return _pack(*_run.run_attention(plan, return_weights, out, n_threads),
                  return_weights, return_lse)
@@ -428,7 +444,8 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
 
 def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
                    causal=False, window=None, scale=None, softcap=None, sinks=None,
-                   return_weights=False, return_lse=False, out=None, num_threads=None):
+                   return_weights=False, return_lse=False, out=None, num_threads=None,
+                   precision=None):
     """Single-head self-attention from embeddings: project, then attend.
 
     Parameters
@@ -443,6 +460,9 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
     mask, causal, window, scale, softcap, sinks, return_weights, return_lse, out, num_threads
         As in :func:`attention` (one head: ``sinks`` is a scalar or broadcasts against
         ``x.shape[:-2]``).
+    precision : {"highest", "bfloat16"}, optional
+        As in :func:`attention`, for the attention of float32 projections (the
+        projections themselves stay exact).
 
     Returns
     -------
@@ -481,7 +501,7 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
             check_out(out, (v.shape[-1],), result_dtype, named)
             out = out[None]
     plan = _plan.plan_attention(q, k, v, mask, causal, scale, window, softcap, sinks,
-                                return_weights=return_weights)
+                                return_weights=return_weights, precision=precision)
     # The projections ran in the compute dtype; the result takes the dtype of x and the
     # weights, and out= may not overlap any of them.
     plan = plan._replace(result=result_dtype, named=plan.named + tuple(named))
@@ -493,6 +513,34 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, mask=None,
     if user_out is not None:
         result = user_out
     return _pack(result, weights, lse, return_weights, return_lse)
+
+
+def set_float32_precision(precision):
+    """Set the default ``precision`` of float32 attention for this process: ``"highest"``
+    (exact float32, the initial default) or ``"bfloat16"`` (the CPU's bfloat16 matrix
+    engine allowed; see :func:`attention`), as ``torch.set_float32_matmul_precision``
+    does for PyTorch. Calls that pass ``precision=`` are not affected.
+
+    Returns
+    -------
+    str
+        The previous default, for restoring it.
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> old = fastattn.set_float32_precision("bfloat16")
+    >>> fastattn.get_float32_precision()
+    'bfloat16'
+    >>> fastattn.set_float32_precision(old)
+    'bfloat16'
+    """
+    return _plan.set_float32_precision(precision)
+
+
+def get_float32_precision():
+    """The default ``precision`` of float32 attention (see :func:`set_float32_precision`)."""
+    return _plan.float32_precision()
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):

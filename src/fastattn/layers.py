@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from ._plan import check_precision
 from ._run import project_qkv
 from ._validation import (as_array, check_flag, check_sinks, check_softcap, dtypes, positive_int,
                           qkv_arguments)
@@ -31,6 +32,9 @@ class MultiHeadAttention:
     sinks : array_like, shape (num_heads,), optional
         One attention-sink logit per query head, as in :func:`fastattn.attention`
         (GPT-OSS).
+    precision : {"highest", "bfloat16"}, optional
+        Of the attention of float32 projections, as in :func:`fastattn.attention`
+        (default: :func:`fastattn.get_float32_precision` at each call).
 
     Notes
     -----
@@ -50,7 +54,8 @@ class MultiHeadAttention:
     """
 
     def __init__(self, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None,
-                 b_q=None, b_k=None, b_v=None, b_o=None, softcap=None, sinks=None):
+                 b_q=None, b_k=None, b_v=None, b_o=None, softcap=None, sinks=None,
+                 precision=None):
         names = ("w_q", "w_k", "w_v", "w_o")
         ws = [as_array(n, w) for n, w in zip(names, (w_q, w_k, w_v, w_o))]
         for n, w in zip(names, ws):
@@ -94,6 +99,7 @@ class MultiHeadAttention:
                                  f"got sinks.shape={sinks.shape}")
             check_sinks(sinks, (num_heads,), np.dtype(np.float64))
         self.sinks = sinks
+        self.precision = None if precision is None else check_precision(precision)
 
     @classmethod
     def from_torch_state_dict(cls, state_dict, num_heads):
@@ -246,7 +252,8 @@ class MultiHeadAttention:
             k = v = None  # attention reads them from the cache
         heads = attention(q, k, v, cache=cache, mask=mask, causal=causal, scale=scale,
                           softcap=self.softcap, sinks=self.sinks,
-                          return_weights=return_weights, num_threads=num_threads)
+                          return_weights=return_weights, num_threads=num_threads,
+                          precision=self.precision)
         heads, weights = heads if return_weights else (heads, None)
         if unbatched:
             heads = heads[0]
