@@ -37,12 +37,20 @@ CHILD = textwrap.dedent(r"""
         args = [rng.standard_normal((1, 8, 32768, 64), dtype=np.float32) for _ in range(3)]
         out = np.full((1, 8, 32768, 64), np.nan, np.float32)
         call = lambda: fastattn.attention(*args, out=out)
+    elif kind == "bfloat16":
+        # The same shape on the bfloat16 path (the matrix engine where there is one).
+        import ml_dtypes
+        bf16 = ml_dtypes.bfloat16
+        args = [rng.standard_normal((1, 8, 32768, 64), dtype=np.float32).astype(bf16)
+                for _ in range(3)]
+        out = np.full((1, 8, 32768, 64), np.nan, bf16)
+        call = lambda: fastattn.attention(*args, out=out)
     else:
         # 1.1 TFLOP, 768 MiB.
         args = [rng.standard_normal((8192, 8192), dtype=np.float32) for _ in range(2)]
         out = np.full((8192, 8192), np.nan, np.float32)
         call = lambda: fastattn.project(*args, out=out)
-    digest = lambda: [hashlib.sha256(a.data).hexdigest() for a in args]
+    digest = lambda: [hashlib.sha256(a.view(np.uint8).data).hexdigest() for a in args]
     before = digest()
     print("ready", flush=True)
     try:
@@ -51,7 +59,7 @@ CHILD = textwrap.dedent(r"""
     except KeyboardInterrupt:
         when = time.monotonic()
         assert digest() == before, "inputs changed"
-        left = int(np.isnan(out).sum())
+        left = int(np.isnan(out.astype(np.float32)).sum())
         # The library still works, exactly: the worked example of the tutorial.
         x = np.array([0.2, 0.7, 0.4])
         w_q = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]])
@@ -64,8 +72,10 @@ CHILD = textwrap.dedent(r"""
 
 
 @pytest.mark.timing
-@pytest.mark.parametrize("kind", ["attention", "project"])
+@pytest.mark.parametrize("kind", ["attention", "bfloat16", "project"])
 def test_sigint_interrupts_a_long_call(kind):
+    if kind == "bfloat16":
+        pytest.importorskip("ml_dtypes")
     env = dict(os.environ, OMP_NUM_THREADS="2")
     child = subprocess.Popen([sys.executable, "-c", CHILD, kind], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env)

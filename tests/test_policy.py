@@ -18,13 +18,13 @@ def test_set_policy_returns_the_old_values_and_refuses_bad_ones_changing_nothing
     before = kernels.policy()
     assert set(before) == {"q_block", "k_block", "min_q_block", "min_work_items",
                            "decode_chunk", "serial_flops", "blas_serial_mnk",
-                           "softmax_serial", "lanes_f", "lanes_d"}
+                           "softmax_serial", "lanes_f", "lanes_d", "engine"}
     with kernel_policy(q_block=64):
         assert kernels.policy() == dict(before, q_block=64)
     assert kernels.policy() == before
     for bad in ({"q_block": 0}, {"k_block": -3}, {"decode_chunk": 1.5},
                 {"lanes_f": 3}, {"serial_flops": -1.0}, {"blas_serial_mnk": float("nan")},
-                {"no_such_value": 1}, {"q_block": 128, "lanes_d": 5}):
+                {"no_such_value": 1}, {"q_block": 128, "lanes_d": 5}, {"engine": -1}):
         with pytest.raises(ValueError, match="set_policy"):
             kernels.set_policy(**bad)
         assert kernels.policy() == before, bad

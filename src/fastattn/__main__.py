@@ -28,6 +28,11 @@ def info():
     print(f"debug checks: {'on' if b['debug_checks'] else 'off'}")
     print(f"OpenMP: {'on' if b['openmp'] else 'off'}, default threads {b['max_threads']}")
     print(_plan.tile_summary())
+    engines = _kernels.engines()
+    print(f"bfloat16 engine: {_plan.ENGINE} (FASTATTN_ENGINE="
+          f"{os.environ.get('FASTATTN_ENGINE', '')!r}); "
+          + "; ".join(f"{name}: {why}" for name, why in engines.items()))
+    print(f"float32 precision default: {_plan.float32_precision()}")
     print(f"tuning file: {_tuning.path() or 'none (FASTATTN_TUNING is off)'}")
     print(f"python {platform.python_version()} on {platform.machine()}, NumPy {np.__version__}")
     try:

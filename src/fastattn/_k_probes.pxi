@@ -74,3 +74,25 @@ def exp(const floating[::1] x, floating[::1] out):
     with nogil:
         for i in range(x.shape[0]):
             out[i] = _exp(x[i])
+
+
+# --------------------------------------------------------------------------- 16-bit numbers
+
+def narrow16(const float[::1] x, str kind):
+    """x rounded to bfloat16 or float16 ("bfloat16"/"float16") by the kernels' own
+    conversion (fa_lp_narrow), as uint16 bits: for the tests."""
+    result = _np.empty(x.shape[0], _np.uint16)
+    cdef uint16_t[::1] r = result
+    if x.shape[0]:
+        fa_lp_narrow(&x[0], x.shape[0], _SRC_KINDS[kind], &r[0])
+    return result
+
+
+def widen16(const uint16_t[::1] bits, str kind):
+    """The bits of bfloat16 or float16 numbers as float32, by the kernels' own conversion
+    (fa_lp_widen_scaled with scale 1): for the tests."""
+    result = _np.empty(bits.shape[0], _np.float32)
+    cdef float[::1] r = result
+    if bits.shape[0]:
+        fa_lp_widen_scaled(&bits[0], _SRC_KINDS[kind], bits.shape[0], 1.0, &r[0])
+    return result

@@ -62,11 +62,36 @@ def attention(
     w_stop: int = -1,                   # Py_ssize_t: past the last work item (-1: all)
     scratch: Optional[np.ndarray] = None,  # object: None or attention_scratch(...)
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
+def attention_lowp(
+    kind: str,                          # str: "bfloat16", "float16", or "float32" allowed
+                                        #   bfloat16 products (_plan's AttentionPlan.lowp)
+    q: npt.NDArray[np.uint8],           # const unsigned char[:, :, ::1] (n_q_stored, L_q, D bytes)
+    k: npt.NDArray[np.uint8],           # const unsigned char[:, :, ::1] (n_kv_stored, L_k, D bytes)
+    v: npt.NDArray[np.uint8],           # const unsigned char[:, :, ::1] (n_kv_stored, L_k, D_v bytes)
+    mask: Optional[np.ndarray],         # object: None, uint8 or float32 (n_masks, L_q, L_k)
+    mask_kind: int,                     # int
+    index: npt.NDArray[np.intp],        # const Py_ssize_t[:, ::1]   (3, n_batch)
+    causal: bool,                       # bint
+    window: int,                        # Py_ssize_t
+    scale: float,                       # double
+    softcap: float,                     # double
+    sinks: Optional[np.ndarray],        # object: None or const float[::1] (n_batch,)
+    out_kind: str,                      # str: "float32", "bfloat16" or "float16"
+    out: npt.NDArray[np.uint8],         # unsigned char[:, :, ::1]   (n_batch, L_q, D_v bytes)
+    lse: npt.NDArray[np.float32],       # float[:, ::1]              (n_batch, L_q)
+    q_block: int,                       # Py_ssize_t
+    k_block: int,                       # Py_ssize_t
+    n_threads: int,                     # int
+    w_start: int = 0,                   # Py_ssize_t
+    w_stop: int = -1,                   # Py_ssize_t
+    scratch: Optional[np.ndarray] = None,  # object: None or attention_scratch(..., lowp_kind)
+) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def attention_scratch(
     n_keys: int, d_head: int, d_v: int, q_block: int, k_block: int,  # Py_ssize_t
     microkernels: bool,                 # bint
     itemsize: int,                      # Py_ssize_t: 4 or 8
     n_threads: int,                     # int
+    lowp_kind: Optional[str] = None,    # str: attention_lowp's kind (itemsize 4 then)
 ) -> npt.NDArray[np.uint8]: ...
 def decode(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)
@@ -104,6 +129,9 @@ def tiles(
     itemsize: int,                      # Py_ssize_t: 4 or 8
 ) -> tuple[int, int]: ...  # (query rows, keys) per tile
 def use_microkernels(itemsize: int, d_head: int, d_v: int) -> bool: ...
+def lowp_mode(kind: str, d_head: int, d_v: int) -> Optional[str]: ...  # "engine", "widen", None
+ENGINES: tuple[str, ...]  # the bfloat16 engines, by their number in the policy's engine
+def engines() -> dict[str, str]: ...  # {engine: "ok" or why it cannot run here}
 def blas_would_thread(m: float, n: float, k: float) -> bool: ...
 def team(n_threads: int, flops: float, n_work: int) -> int: ...
 def softmax_threads(n_elements: int, n_threads: int) -> int: ...
@@ -114,6 +142,7 @@ def sinks_valid(sinks: npt.NDArray[np.floating]) -> bool: ...  # const floating[
 def decode_eligible(n_queries: int, mask_kind: int, window: int, q_broadcast: bool,
                     d_head: int, d_v: int, return_weights: bool) -> bool: ...
 def fma_loop(double: bool, n_iter: int, n_threads: int) -> float: ...  # flops done
+def engine_loop(n_iter: int, n_threads: int) -> float: ...  # flops done (0: no engine)
 def read_sum(
     x: npt.NDArray[np.floating],        # const floating[::1]
     n_threads: int,                     # int
@@ -127,3 +156,11 @@ def tanh(
     x: npt.NDArray[np.floating],        # const floating[::1]
     out: npt.NDArray[np.floating],      # floating[::1]
 ) -> None: ...
+def narrow16(
+    x: npt.NDArray[np.float32],         # const float[::1]
+    kind: str,                          # str: "bfloat16" or "float16"
+) -> npt.NDArray[np.uint16]: ...
+def widen16(
+    bits: npt.NDArray[np.uint16],       # const uint16_t[::1]
+    kind: str,                          # str: "bfloat16" or "float16"
+) -> npt.NDArray[np.float32]: ...
