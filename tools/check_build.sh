@@ -20,9 +20,10 @@ trap '/bin/rm -rf "$work"' EXIT
 python3 -m venv "$work/venv"
 . "$work/venv/bin/activate"
 python -m pip install --quiet --upgrade pip
-# The runtime and test requirements, and the build requirements of pyproject.toml.
+# The runtime and test requirements (with ml_dtypes, so that the bfloat16 paths run), and
+# the build requirements of pyproject.toml.
 python -m pip install --quiet "numpy>=1.25" "scipy>=1.11" "threadpoolctl>=3.1" \
-    "pytest>=7" "hypothesis>=6.80" "setuptools>=77" "Cython>=3.0,<3.4"
+    "pytest>=7" "hypothesis>=6.80" "setuptools>=77" "Cython>=3.0,<3.4" "ml_dtypes>=0.4"
 cp -r "$root/src" "$root/tests" "$root/setup.py" "$root/pyproject.toml" "$root/README.md" "$work/"
 cd "$work"
 find src -name '*.so' -delete
