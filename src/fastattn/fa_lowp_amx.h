@@ -94,18 +94,14 @@ static inline void fa_emu_dpbf16(int c, int a, int b)
 #define FA_AMX_FN(name) name##amx
 #include "fa_lowp_amx_kernels.h"
 
-static const unsigned char *fa_amx_config(void)
-{
-    /* palette 1; bytes 16-47 the bytes per row of tiles 0-15, 48-63 their rows */
-    static unsigned char cfg[64];
-    cfg[0] = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg[16 + 2 * t] = 64;
-        cfg[48 + t] = 16;
-    }
-    return cfg;
-}
-static inline void fa_amx_begin(void) { _tile_loadconfig(fa_amx_config()); }
+/* Palette 1; bytes 16-47 the bytes per row of tiles 0-15 (little-endian 16-bit), 48-63
+ * their rows: tiles 0-7 of 16 rows x 64 bytes. Constant, so threads only read it. */
+static const unsigned char fa_amx_cfg[64] = {
+    [0] = 1,
+    [16] = 64, [18] = 64, [20] = 64, [22] = 64, [24] = 64, [26] = 64, [28] = 64, [30] = 64,
+    [48] = 16, [49] = 16, [50] = 16, [51] = 16, [52] = 16, [53] = 16, [54] = 16, [55] = 16,
+};
+static inline void fa_amx_begin(void) { _tile_loadconfig(fa_amx_cfg); }
 static inline void fa_amx_end(void) { _tile_release(); }
 
 static float fa_amx_loop(ptrdiff_t n_iter, float seed)
