@@ -203,6 +203,21 @@ def test_float16_widens_and_keeps_its_own_rounding():
     assert _plan.plan_attention(q, k, v, None, True, None).lowp in (None, "float16")
 
 
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=str)
+def test_decoding_reads_16_bit_keys_in_place_bitwise_the_float32_step(dtype, monkeypatch):
+    q = rand((2, 8, 1, 64), 0, np.float32)
+    k, v = rand((2, 2, 700, 64), 1, dtype), rand((2, 2, 700, 64), 2, dtype)
+    widened = [a.astype(np.float32) for a in (k, v)]
+    want = fastattn.attention(q, *widened, softcap=5.0)
+    seen = []
+    real = kernels.decode
+    monkeypatch.setattr(_run._kernels, "decode",
+                        lambda q3, k3, v3, *rest: seen.append(k3) or real(q3, k3, v3, *rest))
+    got = fastattn.attention(q, k, v, softcap=5.0)
+    assert np.array_equal(got, want)
+    assert seen and seen[0].itemsize == 2 and np.shares_memory(seen[0], k)  # no copy
+
+
 # --------------------------------------------------------------------------- conversions
 
 def test_the_kernels_16_bit_conversions_match_numpy_and_ml_dtypes():

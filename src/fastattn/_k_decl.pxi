@@ -3,8 +3,8 @@
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
-from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_STRIDES, PyBUF_WRITABLE, PyBuffer_Release,
-                            PyObject_GetBuffer)
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_STRIDES, PyBUF_WRITABLE,
+                            PyBuffer_Release, PyObject_GetBuffer)
 from libc.math cimport log, sqrt, INFINITY
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -47,6 +47,10 @@ cdef extern from "fa_decode.h" nogil:
                            const double *v, Py_ssize_t d_v, Py_ssize_t n_keys, double scale,
                            double softcap, double *m, double *l, double *o, double *s)
     void fa_decode_chunk_bf(const float *q, Py_ssize_t n_rows, Py_ssize_t d,
+                            const uint16_t *k, const uint16_t *v, Py_ssize_t d_v,
+                            Py_ssize_t n_keys, float scale, float softcap, float *m,
+                            double *l, float *o, float *s)
+    void fa_decode_chunk_hf(const float *q, Py_ssize_t n_rows, Py_ssize_t d,
                             const uint16_t *k, const uint16_t *v, Py_ssize_t d_v,
                             Py_ssize_t n_keys, float scale, float softcap, float *m,
                             double *l, float *o, float *s)

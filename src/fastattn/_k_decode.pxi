@@ -6,14 +6,15 @@
 # _decode_call (the small-call path and a cache's plain step), so every route computes
 # bitwise the same result.
 
-cdef int _decode_run(const floating *q, const void *k, const void *v, bint kv_bf16,
+cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kind,
                      Py_ssize_t k_item, Py_ssize_t v_item, const Py_ssize_t *kv_index,
                      Py_ssize_t n_groups, Py_ssize_t n_rows, Py_ssize_t d, Py_ssize_t n_keys,
                      Py_ssize_t d_v, double scale, double softcap, const floating *sink_base,
                      floating *out, floating *lse, int n_threads) noexcept nogil:
     """out[g] = softmax(scale q[g] k[kv_index[g]].T) v[kv_index[g]] for the n_rows single
-    queries of each group g, on raw pointers (see decode); k and v hold floating, or
-    bfloat16 (kv_bf16, floating = float); k_item, v_item: elements between kv heads.
+    queries of each group g, on raw pointers (see decode); k and v hold floating (kv_kind
+    0), or bfloat16 or float16 bits (FA_SRC_BF16, FA_SRC_F16; floating = float); k_item,
+    v_item: elements between kv heads.
     Returns the team that ran, or -1 when the scratch cannot be allocated."""
     cdef Py_ssize_t chunk = _policy.decode_chunk
     cdef Py_ssize_t n_chunks = _decode_chunks(n_keys)
@@ -45,8 +46,14 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, bint kv_bf
             k_at = kv_index[grp] * k_item + k0 * d
             v_at = kv_index[grp] * v_item + k0 * d_v
             if floating is float:
-                if kv_bf16:
+                if kv_kind == FA_SRC_BF16:
                     fa_decode_chunk_bf(q + grp * n_rows * d, n_rows, d,
+                                       <const uint16_t*> k + k_at, <const uint16_t*> v + v_at,
+                                       d_v, min(chunk, n_keys - k0), <float> scale,
+                                       <float> softcap, parts + w * part, l_parts + w * n_rows,
+                                       parts + w * part + n_rows, s_all + threadid() * s_size)
+                elif kv_kind == FA_SRC_F16:
+                    fa_decode_chunk_hf(q + grp * n_rows * d, n_rows, d,
                                        <const uint16_t*> k + k_at, <const uint16_t*> v + v_at,
                                        d_v, min(chunk, n_keys - k0), <float> scale,
                                        <float> softcap, parts + w * part, l_parts + w * n_rows,
@@ -93,8 +100,8 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
     q is (n_groups, G, D): the G query heads that share one key/value head, each with one
     query; k, v are (n_kv, L_k, D) and (n_kv, L_k, D_v) with contiguous rows (the caller
     checks) and any stride between kv heads (a cache's storage is read in place), in q's
-    dtype, or for float32 q both bfloat16 given as their bits (uint16), widened as they
-    are read (bitwise the result on the widened arrays). The keys are split in chunks of
+    dtype, or for float32 q both float16 or both bfloat16 given as their bits (uint16),
+    widened as they are read (bitwise the result on the widened arrays). The keys are split in chunks of
     the policy's decode_chunk (fixed, not the thread count); the work items (group, chunk)
     run on the team of _team, and their partial states are merged per group in chunk
     order, so results are bitwise thread-invariant. Returns the number of threads that
@@ -103,20 +110,20 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
     cdef const floating[:, ::1] sink_view
     cdef const floating *sink_base = NULL
     cdef Py_buffer kb, vb
-    cdef int team
-    cdef bint bf16
+    cdef int team, kind = 0
     if sinks is not None:
         sink_view = sinks
         sink_base = &sink_view[0, 0]
-    PyObject_GetBuffer(k, &kb, PyBUF_STRIDES)
+    PyObject_GetBuffer(k, &kb, PyBUF_STRIDES | PyBUF_FORMAT)
     try:
-        PyObject_GetBuffer(v, &vb, PyBUF_STRIDES)
+        PyObject_GetBuffer(v, &vb, PyBUF_STRIDES | PyBUF_FORMAT)
     except BaseException:
         PyBuffer_Release(&kb)
         raise
-    bf16 = kb.itemsize == 2
+    if kb.itemsize == 2:  # float16 ("e"), else the bits of bfloat16 (uint16)
+        kind = FA_SRC_F16 if kb.format != NULL and kb.format[0] == b'e' else FA_SRC_BF16
     with nogil:
-        team = _decode_run(&q[0, 0, 0], kb.buf, vb.buf, bf16, kb.strides[0] // kb.itemsize,
+        team = _decode_run(&q[0, 0, 0], kb.buf, vb.buf, kind, kb.strides[0] // kb.itemsize,
                            vb.strides[0] // vb.itemsize, &kv_index[0], q.shape[0], q.shape[1],
                            q.shape[2], kb.shape[1], vb.shape[2], scale, softcap, sink_base,
                            &out[0, 0, 0], &lse[0, 0], n_threads)
@@ -154,12 +161,12 @@ cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const vo
         index[g] = g
     with nogil:
         if single:
-            team = _decode_run(<const float*> q_buf, k_buf, v_buf, False, k_item, v_item,
+            team = _decode_run(<const float*> q_buf, k_buf, v_buf, 0, k_item, v_item,
                                index, n_groups, group, d_head, n_keys, d_v,
                                scale, softcap, <const float*> sinks,
                                <float*> ob.buf, <float*> lse, n_threads)
         else:
-            team = _decode_run(<const double*> q_buf, k_buf, v_buf, False, k_item, v_item,
+            team = _decode_run(<const double*> q_buf, k_buf, v_buf, 0, k_item, v_item,
                                index, n_groups, group, d_head, n_keys, d_v,
                                scale, softcap, <const double*> sinks,
                                <double*> ob.buf, <double*> lse, n_threads)

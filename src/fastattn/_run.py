@@ -378,7 +378,7 @@ def _fused(plan, return_weights, target, lse, n_threads):
 def _writes_result(plan):
     """Whether the fused kernel writes a 16-bit result dtype itself (attention_lowp)."""
     return (plan.lowp is not None and plan.route == _plan.Route.FUSED and plan.layout.d_v > 0
-            and (plan.result == np.float16 or is_bfloat16(plan.result)))
+            and _sixteen_bit(plan.result))
 
 
 def _fused_lowp(plan, return_weights, target, lse, n_threads):
@@ -438,8 +438,9 @@ def _decode_plan(plan, target, lse, n_threads):
     group = lay.decode_group
     n_groups = lay.n_batch // group
     q3 = contiguous(plan.q, compute).reshape(n_groups, group, lay.d_head)
-    # bfloat16 keys and values stay bfloat16: the kernel widens them as it reads them.
-    stored = plan.k.dtype if (is_bfloat16(plan.k.dtype) and is_bfloat16(plan.v.dtype)
+    # bfloat16 and float16 keys and values stay as they are: the kernel widens them as it
+    # reads them.
+    stored = plan.k.dtype if (_sixteen_bit(plan.k.dtype) and plan.v.dtype == plan.k.dtype
                               and compute == np.float32) else compute
     k3 = _kv_items(plan.k, lay, lay.d_head, stored)
     v3 = _kv_items(plan.v, lay, lay.d_v, stored)
@@ -448,9 +449,14 @@ def _decode_plan(plan, target, lse, n_threads):
                target.reshape(n_groups, group, lay.d_v), lse.reshape(n_groups, group), n_threads)
 
 
+def _sixteen_bit(dtype):
+    """Whether the kernels read arrays of this dtype as they are: bfloat16 or float16."""
+    return dtype == np.float16 or is_bfloat16(dtype)
+
+
 def run_decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads):
     """The decoding kernel on prepared arrays: q3 (n_groups, G, D), k3/v3 (n_kv, L_k,
-    D or D_v; in q3's dtype, or both bfloat16 for float32 q3), sinks None or (n_groups,
+    D or D_v; in q3's dtype, or both bfloat16 or both float16 for float32 q3), sinks None or (n_groups,
     G), out3 (n_groups, G, D_v), lse2 (n_groups, G); the kernel picks its team."""
     if is_bfloat16(k3.dtype):
         k3, v3 = k3.view(np.uint16), v3.view(np.uint16)  # the kernel widens the bits

@@ -34,7 +34,8 @@ static inline int fa_cpu_signature(char vendor[13], int *family, int *model, int
 static inline int fa_cpu_has_avx2_fma(void)
 {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+        && __builtin_cpu_supports("f16c");
 }
 static inline int fa_cpu_has_avx512(void)
 {

@@ -19,6 +19,7 @@
 #ifndef FASTATTN_DECODE_H
 #define FASTATTN_DECODE_H
 
+#include "fa_convert.h"
 #include "fa_exp.h"
 
 /* Keys per block: each block reads its keys, then its values. Blocks of 256 rather than 64
@@ -241,19 +242,23 @@ static inline void fa_decode_merge_##SUFFIX(const T *parts, const double *l_part
 FA_DEFINE_DECODE(float, int32_t, f, fa_expf, float, FA_LOADV_f, FA_LOAD1_NATIVE, f)
 FA_DEFINE_DECODE(double, int64_t, d, fa_exp, double, FA_LOADV_d, FA_LOAD1_NATIVE, d)
 
-/* bfloat16 keys and values (the top 16 bits of a float32), read in place and widened
- * exactly as they are loaded: the arithmetic is the float32 kernel's, so the result is
- * bitwise that of the float32 kernel on the widened arrays. */
+/* bfloat16 and float16 keys and values, read in place and widened exactly as they are
+ * loaded (fa_convert.h): the arithmetic is the float32 kernel's, so the result is bitwise
+ * that of the float32 kernel on the widened arrays. */
 typedef uint16_t fa_vh_bf __attribute__((vector_size(FA_VBYTES / 2), aligned(2)));
 typedef uint32_t fa_vw_bf __attribute__((vector_size(FA_VBYTES)));
-static inline float fa_bf16_to_f(uint16_t x)
-{
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 #define FA_LOADV_bf(p) ((fa_vec_bf)(__builtin_convertvector(*(const fa_vh_bf *)(p), fa_vw_bf) << 16))
-FA_DEFINE_DECODE(float, int32_t, bf, fa_expf, uint16_t, FA_LOADV_bf, fa_bf16_to_f, f)
+FA_DEFINE_DECODE(float, int32_t, bf, fa_expf, uint16_t, FA_LOADV_bf, fa_bf16_to_f32, f)
+
+/* float16: a vector of lanes converted one by one, which GCC turns into vcvtph2ps where the
+ * build has F16C. */
+static inline __attribute__((always_inline)) fa_vec_bf fa_loadv_hf(const uint16_t *p)
+{
+    fa_vec_bf x;
+    for (int i = 0; i < FA_N_bf; i++) x[i] = fa_f16_to_f32(p[i]);
+    return x;
+}
+#define FA_LOADV_hf(p) fa_loadv_hf(p)
+FA_DEFINE_DECODE(float, int32_t, hf, fa_expf, uint16_t, FA_LOADV_hf, fa_f16_to_f32, f)
 
 #endif

@@ -36,9 +36,9 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#include <math.h>
 #include <string.h>
 
+#include "fa_convert.h"
 #include "fa_microkernels.h"
 #include "fa_simd.h"
 
@@ -54,58 +54,6 @@ enum { FA_ENGINE_NONE = 0, FA_ENGINE_DPBF16 = 1, FA_ENGINE_AMX = 2, FA_ENGINE_AM
 #define FA_LP_BAND 64    /* columns per band of the values' layout */
 
 /* --------------------------------------------------------------------------- elements */
-
-static inline float fa_bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Round to nearest even, as vcvtne2ps2bf16 and torch do; NaN stays a (quiet) NaN. */
-static inline uint16_t fa_f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-/* Round to nearest even float16; overflow to inf, NaN stays a (quiet) NaN. */
-static inline uint16_t fa_f32_to_f16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
-    const uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return sign | 0x7e00u;
-    if (a >= 0x477ff000u) return sign | 0x7c00u;  /* >= 65520: rounds to inf */
-    if (a < 0x38800000u) {  /* below 2^-14: a subnormal (or zero) float16, m 2^-24 */
-        float x;
-        memcpy(&x, &a, 4);
-        return sign | (uint16_t)lrintf(x * 16777216.0f);  /* exact scaling, then RNE */
-    }
-    uint32_t h = a - (112u << 23);
-    return sign | (uint16_t)((h + 0xfffu + ((h >> 13) & 1u)) >> 13);
-}
-
-static inline float fa_f16_to_f32(uint16_t h)
-{
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    uint32_t u;
-    float f;
-    if (e == 0x1f) {
-        u = sign | 0x7f800000u | (m << 13);
-    } else if (e == 0) {  /* zero or subnormal: m 2^-24, exact in float32 */
-        f = (float)m * 5.9604644775390625e-08f;
-        return sign ? -f : f;
-    } else {
-        u = sign | ((e + 112u) << 23) | (m << 13);
-    }
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* Element i of src (of kind FA_SRC_*) as float32, and as bfloat16 bits. */
 static inline __attribute__((always_inline)) float fa_lp_widen(const void *src, ptrdiff_t i,
@@ -129,37 +77,54 @@ static inline __attribute__((always_inline)) uint16_t fa_lp_bits(const void *src
  * 16-bit sources. Loops over one kind each, so that the conversion is not re-decided per
  * element. */
 
+/* dst[i] = src[i] scale (src: n bfloat16 or float16 bits, of kind), one loop per kind so
+ * that each vectorises. */
 static inline void fa_lp_widen_scaled(const void *src, int kind, ptrdiff_t n, float scale,
                                       float *dst)
 {
+    const uint16_t *h = (const uint16_t *)src;
     if (kind == FA_SRC_BF16)
-        for (ptrdiff_t i = 0; i < n; i++) dst[i] = fa_lp_widen(src, i, FA_SRC_BF16) * scale;
+        for (ptrdiff_t i = 0; i < n; i++) dst[i] = fa_bf16_to_f32(h[i]) * scale;
     else
-        for (ptrdiff_t i = 0; i < n; i++) dst[i] = fa_lp_widen(src, i, FA_SRC_F16) * scale;
+        for (ptrdiff_t i = 0; i < n; i++) dst[i] = fa_f16_to_f32(h[i]) * scale;
 }
 
+#if FA_MICROKERNELS
+/* kp = keys [0, rows) of k (rows x d, 16-bit of kind) in fa_pack_keys_f's panels of kr
+ * keys, zero keys up to n_cols: each run of 8 keys widened into a buffer (rows are
+ * contiguous, so one vectorised run), then moved by the float 8 x 8 register transpose
+ * as fa_pack_keys_f moves float32 keys. */
 static inline void fa_lp_pack_keys_widen(const void *k, int kind, ptrdiff_t rows, ptrdiff_t d,
                                          float *kp, ptrdiff_t n_cols, ptrdiff_t kr)
 {
+    enum { TB = FA_TRANSPOSE_f, MAXD = 512 };
+    float tmp[TB * MAXD];
     for (ptrdiff_t j0 = 0; j0 < n_cols; j0 += kr) {
         float *panel = kp + j0 * d;
         const ptrdiff_t nb = rows - j0 < kr ? (rows - j0 > 0 ? rows - j0 : 0) : kr;
-        for (ptrdiff_t jj = 0; jj < nb; jj++) {
-            const ptrdiff_t row = (j0 + jj) * d;
-            if (kind == FA_SRC_BF16)
-                for (ptrdiff_t t = 0; t < d; t++)
-                    panel[t * kr + jj] = fa_lp_widen(k, row + t, FA_SRC_BF16);
-            else
-                for (ptrdiff_t t = 0; t < d; t++)
-                    panel[t * kr + jj] = fa_lp_widen(k, row + t, FA_SRC_F16);
-        }
+        ptrdiff_t jj0 = 0;
+        if (d % TB == 0 && d <= MAXD)
+            for (; jj0 + TB <= nb; jj0 += TB) {
+                fa_lp_widen_scaled((const uint16_t *)k + (j0 + jj0) * d, kind, TB * d, 1.0f, tmp);
+                for (ptrdiff_t t = 0; t < d; t += TB)
+                    fa_transpose_block_f(tmp + t, d, panel + t * kr + jj0, kr);
+            }
+        for (ptrdiff_t jj = jj0; jj < nb; jj++)
+            for (ptrdiff_t t = 0; t < d; t++)
+                panel[t * kr + jj] = fa_lp_widen(k, (j0 + jj) * d + t, kind);
         for (ptrdiff_t t = 0; t < d; t++)
             for (ptrdiff_t jj = nb; jj < kr; jj++) panel[t * kr + jj] = 0;
     }
 }
+#else
+static inline void fa_lp_pack_keys_widen(const void *k, int kind, ptrdiff_t rows, ptrdiff_t d,
+                                         float *kp, ptrdiff_t n_cols, ptrdiff_t kr)
+{ (void)k; (void)kind; (void)rows; (void)d; (void)kp; (void)n_cols; (void)kr; }
+#endif
 
-/* The float chunk layout of fa_pack_values_f: chunks of ch keys, bands of bw columns (then
- * of w for the columns left). */
+/* The float chunk layout of fa_pack_values_f (chunks of ch keys, bands of bw columns, then
+ * of w for the columns left) from 16-bit values of kind: each band's run of a row widened
+ * in place, one vectorised run. */
 static inline void fa_lp_pack_values_widen(const void *v, int kind, ptrdiff_t n_keys,
                                            ptrdiff_t d_v, float *vp, ptrdiff_t c_lo,
                                            ptrdiff_t c_hi, ptrdiff_t ch, ptrdiff_t bw,
@@ -169,14 +134,14 @@ static inline void fa_lp_pack_values_widen(const void *v, int kind, ptrdiff_t n_
     const ptrdiff_t j_end = n_keys < c_hi * ch ? n_keys : c_hi * ch;
     for (ptrdiff_t j = c_lo * ch; j < j_end; j++) {
         float *chunk = vp + (j / ch - c_lo) * ch * d_v;
-        const ptrdiff_t jj = j % ch, row = j * d_v;
-        for (ptrdiff_t c = 0; c < d_v; c++) {
-            const ptrdiff_t at = c < full ? (c / bw) * bw * ch + jj * bw + c % bw
-                                          : full * ch + ((c - full) / w) * w * ch + jj * w
-                                                + (c - full) % w;
-            chunk[at] = kind == FA_SRC_BF16 ? fa_lp_widen(v, row + c, FA_SRC_BF16)
-                                            : fa_lp_widen(v, row + c, FA_SRC_F16);
-        }
+        const uint16_t *row = (const uint16_t *)v + j * d_v;
+        const ptrdiff_t jj = j % ch;
+        ptrdiff_t c0 = 0;
+        for (; c0 < full; c0 += bw)
+            fa_lp_widen_scaled(row + c0, kind, bw, 1.0f, chunk + c0 * ch + jj * bw);
+        for (; c0 < d_v; c0 += w)
+            fa_lp_widen_scaled(row + c0, kind, d_v - c0 < w ? d_v - c0 : w, 1.0f,
+                               chunk + c0 * ch + jj * w);
     }
 }
 

@@ -1,0 +1,79 @@
+/* 16-bit floating-point numbers to and from float32, one element at a time, written so
+ * that GCC vectorises loops over them: bfloat16 (the top half of a float32) and IEEE
+ * float16 (through the compiler's _Float16 where it has one: F16C's vcvtph2ps/vcvtps2ph in
+ * the AVX2 and AVX-512 builds; else exact software). Rounding is to nearest even; NaN
+ * stays a (quiet) NaN; float16 overflows to inf. Shared by the decoding kernel
+ * (fa_decode.h) and the fused kernel's 16-bit tiles (fa_lowp.h). */
+#ifndef FASTATTN_CONVERT_H
+#define FASTATTN_CONVERT_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float fa_bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t fa_f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__aarch64__))
+static inline float fa_f16_to_f32(uint16_t h)
+{
+    _Float16 x;
+    memcpy(&x, &h, 2);
+    return (float)x;
+}
+static inline uint16_t fa_f32_to_f16(float f)
+{
+    _Float16 x = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &x, 2);
+    return h;
+}
+#else
+static inline float fa_f16_to_f32(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t u;
+    float f;
+    if (e == 0x1f) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else if (e == 0) {  /* zero or subnormal: m 2^-24, exact in float32 */
+        f = (float)m * 5.9604644775390625e-08f;
+        return sign ? -f : f;
+    } else {
+        u = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint16_t fa_f32_to_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;
+    if (a >= 0x477ff000u) return sign | 0x7c00u;  /* >= 65520: rounds to inf */
+    if (a < 0x38800000u) {  /* below 2^-14: a subnormal (or zero) float16, m 2^-24 */
+        float x;
+        memcpy(&x, &a, 4);
+        return sign | (uint16_t)lrintf(x * 16777216.0f);  /* exact scaling, then RNE */
+    }
+    uint32_t h = a - (112u << 23);
+    return sign | (uint16_t)((h + 0xfffu + ((h >> 13) & 1u)) >> 13);
+}
+#endif
+
+#endif
