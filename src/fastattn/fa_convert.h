@@ -8,6 +8,7 @@
 #define FASTATTN_CONVERT_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -75,5 +76,28 @@ static inline uint16_t fa_f32_to_f16(float f)
     return sign | (uint16_t)((h + 0xfffu + ((h >> 13) & 1u)) >> 13);
 }
 #endif
+
+/* dst[i] = src[i] scale for n float16 numbers: whole vectors through F16C (GCC 12 does not
+ * vectorise the _Float16 conversion of a loop itself), the rest one by one. */
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+static inline void fa_f16_run_to_f32(const uint16_t *src, ptrdiff_t n, float scale, float *dst)
+{
+    ptrdiff_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 s16 = _mm512_set1_ps(scale);
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))), s16));
+#endif
+#if defined(__F16C__)
+    const __m256 s8 = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(
+            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))), s8));
+#endif
+    for (; i < n; i++) dst[i] = fa_f16_to_f32(src[i]) * scale;
+}
 
 #endif

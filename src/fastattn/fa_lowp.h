@@ -86,7 +86,7 @@ static inline void fa_lp_widen_scaled(const void *src, int kind, ptrdiff_t n, fl
     if (kind == FA_SRC_BF16)
         for (ptrdiff_t i = 0; i < n; i++) dst[i] = fa_bf16_to_f32(h[i]) * scale;
     else
-        for (ptrdiff_t i = 0; i < n; i++) dst[i] = fa_f16_to_f32(h[i]) * scale;
+        fa_f16_run_to_f32(h, n, scale, dst);
 }
 
 #if FA_MICROKERNELS
