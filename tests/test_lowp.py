@@ -351,3 +351,19 @@ def test_fastattn_engine_forces_one_and_refuses_what_cannot_run():
         env["FASTATTN_ENGINE"] = "amx"
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert run.returncode != 0 and "cannot run here" in run.stderr
+
+
+@pytest.mark.parametrize("why", ["Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)",
+                                 "a known product on the AMX tiles differed from the emulation's"])
+def test_an_amx_engine_that_fails_its_first_contact_warns_and_is_not_chosen(monkeypatch, why):
+    status = {"none": "ok", "avx512bf16": "ok", "amx": why, "amx-emulated": "ok"}
+    monkeypatch.setattr(_plan._kernels, "engines", lambda: dict(status))
+    with pytest.warns(RuntimeWarning, match="AMX engine is off for this process"):
+        assert _plan.choose_engine("auto") == "avx512bf16"
+    status["avx512bf16"] = "this CPU or build has no AVX512-BF16"
+    with pytest.warns(RuntimeWarning, match="the float32 kernels"):
+        assert _plan.choose_engine("") == "none"
+    with pytest.raises(ImportError, match="cannot run here"):
+        _plan.choose_engine("amx")
+    status["amx"] = "ok"
+    assert _plan.choose_engine("auto") == "amx"  # the first in the order, when it runs

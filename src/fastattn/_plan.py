@@ -16,6 +16,7 @@ import enum
 import functools
 import math
 import os
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -88,11 +89,11 @@ def choose_engine(requested):
     """The engine name for a FASTATTN_ENGINE value ("" or "auto": the best here)."""
     status = _kernels.engines()
     if requested in ("", "auto"):
-        if status["amx"] != "ok" and "refused" in status["amx"] or "differed" in status["amx"]:
-            import warnings
+        if "refused" in status["amx"] or "differed" in status["amx"]:
+            # The CPU has AMX, and it cannot be used: say so once, and why.
+            fallback = "avx512bf16" if status["avx512bf16"] == "ok" else "the float32 kernels"
             warnings.warn(f"fastattn: the AMX engine is off for this process: {status['amx']}; "
-                          f"bfloat16 runs on {'avx512bf16' if status['avx512bf16'] == 'ok' else 'float32 kernels'}",
-                          RuntimeWarning, stacklevel=2)
+                          f"bfloat16 runs on {fallback}", RuntimeWarning, stacklevel=2)
         for name in ("amx", "avx512bf16"):
             if status[name] == "ok":
                 return name
