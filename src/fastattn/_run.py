@@ -339,39 +339,56 @@ def run_attention(plan, return_weights, out, n_threads):
 
 
 def _fused(plan, return_weights, target, lse, n_threads):
-    """The fused kernel into target and lse; the weights when asked, else None."""
-    lay, compute = plan.layout, plan.compute
+    """The fused kernel into target and lse; the weights when asked, else None. 16-bit
+    inputs (and float32 ones allowed bfloat16 products: plan.lowp) go to attention_lowp,
+    which reads them in their own dtype and computes in float32."""
+    lay = plan.layout
     n_batch, n_queries, n_keys = lay.n_batch, lay.n_queries, lay.n_keys
-    if plan.lowp is not None:
-        return _fused_lowp(plan, return_weights, target, lse, n_threads)
-    q, k, mask = _kernel_inputs(plan)
-    v = _kv_contiguous(plan.v, lay, lay.d_v, compute)
-    kernel_out = target
-    if lay.d_v == 0:
-        # Nothing to average, but lse still needs the pass: use one zero column.
-        v = np.zeros(v.shape[:-1] + (1,), compute)
-        kernel_out = np.empty((n_batch, n_queries, 1), compute)
-    d_head, d_v = q.shape[-1], v.shape[-1]
+    if plan.lowp is None:
+        q, k, mask = _kernel_inputs(plan)
+        v = _kv_contiguous(plan.v, lay, lay.d_v, plan.compute)
+        kernel_out = target
+        if lay.d_v == 0:
+            # Nothing to average, but lse still needs the pass: use one zero column.
+            v = np.zeros(v.shape[:-1] + (1,), plan.compute)
+            kernel_out = np.empty((n_batch, n_queries, 1), plan.compute)
+        d_head, d_v = q.shape[-1], v.shape[-1]
+    else:
+        q, k, v = _lowp_inputs(plan)
+        mask = _kernel_mask(plan)
+        d_head, d_v = lay.d_head, lay.d_v
     q_block, k_block, micro = plan.q_block, plan.k_block, plan.micro
     flops = 2.0 * n_batch * n_queries * n_keys * (d_head + d_v)
     n_work = n_batch * -(-n_queries // q_block)
     team = _kernels.team(n_threads, flops, n_work)
     sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
-    args = (q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window, plan.scale,
-            plan.softcap, sinks, kernel_out, lse, q_block, k_block, micro, team)
+    options = (mask, plan.mask_kind, lay.index, plan.causal, plan.window, plan.scale,
+               plan.softcap, sinks)
+    if plan.lowp is None:
+        kernel = _kernels.attention
+        args = (q, k, v, *options, kernel_out, lse, q_block, k_block, micro, team)
+    else:
+        kernel = _kernels.attention_lowp
+        out_kind = ("float32" if target.dtype == np.float32 else
+                    "float16" if target.dtype == np.float16 else "bfloat16")
+        args = (plan.lowp, q, k, v, *options, out_kind, target.view(np.uint8), lse, q_block,
+                k_block, team)
     parts = pieces(n_work, flops / (2 if plan.causal else 1), team)
     # A call in pieces allocates its scratch once and passes it to every piece, so each
     # thread's packed keys (a few MiB for long sequences) carry over; allocated and freed
     # per piece, they grew the heap: 9-56 MiB peak extra at 16,384 tokens, 9.7 in one.
     scratch = (None if len(parts) == 1 else _kernels.attention_scratch(
-        n_keys, d_head, d_v, q_block, k_block, micro, q.itemsize, team))
-    # (The micro-kernels call no BLAS.)
-    with (serial_blas if not micro and _kernels.blas_would_thread(q_block, k_block, max(d_head, d_v))
-          else _no_context):
+        n_keys, d_head, d_v, q_block, k_block, micro, plan.compute.itemsize, team, plan.lowp))
+    # (The micro-kernels and the 16-bit tiles call no BLAS.)
+    with (serial_blas if plan.lowp is None and not micro
+          and _kernels.blas_would_thread(q_block, k_block, max(d_head, d_v)) else _no_context):
         for start, stop in parts:  # one piece unless the call is long (Ctrl-C, PIECE_FLOPS)
-            _checked(_kernels.attention(*args, start, stop, scratch), "per-thread scratch")
+            _checked(kernel(*args, start, stop, scratch), "per-thread scratch")
     if not return_weights:
         return None
+    if plan.lowp is not None:
+        # The weights from the scores in float32 (exact products of the inputs' values).
+        q, k, _ = _kernel_inputs(plan)
     return _weights(plan, q, k, mask, lse, team)
 
 
@@ -379,36 +396,6 @@ def _writes_result(plan):
     """Whether the fused kernel writes a 16-bit result dtype itself (attention_lowp)."""
     return (plan.lowp is not None and plan.route == _plan.Route.FUSED and plan.layout.d_v > 0
             and _sixteen_bit(plan.result))
-
-
-def _fused_lowp(plan, return_weights, target, lse, n_threads):
-    """_fused for 16-bit inputs (and float32 ones allowed bfloat16 products): the kernel
-    reads q, k, v in their own dtype (attention_lowp), computing in float32."""
-    lay = plan.layout
-    n_batch, n_queries, n_keys, d_head, d_v = (lay.n_batch, lay.n_queries, lay.n_keys,
-                                               lay.d_head, lay.d_v)
-    q, k, v = _lowp_inputs(plan)
-    mask = _kernel_mask(plan)
-    q_block, k_block = plan.q_block, plan.k_block
-    flops = 2.0 * n_batch * n_queries * n_keys * (d_head + d_v)
-    n_work = n_batch * -(-n_queries // q_block)
-    team = _kernels.team(n_threads, flops, n_work)
-    sinks = None if plan.sinks is None else plan.sinks.reshape(n_batch)
-    out_kind = ("float32" if target.dtype == np.float32 else
-                "float16" if target.dtype == np.float16 else "bfloat16")
-    args = (plan.lowp, q, k, v, mask, plan.mask_kind, lay.index, plan.causal, plan.window,
-            plan.scale, plan.softcap, sinks, out_kind, target.view(np.uint8), lse, q_block,
-            k_block, team)
-    parts = pieces(n_work, flops / (2 if plan.causal else 1), team)
-    scratch = (None if len(parts) == 1 else _kernels.attention_scratch(
-        n_keys, d_head, d_v, q_block, k_block, True, 4, team, plan.lowp))
-    for start, stop in parts:
-        _checked(_kernels.attention_lowp(*args, start, stop, scratch), "per-thread scratch")
-    if not return_weights:
-        return None
-    # The weights from the scores in float32 (exact products of the inputs' values).
-    qf, kf, _ = _kernel_inputs(plan)
-    return _weights(plan, qf, kf, mask, lse, team)
 
 
 def _weights(plan, q, k, mask, lse, team):
