@@ -23,8 +23,9 @@ import numpy as np
 
 from . import _dispatch, _tuning
 from ._dispatch import kernels as _kernels
-from ._validation import (INT_MAX, as_array, check_flag, check_scale, check_sinks, check_softcap,
-                          check_window, dtypes_of, is_bfloat16, memory_limit, refuse_huge)
+from ._validation import (INT_MAX, as_array, check_flag, check_precision, check_scale,
+                          check_sinks, check_softcap, check_window, dtypes_of, is_bfloat16,
+                          memory_limit, refuse_huge)
 
 __all__ = ["MaskKind", "Route", "Layout", "AttentionPlan", "layout", "plan_attention",
            "refuse_huge_plan", "use_microkernels", "decode_eligible",
@@ -335,7 +336,7 @@ def plan_attention(q, k, v, mask, causal, scale, window=None, softcap=None, sink
     """Validate q, k, v (if with_v), mask, the flags, softcap, sinks and precision into an
     AttentionPlan; with v, an attention call's route and kernel choices too (they depend
     on return_weights and, for float32 inputs, on precision)."""
-    precision = check_precision(precision)
+    precision = check_precision(precision) or _float32_precision
     q = as_array("q", q)
     k = as_array("k", k)
     if not with_v:
@@ -404,17 +405,7 @@ def _lowp_kind(plan, precision):
 
 # --------------------------------------------------------------------------- precision
 
-PRECISIONS = ("highest", "bfloat16")
-_float32_precision = "highest"
-
-
-def check_precision(precision):
-    """precision validated (None: the module default of set_float32_precision)."""
-    if precision is None:
-        return _float32_precision
-    if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision
+_float32_precision = "highest"  # set_float32_precision's
 
 
 def float32_precision():
@@ -427,9 +418,7 @@ def set_float32_precision(precision):
     returns the previous one."""
     global _float32_precision
     old = _float32_precision
-    if precision is None:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got None")
-    _float32_precision = check_precision(precision)
+    _float32_precision = check_precision(precision, allow_none=False)
     return old
 
 

@@ -27,6 +27,7 @@ __all__ = ["AxisError", "INT_MAX", "as_array", "dtype_pair", "dtypes", "dtypes_o
            "bfloat16", "is_bfloat16", "contiguous", "memory_limit", "refuse_huge",
            "positive_int", "check_threads",
            "require", "is_dask_array", "check_scale", "check_softcap", "check_sinks", "check_flag",
+           "check_precision", "PRECISIONS",
            "check_window",
            "check_axis", "check_out", "qkv_arguments"]
 
@@ -248,6 +249,19 @@ def check_softcap(softcap):
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"softcap must be finite and > 0, got {softcap!r}")
     return value
+
+
+PRECISIONS = ("highest", "bfloat16")
+
+
+def check_precision(precision, allow_none=True):
+    """precision= of float32 attention: one of PRECISIONS, or None (the default's, where
+    allowed)."""
+    if precision is None and allow_none:
+        return None
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def check_sinks(sinks, batch, compute):

@@ -2,10 +2,9 @@
 
 import numpy as np
 
-from ._plan import check_precision
 from ._run import project_qkv
-from ._validation import (as_array, check_flag, check_sinks, check_softcap, dtypes, positive_int,
-                          qkv_arguments)
+from ._validation import (as_array, check_flag, check_precision, check_sinks, check_softcap,
+                          dtypes, positive_int, qkv_arguments)
 from .api import attention, project
 
 __all__ = ["MultiHeadAttention"]
@@ -99,7 +98,7 @@ class MultiHeadAttention:
                                  f"got sinks.shape={sinks.shape}")
             check_sinks(sinks, (num_heads,), np.dtype(np.float64))
         self.sinks = sinks
-        self.precision = None if precision is None else check_precision(precision)
+        self.precision = check_precision(precision)
 
     @classmethod
     def from_torch_state_dict(cls, state_dict, num_heads):
