@@ -95,7 +95,7 @@ cdef void _run_layout(const Call *c, size_t item, Py_ssize_t *at) noexcept nogil
     """_scratch_layout for the call c (its sizes, micro and lowp)."""
     cdef Py_ssize_t q_block = c.q_block, k_block = c.k_block, n_keys = c.n_keys
     cdef Py_ssize_t d_head = c.d_head, d_v = c.d_v
-    cdef Py_ssize_t s_width, kp_keys, vp_chunks = 0, chunk, halves
+    cdef Py_ssize_t s_width, kp_keys, vp_chunks = 0, chunk, per_item
     if c.lowp == LP_ENGINE:
         # bfloat16 tiles: rows padded to whole tiles, key tiles starting at whole panels;
         # keys, values, queries and P held as bfloat16 (two to a float32 element).
@@ -106,11 +106,12 @@ cdef void _run_layout(const Call *c, size_t item, Py_ssize_t *at) noexcept nogil
         chunk = FA_LP_VCHUNK
         vp_chunks = max((s_width + chunk - 1) // chunk + 1, VP_MAX_BYTES // (chunk * d_v * 2))
         vp_chunks = min((n_keys + chunk - 1) // chunk, vp_chunks)
-        halves = (item // 2)
-        _scratch_layout(q_block, s_width, kp_keys, (c.d_pad * kp_keys + 1) // halves,
-                        vp_chunks, (vp_chunks * chunk * d_v + 1) // halves,
-                        (q_block * c.d_pad + 1) // halves, (q_block * s_width + 1) // halves,
-                        d_v, item, at)
+        per_item = item // 2  # bfloat16 numbers per scratch element
+        _scratch_layout(q_block, s_width, kp_keys,
+                        _round_up(c.d_pad * kp_keys, per_item) // per_item, vp_chunks,
+                        _round_up(vp_chunks * chunk * d_v, per_item) // per_item,
+                        _round_up(q_block * c.d_pad, per_item) // per_item,
+                        _round_up(q_block * s_width, per_item) // per_item, d_v, item, at)
         return
     if not c.micro:
         _scratch_layout(q_block, k_block, 0, 0, 0, 0, 0, 0, d_v, item, at)

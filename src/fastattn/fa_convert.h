@@ -20,12 +20,13 @@ static inline float fa_bf16_to_f32(uint16_t h)
     return f;
 }
 
+/* (A select, not a branch, so that loops over it vectorise.) */
 static inline uint16_t fa_f32_to_bf16(float f)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40u) : rounded;
 }
 
 #if defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__aarch64__))

@@ -258,14 +258,7 @@ static inline void fa_lp_pack_p(const float *s, ptrdiff_t ld_s, ptrdiff_t rows, 
     for (ptrdiff_t r = 0; r < rows; r++) {
         const float *row = s + r * ld_s;
         uint16_t *out = pb + r * ld_p;
-        /* fa_f32_to_bf16, written so that GCC vectorises it (a select, not a branch) */
-        for (ptrdiff_t j = 0; j < cols; j++) {
-            uint32_t u;
-            memcpy(&u, row + j, 4);
-            const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-            out[j] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40u)
-                                                     : (uint16_t)rounded;
-        }
+        for (ptrdiff_t j = 0; j < cols; j++) out[j] = fa_f32_to_bf16(row[j]);
         for (ptrdiff_t j = cols; j < ld_p; j++) out[j] = 0;
     }
     if (rows_pad > rows) memset(pb + rows * ld_p, 0, (size_t)((rows_pad - rows) * ld_p) * 2);
@@ -277,7 +270,16 @@ static inline void fa_lp_pack_p(const float *s, ptrdiff_t ld_s, ptrdiff_t rows, 
 
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
 #define FA_HAVE_DPBF16 1
+#include <cpuid.h>
 #include <immintrin.h>
+
+/* Whether the CPU has AVX512-BF16 (CPUID leaf 7 subleaf 1, EAX bit 5). */
+static inline int fa_cpu_avx512_bf16(void)
+{
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    return (a >> 5) & 1;
+}
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bf16")
 
@@ -377,6 +379,7 @@ static float fa_dpbf16_loop(ptrdiff_t n_iter, float seed)
 #pragma GCC pop_options
 #else
 #define FA_HAVE_DPBF16 0
+static inline int fa_cpu_avx512_bf16(void) { return 0; }
 static float fa_dpbf16_loop(ptrdiff_t n_iter, float seed) { (void)n_iter; return seed; }
 static void fa_lp_scores_dp(const uint16_t *qb, ptrdiff_t rows_pad, ptrdiff_t d_pad,
                             const uint16_t *kp, ptrdiff_t n_cols, float scale, float *s,

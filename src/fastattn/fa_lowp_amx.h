@@ -140,14 +140,6 @@ static inline int fa_cpu_amx_bf16(void)
     return ((lo >> 17) & 3) == 3;
 }
 
-/* Whether the CPU has AVX512-BF16 (CPUID leaf 7 subleaf 1, EAX bit 5). */
-static inline int fa_cpu_avx512_bf16(void)
-{
-    unsigned int a, b, c, d;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
-    return (a >> 5) & 1;
-}
-
 static inline int fa_amx_request(void)
 {
     /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
@@ -160,17 +152,6 @@ static inline void fa_amx_end(void) {}
 static inline int fa_cpu_amx_bf16(void) { return 0; }
 static inline int fa_amx_request(void) { return 0; }
 static inline float fa_amx_loop(ptrdiff_t n_iter, float seed) { (void)n_iter; return seed; }
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__AVX512F__)
-#include <cpuid.h>
-static inline int fa_cpu_avx512_bf16(void)
-{
-    unsigned int a, b, c, d;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
-    return (a >> 5) & 1;
-}
-#else
-static inline int fa_cpu_avx512_bf16(void) { return 0; }
-#endif
 static void fa_lp_scores_amx(const uint16_t *qb, ptrdiff_t rows_pad, ptrdiff_t d_pad,
                              const uint16_t *kp, ptrdiff_t n_cols, float scale, float *s,
                              ptrdiff_t ld)
