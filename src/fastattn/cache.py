@@ -3,11 +3,16 @@ step on it (``attention(q, cache=cache)``'s short path)."""
 
 import numpy as np
 
+from ._dispatch import kernels as _kernels
 from ._run import cache_decode, identity_index, run_decode
 from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
                           check_threads, dtype_pair, positive_int)
 
 __all__ = ["KVCache", "decode_step"]
+
+# storage= -> the dtype of the arrays that hold keys and values (None: the compute dtype);
+# bfloat16 is held as its bits, so that no optional package is needed.
+_STORAGES = {None: None, "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16)}
 
 
 def _zeros_aligned(shape, dtype, align=64):
@@ -30,6 +35,13 @@ class KVCache:
     value_dim : int, optional
         Width of the values (defaults to ``head_dim``).
     dtype : float32 or float64, default float32
+        The compute and result dtype of attention against the cache.
+    storage : {None, "bfloat16", "float16"}, optional
+        How keys and values are held: None, in ``dtype``; ``"bfloat16"`` or ``"float16"``,
+        in half the bytes of float32 (rounded to nearest even as they are appended), read
+        in place and widened by the decoding kernel. Such a cache refuses NaN and inf
+        (and float16 refuses values beyond its range, 65504) naming the argument, and
+        ``keys``/``values`` are then float copies of what it holds, not views.
     window : int, optional
         Keep only the last ``window`` tokens (sliding-window attention); ``window <=
         capacity``. The cache is then a ring in which each token is written twice, so the
@@ -56,7 +68,7 @@ class KVCache:
     """
 
     def __init__(self, batch, kv_heads, capacity, head_dim, *, value_dim=None,
-                 dtype=np.float32, window=None, on_full="raise"):
+                 dtype=np.float32, window=None, on_full="raise", storage=None):
         batch = positive_int("batch", batch)
         kv_heads = positive_int("kv_heads", kv_heads)
         capacity = positive_int("capacity", capacity)
@@ -69,15 +81,21 @@ class KVCache:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if storage not in _STORAGES:
+            raise ValueError(f"storage must be one of {list(_STORAGES)}, got {storage!r}")
+        if storage is not None and dtype != np.float32:
+            raise ValueError(f"storage={storage!r} computes in float32: dtype must be float32, "
+                             f"got {dtype}")
         if on_full not in ("raise", "grow"):
             raise ValueError(f"on_full must be 'raise' or 'grow', got {on_full!r}")
         if window is not None and window > capacity:
             raise ValueError(f"window ({window}) must not exceed capacity ({capacity})")
         self.batch, self.kv_heads, self.head_dim, self.value_dim = batch, kv_heads, head_dim, value_dim
-        self.dtype, self.window, self.on_full = dtype, window, on_full
+        self.dtype, self.window, self.on_full, self.storage = dtype, window, on_full, storage
         rows = 2 * window if window is not None else capacity
-        self._k = _zeros_aligned((batch, kv_heads, rows, head_dim), dtype)
-        self._v = _zeros_aligned((batch, kv_heads, rows, value_dim), dtype)
+        self._store = _STORAGES[storage] or dtype  # bfloat16 is held as its bits (uint16)
+        self._k = _zeros_aligned((batch, kv_heads, rows, head_dim), self._store)
+        self._v = _zeros_aligned((batch, kv_heads, rows, value_dim), self._store)
         self._seen = 0  # tokens appended since the last reset
 
     # ------------------------------------------------------------------ state
@@ -102,15 +120,44 @@ class KVCache:
 
     @property
     def keys(self):
-        """View of the held keys, oldest first: (batch, kv_heads, len, head_dim)."""
+        """The held keys, oldest first: (batch, kv_heads, len, head_dim), in ``dtype``: a
+        view of the storage, or with ``storage=`` a float copy of it."""
         start, stop = self._span()
-        return self._k[:, :, start:stop]
+        return self._widened(self._k[:, :, start:stop])
 
     @property
     def values(self):
-        """View of the held values, oldest first: (batch, kv_heads, len, value_dim)."""
+        """The held values, oldest first: (batch, kv_heads, len, value_dim), as ``keys``."""
         start, stop = self._span()
-        return self._v[:, :, start:stop]
+        return self._widened(self._v[:, :, start:stop])
+
+    @property
+    def nbytes(self):
+        """Bytes the cache holds for keys and values (its whole capacity)."""
+        return self._k.nbytes + self._v.nbytes
+
+    def _widened(self, a):
+        """a (a view of the storage) in the compute dtype: itself, or a float32 copy."""
+        if self.storage is None:
+            return a
+        flat = _kernels.widen16(np.ascontiguousarray(a).view(np.uint16).reshape(-1),
+                                self.storage)
+        return flat.reshape(a.shape)
+
+    def _stored(self, name, a):
+        """a (validated) as the storage holds it: itself, or its 16-bit bits, refusing NaN
+        and inf and (float16) what overflows."""
+        if self.storage is None:
+            return a
+        a32 = np.ascontiguousarray(a, np.float32)
+        if not np.isfinite(a32).all():
+            raise ValueError(f"{name} holds NaN or inf: a cache with storage={self.storage!r} "
+                             f"refuses them")
+        bits = _kernels.narrow16(a32.reshape(-1), self.storage).reshape(a32.shape)
+        if self.storage == "float16" and (bits & 0x7c00 == 0x7c00).any():
+            raise ValueError(f"{name} holds values beyond float16's range (65504): a cache "
+                             f"with storage='float16' refuses them")
+        return bits.view(self._store)
 
     def reset(self):
         """Forget every token (the storage is kept)."""
@@ -118,9 +165,10 @@ class KVCache:
 
     def __repr__(self):
         window = "" if self.window is None else f", window={self.window}"
+        storage = "" if self.storage is None else f", storage={self.storage!r}"
         return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, len={len(self)}, "
                 f"capacity={self.capacity}, head_dim={self.head_dim}, "
-                f"value_dim={self.value_dim}, dtype={self.dtype}{window})")
+                f"value_dim={self.value_dim}, dtype={self.dtype}{window}{storage})")
 
     # ------------------------------------------------------------------ append
     def _checked(self, name, a, width):
@@ -145,6 +193,7 @@ class KVCache:
                              f"and v.shape={v.shape}")
         if n == 0:
             return
+        k, v = self._stored("k", k), self._stored("v", v)
         if self.window is not None:
             if n > self.window:
                 raise ValueError(f"one append may bring at most window={self.window} tokens, got {n}")
@@ -175,8 +224,8 @@ class KVCache:
 
     def _grow(self, needed):
         capacity = max(needed, 2 * self._k.shape[2])
-        k = _zeros_aligned(self._k.shape[:2] + (capacity, self.head_dim), self.dtype)
-        v = _zeros_aligned(self._v.shape[:2] + (capacity, self.value_dim), self.dtype)
+        k = _zeros_aligned(self._k.shape[:2] + (capacity, self.head_dim), self._store)
+        v = _zeros_aligned(self._v.shape[:2] + (capacity, self.value_dim), self._store)
         k[:, :, :self._seen] = self._k[:, :, :self._seen]
         v[:, :, :self._seen] = self._v[:, :, :self._seen]
         self._k, self._v = k, v
@@ -215,9 +264,12 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
         sinks = check_sinks(sinks, (batch, heads), q.dtype).reshape(n_groups, group)
     result = np.empty((n_groups, group, d_v), q.dtype)
     lse = np.empty((n_groups, group), q.dtype)
-    # The cache's views, (batch, kv_heads, n_keys, D): rows contiguous, read in place.
-    run_decode(q.reshape(n_groups, group, d_head), cache.keys.reshape(n_groups, n_keys, d_head),
-               cache.values.reshape(n_groups, n_keys, d_v), identity_index(n_groups), scale,
-               softcap, sinks, result, lse, n_threads)
+    # The storage's views, (batch, kv_heads, n_keys, D): rows contiguous, read in place
+    # (16-bit storage too: the kernel widens it as it loads it).
+    start, stop = cache._span()
+    run_decode(q.reshape(n_groups, group, d_head),
+               cache._k[:, :, start:stop].reshape(n_groups, n_keys, d_head),
+               cache._v[:, :, start:stop].reshape(n_groups, n_keys, d_v),
+               identity_index(n_groups), scale, softcap, sinks, result, lse, n_threads)
     result = result.reshape(batch, heads, 1, d_v)
     return (result, lse.reshape(batch, heads, 1)) if return_lse else result
