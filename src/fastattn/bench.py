@@ -74,6 +74,10 @@ DEFAULT_CASES = [
 DECODE_CASES = [
     Case("decode 4096", "decode", (1, 32, 4096, 128), repeat=9),
     Case("decode 128", "decode", (1, 32, 128, 128), repeat=9),
+    # A KVCache per storage (issue 26): batch 4, 32 query heads over 8 key/value heads,
+    # D 128, 16,384 tokens (512 MiB as float32); each against the float32 cache.
+    Case("storage bfloat16", "storage", (4, 32, 8, 16384, 128), dtype="bfloat16", repeat=7),
+    Case("storage float16", "storage", (4, 32, 8, 16384, 128), dtype="float16", repeat=7),
 ]
 
 QUICK_CASES = [
@@ -348,8 +352,34 @@ def _decode_row(case, against, threads, min_time, gap):
                    "floor_median": statistics.median(samples["floor"])}
 
 
+def _storage_row(case, against, threads, min_time, gap):
+    """One decoding step against a KVCache holding case.dtype, against the same step on a
+    float32 cache and against the read floor of the cache's own bytes."""
+    from .cache import KVCache
+
+    b, h, h_kv, n, d = case.shape
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((b, h_kv, n, d), dtype=np.float32)
+    v = rng.standard_normal((b, h_kv, n, d), dtype=np.float32)
+    q = rng.standard_normal((b, h, 1, d), dtype=np.float32)
+    caches = {}
+    for name, storage in (("fastattn", case.dtype), ("float32 cache", None)):
+        caches[name] = KVCache(b, h_kv, n, d, storage=storage)
+        caches[name].append(k, v)
+    del k, v
+    contenders = {name: (lambda c=c: api.attention(q, cache=c, num_threads=threads))
+                  for name, c in caches.items()}
+    moved = caches["fastattn"].nbytes
+    block = _kernels.read_sum_multiple() * threads
+    floor_buf = np.ones(-(-moved // block) * block // 4, np.float32)
+    contenders["floor"] = lambda: _kernels.read_sum(floor_buf, threads)
+    times = time_alternating(contenders, case.repeat, min_time, gap, fastest=("floor",))
+    return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s",
+                   "float32": times.pop("float32 cache"), "floor": times.pop("floor")}
+
+
 _ROWS = {"attention": _attention_row, "decode": _decode_row, "projection": _projection_row,
-         "softmax": _softmax_row, "memory": _memory_row}
+         "softmax": _softmax_row, "memory": _memory_row, "storage": _storage_row}
 
 
 # --------------------------------------------------------------------------- report
@@ -415,7 +445,9 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
         tt = times.get("torch")
         label = case.name + (" (scipy: %s, x%.2f)" % (_fmt_time(times["scipy"]), times["scipy"] / fa)
                              if "scipy" in times else "")
-        dims = case.shape if case.kind != "decode" else case.shape[:2] + (1,) + case.shape[2:]
+        dims = case.shape if case.kind not in ("decode", "storage") else (
+            case.shape[:2] + (1,) + case.shape[2:] if case.kind == "decode"
+            else (case.shape[0], f"{case.shape[1]} over {case.shape[2]}", 1) + case.shape[3:])
         shape = ", ".join(map(str, dims)) + ("" if case.dtype == "float32" else f", {case.dtype}") \
             + (", causal" if case.causal else "")
         rate = f"{extra['rate']:.1f} {extra['unit']}"
@@ -426,6 +458,10 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
                      f"kernel alone {_fmt_time(extra['kernel'])}, plain arrays "
                      f"{_fmt_time(extra['arrays'])}"
                      + ("" if tt is None else f" ({tt / extra['arrays']:.2f}x torch)"))
+        if case.kind == "storage":
+            rate += (f" ({extra['float32'] / fa:.2f}x the float32 cache's "
+                     f"{_fmt_time(extra['float32'])}; read floor of its bytes "
+                     f"{_fmt_time(extra['floor'])}: {100 * extra['floor'] / fa:.0f}%)")
         if "fma_gflops" in extra:
             peak = "fma_" + case.dtype
             ceil[peak] = max(ceil[peak], extra["fma_gflops"])
