@@ -8,7 +8,7 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_STRIDES, Py
 from libc.math cimport log, sqrt, INFINITY
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
-from libc.stdint cimport uint16_t
+from libc.stdint cimport int8_t, uint8_t, uint16_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 import numpy as _np
@@ -38,22 +38,41 @@ cdef extern from "fa_exp.h" nogil:
     void fa_softcap_row_f(float *s, Py_ssize_t n, float cap, float inv_cap)
     void fa_softcap_row_d(double *s, Py_ssize_t n, double cap, double inv_cap)
 
+cdef extern from "fa_quant.h" nogil:
+    int fa_quant_cols(const float *x, Py_ssize_t rows, Py_ssize_t d, Py_ssize_t x_stride,
+                      int kind, void *q, float *scale, double *mul)
+    int fa_quant_rows(const float *x, Py_ssize_t rows, Py_ssize_t d, Py_ssize_t x_stride,
+                      int kind, void *q, float *scale)
+    float fa_f8_to_f32(uint8_t b)
+    uint8_t fa_f32_to_f8(float x)
+
 cdef extern from "fa_decode.h" nogil:
     int FA_DECODE_BLOCK
+    int FA_KV_GROUP
     void fa_decode_chunk_f(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const float *k,
                            const float *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
-                           float softcap, float *m, double *l, float *o, float *s)
+                           float softcap, const float *ks, const float *vs, Py_ssize_t phase,
+                           float *m, double *l, float *o, float *s, float *qs)
     void fa_decode_chunk_d(const double *q, Py_ssize_t n_rows, Py_ssize_t d, const double *k,
                            const double *v, Py_ssize_t d_v, Py_ssize_t n_keys, double scale,
-                           double softcap, double *m, double *l, double *o, double *s)
-    void fa_decode_chunk_bf(const float *q, Py_ssize_t n_rows, Py_ssize_t d,
-                            const uint16_t *k, const uint16_t *v, Py_ssize_t d_v,
-                            Py_ssize_t n_keys, float scale, float softcap, float *m,
-                            double *l, float *o, float *s)
-    void fa_decode_chunk_hf(const float *q, Py_ssize_t n_rows, Py_ssize_t d,
-                            const uint16_t *k, const uint16_t *v, Py_ssize_t d_v,
-                            Py_ssize_t n_keys, float scale, float softcap, float *m,
-                            double *l, float *o, float *s)
+                           double softcap, const double *ks, const double *vs, Py_ssize_t phase,
+                           double *m, double *l, double *o, double *s, double *qs)
+    void fa_decode_chunk_bf(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint16_t *k,
+                           const uint16_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
+                           float softcap, const float *ks, const float *vs, Py_ssize_t phase,
+                           float *m, double *l, float *o, float *s, float *qs)
+    void fa_decode_chunk_hf(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint16_t *k,
+                           const uint16_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
+                           float softcap, const float *ks, const float *vs, Py_ssize_t phase,
+                           float *m, double *l, float *o, float *s, float *qs)
+    void fa_decode_chunk_i8(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const int8_t *k,
+                           const int8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
+                           float softcap, const float *ks, const float *vs, Py_ssize_t phase,
+                           float *m, double *l, float *o, float *s, float *qs)
+    void fa_decode_chunk_f8(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint8_t *k,
+                           const uint8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
+                           float softcap, const float *ks, const float *vs, Py_ssize_t phase,
+                           float *m, double *l, float *o, float *s, float *qs)
     void fa_decode_merge_f(const float *parts, const double *l_parts, Py_ssize_t n_chunks,
                            Py_ssize_t n_rows, Py_ssize_t d_v, const float *sinks,
                            float *out, float *lse)
@@ -90,7 +109,7 @@ cdef extern from "fa_microkernels.h" nogil:
                           Py_ssize_t c_lo, Py_ssize_t c_hi)
 
 cdef extern from "fa_lowp.h" nogil:
-    int FA_SRC_BF16, FA_SRC_F16, FA_SRC_F32
+    int FA_SRC_BF16, FA_SRC_F16, FA_SRC_F32, FA_SRC_I8, FA_SRC_F8
     int FA_ENGINE_NONE, FA_ENGINE_DPBF16, FA_ENGINE_AMX, FA_ENGINE_AMX_EMU
     int FA_LP_ROWS, FA_LP_DSTEP, FA_LP_KEYS, FA_LP_VCHUNK
     int FA_HAVE_DPBF16, FA_HAVE_AMX

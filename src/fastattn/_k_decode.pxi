@@ -6,28 +6,42 @@
 # _decode_call (the small-call path and a cache's plain step), so every route computes
 # bitwise the same result.
 
+cdef struct KvScales:
+    # The scales of an 8-bit kv source (fa_quant.h), NULL for other kinds: ks holds, for
+    # each kv head (ks_item floats apart), one row of d per group of FA_KV_GROUP keys, key
+    # 0 being key `phase` of the first group; vs one per key (vs_item floats apart).
+    const float *ks
+    const float *vs
+    Py_ssize_t ks_item, vs_item, phase
+
+
 cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kind,
-                     Py_ssize_t k_item, Py_ssize_t v_item, const Py_ssize_t *kv_index,
+                     Py_ssize_t k_item, Py_ssize_t v_item, const KvScales *sc,
+                     const Py_ssize_t *kv_index,
                      Py_ssize_t n_groups, Py_ssize_t n_rows, Py_ssize_t d, Py_ssize_t n_keys,
                      Py_ssize_t d_v, double scale, double softcap, const floating *sink_base,
                      floating *out, floating *lse, int n_threads) noexcept nogil:
     """out[g] = softmax(scale q[g] k[kv_index[g]].T) v[kv_index[g]] for the n_rows single
     queries of each group g, on raw pointers (see decode); k and v hold floating (kv_kind
-    0), or bfloat16 or float16 bits (FA_SRC_BF16, FA_SRC_F16; floating = float); k_item,
-    v_item: elements between kv heads.
+    0), or for floating = float bfloat16 or float16 bits (FA_SRC_BF16, FA_SRC_F16), or int8
+    or float8 e4m3 bits with the scales sc (FA_SRC_I8, FA_SRC_F8); k_item, v_item:
+    elements between kv heads.
     Returns the team that ran, or -1 when the scratch cannot be allocated."""
     cdef Py_ssize_t chunk = _policy.decode_chunk
     cdef Py_ssize_t n_chunks = _decode_chunks(n_keys)
     cdef Py_ssize_t n_work = n_groups * n_chunks
     # Partial state per work item: m (n_rows), o (n_rows * d_v), in floating; l in double.
     cdef Py_ssize_t part = n_rows * (1 + d_v)
-    # The scores of each thread start on a cache line (rows of FA_DECODE_BLOCK keys are
-    # whole lines): the kernel stores and reloads them as full vectors.
-    cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK
+    # Per thread: the scores (rows of FA_DECODE_BLOCK keys, whole cache lines), then q
+    # times the key scales (8-bit kinds).
+    cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK + (-(-n_rows * d // 16) * 16)
     cdef floating *parts
     cdef double *l_parts
     cdef floating *s_all
-    cdef Py_ssize_t w, grp, k0, k_at, v_at
+    cdef floating *s_own
+    cdef Py_ssize_t w, grp, k0, k_at, v_at, at, kv
+    cdef const float *ks
+    cdef const float *vs
     cdef int team = 1
     cdef int *team_out = &team
     n_threads = _team(n_threads, 2.0 * n_groups * n_rows * n_keys * (d + d_v), n_work)
@@ -42,34 +56,58 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kin
     with parallel(num_threads=n_threads):
         for w in prange(n_work, schedule='static'):
             grp = w // n_chunks
+            kv = kv_index[grp]
             k0 = (w % n_chunks) * chunk
-            k_at = kv_index[grp] * k_item + k0 * d
-            v_at = kv_index[grp] * v_item + k0 * d_v
+            k_at = kv * k_item + k0 * d
+            v_at = kv * v_item + k0 * d_v
+            s_own = s_all + threadid() * s_size
             if floating is float:
-                if kv_kind == FA_SRC_BF16:
+                if kv_kind == FA_SRC_I8 or kv_kind == FA_SRC_F8:
+                    at = sc.phase + k0
+                    ks = sc.ks + kv * sc.ks_item + at // FA_KV_GROUP * d
+                    vs = sc.vs + kv * sc.vs_item + k0
+                    if kv_kind == FA_SRC_I8:
+                        fa_decode_chunk_i8(q + grp * n_rows * d, n_rows, d,
+                                           <const int8_t*> k + k_at, <const int8_t*> v + v_at,
+                                           d_v, min(chunk, n_keys - k0), <float> scale,
+                                           <float> softcap, ks, vs, at % FA_KV_GROUP,
+                                           parts + w * part, l_parts + w * n_rows,
+                                           parts + w * part + n_rows, s_own,
+                                           s_own + n_rows * FA_DECODE_BLOCK)
+                    else:
+                        fa_decode_chunk_f8(q + grp * n_rows * d, n_rows, d,
+                                           <const uint8_t*> k + k_at, <const uint8_t*> v + v_at,
+                                           d_v, min(chunk, n_keys - k0), <float> scale,
+                                           <float> softcap, ks, vs, at % FA_KV_GROUP,
+                                           parts + w * part, l_parts + w * n_rows,
+                                           parts + w * part + n_rows, s_own,
+                                           s_own + n_rows * FA_DECODE_BLOCK)
+                elif kv_kind == FA_SRC_BF16:
                     fa_decode_chunk_bf(q + grp * n_rows * d, n_rows, d,
                                        <const uint16_t*> k + k_at, <const uint16_t*> v + v_at,
                                        d_v, min(chunk, n_keys - k0), <float> scale,
-                                       <float> softcap, parts + w * part, l_parts + w * n_rows,
-                                       parts + w * part + n_rows, s_all + threadid() * s_size)
+                                       <float> softcap, NULL, NULL, 0, parts + w * part,
+                                       l_parts + w * n_rows, parts + w * part + n_rows,
+                                       s_own, NULL)
                 elif kv_kind == FA_SRC_F16:
                     fa_decode_chunk_hf(q + grp * n_rows * d, n_rows, d,
                                        <const uint16_t*> k + k_at, <const uint16_t*> v + v_at,
                                        d_v, min(chunk, n_keys - k0), <float> scale,
-                                       <float> softcap, parts + w * part, l_parts + w * n_rows,
-                                       parts + w * part + n_rows, s_all + threadid() * s_size)
+                                       <float> softcap, NULL, NULL, 0, parts + w * part,
+                                       l_parts + w * n_rows, parts + w * part + n_rows,
+                                       s_own, NULL)
                 else:
                     fa_decode_chunk_f(q + grp * n_rows * d, n_rows, d,
                                       <const float*> k + k_at, <const float*> v + v_at, d_v,
                                       min(chunk, n_keys - k0), <float> scale, <float> softcap,
-                                      parts + w * part, l_parts + w * n_rows,
-                                      parts + w * part + n_rows, s_all + threadid() * s_size)
+                                      NULL, NULL, 0, parts + w * part, l_parts + w * n_rows,
+                                      parts + w * part + n_rows, s_own, NULL)
             else:
                 fa_decode_chunk_d(q + grp * n_rows * d, n_rows, d,
                                   <const double*> k + k_at, <const double*> v + v_at, d_v,
                                   min(chunk, n_keys - k0), scale, softcap,
-                                  parts + w * part, l_parts + w * n_rows,
-                                  parts + w * part + n_rows, s_all + threadid() * s_size)
+                                  NULL, NULL, 0, parts + w * part, l_parts + w * n_rows,
+                                  parts + w * part + n_rows, s_own, NULL)
             team_out[0] = fa_omp_team_size()
         # Each group's chunks, merged in chunk order (after the loop's barrier).
         for grp in prange(n_groups, schedule='static'):
@@ -91,7 +129,8 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kin
 
 def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1] kv_index,
            double scale, double softcap, object sinks, floating[:, :, ::1] out,
-           floating[:, ::1] lse, int n_threads):
+           floating[:, ::1] lse, int n_threads, object ks=None, object vs=None,
+           Py_ssize_t phase=0):
     """out[i] = softmax(scale q[i] k[kv_index[i]].T) v[kv_index[i]] for groups of single queries.
 
     softcap (0: none) caps the scores to softcap tanh(s / softcap); sinks (None, or one
@@ -101,7 +140,11 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
     query; k, v are (n_kv, L_k, D) and (n_kv, L_k, D_v) with contiguous rows (the caller
     checks) and any stride between kv heads (a cache's storage is read in place), in q's
     dtype, or for float32 q both float16 or both bfloat16 given as their bits (uint16),
-    widened as they are read (bitwise the result on the widened arrays). The keys are split in chunks of
+    widened as they are read (bitwise the result on the widened arrays); or int8 or float8
+    e4m3 (its bits, uint8) with their scales (fa_quant.h): ks (n_kv, groups, D) float32,
+    one row per group of FA_KV_GROUP keys from the group holding key 0 (key `phase` of
+    it), vs (n_kv, L_k) float32, one per value row; rows contiguous, any stride between kv
+    heads. The keys are split in chunks of
     the policy's decode_chunk (fixed, not the thread count); the work items (group, chunk)
     run on the team of _team, and their partial states are merged per group in chunk
     order, so results are bitwise thread-invariant. Returns the number of threads that
@@ -111,6 +154,16 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
     cdef const floating *sink_base = NULL
     cdef Py_buffer kb, vb
     cdef int team, kind = 0
+    cdef const float[:, :, ::1] ks_view
+    cdef const float[:, ::1] vs_view
+    cdef KvScales sc
+    sc.ks = sc.vs = NULL
+    sc.ks_item = sc.vs_item = sc.phase = 0
+    if ks is not None:
+        ks_view, vs_view = ks, vs
+        sc.ks, sc.vs = &ks_view[0, 0, 0], &vs_view[0, 0]
+        sc.ks_item, sc.vs_item = ks_view.strides[0] // 4, vs_view.strides[0] // 4
+        sc.phase = phase
     if sinks is not None:
         sink_view = sinks
         sink_base = &sink_view[0, 0]
@@ -122,9 +175,15 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
         raise
     if kb.itemsize == 2:  # float16 ("e"), else the bits of bfloat16 (uint16)
         kind = FA_SRC_F16 if kb.format != NULL and kb.format[0] == b'e' else FA_SRC_BF16
+    elif kb.itemsize == 1:  # int8 ("b"), else the bits of float8 e4m3 (uint8)
+        kind = FA_SRC_I8 if kb.format != NULL and kb.format[0] == b'b' else FA_SRC_F8
+    if kb.itemsize == 1 and sc.ks == NULL:
+        PyBuffer_Release(&kb)
+        PyBuffer_Release(&vb)
+        raise ValueError("decode: 8-bit keys and values need their scales")
     with nogil:
         team = _decode_run(&q[0, 0, 0], kb.buf, vb.buf, kind, kb.strides[0] // kb.itemsize,
-                           vb.strides[0] // vb.itemsize, &kv_index[0], q.shape[0], q.shape[1],
+                           vb.strides[0] // vb.itemsize, &sc, &kv_index[0], q.shape[0], q.shape[1],
                            q.shape[2], kb.shape[1], vb.shape[2], scale, softcap, sink_base,
                            &out[0, 0, 0], &lse[0, 0], n_threads)
     PyBuffer_Release(&kb)
@@ -162,12 +221,12 @@ cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const vo
     with nogil:
         if single:
             team = _decode_run(<const float*> q_buf, k_buf, v_buf, 0, k_item, v_item,
-                               index, n_groups, group, d_head, n_keys, d_v,
+                               NULL, index, n_groups, group, d_head, n_keys, d_v,
                                scale, softcap, <const float*> sinks,
                                <float*> ob.buf, <float*> lse, n_threads)
         else:
             team = _decode_run(<const double*> q_buf, k_buf, v_buf, 0, k_item, v_item,
-                               index, n_groups, group, d_head, n_keys, d_v,
+                               NULL, index, n_groups, group, d_head, n_keys, d_v,
                                scale, softcap, <const double*> sinks,
                                <double*> ob.buf, <double*> lse, n_threads)
     free(index)

@@ -29,6 +29,7 @@
 #   _k_scores    scores, masks and softmax (the unfused building blocks)
 #   _k_fused     the fused kernel: work items, tiles, the online softmax
 #   _k_decode    the decoding kernel's runner and entries
+#   _k_quant     the 8-bit caches' quantizing of appended keys and values
 #   _k_small     the small-call path
 #   _k_probes    the benchmark's ceilings, and the kernels' exp, tanh and 16-bit
 #                conversions for the tests
@@ -40,5 +41,6 @@ include "_k_project.pxi"
 include "_k_scores.pxi"
 include "_k_fused.pxi"
 include "_k_decode.pxi"
+include "_k_quant.pxi"
 include "_k_small.pxi"
 include "_k_probes.pxi"

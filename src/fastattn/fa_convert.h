@@ -12,6 +12,10 @@
 #include <stdint.h>
 #include <string.h>
 
+/* What an array holds, for the kernels that take several: bfloat16 or float16 bits,
+ * float32, int8 or float8 e4m3 bits (the 8-bit kinds with scales, see fa_quant.h). */
+enum { FA_SRC_BF16 = 1, FA_SRC_F16 = 2, FA_SRC_F32 = 3, FA_SRC_I8 = 4, FA_SRC_F8 = 5 };
+
 static inline float fa_bf16_to_f32(uint16_t h)
 {
     uint32_t u = (uint32_t)h << 16;
@@ -99,6 +103,34 @@ static inline void fa_f16_run_to_f32(const uint16_t *src, ptrdiff_t n, float sca
             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))), s8));
 #endif
     for (; i < n; i++) dst[i] = fa_f16_to_f32(src[i]) * scale;
+}
+
+/* float8 e4m3 (OCP's E4M3FN: sign, 4 exponent bits of bias 7, 3 mantissa bits; no
+ * infinities; largest 448). Its bits moved into a float16's (exponent field and mantissa
+ * shifted by 7) make a float16 of exactly 1/256 its value, subnormals included: the
+ * decoding kernel widens them with F16C and puts the 256 into the scales. */
+static inline uint16_t fa_f8_to_f16_scaled(uint8_t b)
+{
+    return (uint16_t)(((b & 0x80u) << 8) | ((b & 0x7fu) << 7));
+}
+static inline float fa_f8_to_f32(uint8_t b)
+{
+    return fa_f16_to_f32(fa_f8_to_f16_scaled(b)) * 256.0f;
+}
+/* x (finite, |x| <= 448) to nearest e4m3, ties to even: below 2^-6 in steps of 2^-9
+ * (subnormals; 8 steps is the smallest normal, whose code is 8), else the float32's
+ * exponent and top 3 mantissa bits, rounded on the bits below (a carry moves to the next
+ * binade). A select, not a branch, so that loops over it vectorise. */
+static inline uint8_t fa_f32_to_f8(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint32_t a = u & 0x7fffffffu;
+    float ax;
+    memcpy(&ax, &a, 4);
+    const uint32_t sub = (uint32_t)(int32_t)__builtin_rintf(ax * 512.0f);
+    const uint32_t normal = ((a + 0x7ffffu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
+    return (uint8_t)(((u >> 24) & 0x80u) | (a < 0x3c800000u ? sub : normal));
 }
 
 #endif

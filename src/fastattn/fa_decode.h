@@ -30,40 +30,90 @@
 /* fa_dot's reduction tree (32, 16, ..., 1) is written out for exactly 64 lanes. */
 _Static_assert(FA_DOT_LANES == 64, "fa_dot's reduction tree is written for 64 lanes");
 
-/* One pass of P V over W vectors of output columns from column c (see fa_dec_pv). With
- * fewer than 8 vectors, W chains of FMAs would wait on the FMA latency (a d_v of 64 floats
- * ran at a quarter of the FMA rate), so two sets of accumulators take alternate keys and
- * are added at the end: a fixed order, set by the shape alone. */
-#define FA_DEC_PV_PASS(T, SUFFIX, W, KT, LOADV)                                           \
+/* 8-bit storage (fastattn.cache, storage="int8" or "float8_e4m3"): keys hold one scale per
+ * channel for each group of FA_KV_GROUP tokens (rows of the storage), values one per token.
+ * The kernel folds the key scales into q (q * scale, once per group and row) and the value
+ * scales into the weights (p * scale, once per key and row), so that the inner loops only
+ * widen the stored bytes. */
+#define FA_KV_GROUP 32
+
+/* P V for RB rows at once, W vectors of output columns from column c, the columns held in
+ * registers across the nb keys: o[g][c] += sum_j p[g][j] v[j][c], each value vector
+ * loaded (and widened) once for the RB rows. With fewer than 8 accumulators, chains of
+ * FMAs would wait on the FMA latency (a d_v of 64 floats ran at a quarter of the FMA rate
+ * with one row), so two sets take alternate keys and are added at the end. The order of
+ * each output is fixed by the shape alone (RB and W follow from n_rows and d_v). */
+#define FA_DEC_PV_PASS(T, SUFFIX, RB, W, KT, LOADV)                                        \
     for (; c + (W) * n <= d_v; c += (W) * n) {                                             \
-        fa_vec_##SUFFIX a0[W], a1[W];                                                      \
-        for (int i = 0; i < (W); i++) {                                                    \
-            a0[i] = *(fa_vecu_##SUFFIX *)(o + c + i * n) * alpha;                          \
-            a1[i] = (fa_vec_##SUFFIX){0};                                                  \
-        }                                                                                  \
+        fa_vec_##SUFFIX a0[RB][W], a1[RB][W];                                              \
+        for (int g = 0; g < (RB); g++)                                                     \
+            for (int i = 0; i < (W); i++) {                                                \
+                a0[g][i] = *(fa_vecu_##SUFFIX *)(o + g * d_v + c + i * n);                  \
+                a1[g][i] = (fa_vec_##SUFFIX){0};                                           \
+            }                                                                              \
         ptrdiff_t j = 0;                                                                   \
-        if ((W) < 8)                                                                       \
+        if ((RB) * (W) < 8)                                                                \
             for (; j + 2 <= nb; j += 2) {                                                  \
-                const T p0 = p[j], p1 = p[j + 1];                                          \
                 const KT *v0 = v + j * d_v + c, *v1 = v0 + d_v;                            \
                 for (int i = 0; i < (W); i++) {                                            \
-                    a0[i] += p0 * LOADV(v0 + i * n);                                       \
-                    a1[i] += p1 * LOADV(v1 + i * n);                                       \
+                    const fa_vec_##SUFFIX x0 = LOADV(v0 + i * n), x1 = LOADV(v1 + i * n);  \
+                    for (int g = 0; g < (RB); g++) {                                       \
+                        a0[g][i] += p[g * FA_DECODE_BLOCK + j] * x0;                       \
+                        a1[g][i] += p[g * FA_DECODE_BLOCK + j + 1] * x1;                   \
+                    }                                                                      \
                 }                                                                          \
             }                                                                              \
         for (; j < nb; j++) {                                                              \
-            const T pj = p[j];                                                             \
-            for (int i = 0; i < (W); i++)                                                  \
-                a0[i] += pj * LOADV(v + j * d_v + c + i * n);                              \
+            fa_vec_##SUFFIX x[W];                                                          \
+            for (int i = 0; i < (W); i++) x[i] = LOADV(v + j * d_v + c + i * n);           \
+            for (int g = 0; g < (RB); g++) {                                               \
+                const T pj = p[g * FA_DECODE_BLOCK + j];                                   \
+                for (int i = 0; i < (W); i++) a0[g][i] += pj * x[i];                       \
+            }                                                                              \
         }                                                                                  \
-        for (int i = 0; i < (W); i++)                                                      \
-            *(fa_vecu_##SUFFIX *)(o + c + i * n) = (W) < 8 ? a0[i] + a1[i] : a0[i];        \
+        for (int g = 0; g < (RB); g++)                                                     \
+            for (int i = 0; i < (W); i++)                                                  \
+                *(fa_vecu_##SUFFIX *)(o + g * d_v + c + i * n) =                           \
+                    (RB) * (W) < 8 ? a0[g][i] + a1[g][i] : a0[g][i];                       \
     }
 
-/* T: the arithmetic (float or double), RS the suffix of its row operations (fa_exp.h);  \
- * KT: how keys and values are stored (T, or uint16_t holding bfloat16 for T = float);    \
- * LOADV(p): N lanes of T from KT *p; LOAD1(x): one. */                                    \
-#define FA_DEFINE_DECODE(T, IT, SUFFIX, EXP, KT, LOADV, LOAD1, RS)                         \
+/* Scores of RB rows x N/RB keys at once (RB <= N): each key vector loaded (and widened)
+ * once for the RB rows, q's RB vectors once for the N/RB keys. s[g][u] = scale q[g] . k[u]
+ * for u < count; each (row, key) sum runs over d in the same order whatever RB is, and the
+ * transposing tree sums every accumulator's lanes the same way, so a score does not depend
+ * on RB. */
+#define FA_DEC_SCORES_RB(T, SUFFIX, RB, KT, LOADV)                                         \
+static inline __attribute__((always_inline)) void fa_dec_scores##RB##_##SUFFIX(           \
+    const T *q, ptrdiff_t d, const KT *k, int count, T scale, T *s)                        \
+{                                                                                          \
+    enum { NK = FA_N_##SUFFIX / (RB) > 0 ? FA_N_##SUFFIX / (RB) : 1 };                     \
+    const int n = FA_N_##SUFFIX;                                                           \
+    /* (Sized for RB rows too, so that the blocks a narrow vector never runs compile.) */  \
+    fa_vec_##SUFFIX acc[FA_N_##SUFFIX > (RB) ? FA_N_##SUFFIX : (RB)];                     \
+    for (int u = 0; u < n; u++) acc[u] = (fa_vec_##SUFFIX){0};                             \
+    /* Key after key, each row read start to end, q's rows from L1 again for each: a   */ \
+    /* key vector loaded (and widened) once for the RB rows. (Reading the keys in step,  */ \
+    /* a vector of each in turn, held a step to 64-73% of the read floor with one row,   */ \
+    /* and was 10-20% slower with four.)                                                  */ \
+    _Pragma("GCC unroll 16")                                                               \
+    for (int u = 0; u < NK; u++) {                                                         \
+        const KT *ku = k + (u < count ? u : count - 1) * d;                                \
+        for (ptrdiff_t t = 0; t < d; t += n) {                                             \
+            const fa_vec_##SUFFIX kv = LOADV(ku + t);                                      \
+            for (int g = 0; g < (RB); g++)                                                 \
+                acc[g * NK + u] += *(const fa_vecu_##SUFFIX *)(q + g * d + t) * kv;        \
+        }                                                                                  \
+    }                                                                                      \
+    const fa_vec_##SUFFIX r = fa_lane_sums_##SUFFIX(acc) * scale;                          \
+    for (int g = 0; g < (RB); g++)                                                         \
+        for (int u = 0; u < count; u++) s[g * FA_DECODE_BLOCK + u] = r[g * NK + u];        \
+}
+
+/* T: the arithmetic (float or double), RS the suffix of its row operations (fa_exp.h);
+ * KT: how keys and values are stored (T; uint16_t holding bfloat16 or float16, int8_t,
+ * or uint8_t holding float8 e4m3, for T = float); LOADV(p): N lanes of T from KT *p;
+ * LOAD1(x): one; QUANT: 1 for the 8-bit kinds, whose scales the kernel applies. */
+#define FA_DEFINE_DECODE(T, IT, SUFFIX, EXP, KT, LOADV, LOAD1, RS, QUANT)                  \
 typedef T fa_vec_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                         \
 typedef T fa_vecu_##SUFFIX __attribute__((vector_size(FA_VBYTES), aligned(sizeof(T))));    \
 typedef IT fa_ivec_##SUFFIX __attribute__((vector_size(FA_VBYTES)));                       \
@@ -109,45 +159,95 @@ fa_lane_sums_##SUFFIX(fa_vec_##SUFFIX *x)                                       
     }                                                                                      \
     return x[0];                                                                           \
 }                                                                                          \
-/* s[g][u] = scale q[g] . k[u] for N keys (u < count; lanes from count on are garbage,  */ \
-/* computed on the last key again), for the n_rows query rows.                           */ \
+FA_DEC_SCORES_RB(T, SUFFIX, 1, KT, LOADV)                                                  \
+FA_DEC_SCORES_RB(T, SUFFIX, 2, KT, LOADV)                                                  \
+FA_DEC_SCORES_RB(T, SUFFIX, 4, KT, LOADV)                                                  \
+FA_DEC_SCORES_RB(T, SUFFIX, 8, KT, LOADV)                                                  \
+/* Scores of the n_rows rows against cnt keys: rows in blocks of 8, 4, 2, 1 (as many as  */ \
+/* the vector has lanes), each block in passes of N/RB keys. */                             \
 static inline __attribute__((always_inline)) void fa_dec_scores_##SUFFIX(                 \
-    const T *q, ptrdiff_t n_rows, ptrdiff_t d, const KT *k, int count, T scale, T *s)      \
+    const T *q, ptrdiff_t n_rows, ptrdiff_t d, const KT *k, ptrdiff_t cnt, T scale, T *s)  \
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
-    for (ptrdiff_t g = 0; g < n_rows; g++) {                                               \
-        fa_vec_##SUFFIX acc[FA_N_##SUFFIX];                                                \
-        for (int u = 0; u < n; u++) acc[u] = (fa_vec_##SUFFIX){0};                         \
-        /* Key after key, each row read start to end (q comes from L1 again for each): */ \
-        /* reading the N rows in step, a vector of each in turn, held a step to 64-73% */ \
-        /* of the read floor, this order 83-92%. Each acc[u] sums in the same order.   */ \
-        _Pragma("GCC unroll 16")                                                           \
-        for (int u = 0; u < n; u++) {                                                      \
-            const KT *ku = k + (u < count ? u : count - 1) * d;                            \
-            for (ptrdiff_t t = 0; t < d; t += n)                                           \
-                acc[u] += *(const fa_vecu_##SUFFIX *)(q + g * d + t) * LOADV(ku + t);      \
-        }                                                                                  \
-        *(fa_vecu_##SUFFIX *)(s + g * FA_DECODE_BLOCK) = fa_lane_sums_##SUFFIX(acc) * scale; \
+    ptrdiff_t g = 0;                                                                       \
+    if (n >= 8)                                                                            \
+        for (; g + 8 <= n_rows; g += 8)                                                    \
+            for (ptrdiff_t j = 0; j < cnt; j += n / 8)                                     \
+                fa_dec_scores8_##SUFFIX(q + g * d, d, k + j * d,                           \
+                                        (int)(cnt - j < n / 8 ? cnt - j : n / 8), scale,   \
+                                        s + g * FA_DECODE_BLOCK + j);                      \
+    if (n >= 4)                                                                            \
+        for (; g + 4 <= n_rows; g += 4)                                                    \
+            for (ptrdiff_t j = 0; j < cnt; j += n / 4)                                     \
+                fa_dec_scores4_##SUFFIX(q + g * d, d, k + j * d,                           \
+                                        (int)(cnt - j < n / 4 ? cnt - j : n / 4), scale,   \
+                                        s + g * FA_DECODE_BLOCK + j);                      \
+    for (; g + 2 <= n_rows; g += 2)                                                        \
+        for (ptrdiff_t j = 0; j < cnt; j += n / 2)                                         \
+            fa_dec_scores2_##SUFFIX(q + g * d, d, k + j * d,                               \
+                                    (int)(cnt - j < n / 2 ? cnt - j : n / 2), scale,       \
+                                    s + g * FA_DECODE_BLOCK + j);                          \
+    for (; g < n_rows; g++)                                                                \
+        for (ptrdiff_t j = 0; j < cnt; j += n)                                             \
+            fa_dec_scores1_##SUFFIX(q + g * d, d, k + j * d,                               \
+                                    (int)(cnt - j < n ? cnt - j : n), scale,               \
+                                    s + g * FA_DECODE_BLOCK + j);                          \
+}                                                                                          \
+/* Scores of cnt keys from k (rows of d), vectorised when d is whole vectors; with d a   */ \
+/* constant, the keys are one pointer plus constant offsets (with d a variable, GCC kept */ \
+/* a pointer per key and spilled them: a load per FMA).                                  */ \
+static inline void fa_dec_span_##SUFFIX(const T *q, ptrdiff_t n_rows, ptrdiff_t d,         \
+                                        const KT *k, ptrdiff_t cnt, T scale, T *s, int vec) \
+{                                                                                          \
+    if (!vec) {                                                                            \
+        for (ptrdiff_t j = 0; j < cnt; j++)                                                \
+            for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
+                s[g * FA_DECODE_BLOCK + j] = scale * fa_dot_##SUFFIX(q + g * d, k + j * d, d); \
+    } else if (d == 64) {                                                                  \
+        fa_dec_scores_##SUFFIX(q, n_rows, 64, k, cnt, scale, s);                           \
+    } else if (d == 128) {                                                                 \
+        fa_dec_scores_##SUFFIX(q, n_rows, 128, k, cnt, scale, s);                          \
+    } else {                                                                               \
+        fa_dec_scores_##SUFFIX(q, n_rows, d, k, cnt, scale, s);                            \
     }                                                                                      \
 }                                                                                          \
-/* o[c] = alpha o[c] + sum_j p[j] v[j][c] for c < d_v, nb keys, in passes of 16, 8, 4, 2  */ \
-/* and 1 vectors of columns held in registers across the keys (FA_DEC_PV_PASS). The 16  */ \
-/* vectors of a pass do not all fit the AVX2 register file (GCC keeps some in L1), but  */ \
-/* a 128-float row is then read in one pass rather than in two halves 512 bytes apart. */ \
-static inline void fa_dec_pv_##SUFFIX(const T *p, ptrdiff_t nb, const KT *v, ptrdiff_t d_v, \
-                                      T alpha, T *o)                                       \
+/* o[g][c] += sum_j p[g][j] v[j][c] for the n_rows rows, c < d_v, nb keys: rows in blocks */ \
+/* of 4, 2, 1, each in passes of 16/RB, then halves, of vectors of columns (the 16       */ \
+/* vectors of one row do not all fit the AVX2 register file, but a 128-float row is then */ \
+/* read in one pass rather than two).                                                     */ \
+static inline void fa_dec_pv_##SUFFIX(const T *p_all, ptrdiff_t n_rows, ptrdiff_t nb,      \
+                                      const KT *v, ptrdiff_t d_v, T *o_all)                \
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
-    ptrdiff_t c = 0;                                                                       \
-    FA_DEC_PV_PASS(T, SUFFIX, 16, KT, LOADV)                                               \
-    FA_DEC_PV_PASS(T, SUFFIX, 8, KT, LOADV)                                                \
-    FA_DEC_PV_PASS(T, SUFFIX, 4, KT, LOADV)                                                \
-    FA_DEC_PV_PASS(T, SUFFIX, 2, KT, LOADV)                                                \
-    FA_DEC_PV_PASS(T, SUFFIX, 1, KT, LOADV)                                                \
+    ptrdiff_t g = 0;                                                                       \
+    for (; g + 2 <= n_rows; g += 2) {                                                      \
+        const T *p = p_all + g * FA_DECODE_BLOCK;                                          \
+        T *o = o_all + g * d_v;                                                            \
+        ptrdiff_t c = 0;                                                                   \
+        FA_DEC_PV_PASS(T, SUFFIX, 2, 8, KT, LOADV)                                         \
+        FA_DEC_PV_PASS(T, SUFFIX, 2, 4, KT, LOADV)                                         \
+        FA_DEC_PV_PASS(T, SUFFIX, 2, 2, KT, LOADV)                                         \
+        FA_DEC_PV_PASS(T, SUFFIX, 2, 1, KT, LOADV)                                         \
+    }                                                                                      \
+    for (; g < n_rows; g++) {                                                              \
+        const T *p = p_all + g * FA_DECODE_BLOCK;                                          \
+        T *o = o_all + g * d_v;                                                            \
+        ptrdiff_t c = 0;                                                                   \
+        FA_DEC_PV_PASS(T, SUFFIX, 1, 16, KT, LOADV)                                        \
+        FA_DEC_PV_PASS(T, SUFFIX, 1, 8, KT, LOADV)                                         \
+        FA_DEC_PV_PASS(T, SUFFIX, 1, 4, KT, LOADV)                                         \
+        FA_DEC_PV_PASS(T, SUFFIX, 1, 2, KT, LOADV)                                         \
+        FA_DEC_PV_PASS(T, SUFFIX, 1, 1, KT, LOADV)                                         \
+    }                                                                                      \
 }                                                                                          \
+/* One work item: the n_rows rows of q against keys and values [0, n_keys) (see the top */ \
+/* of the file). 8-bit kinds (QUANT): ks points at the scales of the key group holding   */ \
+/* key 0, which is key `phase` of its group; vs at key 0's value scale; qs is scratch of */ \
+/* n_rows * d. Other kinds ignore the four.                                              */ \
 static inline void fa_decode_chunk_##SUFFIX(                                               \
     const T *q, ptrdiff_t n_rows, ptrdiff_t d, const KT *k, const KT *v, ptrdiff_t d_v,    \
-    ptrdiff_t n_keys, T scale, T softcap, T *m, double *l, T *o, T *s)                     \
+    ptrdiff_t n_keys, T scale, T softcap, const T *ks, const T *vs, ptrdiff_t phase,       \
+    T *m, double *l, T *o, T *s, T *qs)                                                    \
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
     const int vec = d % n == 0 && d_v % n == 0;                                            \
@@ -155,43 +255,46 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
     for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;                                 \
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
         ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;      \
-        if (vec) {                                                                         \
-            ptrdiff_t j = 0;                                                               \
-            /* With d a constant, the N rows are one pointer plus constant offsets; with */ \
-            /* d a variable, GCC keeps N row pointers and spills them (a load per FMA).  */ \
-            if (d == 64)                                                                   \
-                for (; j + n <= nb; j += n)                                                \
-                    fa_dec_scores_##SUFFIX(q, n_rows, 64, k + (j0 + j) * 64, n, scale, s + j); \
-            else if (d == 128)                                                             \
-                for (; j + n <= nb; j += n)                                                \
-                    fa_dec_scores_##SUFFIX(q, n_rows, 128, k + (j0 + j) * 128, n, scale, s + j); \
-            for (; j + n <= nb; j += n)                                                    \
-                fa_dec_scores_##SUFFIX(q, n_rows, d, k + (j0 + j) * d, n, scale, s + j);   \
-            if (j < nb)                                                                    \
-                fa_dec_scores_##SUFFIX(q, n_rows, d, k + (j0 + j) * d, (int)(nb - j),      \
-                                       scale, s + j);                                      \
+        if (!(QUANT)) {                                                                    \
+            fa_dec_span_##SUFFIX(q, n_rows, d, k + j0 * d, nb, scale, s, vec);             \
         } else {                                                                           \
-            for (ptrdiff_t j = 0; j < nb; j++)                                             \
+            /* Spans within one key group: q times the group's channel scales, then the */ \
+            /* stored bytes as they are.                                                */ \
+            for (ptrdiff_t j = 0; j < nb;) {                                               \
+                const ptrdiff_t at = phase + j0 + j;                                       \
+                ptrdiff_t stop = j + FA_KV_GROUP - at % FA_KV_GROUP;                       \
+                if (stop > nb) stop = nb;                                                  \
+                const T *sc = ks + at / FA_KV_GROUP * d;                                   \
                 for (ptrdiff_t g = 0; g < n_rows; g++)                                     \
-                    s[g * FA_DECODE_BLOCK + j] =                                           \
-                        scale * fa_dot_##SUFFIX(q + g * d, k + (j0 + j) * d, d);           \
+                    for (ptrdiff_t c = 0; c < d; c++) qs[g * d + c] = q[g * d + c] * sc[c]; \
+                fa_dec_span_##SUFFIX(qs, n_rows, d, k + (j0 + j) * d, stop - j, scale,     \
+                                     s + j, vec);                                          \
+                j = stop;                                                                  \
+            }                                                                              \
         }                                                                                  \
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
             T *sr = s + g * FA_DECODE_BLOCK;                                               \
-            if (softcap > 0) fa_softcap_row_##RS(sr, nb, softcap, (T)1 / softcap);     \
-            T m_new = fa_row_max_##RS(sr, nb);                                         \
+            if (softcap > 0) fa_softcap_row_##RS(sr, nb, softcap, (T)1 / softcap);         \
+            T m_new = fa_row_max_##RS(sr, nb);                                             \
             if (m[g] > m_new) m_new = m[g];                                                \
             T m_use = m_new == -INFINITY ? 0 : m_new;                                      \
             T alpha = EXP(m[g] - m_use);                                                   \
             m[g] = m_new;                                                                  \
-            l[g] = l[g] * alpha + fa_exp_shift_sum_##RS(sr, nb, m_use);                \
+            l[g] = l[g] * alpha + fa_exp_shift_sum_##RS(sr, nb, m_use);                    \
             T *orow = o + g * d_v;                                                         \
-            if (vec) {                                                                     \
-                fa_dec_pv_##SUFFIX(sr, nb, v + j0 * d_v, d_v, alpha, orow);                \
-                continue;                                                                  \
-            }                                                                              \
+            for (ptrdiff_t c = 0; c < d_v; c++) orow[c] *= alpha;                          \
+            if (QUANT)                                                                     \
+                for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];                    \
+        }                                                                                  \
+        if (vec) {                                                                         \
+            fa_dec_pv_##SUFFIX(s, n_rows, nb, v + j0 * d_v, d_v, o);                       \
+            continue;                                                                      \
+        }                                                                                  \
+        for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
+            const T *sr = s + g * FA_DECODE_BLOCK;                                         \
+            T *orow = o + g * d_v;                                                         \
             for (ptrdiff_t c = 0; c < d_v; c++) {                                          \
-                T acc = orow[c] * alpha;                                                   \
+                T acc = orow[c];                                                           \
                 for (ptrdiff_t j = 0; j < nb; j++) acc += sr[j] * LOAD1(v[(j0 + j) * d_v + c]); \
                 orow[c] = acc;                                                             \
             }                                                                              \
@@ -239,8 +342,8 @@ static inline void fa_decode_merge_##SUFFIX(const T *parts, const double *l_part
 #define FA_LOADV_f(p) (*(const fa_vecu_f *)(p))
 #define FA_LOADV_d(p) (*(const fa_vecu_d *)(p))
 #define FA_LOAD1_NATIVE(x) (x)
-FA_DEFINE_DECODE(float, int32_t, f, fa_expf, float, FA_LOADV_f, FA_LOAD1_NATIVE, f)
-FA_DEFINE_DECODE(double, int64_t, d, fa_exp, double, FA_LOADV_d, FA_LOAD1_NATIVE, d)
+FA_DEFINE_DECODE(float, int32_t, f, fa_expf, float, FA_LOADV_f, FA_LOAD1_NATIVE, f, 0)
+FA_DEFINE_DECODE(double, int64_t, d, fa_exp, double, FA_LOADV_d, FA_LOAD1_NATIVE, d, 0)
 
 /* bfloat16 and float16 keys and values, read in place and widened exactly as they are
  * loaded (fa_convert.h): the arithmetic is the float32 kernel's, so the result is bitwise
@@ -248,23 +351,43 @@ FA_DEFINE_DECODE(double, int64_t, d, fa_exp, double, FA_LOADV_d, FA_LOAD1_NATIVE
 typedef uint16_t fa_vh_bf __attribute__((vector_size(FA_VBYTES / 2), aligned(2)));
 typedef uint32_t fa_vw_bf __attribute__((vector_size(FA_VBYTES)));
 #define FA_LOADV_bf(p) ((fa_vec_bf)(__builtin_convertvector(*(const fa_vh_bf *)(p), fa_vw_bf) << 16))
-FA_DEFINE_DECODE(float, int32_t, bf, fa_expf, uint16_t, FA_LOADV_bf, fa_bf16_to_f32, f)
+FA_DEFINE_DECODE(float, int32_t, bf, fa_expf, uint16_t, FA_LOADV_bf, fa_bf16_to_f32, f, 0)
 
 /* float16: F16C's vcvtph2ps on a whole vector where the build has it (the AVX2 and AVX-512
  * builds), else lane by lane. */
-static inline __attribute__((always_inline)) fa_vec_bf fa_loadv_hf(const uint16_t *p)
+static inline __attribute__((always_inline)) fa_vec_bf fa_halves_to_vec(fa_vh_bf h)
 {
 #if defined(__AVX512F__) && FA_VBYTES == 64
-    return (fa_vec_bf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    return (fa_vec_bf)_mm512_cvtph_ps((__m256i)h);
 #elif defined(__F16C__) && FA_VBYTES == 32
-    return (fa_vec_bf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    return (fa_vec_bf)_mm256_cvtph_ps((__m128i)h);
 #else
     fa_vec_bf x;
-    for (int i = 0; i < FA_N_bf; i++) x[i] = fa_f16_to_f32(p[i]);
+    for (int i = 0; i < FA_N_bf; i++) x[i] = fa_f16_to_f32(h[i]);
     return x;
 #endif
 }
-#define FA_LOADV_hf(p) fa_loadv_hf(p)
-FA_DEFINE_DECODE(float, int32_t, hf, fa_expf, uint16_t, FA_LOADV_hf, fa_f16_to_f32, f)
+#define FA_LOADV_hf(p) fa_halves_to_vec(*(const fa_vh_bf *)(p))
+FA_DEFINE_DECODE(float, int32_t, hf, fa_expf, uint16_t, FA_LOADV_hf, fa_f16_to_f32, f, 0)
+
+/* int8 (with its scales, see FA_KV_GROUP): sign-extended and converted, vpmovsxbd and
+ * vcvtdq2ps. */
+typedef int8_t fa_vb_i8 __attribute__((vector_size(FA_VBYTES / 4), aligned(1)));
+typedef int32_t fa_vw_i8 __attribute__((vector_size(FA_VBYTES)));
+#define FA_LOADV_i8(p) __builtin_convertvector(__builtin_convertvector(*(const fa_vb_i8 *)(p), fa_vw_i8), fa_vec_bf)
+#define FA_LOAD1_i8(x) ((float)(x))
+FA_DEFINE_DECODE(float, int32_t, i8, fa_expf, int8_t, FA_LOADV_i8, FA_LOAD1_i8, f, 1)
+
+/* float8 e4m3: its bits moved into those of a float16 of 1/256 its value (fa_convert.h;
+ * the 256 is in the scales), then F16C as above. */
+typedef uint8_t fa_vb_f8 __attribute__((vector_size(FA_VBYTES / 4), aligned(1)));
+static inline __attribute__((always_inline)) fa_vec_bf fa_loadv_f8(const uint8_t *p)
+{
+    const fa_vh_bf h = __builtin_convertvector(*(const fa_vb_f8 *)p, fa_vh_bf);
+    return fa_halves_to_vec(((h & 0x80) << 8) | ((h & 0x7f) << 7));
+}
+#define FA_LOADV_f8(p) fa_loadv_f8(p)
+#define FA_LOAD1_f8(x) fa_f16_to_f32(fa_f8_to_f16_scaled(x))
+FA_DEFINE_DECODE(float, int32_t, f8, fa_expf, uint8_t, FA_LOADV_f8, FA_LOAD1_f8, f, 1)
 
 #endif

@@ -43,7 +43,7 @@
 #include "fa_simd.h"
 
 /* What the fused kernel's q, k, v hold (0: its compute dtype itself). */
-enum { FA_SRC_BF16 = 1, FA_SRC_F16 = 2, FA_SRC_F32 = 3 };
+/* (FA_SRC_BF16, FA_SRC_F16, FA_SRC_F32: fa_convert.h.) */
 /* The engines; FA_ENGINE_NONE: the float32 kernels (widening 16-bit inputs). */
 enum { FA_ENGINE_NONE = 0, FA_ENGINE_DPBF16 = 1, FA_ENGINE_AMX = 2, FA_ENGINE_AMX_EMU = 3 };
 
