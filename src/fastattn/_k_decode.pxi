@@ -34,7 +34,7 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kin
     cdef Py_ssize_t part = n_rows * (1 + d_v)
     # Per thread: the scores (rows of FA_DECODE_BLOCK keys, whole cache lines), then q
     # times the key scales (8-bit kinds).
-    cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK + (-(-n_rows * d // 16) * 16)
+    cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK + _round_up(n_rows * d, 16)
     cdef floating *parts
     cdef double *l_parts
     cdef floating *s_all
@@ -154,13 +154,16 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
     cdef const floating *sink_base = NULL
     cdef Py_buffer kb, vb
     cdef int team, kind = 0
-    cdef const float[:, :, ::1] ks_view
-    cdef const float[:, ::1] vs_view
+    cdef const float[:, :, :] ks_view
+    cdef const float[:, :] vs_view
     cdef KvScales sc
     sc.ks = sc.vs = NULL
     sc.ks_item = sc.vs_item = sc.phase = 0
     if ks is not None:
         ks_view, vs_view = ks, vs
+        if (ks_view.strides[2] != 4 or ks_view.strides[1] != 4 * ks_view.shape[2]
+                or vs_view.strides[1] != 4):
+            raise ValueError("decode: the rows of the scales must be contiguous")
         sc.ks, sc.vs = &ks_view[0, 0, 0], &vs_view[0, 0]
         sc.ks_item, sc.vs_item = ks_view.strides[0] // 4, vs_view.strides[0] // 4
         sc.phase = phase

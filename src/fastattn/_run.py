@@ -441,14 +441,17 @@ def _sixteen_bit(dtype):
     return dtype == np.float16 or is_bfloat16(dtype)
 
 
-def run_decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads):
+def run_decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads,
+               scales=None):
     """The decoding kernel on prepared arrays: q3 (n_groups, G, D), k3/v3 (n_kv, L_k,
-    D or D_v; in q3's dtype, or both bfloat16 or both float16 for float32 q3), sinks None or (n_groups,
-    G), out3 (n_groups, G, D_v), lse2 (n_groups, G); the kernel picks its team."""
+    D or D_v; in q3's dtype, or both bfloat16 or both float16 for float32 q3, or a KVCache's
+    8-bit storage with scales = (key scales, value scales, phase): see _kernels.decode),
+    sinks None or (n_groups, G), out3 (n_groups, G, D_v), lse2 (n_groups, G); the kernel
+    picks its team."""
     if is_bfloat16(k3.dtype):
         k3, v3 = k3.view(np.uint16), v3.view(np.uint16)  # the kernel widens the bits
-    _checked(_kernels.decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads),
-             "decoding scratch")
+    _checked(_kernels.decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads,
+                             *(scales or ())), "decoding scratch")
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,8 +11,17 @@ from ._validation import (as_array, check_flag, check_scale, check_sinks, check_
 __all__ = ["KVCache", "decode_step"]
 
 # storage= -> the dtype of the arrays that hold keys and values (None: the compute dtype);
-# bfloat16 is held as its bits, so that no optional package is needed.
-_STORAGES = {None: None, "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16)}
+# bfloat16 and float8 e4m3 are held as their bits, so that no optional package is needed.
+_STORAGES = {None: None, "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16),
+             "int8": np.dtype(np.int8), "float8_e4m3": np.dtype(np.uint8)}
+_EIGHT_BIT = ("int8", "float8_e4m3")
+# Tokens per group of key scales (an 8-bit cache's keys have one scale per channel for
+# each group of this many storage rows; the kernel's FA_KV_GROUP).
+GROUP = int(_kernels.KV_GROUP)
+
+
+# The 256 float8 e4m3 bit patterns as float32, by the kernels' own conversion.
+_F8 = _kernels.f8_to_f32(np.arange(256, dtype=np.uint8))
 
 
 def _zeros_aligned(shape, dtype, align=64):
@@ -36,12 +45,16 @@ class KVCache:
         Width of the values (defaults to ``head_dim``).
     dtype : float32 or float64, default float32
         The compute and result dtype of attention against the cache.
-    storage : {None, "bfloat16", "float16"}, optional
+    storage : {None, "bfloat16", "float16", "int8", "float8_e4m3"}, optional
         How keys and values are held: None, in ``dtype``; ``"bfloat16"`` or ``"float16"``,
-        in half the bytes of float32 (rounded to nearest even as they are appended), read
-        in place and widened by the decoding kernel. Such a cache refuses NaN and inf
-        (and float16 refuses values beyond its range, 65504) naming the argument, and
-        ``keys``/``values`` are then float copies of what it holds, not views.
+        in half the bytes of float32 (rounded to nearest even as they are appended);
+        ``"int8"`` or ``"float8_e4m3"``, in a quarter, with scales: keys have one per
+        channel for each group of 32 tokens (the group still filling is kept exactly
+        beside and re-quantized as tokens join it), values one per token. The decoding
+        kernel reads the stored bytes in place and widens them in registers. Such a cache
+        refuses NaN and inf (and float16 values beyond its range, 65504) naming the
+        argument, computes in float32, and ``keys``/``values`` are float copies of what it
+        holds (dequantized), not views. See the decoding guide for the error of each.
     window : int, optional
         Keep only the last ``window`` tokens (sliding-window attention); ``window <=
         capacity``. The cache is then a ring in which each token is written twice, so the
@@ -92,17 +105,33 @@ class KVCache:
             raise ValueError(f"window ({window}) must not exceed capacity ({capacity})")
         self.batch, self.kv_heads, self.head_dim, self.value_dim = batch, kv_heads, head_dim, value_dim
         self.dtype, self.window, self.on_full, self.storage = dtype, window, on_full, storage
-        rows = 2 * window if window is not None else capacity
-        self._store = _STORAGES[storage] or dtype  # bfloat16 is held as its bits (uint16)
-        self._k = _zeros_aligned((batch, kv_heads, rows, head_dim), self._store)
-        self._v = _zeros_aligned((batch, kv_heads, rows, value_dim), self._store)
+        self._store = _STORAGES[storage] or dtype  # bfloat16, float8: their bits
+        self._group = GROUP if storage in _EIGHT_BIT else 1  # rows per key scale
+        # A window is a ring of _ring slots, each written at slot and slot + _ring. With
+        # groups of key scales, the ring is whole groups and one more than the window, so
+        # that the slots of a group still filling hold only tokens out of the window.
+        self._ring = window if self._group == 1 or window is None else \
+            -(-window // GROUP) * GROUP + GROUP
+        self._capacity = capacity if window is None else window
+        self._allocate(2 * self._ring if window is not None else capacity)
         self._seen = 0  # tokens appended since the last reset
+
+    def _allocate(self, rows):
+        """Zeroed storage for `rows` rows (whole groups, for 8-bit storage)."""
+        rows = -(-rows // self._group) * self._group
+        b, h = self.batch, self.kv_heads
+        self._k = _zeros_aligned((b, h, rows, self.head_dim), self._store)
+        self._v = _zeros_aligned((b, h, rows, self.value_dim), self._store)
+        if self._group > 1:
+            self._ks = np.zeros((b, h, rows // self._group, self.head_dim), np.float32)
+            self._vs = np.zeros((b, h, rows), np.float32)
+            self._open = np.zeros((b, h, self._group, self.head_dim), np.float32)
 
     # ------------------------------------------------------------------ state
     @property
     def capacity(self):
         """Tokens the cache can hold (the window, when there is one)."""
-        return self.window if self.window is not None else self._k.shape[2]
+        return self._capacity
 
     @property
     def seen(self):
@@ -115,7 +144,7 @@ class KVCache:
 
     def _span(self):
         n = len(self)
-        start = 0 if self.window is None else (self._seen - n) % self.window
+        start = 0 if self.window is None else (self._seen - n) % self._ring
         return start, start + n
 
     @property
@@ -123,26 +152,39 @@ class KVCache:
         """The held keys, oldest first: (batch, kv_heads, len, head_dim), in ``dtype``: a
         view of the storage, or with ``storage=`` a float copy of it."""
         start, stop = self._span()
-        return self._widened(self._k[:, :, start:stop])
+        return self._widened(self._k[:, :, start:stop], start, getattr(self, "_ks", None))
 
     @property
     def values(self):
         """The held values, oldest first: (batch, kv_heads, len, value_dim), as ``keys``."""
         start, stop = self._span()
-        return self._widened(self._v[:, :, start:stop])
+        return self._widened(self._v[:, :, start:stop], start, getattr(self, "_vs", None))
 
     @property
     def nbytes(self):
-        """Bytes the cache holds for keys and values (its whole capacity)."""
-        return self._k.nbytes + self._v.nbytes
+        """Bytes the cache holds for keys and values (its whole capacity), scales and the
+        exact keys of the group still filling included."""
+        extra = (self._ks, self._vs, self._open) if self._group > 1 else ()
+        return self._k.nbytes + self._v.nbytes + sum(a.nbytes for a in extra)
 
-    def _widened(self, a):
-        """a (a view of the storage) in the compute dtype: itself, or a float32 copy."""
+    def _widened(self, a, start=0, scales=None):
+        """a (a view of the storage, rows from `start`) in the compute dtype: itself, or a
+        float32 copy (8-bit: times the scales of its rows, `scales` the keys' or values')."""
         if self.storage is None:
             return a
-        flat = _kernels.widen16(np.ascontiguousarray(a).view(np.uint16).reshape(-1),
-                                self.storage)
-        return flat.reshape(a.shape)
+        if self._group == 1:
+            flat = _kernels.widen16(np.ascontiguousarray(a).view(np.uint16).reshape(-1),
+                                    self.storage)
+            return flat.reshape(a.shape)
+        rows = np.arange(start, start + a.shape[2])
+        if scales is self._ks:
+            scale = scales[:, :, rows // self._group]
+        else:
+            scale = scales[:, :, rows, None]
+        if self.storage == "int8":
+            return a.astype(np.float32) * scale
+        # the e4m3 scales hold 256 times the step (fa_quant.h): exact to take out
+        return _F8[a] * (scale / np.float32(256))
 
     def _stored(self, name, a):
         """a (validated) as the storage holds it: itself, or its 16-bit bits, refusing NaN
@@ -193,42 +235,93 @@ class KVCache:
                              f"and v.shape={v.shape}")
         if n == 0:
             return
-        k, v = self._stored("k", k), self._stored("v", v)
-        if self.window is not None:
-            if n > self.window:
-                raise ValueError(f"one append may bring at most window={self.window} tokens, got {n}")
-            slots = (self._seen + np.arange(n)) % self.window
-            rows = np.concatenate([slots, slots + self.window])
-            self._write(rows, np.concatenate([k, k], axis=2), np.concatenate([v, v], axis=2))
-        else:
-            if self._seen + n > self._k.shape[2]:
-                if self.on_full == "raise":
-                    raise ValueError(
-                        f"KVCache is full: capacity {self._k.shape[2]}, holding {self._seen}, "
-                        f"appending {n}; construct it with a larger capacity or on_full='grow'"
-                    )
-                self._grow(self._seen + n)
-            self._write(np.arange(self._seen, self._seen + n), k, v)
+        if self.window is not None and n > self.window:
+            raise ValueError(f"one append may bring at most window={self.window} tokens, got {n}")
+        writes = self._quantized(k, v) if self._group > 1 else (
+            self._placed("_k", self._seen, self._stored("k", k))
+            + self._placed("_v", self._seen, self._stored("v", v)))
+        if self.window is None and self._seen + n > self._capacity:
+            if self.on_full == "raise":
+                raise ValueError(
+                    f"KVCache is full: capacity {self._capacity}, holding {self._seen}, "
+                    f"appending {n}; construct it with a larger capacity or on_full='grow'"
+                )
+            self._grow(self._seen + n)
+        self._write(writes)
         self._seen += n
 
-    def _write(self, rows, k, v):
-        """Write tokens into storage rows; on any exception put the old rows back."""
-        old_k, old_v = self._k[:, :, rows], self._v[:, :, rows]
+    def _placed(self, name, first, data, per=1):
+        """[(name, index, data)]: data (token or group rows along axis 2) written from row
+        `first` of the attribute `name` (per: tokens per row), twice round a window's ring."""
+        n = data.shape[2]
+        if self.window is None:
+            return [(name, slice(first, first + n), data)]
+        ring = self._ring // per
+        slots = (first + np.arange(n)) % ring
+        return [(name, np.concatenate([slots, slots + ring]), np.concatenate([data, data], axis=2))]
+
+    def _quantized(self, k, v):
+        """The writes of an append to an 8-bit cache: the group still filling re-quantized
+        from its exact keys with the new ones, the following groups, the values, and the
+        exact keys of the group left filling."""
+        group, seen, n = self._group, self._seen, k.shape[2]
+        k32, v32 = np.asarray(k, np.float32), np.asarray(v, np.float32)
+        filled = seen % group  # tokens already in the open group
+        first = min(n, group - filled) if filled else 0
+        pieces = []  # (first position, exact keys) of whole groups or a last partial one
+        if first:
+            pieces.append((seen - filled, np.concatenate([self._open[:, :, :filled],
+                                                          k32[:, :, :first]], axis=2)))
+        if first < n:
+            pieces.append((seen + first, k32[:, :, first:]))
+        threads = _kernels.max_threads()
+        writes = []
+        for at, keys in pieces:
+            quantized = _kernels.quantize(_rows_contiguous(keys), group, self.storage, threads)
+            if quantized is None:
+                raise ValueError(f"k holds NaN or inf: a cache with storage={self.storage!r} "
+                                 f"refuses them")
+            writes += self._placed("_k", at, quantized[0])
+            writes += self._placed("_ks", at // group, quantized[1], per=group)
+        quantized = _kernels.quantize(_rows_contiguous(v32), 0, self.storage, threads)
+        if quantized is None:
+            raise ValueError(f"v holds NaN or inf: a cache with storage={self.storage!r} "
+                             f"refuses them")
+        writes += self._placed("_v", seen, quantized[0])
+        writes += self._placed("_vs", seen, quantized[1])
+        left = (seen + n) % group
+        if left:
+            writes.append(("_open", slice(0, left), pieces[-1][1][:, :, -left:]))
+        return writes
+
+    def _write(self, writes):
+        """Do writes, (attribute name, index along axis 2, data); on any exception (an
+        interrupt) put every old row back, so that the append happened or did not."""
+        done = []
         try:
-            self._k[:, :, rows] = k
-            self._v[:, :, rows] = v
+            for name, index, data in writes:
+                a = getattr(self, name)
+                done.append((a, index, a[:, :, index].copy()))
+                a[:, :, index] = data
         except BaseException:
-            self._k[:, :, rows] = old_k
-            self._v[:, :, rows] = old_v
+            for a, index, old in reversed(done):
+                a[:, :, index] = old
             raise
 
     def _grow(self, needed):
-        capacity = max(needed, 2 * self._k.shape[2])
-        k = _zeros_aligned(self._k.shape[:2] + (capacity, self.head_dim), self._store)
-        v = _zeros_aligned(self._v.shape[:2] + (capacity, self.value_dim), self._store)
-        k[:, :, :self._seen] = self._k[:, :, :self._seen]
-        v[:, :, :self._seen] = self._v[:, :, :self._seen]
-        self._k, self._v = k, v
+        old = {name: getattr(self, name) for name in ("_k", "_v", "_ks", "_vs", "_open")
+               if hasattr(self, name)}
+        self._capacity = max(needed, 2 * self._capacity)
+        self._allocate(self._capacity)
+        kept = {"_ks": -(-self._seen // self._group), "_open": self._group}
+        for name, a in old.items():
+            rows = kept.get(name, self._seen)
+            getattr(self, name)[:, :, :rows] = a[:, :, :rows]
+
+
+def _rows_contiguous(a):
+    """a with its last axis contiguous (the quantizing kernel's rows), a view when it is."""
+    return a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a)
 
 
 def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse):
@@ -265,11 +358,16 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
     result = np.empty((n_groups, group, d_v), q.dtype)
     lse = np.empty((n_groups, group), q.dtype)
     # The storage's views, (batch, kv_heads, n_keys, D): rows contiguous, read in place
-    # (16-bit storage too: the kernel widens it as it loads it).
+    # (16- and 8-bit storage too: the kernel widens it as it loads it; 8-bit with the
+    # scales from the group of the first row, which is row `phase` of it).
     start, stop = cache._span()
+    scales = None
+    if cache._group > 1:
+        scales = (cache._ks[:, :, start // cache._group:].reshape(n_groups, -1, d_head),
+                  cache._vs[:, :, start:stop].reshape(n_groups, n_keys), start % cache._group)
     run_decode(q.reshape(n_groups, group, d_head),
                cache._k[:, :, start:stop].reshape(n_groups, n_keys, d_head),
                cache._v[:, :, start:stop].reshape(n_groups, n_keys, d_v),
-               identity_index(n_groups), scale, softcap, sinks, result, lse, n_threads)
+               identity_index(n_groups), scale, softcap, sinks, result, lse, n_threads, scales)
     result = result.reshape(batch, heads, 1, d_v)
     return (result, lse.reshape(batch, heads, 1)) if return_lse else result
