@@ -78,6 +78,9 @@ DECODE_CASES = [
     # D 128, 16,384 tokens (512 MiB as float32); each against the float32 cache.
     Case("storage bfloat16", "storage", (4, 32, 8, 16384, 128), dtype="bfloat16", repeat=7),
     Case("storage float16", "storage", (4, 32, 8, 16384, 128), dtype="float16", repeat=7),
+    Case("storage int8", "storage", (4, 32, 8, 16384, 128), dtype="int8", repeat=7),
+    Case("storage float8_e4m3", "storage", (4, 32, 8, 16384, 128), dtype="float8_e4m3",
+         repeat=7),
 ]
 
 QUICK_CASES = [
