@@ -180,39 +180,49 @@ def test_bad_appends_raise_naming_the_argument_and_write_nothing(arg, value, exc
     assert len(cache) == 2 and np.array_equal(cache._k, before[0]) and np.array_equal(cache._v, before[1])
 
 
-def test_an_append_interrupted_midway_is_rolled_back():
+@pytest.mark.parametrize("storage", [None, "int8"])
+def test_an_append_interrupted_midway_is_rolled_back(storage):
     class Interrupting(fastattn.KVCache):
         armed = False
 
-        def _write(self, rows, k, v):
+        def _write(self, writes):
             if not self.armed:
-                return super()._write(rows, k, v)
+                return super()._write(writes)
             original = self._v
 
             class InterruptOnWrite:  # the keys are written, then the values' write is interrupted
+                fired = False
+
                 def __setitem__(self, key, value):
-                    raise KeyboardInterrupt
+                    if not self.fired:
+                        self.fired = True
+                        raise KeyboardInterrupt
+                    original[key] = value
 
                 def __getitem__(self, key):
                     return original[key]
 
             self._v = InterruptOnWrite()
             try:
-                return super()._write(rows, k, v)
+                return super()._write(writes)
             finally:
                 self._v = original
 
     for window in (None, 3):
-        cache = Interrupting(1, 1, 6, 2, window=window)
+        cache = Interrupting(1, 1, 6, 2, window=window, storage=storage)
         for t in range(4 if window else 2):
             cache.append(np.full((1, 1, 1, 2), t), np.full((1, 1, 1, 2), t))
         keys, values, seen = cache.keys.copy(), cache.values.copy(), cache.seen
+        state = [getattr(cache, n).copy() for n in ("_k", "_v", "_ks", "_vs", "_open")
+                 if hasattr(cache, n)]
         cache.armed = True
         with pytest.raises(KeyboardInterrupt):
             cache.append(np.full((1, 1, 2, 2), 99), np.full((1, 1, 2, 2), 99))
         cache.armed = False
         assert cache.seen == seen, window
         assert np.array_equal(cache.keys, keys) and np.array_equal(cache.values, values), window
+        assert all(np.array_equal(getattr(cache, n), a) for n, a in
+                   zip(("_k", "_v", "_ks", "_vs", "_open"), state)), window
         cache.append(np.full((1, 1, 1, 2), 7), np.full((1, 1, 1, 2), 7))  # still usable
         assert cache.keys[0, 0, -1, 0] == 7
 
