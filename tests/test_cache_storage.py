@@ -50,10 +50,11 @@ def test_windows_growth_and_general_calls(storage):
         grow.append(k[:, :, lo:hi], v[:, :, lo:hi])
     assert np.array_equal(ring.keys, rounded(k[:, :, 40:], storage))
     assert np.array_equal(grow.values, rounded(v, storage))
-    # several queries (the general path) against the held tokens
+    # several queries (in place: the decoding kernel and the last two tokens' triangle)
     got = fastattn.attention(q, cache=grow, causal=True)
-    assert np.array_equal(got, fastattn.attention(q, rounded(k, storage), rounded(v, storage),
-                                                  causal=True))
+    np.testing.assert_allclose(got, float64_attention(q, rounded(k, storage),
+                                                      rounded(v, storage), causal=True),
+                               rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("storage", list(DTYPES))
@@ -229,7 +230,7 @@ BOUNDS = {None: 1e-6, "bfloat16": 1.2e-2, "float16": 2e-3, "int8": 3e-2, "float8
 @pytest.mark.parametrize("storage", list(BOUNDS))
 def test_error_on_outlier_channel_keys_is_within_the_documented_bound(storage):
     q, k, v = outlier_keys(0)
-    exact = np.array(float64_attention_gqa(q, k, v))
+    exact = float64_attention(q, k, v)
     cache = KVCache(1, 2, 512, 128, storage=storage)
     for lo, hi in ((0, 1), (1, 100), (100, 512)):
         cache.append(k[:, :, lo:hi], v[:, :, lo:hi])
@@ -238,9 +239,15 @@ def test_error_on_outlier_channel_keys_is_within_the_documented_bound(storage):
     assert rel <= BOUNDS[storage], rel
 
 
-def float64_attention_gqa(q, k, v):
+def float64_attention(q, k, v, causal=False):
+    """Plain float64 attention, kv heads repeated for their query heads; causal aligned
+    bottom-right (every query sees at least its own key here)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     k, v = (np.repeat(a, q.shape[1] // a.shape[1], axis=1) for a in (k, v))
     s = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    if causal:
+        n_q, n_k = s.shape[-2:]
+        s = np.where(np.arange(n_k) <= np.arange(n_q)[:, None] + n_k - n_q, s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     return (p / p.sum(-1, keepdims=True)) @ v
 
@@ -288,3 +295,27 @@ def test_eight_bit_growth_window_and_full(storage):
     with pytest.raises(ValueError, match="KVCache is full"):
         full.append(np.ones((1, 1, 2, 4)), np.ones((1, 1, 2, 4)))
     assert len(full) == 39 and full.capacity == 40
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8", "float8_e4m3"])
+@pytest.mark.parametrize("n_queries, causal, window", [(2, True, None), (7, True, 40),
+                                                       (5, False, None), (16, True, None),
+                                                       (40, True, None)])
+def test_several_queries_read_the_storage_in_place(monkeypatch, storage, n_queries, causal,
+                                                   window):
+    rng = np.random.default_rng(n_queries)
+    cache = KVCache(2, 2, 128, 32, value_dim=24, storage=storage, window=window)
+    for n in (30, 25, 20):
+        cache.append(rng.standard_normal((2, 2, n, 32)), rng.standard_normal((2, 2, n, 24)))
+    keys, values = cache.keys, cache.values
+    q = rng.standard_normal((2, 4, n_queries, 32)).astype(np.float32)
+    sinks = rng.standard_normal((2, 4)).astype(np.float32)
+    if n_queries * 2 <= fastattn.cache.IN_PLACE_ROWS:  # else the general path, on a copy
+        monkeypatch.setattr(KVCache, "keys", property(lambda self: pytest.fail("copied")))
+    got, lse = fastattn.attention(q, cache=cache, causal=causal, softcap=5.0, sinks=sinks,
+                                  return_lse=True)
+    k, v = (np.repeat(a, 2, axis=1).tolist() for a in (keys, values))
+    want, want_lse = reference.attention(q.tolist(), k, v, causal=causal, softcap=5.0,
+                                         sinks=sinks.tolist(), return_lse=True)
+    np.testing.assert_allclose(got, np.array(want), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(lse, np.array(want_lse), rtol=2e-5, atol=2e-6)

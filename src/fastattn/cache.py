@@ -324,23 +324,38 @@ def _rows_contiguous(a):
     return a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a)
 
 
+# Query rows per kv head (heads sharing it x queries) up to which several queries against a
+# cache with storage= are decoded in place (the decoding kernel keeps every row's partial
+# state per chunk of keys); more take the general path on a float32 copy of the cache,
+# where the fused kernel's GEMM tiles pay for the copy.
+IN_PLACE_ROWS = 64
+
+
 def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse):
     """One decoding step against a cache, or None to take the general path.
 
     The common call while generating, ``attention(q, cache=cache)`` with q of shape
     (batch, heads, 1, head_dim) in the cache's dtype, C-contiguous: the same kernel call
     as the general path (so bitwise the same result) without its shape planning, which
-    cost about 6 us of a 38 us step over 32 heads x 128 tokens. Anything else (other
-    shapes or dtypes, an empty cache) returns None and goes through the full validation.
+    cost about 6 us of a 38 us step over 32 heads x 128 tokens. With storage=, also a few
+    queries at once (chunked prefill, speculative decoding; see _queries_in_place).
+    Anything else (other shapes or dtypes, an empty cache) returns None and goes through
+    the full validation.
     """
     if not (type(q) is np.ndarray and q.dtype == cache.dtype and q.ndim == 4
             and q.flags.c_contiguous):
         return None
     batch, heads, n_queries, d_head = q.shape
     kv_heads, n_keys = cache.kv_heads, len(cache)
-    if (batch != cache.batch or n_queries != 1 or d_head != cache.head_dim
+    if (batch != cache.batch or d_head != cache.head_dim
             or heads == 0 or heads % kv_heads or n_keys == 0):
         return None
+    if n_queries != 1:
+        if (cache.storage is None or n_queries == 0 or n_queries > n_keys
+                or heads // kv_heads * n_queries > IN_PLACE_ROWS):
+            return None
+        return _queries_in_place(q, cache, check_flag("causal", causal), scale, softcap, sinks,
+                                 num_threads, return_lse)
     check_flag("causal", causal)  # one query, the newest token: causal changes nothing
     if scale is None and softcap is None and sinks is None and not return_lse:
         # The plainest step, the one generation repeats: checked and run in compiled code.
@@ -349,25 +364,62 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
                               check_threads(num_threads))
         if result is not None:
             return result
+    result, lse = _decode(q, cache, 0, n_keys, scale, softcap, sinks, num_threads)
+    return (result, lse) if return_lse else result
+
+
+def _decode(q, cache, first, stop, scale, softcap, sinks, num_threads):
+    """(out, lse) of the queries of q (batch, heads, L_q, D) against held tokens [first,
+    stop), every query seeing every one of them, by the decoding kernel on the storage
+    in place: each kv head's G x L_q query rows are one group of rows."""
+    batch, heads, n_queries, d_head = q.shape
+    kv_heads, n_keys = cache.kv_heads, stop - first
     scale = check_scale(scale, d_head)
     softcap = check_softcap(softcap)
     n_threads = check_threads(num_threads)
-    group, n_groups, d_v = heads // kv_heads, batch * kv_heads, cache.value_dim
+    rows, n_groups, d_v = heads // kv_heads * n_queries, batch * kv_heads, cache.value_dim
     if sinks is not None:
-        sinks = check_sinks(sinks, (batch, heads), q.dtype).reshape(n_groups, group)
-    result = np.empty((n_groups, group, d_v), q.dtype)
-    lse = np.empty((n_groups, group), q.dtype)
+        sinks = np.ascontiguousarray(np.broadcast_to(
+            check_sinks(sinks, (batch, heads), q.dtype)[..., None], q.shape[:3])
+        ).reshape(n_groups, rows)
+    result = np.empty((n_groups, rows, d_v), q.dtype)
+    lse = np.empty((n_groups, rows), q.dtype)
     # The storage's views, (batch, kv_heads, n_keys, D): rows contiguous, read in place
     # (16- and 8-bit storage too: the kernel widens it as it loads it; 8-bit with the
     # scales from the group of the first row, which is row `phase` of it).
-    start, stop = cache._span()
+    start = cache._span()[0] + first
     scales = None
     if cache._group > 1:
         scales = (cache._ks[:, :, start // cache._group:].reshape(n_groups, -1, d_head),
-                  cache._vs[:, :, start:stop].reshape(n_groups, n_keys), start % cache._group)
-    run_decode(q.reshape(n_groups, group, d_head),
-               cache._k[:, :, start:stop].reshape(n_groups, n_keys, d_head),
-               cache._v[:, :, start:stop].reshape(n_groups, n_keys, d_v),
+                  cache._vs[:, :, start:start + n_keys].reshape(n_groups, n_keys),
+                  start % cache._group)
+    run_decode(q.reshape(n_groups, rows, d_head),
+               cache._k[:, :, start:start + n_keys].reshape(n_groups, n_keys, d_head),
+               cache._v[:, :, start:start + n_keys].reshape(n_groups, n_keys, d_v),
                identity_index(n_groups), scale, softcap, sinks, result, lse, n_threads, scales)
-    result = result.reshape(batch, heads, 1, d_v)
-    return (result, lse.reshape(batch, heads, 1)) if return_lse else result
+    return (result.reshape(batch, heads, n_queries, d_v),
+            lse.reshape(batch, heads, n_queries))
+
+
+def _queries_in_place(q, cache, causal, scale, softcap, sinks, num_threads, return_lse):
+    """attention(q, cache=cache) for L_q > 1 queries against a cache with storage=, reading
+    the storage in place. Without causal, every query sees every token: one decoding call.
+    With causal, query i (of the last L_q tokens) sees tokens up to n - L_q + i: the first
+    n - L_q + 1 tokens, which all see, go through the decoding kernel in place, and the
+    last L_q - 1 (a float32 copy of them) through the fused kernel with causal alignment;
+    the two parts are merged exactly (merge_attention), sinks counted once."""
+    from .api import attention, merge_attention
+
+    n_keys, n_queries = len(cache), q.shape[2]
+    shared = n_keys - n_queries + 1 if causal else n_keys
+    out, lse = _decode(q, cache, 0, shared, scale, softcap, sinks, num_threads)
+    if shared < n_keys:
+        start, stop = cache._span()
+        tail_k = cache._widened(cache._k[:, :, start + shared:stop], start + shared,
+                                getattr(cache, "_ks", None))
+        tail_v = cache._widened(cache._v[:, :, start + shared:stop], start + shared,
+                                getattr(cache, "_vs", None))
+        out, lse = merge_attention(out, lse, *attention(
+            q, tail_k, tail_v, causal=True, scale=scale, softcap=softcap, return_lse=True,
+            num_threads=num_threads))
+    return (out, lse) if return_lse else out
