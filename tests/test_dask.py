@@ -239,3 +239,23 @@ def test_sharded_cache_decodes_as_one_cache(client):
     with pytest.raises(ValueError, match="do not fit"):
         sharded.append(np.zeros((b, h_kv, 40, d), np.float32), np.zeros((b, h_kv, 40, d), np.float32))
     assert sharded.lengths == [40, 40, 5]
+
+
+@pytest.mark.cluster
+def test_sharded_cache_holds_its_shards_in_the_storage_asked(client):
+    rng = np.random.default_rng(5)
+    b, h, h_kv, d = 1, 4, 2, 32
+    sharded = fd.ShardedKVCache(client, b, h_kv, d, shard_capacity=40, n_shards=3,
+                                storage="int8")
+    exact = fastattn.KVCache(b, h_kv, 120, d)
+    k, v = (rng.standard_normal((b, h_kv, 100, d)).astype(np.float32) for _ in range(2))
+    for lo, hi in ((0, 70), (70, 71), (71, 100)):
+        sharded.append(k[:, :, lo:hi], v[:, :, lo:hi])
+        exact.append(k[:, :, lo:hi], v[:, :, lo:hi])
+    for q in (rng.standard_normal((b, h, 1, d)), rng.standard_normal((b, h, 3, d))):
+        q = q.astype(np.float32)
+        got, want = sharded.attention(q), fastattn.attention(q, cache=exact, causal=True)
+        rel = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+        assert 1e-5 < rel < 3e-2, rel  # quantized (so held in int8), within int8's bound
+    with pytest.raises(ValueError, match="storage must be one of"):
+        fd.ShardedKVCache(client, b, h_kv, d, shard_capacity=40, n_shards=1, storage="int4")

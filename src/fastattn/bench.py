@@ -377,8 +377,18 @@ def _storage_row(case, against, threads, min_time, gap):
     floor_buf = np.ones(-(-moved // block) * block // 4, np.float32)
     contenders["floor"] = lambda: _kernels.read_sum(floor_buf, threads)
     times = time_alternating(contenders, case.repeat, min_time, gap, fastest=("floor",))
+    # Appending (quantizing) a 4096-token chunk into a cache whose group is half filled.
+    chunk = rng.standard_normal((b, h_kv, 4096, d), dtype=np.float32)
+    target = KVCache(b, h_kv, 4096 + 16, d, storage=case.dtype)
+
+    def append():
+        target.reset()
+        target.append(chunk[:, :, :16], chunk[:, :, :16])
+        target.append(chunk, chunk)
+    appended = time_alternating({"append": append}, 5, min_time, gap)["append"]
     return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s",
-                   "float32": times.pop("float32 cache"), "floor": times.pop("floor")}
+                   "float32": times.pop("float32 cache"), "floor": times.pop("floor"),
+                   "append": 2 * chunk.nbytes / appended / 1e9}
 
 
 _ROWS = {"attention": _attention_row, "decode": _decode_row, "projection": _projection_row,
@@ -462,9 +472,10 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
                      f"{_fmt_time(extra['arrays'])}"
                      + ("" if tt is None else f" ({tt / extra['arrays']:.2f}x torch)"))
         if case.kind == "storage":
-            rate += (f" ({extra['float32'] / fa:.2f}x the float32 cache's "
+            rate += (f" ({fa / extra['float32']:.2f}x the float32 cache's time, "
                      f"{_fmt_time(extra['float32'])}; read floor of its bytes "
-                     f"{_fmt_time(extra['floor'])}: {100 * extra['floor'] / fa:.0f}%)")
+                     f"{_fmt_time(extra['floor'])}: {100 * extra['floor'] / fa:.0f}%; "
+                     f"append of 4096 tokens {extra['append']:.1f} GB/s of float32)")
         if "fma_gflops" in extra:
             peak = "fma_" + case.dtype
             ceil[peak] = max(ceil[peak], extra["fma_gflops"])

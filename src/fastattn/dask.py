@@ -292,10 +292,10 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, soft
 class _Shard:
     """One shard of a ShardedKVCache: a KVCache living on one worker (a dask actor)."""
 
-    def __init__(self, batch, kv_heads, capacity, head_dim, value_dim, dtype):
+    def __init__(self, batch, kv_heads, capacity, head_dim, value_dim, dtype, storage):
         from .cache import KVCache
         self.cache = KVCache(batch, kv_heads, capacity, head_dim, value_dim=value_dim,
-                             dtype=dtype)
+                             dtype=dtype, storage=storage)
 
     def append(self, k, v):
         self.cache.append(k, v)
@@ -313,6 +313,9 @@ class _Shard:
             shape = q.shape[:-1]
             return (np.zeros(shape + (self.cache.value_dim,), q.dtype),
                     np.full(shape, -np.inf, q.dtype))
+        if mask is None:  # every query sees every key here: the cache's own path, in place
+            return api.attention(q, cache=self.cache, scale=scale, softcap=softcap,
+                                 return_lse=True, num_threads=num_threads)
         return api.attention(q, self.cache.keys, self.cache.values, mask=mask, scale=scale,
                              softcap=softcap, return_lse=True, num_threads=num_threads)
 
@@ -339,6 +342,8 @@ class ShardedKVCache:
         Shards, placed round-robin on the client's workers.
     value_dim : int, optional
     dtype : float32 or float64
+    storage : {None, "bfloat16", "float16", "int8", "float8_e4m3"}, optional
+        How each shard holds its keys and values, as in :class:`fastattn.KVCache`.
 
     Examples
     --------
@@ -360,7 +365,7 @@ class ShardedKVCache:
     """
 
     def __init__(self, client, batch, kv_heads, head_dim, *, shard_capacity, n_shards,
-                 value_dim=None, dtype=np.float32):
+                 value_dim=None, dtype=np.float32, storage=None):
         self.shard_capacity = positive_int("shard_capacity", shard_capacity)
         n_shards = positive_int("n_shards", n_shards)
         workers = sorted(client.scheduler_info()["workers"])
@@ -368,9 +373,12 @@ class ShardedKVCache:
             raise ValueError("the client has no workers")
         self.value_dim = head_dim if value_dim is None else value_dim
         self.dtype = np.dtype(dtype)
+        self.storage = storage
+        from .cache import KVCache
+        KVCache(1, 1, 1, 1, dtype=self.dtype, storage=storage)  # its errors, here, at once
         self.workers = [workers[i % len(workers)] for i in range(n_shards)]
         futures = [client.submit(_Shard, batch, kv_heads, self.shard_capacity, head_dim,
-                                 self.value_dim, self.dtype, actor=True, workers=[w],
+                                 self.value_dim, self.dtype, storage, actor=True, workers=[w],
                                  pure=False)
                    for w in self.workers]
         self.shards = [f.result() for f in futures]
