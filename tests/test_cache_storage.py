@@ -380,3 +380,22 @@ def test_a_tiny_llama_decodes_the_float32_tokens(storage):
     assert rel <= BOUNDS[storage], rel
     if storage != "float8_e4m3":
         assert model.decode(prompt, 40, storage)[0] == tokens
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16", "int8", "float8_e4m3"])
+@pytest.mark.parametrize("window", [None, 40])
+def test_the_plain_step_takes_the_compiled_path_bitwise(monkeypatch, storage, window):
+    compiled, path = [], fastattn.cache.cache_decode
+    monkeypatch.setattr(fastattn.cache, "cache_decode",
+                        lambda *args: compiled.append(path(*args)) or compiled[-1])
+    rng = np.random.default_rng(7)
+    cache = KVCache(2, 2, 8 if window is None else 64, 24, value_dim=40, storage=storage,
+                    window=window,
+                    on_full="grow" if window is None else "raise")
+    for step in range(70):  # grows, or wraps the ring (starting mid-group)
+        cache.append(rng.standard_normal((2, 2, 1, 24)), rng.standard_normal((2, 2, 1, 40)))
+        q = rng.standard_normal((2, 6, 1, 24)).astype(np.float32)
+        plain = fastattn.attention(q, cache=cache)
+        general = fastattn.attention(q, cache=cache, return_lse=True)[0]  # the Python path
+        assert np.array_equal(plain, general), step
+    assert len(compiled) == 70 and all(c is not None for c in compiled)

@@ -161,8 +161,9 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
     sc.ks_item = sc.vs_item = sc.phase = 0
     if ks is not None:
         ks_view, vs_view = ks, vs
-        if (ks_view.strides[2] != 4 or ks_view.strides[1] != 4 * ks_view.shape[2]
-                or vs_view.strides[1] != 4):
+        if ((ks_view.shape[2] > 1 and ks_view.strides[2] != 4)  # (an axis of one: any stride)
+                or (ks_view.shape[1] > 1 and ks_view.strides[1] != 4 * ks_view.shape[2])
+                or (vs_view.shape[1] > 1 and vs_view.strides[1] != 4)):
             raise ValueError("decode: the rows of the scales must be contiguous")
         sc.ks, sc.vs = &ks_view[0, 0, 0], &vs_view[0, 0]
         sc.ks_item, sc.vs_item = ks_view.strides[0] // 4, vs_view.strides[0] // 4
@@ -197,10 +198,12 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
 cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const void *v_buf,
                         Py_ssize_t k_item, Py_ssize_t v_item, Py_ssize_t n_groups,
                         Py_ssize_t group, Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v,
-                        double scale, double softcap, const void *sinks, int n_threads):
+                        double scale, double softcap, const void *sinks, int n_threads,
+                        int kind=0, const KvScales *sc=NULL):
     """(out, threads that ran): decode() for the single queries of q (its buffer q_buf,
     C-contiguous: n_groups groups of `group` query heads) against kv entry g (k_item,
-    v_item elements apart in k_buf, v_buf; rows contiguous) for group g, with this scale,
+    v_item elements apart in k_buf, v_buf; rows contiguous; of q's dtype, or of kind with
+    the scales sc as _decode_run takes them) for group g, with this scale,
     soft cap (0: none) and sinks (NULL: none; else one per query row, in q's dtype); out
     shaped like q with D_v last. Raises MemoryError when the scratch cannot be allocated."""
     cdef Py_ssize_t g
@@ -223,8 +226,8 @@ cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const vo
         index[g] = g
     with nogil:
         if single:
-            team = _decode_run(<const float*> q_buf, k_buf, v_buf, 0, k_item, v_item,
-                               NULL, index, n_groups, group, d_head, n_keys, d_v,
+            team = _decode_run(<const float*> q_buf, k_buf, v_buf, kind, k_item, v_item,
+                               sc, index, n_groups, group, d_head, n_keys, d_v,
                                scale, softcap, <const float*> sinks,
                                <float*> ob.buf, <float*> lse, n_threads)
         else:
@@ -241,37 +244,82 @@ cdef tuple _decode_call(object q, const void *q_buf, const void *k_buf, const vo
 
 
 def cache_decode(object q, object k_store, object v_store, Py_ssize_t start, Py_ssize_t n_keys,
-                 int n_threads):
+                 int n_threads, object ks_store=None, object vs_store=None):
     """(attention(q, cache=c), threads that ran) with every other argument at its
     default, read from the cache's storage arrays (B, H_kv, rows, D or D_v), rows start
     to start + n_keys; or None: q must be a C-contiguous ndarray (B, H, 1, D) in the
-    storage's dtype (float32 or float64), with H a multiple of H_kv (fastattn.cache.
-    decode_step checked the shapes). Reading the storage, not a view of it, spares NumPy
-    building the buffer description of a new view at every step."""
-    cdef Py_buffer qb, kb, vb
+    cache's compute dtype, the storage float32 or float64 in q's dtype, or for float32 q
+    bfloat16 bits (uint16), float16, int8 or float8 e4m3 bits (uint8) with the scales
+    ks_store (B, H_kv, rows / FA_KV_GROUP, D) and vs_store (B, H_kv, rows), all C-contiguous;
+    H a multiple of H_kv (fastattn.cache.decode_step checked the shapes). Reading the
+    storage, not a view of it, spares NumPy building the buffer description of a new
+    view at every step."""
+    cdef Py_buffer qb, kb, vb, ksb, vsb
     cdef tuple q_shape, k_shape, v_shape
-    cdef Py_ssize_t rows, item
+    cdef Py_ssize_t rows, item, n_kv
+    cdef int kind = 0
+    cdef bint fits
+    cdef KvScales sc
     cdef object dtype = getattr(q, "dtype", None)
-    if (type(q) is not _ndarray or (dtype is not _float32 and dtype is not _float64)
-            or k_store.dtype is not dtype or v_store.dtype is not dtype):
+    cdef object stored = getattr(k_store, "dtype", None)
+    if type(q) is not _ndarray or (dtype is not _float32 and dtype is not _float64):
+        return None
+    if stored is not dtype:
+        if dtype is not _float32 or stored not in _STORED_KINDS:
+            return None
+        kind = _STORED_KINDS[stored]
+    if getattr(v_store, "dtype", None) is not stored:
+        return None
+    if (kind == FA_SRC_I8 or kind == FA_SRC_F8) != (ks_store is not None):
         return None
     q_shape, k_shape, v_shape = q.shape, k_store.shape, v_store.shape
     if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4 or q_shape[2] != 1:
         return None
     rows = k_shape[2]
-    if (v_shape[2] != rows or n_keys < 1 or start < 0 or start + n_keys > rows
-            or k_shape[0] * k_shape[1] < 1):
+    n_kv = k_shape[0] * k_shape[1]
+    if (v_shape[2] != rows or n_keys < 1 or start < 0 or start + n_keys > rows or n_kv < 1):
         return None
     if not _c_buffers(q, k_store, v_store, &qb, &kb, &vb):
         return None
-    item = 4 if dtype is _float32 else 8
+    sc.ks = sc.vs = NULL
+    sc.ks_item = sc.vs_item = sc.phase = 0
+    if ks_store is not None:
+        fits = _c_buffer(ks_store, &ksb)
+        if fits:
+            fits = _c_buffer(vs_store, &vsb)
+            if not fits:
+                PyBuffer_Release(&ksb)
+            elif (ksb.len != n_kv * (rows // FA_KV_GROUP) * kb.shape[3] * 4
+                    or vsb.len != n_kv * rows * 4):
+                PyBuffer_Release(&ksb)
+                PyBuffer_Release(&vsb)
+                fits = False
+        if not fits:
+            PyBuffer_Release(&qb)
+            PyBuffer_Release(&kb)
+            PyBuffer_Release(&vb)
+            return None
+        sc.ks = <const float*> ksb.buf + start // FA_KV_GROUP * kb.shape[3]
+        sc.vs = <const float*> vsb.buf + start
+        sc.ks_item, sc.vs_item = rows // FA_KV_GROUP * kb.shape[3], rows
+        sc.phase = start % FA_KV_GROUP
+    item = kb.itemsize
     try:
         return _decode_call(q, qb.buf, <char*> kb.buf + start * kb.shape[3] * item,
                             <char*> vb.buf + start * vb.shape[3] * item,
-                            rows * kb.shape[3], rows * vb.shape[3], kb.shape[0] * kb.shape[1],
+                            rows * kb.shape[3], rows * vb.shape[3], n_kv,
                             q_shape[1] // kb.shape[1], n_keys, kb.shape[3], vb.shape[3],
-                            _default_scale(kb.shape[3]), 0, NULL, n_threads)
+                            _default_scale(kb.shape[3]), 0, NULL, n_threads, kind,
+                            &sc if ks_store is not None else NULL)
     finally:
         PyBuffer_Release(&qb)
         PyBuffer_Release(&kb)
         PyBuffer_Release(&vb)
+        if ks_store is not None:
+            PyBuffer_Release(&ksb)
+            PyBuffer_Release(&vsb)
+
+
+# The storage dtypes a float32 cache step reads in place, and their kinds.
+_STORED_KINDS = {_np.dtype(_np.uint16): FA_SRC_BF16, _np.dtype(_np.float16): FA_SRC_F16,
+                 _np.dtype(_np.int8): FA_SRC_I8, _np.dtype(_np.uint8): FA_SRC_F8}

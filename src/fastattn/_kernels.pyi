@@ -96,7 +96,8 @@ def attention_scratch(
 def decode(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)
     k: np.ndarray,                      # object: (n_kv, L_k, D), rows contiguous; q's dtype,
-                                        #   or uint16 (bfloat16 bits) for float32 q
+                                        #   or for float32 q uint16 (bfloat16 bits), float16,
+                                        #   int8 or uint8 (float8 e4m3 bits) with ks, vs
     v: np.ndarray,                      # object: (n_kv, L_k, D_v), likewise
     kv_index: npt.NDArray[np.intp],     # const Py_ssize_t[::1]      (n_groups,)
     scale: float,                       # double
@@ -105,6 +106,9 @@ def decode(
     out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_groups, G, D_v)
     lse: npt.NDArray[np.floating],      # floating[:, ::1]           (n_groups, G)
     n_threads: int,                     # int: the most threads it may use
+    ks: Optional[np.ndarray] = ...,     # object: 8-bit key scales (n_kv, groups, D) float32
+    vs: Optional[np.ndarray] = ...,     # object: 8-bit value scales (n_kv, L_k) float32
+    phase: int = ...,                   # Py_ssize_t: key 0's row in its group of scales
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def small_attention(
     q: Any, k: Any, v: Any,             # object: anything; None unless small ndarrays
@@ -119,6 +123,7 @@ def cache_decode(
     q: Any, k_store: Any, v_store: Any,  # object: None unless q is what it takes
     start: int, n_keys: int,            # Py_ssize_t: the rows of the storage held
     n_threads: int,                     # int: the most threads it may use
+    ks_store: Any = ..., vs_store: Any = ...,  # object: an 8-bit storage's scales, or None
 ) -> Optional[tuple[npt.NDArray[np.floating], int]]: ...  # (out, threads that ran)
 # The kernel-choice policy (_k_policy.pxi): its values, and its rules.
 def policy() -> dict[str, float]: ...
@@ -164,3 +169,13 @@ def widen16(
     bits: npt.NDArray[np.uint16],       # const uint16_t[::1]
     kind: str,                          # str: "bfloat16" or "float16"
 ) -> npt.NDArray[np.float32]: ...
+# The 8-bit caches' storage (_k_quant.pxi).
+KV_GROUP: int                           # tokens per group of key scales (FA_KV_GROUP)
+def quantize(
+    x: npt.NDArray[np.float32],         # const float[:, :, :, :] (B, H, T, D), rows contiguous
+    group: int,                         # Py_ssize_t: rows per key scale group, or 0 (per row)
+    kind: str,                          # str: "int8" or "float8_e4m3"
+    n_threads: int,                     # int
+) -> Optional[tuple[np.ndarray, npt.NDArray[np.float32]]]: ...  # (bytes, scales); None on NaN/inf
+def f8_to_f32(bits: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
+def f32_to_f8(x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]: ...

@@ -289,13 +289,14 @@ def small_attention(q, k, v, causal, window, scale, softcap, sinks, n_threads):
     return result[0]
 
 
-def cache_decode(q, k_store, v_store, start, n_keys, n_threads):
+def cache_decode(q, k_store, v_store, start, n_keys, n_threads, scales=()):
     """attention(q, cache=c) with every other argument at its default, from the cache's
-    storage arrays (rows start to start + n_keys), straight from compiled code (bitwise
-    the general path's decoding call); None unless q is a C-contiguous float32/float64
-    ndarray (B, H, 1, D) in the cache's dtype (fastattn.cache.decode_step checked the
-    shapes)."""
-    result = _kernels.cache_decode(q, k_store, v_store, start, n_keys, min(n_threads, 1 << 30))
+    storage arrays (rows start to start + n_keys; 8-bit storage with scales = (key
+    scales, value scales)), straight from compiled code (bitwise the general path's
+    decoding call); None unless q is a C-contiguous float32/float64 ndarray (B, H, 1, D)
+    in the cache's dtype (fastattn.cache.decode_step checked the shapes)."""
+    result = _kernels.cache_decode(q, k_store, v_store, start, n_keys, min(n_threads, 1 << 30),
+                                   *scales)
     if result is None:
         return None
     last_call.threads = result[1]

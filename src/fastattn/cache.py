@@ -361,7 +361,8 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
         # The plainest step, the one generation repeats: checked and run in compiled code.
         start, stop = cache._span()
         result = cache_decode(q, cache._k, cache._v, start, stop - start,
-                              check_threads(num_threads))
+                              check_threads(num_threads),
+                              (cache._ks, cache._vs) if cache._group > 1 else ())
         if result is not None:
             return result
     result, lse = _decode(q, cache, 0, n_keys, scale, softcap, sinks, num_threads)
