@@ -3,7 +3,7 @@
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
-from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_STRIDES, PyBUF_WRITABLE,
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_STRIDES, PyBUF_WRITABLE,
                             PyBuffer_Release, PyObject_GetBuffer)
 from libc.math cimport log, sqrt, INFINITY
 from libc.stdlib cimport free, malloc

@@ -127,6 +127,12 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kin
     return team
 
 
+# The dtypes of keys and values that float32 decoding reads in place and widens (bfloat16
+# and float8 e4m3 held as their bits), and their kinds; float32 and float64 are kind 0.
+_STORED_KINDS = {_np.dtype(_np.uint16): FA_SRC_BF16, _np.dtype(_np.float16): FA_SRC_F16,
+                 _np.dtype(_np.int8): FA_SRC_I8, _np.dtype(_np.uint8): FA_SRC_F8}
+
+
 def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1] kv_index,
            double scale, double softcap, object sinks, floating[:, :, ::1] out,
            floating[:, ::1] lse, int n_threads, object ks=None, object vs=None,
@@ -153,7 +159,8 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
     cdef const floating[:, ::1] sink_view
     cdef const floating *sink_base = NULL
     cdef Py_buffer kb, vb
-    cdef int team, kind = 0
+    cdef int team
+    cdef int kind = _STORED_KINDS.get(getattr(k, "dtype", None), 0)
     cdef const float[:, :, :] ks_view
     cdef const float[:, :] vs_view
     cdef KvScales sc
@@ -171,17 +178,13 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
     if sinks is not None:
         sink_view = sinks
         sink_base = &sink_view[0, 0]
-    PyObject_GetBuffer(k, &kb, PyBUF_STRIDES | PyBUF_FORMAT)
+    PyObject_GetBuffer(k, &kb, PyBUF_STRIDES)
     try:
-        PyObject_GetBuffer(v, &vb, PyBUF_STRIDES | PyBUF_FORMAT)
+        PyObject_GetBuffer(v, &vb, PyBUF_STRIDES)
     except BaseException:
         PyBuffer_Release(&kb)
         raise
-    if kb.itemsize == 2:  # float16 ("e"), else the bits of bfloat16 (uint16)
-        kind = FA_SRC_F16 if kb.format != NULL and kb.format[0] == b'e' else FA_SRC_BF16
-    elif kb.itemsize == 1:  # int8 ("b"), else the bits of float8 e4m3 (uint8)
-        kind = FA_SRC_I8 if kb.format != NULL and kb.format[0] == b'b' else FA_SRC_F8
-    if kb.itemsize == 1 and sc.ks == NULL:
+    if (kind == FA_SRC_I8 or kind == FA_SRC_F8) and sc.ks == NULL:
         PyBuffer_Release(&kb)
         PyBuffer_Release(&vb)
         raise ValueError("decode: 8-bit keys and values need their scales")
@@ -319,7 +322,3 @@ def cache_decode(object q, object k_store, object v_store, Py_ssize_t start, Py_
             PyBuffer_Release(&ksb)
             PyBuffer_Release(&vsb)
 
-
-# The storage dtypes a float32 cache step reads in place, and their kinds.
-_STORED_KINDS = {_np.dtype(_np.uint16): FA_SRC_BF16, _np.dtype(_np.float16): FA_SRC_F16,
-                 _np.dtype(_np.int8): FA_SRC_I8, _np.dtype(_np.uint8): FA_SRC_F8}

@@ -151,14 +151,12 @@ class KVCache:
     def keys(self):
         """The held keys, oldest first: (batch, kv_heads, len, head_dim), in ``dtype``: a
         view of the storage, or with ``storage=`` a float copy of it."""
-        start, stop = self._span()
-        return self._widened(self._k[:, :, start:stop], start, getattr(self, "_ks", None))
+        return self._held("k", *self._span())
 
     @property
     def values(self):
         """The held values, oldest first: (batch, kv_heads, len, value_dim), as ``keys``."""
-        start, stop = self._span()
-        return self._widened(self._v[:, :, start:stop], start, getattr(self, "_vs", None))
+        return self._held("v", *self._span())
 
     @property
     def nbytes(self):
@@ -167,20 +165,21 @@ class KVCache:
         extra = (self._ks, self._vs, self._open) if self._group > 1 else ()
         return self._k.nbytes + self._v.nbytes + sum(a.nbytes for a in extra)
 
-    def _widened(self, a, start=0, scales=None):
-        """a (a view of the storage, rows from `start`) in the compute dtype: itself, or a
-        float32 copy (8-bit: times the scales of its rows, `scales` the keys' or values')."""
+    def _held(self, which, start, stop):
+        """Storage rows [start, stop) of the keys ("k") or values ("v") in the compute
+        dtype: a view, or with storage= a float32 copy (8-bit: times their scales)."""
+        a = (self._k if which == "k" else self._v)[:, :, start:stop]
         if self.storage is None:
             return a
         if self._group == 1:
             flat = _kernels.widen16(np.ascontiguousarray(a).view(np.uint16).reshape(-1),
                                     self.storage)
             return flat.reshape(a.shape)
-        rows = np.arange(start, start + a.shape[2])
-        if scales is self._ks:
-            scale = scales[:, :, rows // self._group]
-        else:
-            scale = scales[:, :, rows, None]
+        rows = np.arange(start, stop)
+        if which == "k":  # a scale per channel for each group of rows
+            scale = self._ks[:, :, rows // self._group]
+        else:  # a scale per row
+            scale = self._vs[:, :, rows, None]
         if self.storage == "int8":
             return a.astype(np.float32) * scale
         # the e4m3 scales hold 256 times the step (fa_quant.h): exact to take out
@@ -274,25 +273,28 @@ class KVCache:
                                                           k32[:, :, :first]], axis=2)))
         if first < n:
             pieces.append((seen + first, k32[:, :, first:]))
-        threads = _kernels.max_threads()
         writes = []
         for at, keys in pieces:
-            quantized = _kernels.quantize(_rows_contiguous(keys), group, self.storage, threads)
-            if quantized is None:
-                raise ValueError(f"k holds NaN or inf: a cache with storage={self.storage!r} "
-                                 f"refuses them")
-            writes += self._placed("_k", at, quantized[0])
-            writes += self._placed("_ks", at // group, quantized[1], per=group)
-        quantized = _kernels.quantize(_rows_contiguous(v32), 0, self.storage, threads)
-        if quantized is None:
-            raise ValueError(f"v holds NaN or inf: a cache with storage={self.storage!r} "
-                             f"refuses them")
-        writes += self._placed("_v", seen, quantized[0])
-        writes += self._placed("_vs", seen, quantized[1])
+            stored, scales = self._quantize("k", keys, group)
+            writes += self._placed("_k", at, stored)
+            writes += self._placed("_ks", at // group, scales, per=group)
+        stored, scales = self._quantize("v", v32, 0)
+        writes += self._placed("_v", seen, stored)
+        writes += self._placed("_vs", seen, scales)
         left = (seen + n) % group
         if left:
             writes.append(("_open", slice(0, left), pieces[-1][1][:, :, -left:]))
         return writes
+
+    def _quantize(self, name, x, group):
+        """(bytes, scales) of x (the argument `name`) as _kernels.quantize gives them,
+        refusing NaN and inf."""
+        a = x if x.strides[-1] == x.itemsize else np.ascontiguousarray(x)  # rows contiguous
+        quantized = _kernels.quantize(a, group, self.storage, _kernels.max_threads())
+        if quantized is None:
+            raise ValueError(f"{name} holds NaN or inf: a cache with storage={self.storage!r} "
+                             f"refuses them")
+        return quantized
 
     def _write(self, writes):
         """Do writes, (attribute name, index along axis 2, data); on any exception (an
@@ -317,11 +319,6 @@ class KVCache:
         for name, a in old.items():
             rows = kept.get(name, self._seen)
             getattr(self, name)[:, :, :rows] = a[:, :, :rows]
-
-
-def _rows_contiguous(a):
-    """a with its last axis contiguous (the quantizing kernel's rows), a view when it is."""
-    return a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a)
 
 
 # Query rows per kv head (heads sharing it x queries) up to which several queries against a
@@ -416,11 +413,8 @@ def _queries_in_place(q, cache, causal, scale, softcap, sinks, num_threads, retu
     out, lse = _decode(q, cache, 0, shared, scale, softcap, sinks, num_threads)
     if shared < n_keys:
         start, stop = cache._span()
-        tail_k = cache._widened(cache._k[:, :, start + shared:stop], start + shared,
-                                getattr(cache, "_ks", None))
-        tail_v = cache._widened(cache._v[:, :, start + shared:stop], start + shared,
-                                getattr(cache, "_vs", None))
         out, lse = merge_attention(out, lse, *attention(
-            q, tail_k, tail_v, causal=True, scale=scale, softcap=softcap, return_lse=True,
+            q, cache._held("k", start + shared, stop), cache._held("v", start + shared, stop),
+            causal=True, scale=scale, softcap=softcap, return_lse=True,
             num_threads=num_threads))
     return (out, lse) if return_lse else out

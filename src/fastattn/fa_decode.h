@@ -109,6 +109,15 @@ static inline __attribute__((always_inline)) void fa_dec_scores##RB##_##SUFFIX( 
         for (int u = 0; u < count; u++) s[g * FA_DECODE_BLOCK + u] = r[g * NK + u];        \
 }
 
+/* Rows g, g + RB, ... of fa_dec_scores (while RB rows are left), each block in passes of
+ * N/RB keys (the last pass may be short). */
+#define FA_DEC_SCORE_ROWS(SUFFIX, RB)                                                      \
+    for (; g + (RB) <= n_rows; g += (RB))                                                  \
+        for (ptrdiff_t j = 0; j < cnt; j += n / (RB))                                      \
+            fa_dec_scores##RB##_##SUFFIX(q + g * d, d, k + j * d,                          \
+                                         (int)(cnt - j < n / (RB) ? cnt - j : n / (RB)),   \
+                                         scale, s + g * FA_DECODE_BLOCK + j);
+
 /* T: the arithmetic (float or double), RS the suffix of its row operations (fa_exp.h);
  * KT: how keys and values are stored (T; uint16_t holding bfloat16 or float16, int8_t,
  * or uint8_t holding float8 e4m3, for T = float); LOADV(p): N lanes of T from KT *p;
@@ -170,28 +179,10 @@ static inline __attribute__((always_inline)) void fa_dec_scores_##SUFFIX(       
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
     ptrdiff_t g = 0;                                                                       \
-    if (n >= 8)                                                                            \
-        for (; g + 8 <= n_rows; g += 8)                                                    \
-            for (ptrdiff_t j = 0; j < cnt; j += n / 8)                                     \
-                fa_dec_scores8_##SUFFIX(q + g * d, d, k + j * d,                           \
-                                        (int)(cnt - j < n / 8 ? cnt - j : n / 8), scale,   \
-                                        s + g * FA_DECODE_BLOCK + j);                      \
-    if (n >= 4)                                                                            \
-        for (; g + 4 <= n_rows; g += 4)                                                    \
-            for (ptrdiff_t j = 0; j < cnt; j += n / 4)                                     \
-                fa_dec_scores4_##SUFFIX(q + g * d, d, k + j * d,                           \
-                                        (int)(cnt - j < n / 4 ? cnt - j : n / 4), scale,   \
-                                        s + g * FA_DECODE_BLOCK + j);                      \
-    for (; g + 2 <= n_rows; g += 2)                                                        \
-        for (ptrdiff_t j = 0; j < cnt; j += n / 2)                                         \
-            fa_dec_scores2_##SUFFIX(q + g * d, d, k + j * d,                               \
-                                    (int)(cnt - j < n / 2 ? cnt - j : n / 2), scale,       \
-                                    s + g * FA_DECODE_BLOCK + j);                          \
-    for (; g < n_rows; g++)                                                                \
-        for (ptrdiff_t j = 0; j < cnt; j += n)                                             \
-            fa_dec_scores1_##SUFFIX(q + g * d, d, k + j * d,                               \
-                                    (int)(cnt - j < n ? cnt - j : n), scale,               \
-                                    s + g * FA_DECODE_BLOCK + j);                          \
+    if (n >= 8) FA_DEC_SCORE_ROWS(SUFFIX, 8)                                               \
+    if (n >= 4) FA_DEC_SCORE_ROWS(SUFFIX, 4)                                               \
+    FA_DEC_SCORE_ROWS(SUFFIX, 2)                                                           \
+    FA_DEC_SCORE_ROWS(SUFFIX, 1)                                                           \
 }                                                                                          \
 /* Scores of cnt keys from k (rows of d), vectorised when d is whole vectors; with d a   */ \
 /* constant, the keys are one pointer plus constant offsets (with d a variable, GCC kept */ \
@@ -211,10 +202,10 @@ static inline void fa_dec_span_##SUFFIX(const T *q, ptrdiff_t n_rows, ptrdiff_t 
         fa_dec_scores_##SUFFIX(q, n_rows, d, k, cnt, scale, s);                            \
     }                                                                                      \
 }                                                                                          \
-/* o[g][c] += sum_j p[g][j] v[j][c] for the n_rows rows, c < d_v, nb keys: rows in blocks */ \
-/* of 4, 2, 1, each in passes of 16/RB, then halves, of vectors of columns (the 16       */ \
-/* vectors of one row do not all fit the AVX2 register file, but a 128-float row is then */ \
-/* read in one pass rather than two).                                                     */ \
+/* o[g][c] += sum_j p[g][j] v[j][c] for the n_rows rows, c < d_v, nb keys: rows in pairs */ \
+/* (blocks of 4 ran slower), then one by one, in passes of 16/RB, then halves, of        */ \
+/* vectors of columns (the 16 vectors of one row do not all fit the AVX2 register file,  */ \
+/* but a 128-float row is then read in one pass rather than two).                        */ \
 static inline void fa_dec_pv_##SUFFIX(const T *p_all, ptrdiff_t n_rows, ptrdiff_t nb,      \
                                       const KT *v, ptrdiff_t d_v, T *o_all)                \
 {                                                                                          \
