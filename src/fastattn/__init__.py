@@ -11,12 +11,14 @@ from .api import (attention, get_float32_precision, log_softmax, merge_attention
                   scores, self_attention, set_float32_precision, softmax)
 from .cache import KVCache
 from .layers import MultiHeadAttention
+from .varlen import attention_varlen
 
 __all__ = [
     "KVCache",
     "MultiHeadAttention",
     "__version__",
     "attention",
+    "attention_varlen",
     "get_float32_precision",
     "log_softmax",
     "merge_attention",

@@ -19,7 +19,12 @@ cdef struct Call:
     void *out                        # (n_batch, n_queries, d_v)
     void *lse                        # (n_batch, n_queries)
     Py_ssize_t n_batch, n_queries, n_keys, d_head, d_v
-    Py_ssize_t q_block, k_block, n_qblocks
+    Py_ssize_t q_block, k_block, n_qblocks, n_work
+    # A ragged call (attention_varlen) instead has a table row per batch entry and work
+    # item; its n_queries, n_keys and q_block are then the largest of its entries' (what
+    # the scratch is sized for), and index and the masks are unused.
+    const Py_ssize_t *seqs           # NULL, or (n_batch, SEQ_N): see the SEQ_* fields
+    const Py_ssize_t *work           # (n_work, 2): an item's entry and its first query
     int mask_kind
     bint causal
     Py_ssize_t window                # 0: none
@@ -32,6 +37,18 @@ cdef struct Call:
     int engine                       # LP_ENGINE: the engine (FA_ENGINE_*)
     Py_ssize_t d_pad                 # LP_ENGINE: d_head padded to whole FA_LP_DSTEP
     int out_kind                     # what out holds: FA_SRC_BF16, FA_SRC_F16, or 0 (floating)
+
+
+# The fields of a ragged call's entry (one sequence and query head), in rows of the arrays
+# q, out, lse (all (rows, width)) and k, v:
+cdef enum:
+    SEQ_Q_ROW = 0   # its first query's row of q, and of out and lse
+    SEQ_KV_ROW      # its first key's row of k and v
+    SEQ_N_Q         # its queries
+    SEQ_N_K         # its keys
+    SEQ_Q_BLOCK     # its query rows per tile (a uniform call of its sizes would take)
+    SEQ_SINK        # its sink's index in the sinks
+    SEQ_N
 
 
 cdef struct Packed:
@@ -145,10 +162,11 @@ cdef inline void _pack_keys_of(const Call *c, const char *k, Py_ssize_t rows, ch
         _pack_keys(<const floating*> k, rows, c.d_head, <floating*> kp, n_cols)
 
 
-cdef inline const char *_keys_packed(const Call *c, Packed *packed, const char *k, char *kp,
-                                     Py_ssize_t kp_keys, Py_ssize_t k_start, Py_ssize_t k_rows,
+cdef inline const char *_keys_packed(const Call *c, Packed *packed, const char *k,
+                                     Py_ssize_t n_keys, char *kp, Py_ssize_t kp_keys,
+                                     Py_ssize_t k_start, Py_ssize_t k_rows,
                                      floating *kind) noexcept nogil:
-    """The key panels that keys [k_start, k_start + k_rows) of head k touch, in kp (room
+    """The key panels that keys [k_start, k_start + k_rows) of head k (of n_keys) touch, in kp (room
     for kp_keys keys), packing those not there yet: where the first of them starts. kp is
     extended while the panels follow on; else it starts again at the tile's first panel."""
     cdef Py_ssize_t panel = FA_LP_KEYS if c.lowp == LP_ENGINE else FA_MK_KEYS
@@ -162,16 +180,17 @@ cdef inline const char *_keys_packed(const Call *c, Packed *packed, const char *
         packed.k_from = k_panel
         packed.k_to = k_panel
     if packed.k_to < need:
-        _pack_keys_of(c, k + packed.k_to * c.d_head * c.src_item, min(c.n_keys, need) - packed.k_to,
+        _pack_keys_of(c, k + packed.k_to * c.d_head * c.src_item, min(n_keys, need) - packed.k_to,
                       kp + (packed.k_to - packed.k_from) * key_bytes, need - packed.k_to, kind)
         packed.k_to = need
     return kp + (k_panel - packed.k_from) * key_bytes
 
 
-cdef inline const char *_values_packed(const Call *c, Packed *packed, const char *v, char *vp,
-                                       Py_ssize_t vp_chunks, Py_ssize_t k_start,
-                                       Py_ssize_t k_rows, floating *kind) noexcept nogil:
-    """The value chunks that keys [k_start, k_start + k_rows) of head v touch, in vp (room
+cdef inline const char *_values_packed(const Call *c, Packed *packed, const char *v,
+                                       Py_ssize_t n_keys, char *vp, Py_ssize_t vp_chunks,
+                                       Py_ssize_t k_start, Py_ssize_t k_rows,
+                                       floating *kind) noexcept nogil:
+    """The value chunks that keys [k_start, k_start + k_rows) of head v (of n_keys) touch, in vp (room
     for vp_chunks chunks), packing those not there yet, as _keys_packed does for keys:
     vp, whose chunk 0 is chunk packed.v_from of the head."""
     cdef Py_ssize_t chunk = FA_LP_VCHUNK if c.lowp == LP_ENGINE else FA_MK_PV_CHUNK
@@ -187,33 +206,35 @@ cdef inline const char *_values_packed(const Call *c, Packed *packed, const char
     if packed.v_to < v_need:
         src = v + packed.v_from * chunk * c.d_v * c.src_item
         if c.lowp == LP_ENGINE:
-            fa_lp_pack_values(src, c.src_kind, c.n_keys - packed.v_from * chunk, c.d_v,
+            fa_lp_pack_values(src, c.src_kind, n_keys - packed.v_from * chunk, c.d_v,
                               <uint16_t*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
                               packed.v_to - packed.v_from, v_need - packed.v_from)
         elif c.lowp == LP_WIDEN:
-            fa_lp_pack_values_widen(src, c.src_kind, c.n_keys - packed.v_from * chunk, c.d_v,
+            fa_lp_pack_values_widen(src, c.src_kind, n_keys - packed.v_from * chunk, c.d_v,
                                     <float*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
                                     packed.v_to - packed.v_from, v_need - packed.v_from, chunk,
                                     FA_MK_PV_NV * FA_MK_VBYTES // 4, FA_MK_VBYTES // 4)
         else:
-            _pack_values(<const floating*> src, c.n_keys - packed.v_from * chunk, c.d_v,
+            _pack_values(<const floating*> src, n_keys - packed.v_from * chunk, c.d_v,
                          <floating*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
                          packed.v_to - packed.v_from, v_need - packed.v_from)
         packed.v_to = v_need
     return vp
 
 
-cdef inline void _online_update(const Call *c, floating *s, Py_ssize_t ld, Py_ssize_t q_start,
+cdef inline void _online_update(const Call *c, Py_ssize_t n_queries, Py_ssize_t n_keys,
+                                floating *s, Py_ssize_t ld, Py_ssize_t q_start,
                                 Py_ssize_t q_rows, Py_ssize_t k_start, Py_ssize_t k_rows,
                                 floating softcap, const floating *add_mask,
                                 const unsigned char *bool_mask, floating *m_run,
                                 double *l_run, floating *o_acc) noexcept nogil:
     """Fold a tile of scores s (q_rows x k_rows, row stride ld; queries from q_start,
-    keys from k_start) into its rows' running max m, sum l and output o: soft-cap and
+    keys from k_start, of an entry of n_queries and n_keys) into its rows' running max m,
+    sum l and output o: soft-cap and
     mask the scores, s = exp(s - new m) (the P of P V), and l and o rescaled by
     exp(old m - new m). add_mask, bool_mask: this entry's masks (as c.mask_kind says)."""
-    cdef Py_ssize_t offset = c.n_keys - c.n_queries  # causal: query i sees keys j <= i + offset
-    cdef Py_ssize_t n_keys = c.n_keys, window = c.window, d_v = c.d_v
+    cdef Py_ssize_t offset = n_keys - n_queries  # causal: query i sees keys j <= i + offset
+    cdef Py_ssize_t window = c.window, d_v = c.d_v
     cdef int mask_kind = c.mask_kind
     cdef bint causal = c.causal
     cdef Py_ssize_t i, j, gi
@@ -246,7 +267,8 @@ cdef inline void _online_update(const Call *c, floating *s, Py_ssize_t ld, Py_ss
 
 cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
                         const Py_ssize_t *at) noexcept nogil:
-    """Work item w, query block w % n_qblocks of batch entry w // n_qblocks: its rows of
+    """Work item w, query block w % n_qblocks of batch entry w // n_qblocks (in a ragged
+    call: the entry and first query of row w of c.work, the entry's sizes from c.seqs): its rows of
     out = softmax(scale q k.T + mask) v by an online softmax over key tiles, and of lse
     = m + log(l), on the scratch buf of this thread (laid out as at says).
 
@@ -259,21 +281,34 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
     end at one or at the last key: keys of the widened range that the causal limit or the
     window hide are masked in the tile like any other hidden key, and P is rounded to
     bfloat16 for P V."""
-    cdef Py_ssize_t b = w // c.n_qblocks
-    cdef Py_ssize_t q_start = (w % c.n_qblocks) * c.q_block
-    cdef Py_ssize_t q_rows = min(c.q_block, c.n_queries - q_start)
-    cdef Py_ssize_t n_queries = c.n_queries, n_keys = c.n_keys, d_head = c.d_head, d_v = c.d_v
-    cdef Py_ssize_t mask_item = c.index[2 * c.n_batch + b]
+    cdef Py_ssize_t b, q_start, q_block, n_queries, n_keys, q_row, kv_row, mask_item = 0
+    cdef Py_ssize_t sink_at
+    cdef const Py_ssize_t *entry
+    if c.seqs == NULL:
+        b = w // c.n_qblocks
+        q_start, q_block = (w % c.n_qblocks) * c.q_block, c.q_block
+        n_queries, n_keys = c.n_queries, c.n_keys
+        q_row, kv_row = c.index[b] * n_queries, c.index[c.n_batch + b] * n_keys
+        mask_item = c.index[2 * c.n_batch + b]
+        sink_at = b
+    else:
+        b, q_start = c.work[2 * w], c.work[2 * w + 1]
+        entry = c.seqs + b * SEQ_N
+        q_block, n_queries, n_keys = entry[SEQ_Q_BLOCK], entry[SEQ_N_Q], entry[SEQ_N_K]
+        q_row, kv_row, sink_at = entry[SEQ_Q_ROW], entry[SEQ_KV_ROW], entry[SEQ_SINK]
+    cdef Py_ssize_t out_row = b * n_queries if c.seqs == NULL else q_row
+    cdef Py_ssize_t q_rows = min(q_block, n_queries - q_start)
+    cdef Py_ssize_t d_head = c.d_head, d_v = c.d_v
     cdef Py_ssize_t item = c.src_item
-    cdef const char *q = (<const char*> c.q) + c.index[b] * n_queries * d_head * item
-    cdef const char *k = (<const char*> c.k) + c.index[c.n_batch + b] * n_keys * d_head * item
-    cdef const char *v = (<const char*> c.v) + c.index[c.n_batch + b] * n_keys * d_v * item
+    cdef const char *q = (<const char*> c.q) + q_row * d_head * item
+    cdef const char *k = (<const char*> c.k) + kv_row * d_head * item
+    cdef const char *v = (<const char*> c.v) + kv_row * d_v * item
     cdef const floating *add_mask = (<const floating*> c.add_mask) + mask_item * n_queries * n_keys
     cdef const unsigned char *bool_mask = c.bool_mask + mask_item * n_queries * n_keys
-    cdef const floating *sink = (<const floating*> c.sinks) + b if c.sinks != NULL else NULL
-    cdef floating *out = (<floating*> c.out) + b * n_queries * d_v
-    cdef uint16_t *out16 = (<uint16_t*> c.out) + b * n_queries * d_v  # (out_kind set)
-    cdef floating *lse = (<floating*> c.lse) + b * n_queries
+    cdef const floating *sink = (<const floating*> c.sinks) + sink_at if c.sinks != NULL else NULL
+    cdef floating *out = (<floating*> c.out) + out_row * d_v
+    cdef uint16_t *out16 = (<uint16_t*> c.out) + out_row * d_v  # (out_kind set)
+    cdef floating *lse = (<floating*> c.lse) + out_row
     cdef floating scale = <floating> c.scale, softcap = <floating> c.softcap
     cdef bint micro = c.micro
     cdef int lowp = c.lowp, engine = c.engine
@@ -326,13 +361,13 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
         # s_tile = scale Q_blk @ K_blk.T: with micro-kernels, over the whole key panels
         # the tile touches (row stride ld), the tile's first key in column off.
         if lowp == LP_ENGINE:
-            kp = <const floating*> _keys_packed(c, packed, k, <char*> (buf + at[SCR_KP]),
+            kp = <const floating*> _keys_packed(c, packed, k, n_keys, <char*> (buf + at[SCR_KP]),
                                                 at[SCR_KP_KEYS], k_start, k_rows, buf)
             ld = _round_up(k_rows, FA_LP_KEYS)
             fa_lp_scores(engine, qb, rows, c.d_pad, <const uint16_t*> kp, ld, <float> scale,
                          <float*> s_tile, ld)
         elif micro:
-            kp = <const floating*> _keys_packed(c, packed, k, <char*> (buf + at[SCR_KP]),
+            kp = <const floating*> _keys_packed(c, packed, k, n_keys, <char*> (buf + at[SCR_KP]),
                                                 at[SCR_KP_KEYS], k_start, k_rows, buf)
             off = k_start % FA_MK_KEYS
             ld = _round_up(k_start + k_rows, FA_MK_KEYS) - (k_start - off)
@@ -342,12 +377,12 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
             _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
                   <const floating*> q + q_start * d_head, <int> d_head,
                   <const floating*> k + k_start * d_head, <int> d_head, 0, s_tile, <int> k_rows)
-        _online_update(c, s_tile + off, ld, q_start, q_rows, k_start, k_rows, softcap,
+        _online_update(c, n_queries, n_keys, s_tile + off, ld, q_start, q_rows, k_start, k_rows, softcap,
                        add_mask, bool_mask, m_run, l_run, o_acc)
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
         if lowp == LP_ENGINE:
             fa_lp_pack_p(<float*> s_tile, ld, q_rows, k_rows, pb, ld, rows)
-            vb = <const floating*> _values_packed(c, packed, v, <char*> (buf + at[SCR_VP]),
+            vb = <const floating*> _values_packed(c, packed, v, n_keys, <char*> (buf + at[SCR_VP]),
                                                   at[SCR_VP_CHUNKS], k_start, k_rows, buf)
             v_origin = packed.v_from * FA_LP_VCHUNK
             fa_lp_pv(engine, pb, ld, rows, <const uint16_t*> vb, k_start - v_origin, ld, d_v,
@@ -357,7 +392,7 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
             # after the tile (the next tile's, prefetched during this one).
             vb, v_origin, v_next = <const floating*> v, 0, k_end - k_start - k_rows
             if not v_in_place:
-                vb = <const floating*> _values_packed(c, packed, v, <char*> (buf + at[SCR_VP]),
+                vb = <const floating*> _values_packed(c, packed, v, n_keys, <char*> (buf + at[SCR_VP]),
                                                       at[SCR_VP_CHUNKS], k_start, k_rows, buf)
                 v_origin = packed.v_from * FA_MK_PV_CHUNK
                 v_next = min(v_next, packed.v_to * FA_MK_PV_CHUNK - k_start - k_rows)
@@ -392,7 +427,7 @@ cdef int _attention_run(const Call *c, floating *kept, int n_threads, Py_ssize_t
     (w_stop < 0: all), on n_threads: the team size, or -1 when the scratch cannot be
     allocated. kept: the scratch of attention_scratch (64-byte aligned), or NULL to
     allocate one here (its type, floating *, names the call's dtype)."""
-    cdef Py_ssize_t n_work = c.n_batch * c.n_qblocks
+    cdef Py_ssize_t n_work = c.n_work
     cdef Py_ssize_t at[SCR_N]
     cdef Py_ssize_t w
     cdef floating *scratch = kept
@@ -431,6 +466,24 @@ cdef void _call_sizes(Call *c, Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssiz
     c.n_batch, c.n_queries, c.n_keys, c.d_head, c.d_v = n_batch, n_queries, n_keys, d_head, d_v
     c.q_block, c.k_block = q_block, k_block
     c.n_qblocks = (n_queries + q_block - 1) // q_block
+    c.n_work = n_batch * c.n_qblocks
+
+
+cdef object _call_ragged(Call *c, object ragged):
+    """Make c a ragged call when ragged is (seqs, work, n_queries, n_keys, q_block): its
+    tables (SEQ_N columns per entry; entry and first query per work item, at least one)
+    and the largest sizes of its entries. Returns the tables' views, to keep them alive."""
+    cdef const Py_ssize_t[:, ::1] seqs
+    cdef const Py_ssize_t[:, ::1] work
+    if ragged is None:
+        return None
+    seqs, work = ragged[0], ragged[1]
+    if seqs.shape[1] != SEQ_N or work.shape[1] != 2 or work.shape[0] == 0:
+        raise ValueError("attention: a ragged call's tables have the wrong shape")
+    c.seqs, c.work = &seqs[0, 0], &work[0, 0]
+    c.n_batch, c.n_work = seqs.shape[0], work.shape[0]
+    c.n_queries, c.n_keys, c.q_block = ragged[2], ragged[3], ragged[4]
+    return seqs, work
 
 
 cdef object _call_options(Call *c, object mask, int mask_kind,
@@ -480,7 +533,8 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
               const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
               double softcap, object sinks, floating[:, :, ::1] out, floating[:, ::1] lse,
               Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels, int n_threads,
-              Py_ssize_t w_start=0, Py_ssize_t w_stop=-1, object scratch=None):
+              Py_ssize_t w_start=0, Py_ssize_t w_stop=-1, object scratch=None,
+              object ragged=None):
     """out[b] = softmax(scale q[i0] k[i1].T + mask[i2]) v[i1], (i0, i1, i2) = index[:, b], fused.
 
     causal hides keys after each query's own position; window (0: none) also hides keys
@@ -501,6 +555,12 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     sizes and n_threads, passed to each of those calls: one allocation for all of them, and
     the keys a thread packed in one piece serve it in the next. Returns the number of
     threads that ran (the OpenMP team), or -1 if the scratch cannot be allocated.
+
+    ragged: None, or a ragged call (attention_varlen) as (seqs, work, n_queries, n_keys,
+    q_block): q, k, v, out (n_heads, rows, width) hold every sequence's rows head by head,
+    lse (n_heads, rows); seqs (n_entries, SEQ_N) gives each entry (sequence and query
+    head) its rows and sizes, work (n_work, 2) each work item's entry and first query,
+    the others its entries' largest sizes. index and mask are then unused.
     """
     cdef floating *kept
     cdef int team
@@ -508,6 +568,7 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     memset(&c, 0, sizeof(Call))
     _call_sizes(&c, out.shape[0], out.shape[1], k.shape[1], q.shape[2], out.shape[2],
                 q_block, k_block)
+    tables = _call_ragged(&c, ragged)
     c.q, c.k, c.v = &q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0]
     c.out, c.lse = &out[0, 0, 0], &lse[0, 0]
     c.micro = FA_MICROKERNELS != 0 and microkernels
@@ -540,14 +601,15 @@ def attention_lowp(str kind, const unsigned char[:, :, ::1] q, const unsigned ch
                    const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window, double scale,
                    double softcap, object sinks, str out_kind, unsigned char[:, :, ::1] out,
                    float[:, ::1] lse, Py_ssize_t q_block, Py_ssize_t k_block, int n_threads,
-                   Py_ssize_t w_start=0, Py_ssize_t w_stop=-1, object scratch=None):
+                   Py_ssize_t w_start=0, Py_ssize_t w_stop=-1, object scratch=None,
+                   object ragged=None):
     """attention() for inputs of kind "bfloat16" or "float16" (q, k, v: their bytes, as
     uint8 arrays whose last axis is 2 D long) or "float32" allowed bfloat16 products (4 D
     long), computed in float32 (lse, mask and sinks float32): on bfloat16 tiles where
     _lowp_mode says LP_ENGINE, else widened in the packing for the float32 micro-kernels.
     out: the bytes of the output, of out_kind "float32", "bfloat16" or "float16" (rounded
-    to nearest even once, from float32). The other arguments, the pieces and the scratch
-    as attention()'s."""
+    to nearest even once, from float32). The other arguments, the pieces, the scratch and
+    ragged as attention()'s."""
     cdef float *kept
     cdef int team
     cdef Call c
@@ -556,6 +618,7 @@ def attention_lowp(str kind, const unsigned char[:, :, ::1] q, const unsigned ch
     _call_sizes(&c, out.shape[0], out.shape[1], k.shape[1], 0,
                 out.shape[2] // (4 if c.out_kind == 0 else 2), q_block, k_block)
     _call_lowp(&c, kind, q.shape[2])
+    tables = _call_ragged(&c, ragged)
     c.q, c.k, c.v = &q[0, 0, 0], &k[0, 0, 0], &v[0, 0, 0]
     c.out, c.lse = &out[0, 0, 0], &lse[0, 0]
     alive = _call_options(&c, mask, mask_kind, index, causal, window, scale, softcap, sinks,

@@ -61,6 +61,9 @@ def attention(
     w_start: int = 0,                   # Py_ssize_t: first work item
     w_stop: int = -1,                   # Py_ssize_t: past the last work item (-1: all)
     scratch: Optional[np.ndarray] = None,  # object: None or attention_scratch(...)
+    ragged: Optional[tuple] = None,     # object: None, or (seqs (n_entries, 6) intp, work
+                                        #   (n_work, 2) intp, n_queries, n_keys, q_block):
+                                        #   attention_varlen's call (q, k, v, out head-major)
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def attention_lowp(
     kind: str,                          # str: "bfloat16", "float16", or "float32" allowed
@@ -85,6 +88,7 @@ def attention_lowp(
     w_start: int = 0,                   # Py_ssize_t
     w_stop: int = -1,                   # Py_ssize_t
     scratch: Optional[np.ndarray] = None,  # object: None or attention_scratch(..., lowp_kind)
+    ragged: Optional[tuple] = None,     # object: as attention()'s
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def attention_scratch(
     n_keys: int, d_head: int, d_v: int, q_block: int, k_block: int,  # Py_ssize_t

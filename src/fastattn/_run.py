@@ -21,7 +21,7 @@ from ._dispatch import kernels as _kernels
 from ._validation import check_out, contiguous, is_bfloat16
 
 __all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "small_attention",
-           "cache_decode", "run_softmax", "run_scores", "run_attention", "run_decode",
+           "cache_decode", "run_softmax", "run_scores", "run_attention", "run_decode", "run_varlen",
            "identity_index", "kernel_target", "finish"]
 
 class _SerialBlas:
@@ -374,23 +374,73 @@ def _fused(plan, return_weights, target, lse, n_threads):
                     "float16" if target.dtype == np.float16 else "bfloat16")
         args = (plan.lowp, q, k, v, *options, out_kind, target.view(np.uint8), lse, q_block,
                 k_block, team)
-    parts = pieces(n_work, flops / (2 if plan.causal else 1), team)
-    # A call in pieces allocates its scratch once and passes it to every piece, so each
-    # thread's packed keys (a few MiB for long sequences) carry over; allocated and freed
-    # per piece, they grew the heap: 9-56 MiB peak extra at 16,384 tokens, 9.7 in one.
-    scratch = (None if len(parts) == 1 else _kernels.attention_scratch(
-        n_keys, d_head, d_v, q_block, k_block, micro, plan.compute.itemsize, team, plan.lowp))
-    # (The micro-kernels and the 16-bit tiles call no BLAS.)
-    with (serial_blas if plan.lowp is None and not micro
-          and _kernels.blas_would_thread(q_block, k_block, max(d_head, d_v)) else _no_context):
-        for start, stop in parts:  # one piece unless the call is long (Ctrl-C, PIECE_FLOPS)
-            _checked(kernel(*args, start, stop, scratch), "per-thread scratch")
+    _fused_pieces(kernel, args, {}, n_work, flops / (2 if plan.causal else 1), team,
+                  (n_keys, d_head, d_v, q_block, k_block, micro, plan.compute.itemsize),
+                  plan.lowp)
     if not return_weights:
         return None
     if plan.lowp is not None:
         # The weights from the scores in float32 (exact products of the inputs' values).
         q, k, _ = _kernel_inputs(plan)
     return _weights(plan, q, k, mask, lse, team)
+
+
+def _fused_pieces(kernel, args, kwargs, n_work, flops, team, sizes, lowp):
+    """Run the fused kernel's work items in pieces (one unless the call is long: Ctrl-C,
+    PIECE_FLOPS), BLAS held to one thread where the tiles call it from several. sizes:
+    attention_scratch's (n_keys, d_head, d_v, q_block, k_block, micro, itemsize)."""
+    parts = pieces(n_work, flops, team)
+    # A call in pieces allocates its scratch once and passes it to every piece, so each
+    # thread's packed keys (a few MiB for long sequences) carry over; allocated and freed
+    # per piece, they grew the heap: 9-56 MiB peak extra at 16,384 tokens, 9.7 in one.
+    scratch = (None if len(parts) == 1 else _kernels.attention_scratch(*sizes, team, lowp))
+    n_keys, d_head, d_v, q_block, k_block, micro, _ = sizes
+    # (The micro-kernels and the 16-bit tiles call no BLAS.)
+    with (serial_blas if lowp is None and not micro
+          and _kernels.blas_would_thread(q_block, k_block, max(d_head, d_v)) else _no_context):
+        for start, stop in parts:
+            _checked(kernel(*args, start, stop, scratch, **kwargs), "per-thread scratch")
+
+
+def run_varlen(kind, q, k, v, compute, out, lse, tables, causal, window, scale, softcap,
+               sinks, n_threads):
+    """The fused kernel on a ragged call (fastattn.varlen): q, k, v packed token-major,
+    read in kind ("bfloat16"/"float16", or None: converted to compute), into out and lse
+    (head-major: (H, total_q, D_v), (H, total_q)) for the entries of tables (seqs, work,
+    largest query block, queries, keys)."""
+    seqs, work, q_block, n_queries, n_keys = tables
+    d_head, d_v = q.shape[2], v.shape[2]
+    dtype = compute if kind is None else q.dtype
+    q, k, v = (np.ascontiguousarray(a.transpose(1, 0, 2), dtype) for a in (q, k, v))
+    kernel_out = out
+    if kind is None:
+        if d_head == 0:  # an empty dot product is 0: one zero column
+            q = np.zeros(q.shape[:-1] + (1,), compute)
+            k = np.zeros(k.shape[:-1] + (1,), compute)
+        if d_v == 0:  # nothing to average, but lse still needs the pass: one zero column
+            v = np.zeros(v.shape[:-1] + (1,), compute)
+            kernel_out = np.empty(out.shape[:-1] + (1,), compute)
+    q_rows, k_rows = seqs[:, 2], seqs[:, 3]
+    flops = 2.0 * float((q_rows * k_rows).sum()) * (d_head + d_v)
+    team = _kernels.team(n_threads, flops, work.shape[0])
+    _, k_block = _kernels.tiles(1, n_queries, n_keys, causal, compute.itemsize)
+    micro = _kernels.use_microkernels(compute.itemsize, d_head or 1, d_v or 1)
+    unused_index = np.zeros((3, 1), np.intp)
+    options = (None, _plan.MaskKind.NONE, unused_index, causal, window, scale, softcap, sinks)
+    if kind is None:
+        args = (q, k, v, *options, kernel_out, lse, q_block, k_block, micro, team)
+        kernel = _kernels.attention
+    else:
+        args = (kind, *(a.view(np.uint8) for a in (q, k, v)), *options,
+                "bfloat16" if is_bfloat16(out.dtype) else str(out.dtype), out.view(np.uint8),
+                lse, q_block, k_block, team)
+        kernel = _kernels.attention_lowp
+    _fused_pieces(kernel, args, {"ragged": (seqs, work, n_queries, n_keys, q_block)},
+                  work.shape[0], flops / (2 if causal else 1), team,
+                  (n_keys, q.shape[2], v.shape[2], q_block, k_block, micro, compute.itemsize),
+                  kind)
+    if kernel_out is not out:
+        out[...] = 0
 
 
 def _writes_result(plan):
