@@ -99,14 +99,14 @@ cdef extern from "fa_microkernels.h" nogil:
                     double *o)
     int fa_mk_values_in_place_f(Py_ssize_t d_v)
     int fa_mk_values_in_place_d(Py_ssize_t d_v)
-    void fa_pack_keys_f(const float *k, Py_ssize_t rows, Py_ssize_t d, float *kp,
-                        Py_ssize_t n_cols)
-    void fa_pack_keys_d(const double *k, Py_ssize_t rows, Py_ssize_t d, double *kp,
-                        Py_ssize_t n_cols)
-    void fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v, float *vp,
-                          Py_ssize_t c_lo, Py_ssize_t c_hi)
-    void fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v, double *vp,
-                          Py_ssize_t c_lo, Py_ssize_t c_hi)
+    void fa_pack_keys_f(const float *k, Py_ssize_t rows, Py_ssize_t d, Py_ssize_t ldk,
+                        float *kp, Py_ssize_t n_cols)
+    void fa_pack_keys_d(const double *k, Py_ssize_t rows, Py_ssize_t d, Py_ssize_t ldk,
+                        double *kp, Py_ssize_t n_cols)
+    void fa_pack_values_f(const float *v, Py_ssize_t n_keys, Py_ssize_t d_v, Py_ssize_t ldv,
+                          float *vp, Py_ssize_t c_lo, Py_ssize_t c_hi)
+    void fa_pack_values_d(const double *v, Py_ssize_t n_keys, Py_ssize_t d_v, Py_ssize_t ldv,
+                          double *vp, Py_ssize_t c_lo, Py_ssize_t c_hi)
 
 cdef extern from "fa_lowp.h" nogil:
     int FA_SRC_BF16, FA_SRC_F16, FA_SRC_F32, FA_SRC_I8, FA_SRC_F8
@@ -119,16 +119,16 @@ cdef extern from "fa_lowp.h" nogil:
     void fa_lp_narrow(const float *src, Py_ssize_t n, int kind, uint16_t *dst)
     void fa_lp_widen_scaled(const void *src, int kind, Py_ssize_t n, float scale, float *dst)
     void fa_lp_pack_keys_widen(const void *k, int kind, Py_ssize_t rows, Py_ssize_t d,
-                               float *kp, Py_ssize_t n_cols, Py_ssize_t kr)
+                               Py_ssize_t ldk, float *kp, Py_ssize_t n_cols, Py_ssize_t kr)
     void fa_lp_pack_values_widen(const void *v, int kind, Py_ssize_t n_keys, Py_ssize_t d_v,
-                                 float *vp, Py_ssize_t c_lo, Py_ssize_t c_hi, Py_ssize_t ch,
+                                 Py_ssize_t ldv, float *vp, Py_ssize_t c_lo, Py_ssize_t c_hi, Py_ssize_t ch,
                                  Py_ssize_t bw, Py_ssize_t w)
-    void fa_lp_pack_q(const void *q, int kind, Py_ssize_t rows, Py_ssize_t d, uint16_t *qb,
-                      Py_ssize_t rows_pad, Py_ssize_t d_pad)
-    void fa_lp_pack_keys(const void *k, int kind, Py_ssize_t rows, Py_ssize_t d, uint16_t *kp,
-                         Py_ssize_t n_cols, Py_ssize_t d_pad)
+    void fa_lp_pack_q(const void *q, int kind, Py_ssize_t rows, Py_ssize_t d, Py_ssize_t ldq,
+                      uint16_t *qb, Py_ssize_t rows_pad, Py_ssize_t d_pad)
+    void fa_lp_pack_keys(const void *k, int kind, Py_ssize_t rows, Py_ssize_t d,
+                         Py_ssize_t ldk, uint16_t *kp, Py_ssize_t n_cols, Py_ssize_t d_pad)
     void fa_lp_pack_values(const void *v, int kind, Py_ssize_t n_keys, Py_ssize_t d_v,
-                           uint16_t *vp, Py_ssize_t c_lo, Py_ssize_t c_hi)
+                           Py_ssize_t ldv, uint16_t *vp, Py_ssize_t c_lo, Py_ssize_t c_hi)
     void fa_lp_pack_p(const float *s, Py_ssize_t ld_s, Py_ssize_t rows, Py_ssize_t cols,
                       uint16_t *pb, Py_ssize_t ld_p, Py_ssize_t rows_pad)
     void fa_lp_scores(int engine, const uint16_t *qb, Py_ssize_t rows_pad, Py_ssize_t d_pad,

@@ -25,6 +25,10 @@ cdef struct Call:
     # the scratch is sized for), and index and the masks are unused.
     const Py_ssize_t *seqs           # NULL, or (n_batch, SEQ_N): see the SEQ_* fields
     const Py_ssize_t *work           # (n_work, 2): an item's entry and its first query
+    # Rows are vectors of one head: d_head (q, k) or d_v (v, out) elements, one of lse.
+    # Consecutive tokens of an entry are q_step rows apart in q, out and lse, kv_step in
+    # k and v (1 in a uniform call; the head count of the packed arrays in a ragged one).
+    Py_ssize_t q_step, kv_step
     int mask_kind
     bint causal
     Py_ssize_t window                # 0: none
@@ -40,7 +44,7 @@ cdef struct Call:
 
 
 # The fields of a ragged call's entry (one sequence and query head), in rows of the arrays
-# q, out, lse (all (rows, width)) and k, v:
+# (see Call.q_step):
 cdef enum:
     SEQ_Q_ROW = 0   # its first query's row of q, and of out and lse
     SEQ_KV_ROW      # its first key's row of k and v
@@ -141,7 +145,7 @@ cdef void _run_layout(const Call *c, size_t item, Py_ssize_t *at) noexcept nogil
     kp_keys = min(_round_up(n_keys, FA_MK_KEYS), max(s_width, kp_keys // FA_MK_KEYS * FA_MK_KEYS))
     # Room for a head's packed values likewise (at least the chunks one tile touches), or
     # none where they are read in place.
-    if c.lowp == LP_WIDEN or not _values_in_place(d_v, item):
+    if c.lowp == LP_WIDEN or not _values_in_place(d_v, item) or c.kv_step != 1:
         vp_chunks = max((k_block + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK + 1,
                         VP_MAX_BYTES // (FA_MK_PV_CHUNK * max(d_v, 1) * <Py_ssize_t> item))
         vp_chunks = min((n_keys + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK, vp_chunks)
@@ -155,11 +159,14 @@ cdef inline void _pack_keys_of(const Call *c, const char *k, Py_ssize_t rows, ch
     n_cols: bfloat16 panels (LP_ENGINE), widened float32 panels (LP_WIDEN) or the
     floating micro-kernels' (kind only names the dtype)."""
     if c.lowp == LP_ENGINE:
-        fa_lp_pack_keys(k, c.src_kind, rows, c.d_head, <uint16_t*> kp, n_cols, c.d_pad)
+        fa_lp_pack_keys(k, c.src_kind, rows, c.d_head, c.kv_step * c.d_head, <uint16_t*> kp,
+                        n_cols, c.d_pad)
     elif c.lowp == LP_WIDEN:
-        fa_lp_pack_keys_widen(k, c.src_kind, rows, c.d_head, <float*> kp, n_cols, FA_MK_KEYS)
+        fa_lp_pack_keys_widen(k, c.src_kind, rows, c.d_head, c.kv_step * c.d_head,
+                              <float*> kp, n_cols, FA_MK_KEYS)
     else:
-        _pack_keys(<const floating*> k, rows, c.d_head, <floating*> kp, n_cols)
+        _pack_keys(<const floating*> k, rows, c.d_head, c.kv_step * c.d_head, <floating*> kp,
+                   n_cols)
 
 
 cdef inline const char *_keys_packed(const Call *c, Packed *packed, const char *k,
@@ -180,7 +187,8 @@ cdef inline const char *_keys_packed(const Call *c, Packed *packed, const char *
         packed.k_from = k_panel
         packed.k_to = k_panel
     if packed.k_to < need:
-        _pack_keys_of(c, k + packed.k_to * c.d_head * c.src_item, min(n_keys, need) - packed.k_to,
+        _pack_keys_of(c, k + packed.k_to * c.kv_step * c.d_head * c.src_item,
+                      min(n_keys, need) - packed.k_to,
                       kp + (packed.k_to - packed.k_from) * key_bytes, need - packed.k_to, kind)
         packed.k_to = need
     return kp + (k_panel - packed.k_from) * key_bytes
@@ -204,19 +212,19 @@ cdef inline const char *_values_packed(const Call *c, Packed *packed, const char
         packed.v_from = v_first
         packed.v_to = v_first
     if packed.v_to < v_need:
-        src = v + packed.v_from * chunk * c.d_v * c.src_item
+        src = v + packed.v_from * chunk * c.kv_step * c.d_v * c.src_item
         if c.lowp == LP_ENGINE:
             fa_lp_pack_values(src, c.src_kind, n_keys - packed.v_from * chunk, c.d_v,
-                              <uint16_t*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
+                              c.kv_step * c.d_v, <uint16_t*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
                               packed.v_to - packed.v_from, v_need - packed.v_from)
         elif c.lowp == LP_WIDEN:
             fa_lp_pack_values_widen(src, c.src_kind, n_keys - packed.v_from * chunk, c.d_v,
-                                    <float*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
+                                    c.kv_step * c.d_v, <float*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
                                     packed.v_to - packed.v_from, v_need - packed.v_from, chunk,
                                     FA_MK_PV_NV * FA_MK_VBYTES // 4, FA_MK_VBYTES // 4)
         else:
             _pack_values(<const floating*> src, n_keys - packed.v_from * chunk, c.d_v,
-                         <floating*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
+                         c.kv_step * c.d_v, <floating*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
                          packed.v_to - packed.v_from, v_need - packed.v_from)
         packed.v_to = v_need
     return vp
@@ -325,7 +333,10 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
     cdef Py_ssize_t k_begin = 0, k_end = n_keys, k_start, k_rows, i, j, ld, off = 0, v_next
     cdef Py_ssize_t k_block = c.k_block
     cdef Py_ssize_t rows = _round_up(q_rows, FA_LP_ROWS) if lowp == LP_ENGINE else q_rows
-    cdef bint v_in_place = lowp == LP_NONE and _values_in_place(d_v, sizeof(floating))
+    cdef bint v_in_place = (lowp == LP_NONE and _values_in_place(d_v, sizeof(floating))
+                            and c.kv_step == 1)
+    cdef Py_ssize_t q_ld = c.q_step * d_head, k_ld = c.kv_step * d_head
+    cdef Py_ssize_t v_ld = c.kv_step * d_v, o_ld = c.q_step * d_v
     cdef const floating *kp
     cdef const floating *vb
     cdef Py_ssize_t v_origin
@@ -346,14 +357,18 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
         l_run[i] = 0 if sink == NULL or sink[0] == -INFINITY else 1
     memset(o_acc, 0, rows * d_v * sizeof(floating))
     if lowp == LP_ENGINE:
-        fa_lp_pack_q(q + q_start * d_head * item, c.src_kind, q_rows, d_head, qb, rows, c.d_pad)
+        fa_lp_pack_q(q + q_start * q_ld * item, c.src_kind, q_rows, d_head, q_ld, qb, rows,
+                     c.d_pad)
         fa_lp_begin(engine)
     elif lowp == LP_WIDEN:
-        fa_lp_widen_scaled(q + q_start * d_head * item, c.src_kind, q_rows * d_head, scale,
-                           <float*> qs)
+        for i in range(1 if q_ld == d_head else q_rows):
+            fa_lp_widen_scaled(q + (q_start + i) * q_ld * item, c.src_kind,
+                               q_rows * d_head if q_ld == d_head else d_head, scale,
+                               <float*> qs + i * d_head)
     elif micro:
-        for i in range(q_rows * d_head):
-            qs[i] = (<const floating*> q)[q_start * d_head + i] * scale
+        for i in range(q_rows):
+            for j in range(d_head):
+                qs[i * d_head + j] = (<const floating*> q)[(q_start + i) * q_ld + j] * scale
 
     k_start = k_begin
     while k_start < k_end:
@@ -375,8 +390,8 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
         else:
             ld = k_rows
             _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
-                  <const floating*> q + q_start * d_head, <int> d_head,
-                  <const floating*> k + k_start * d_head, <int> d_head, 0, s_tile, <int> k_rows)
+                  <const floating*> q + q_start * q_ld, <int> q_ld,
+                  <const floating*> k + k_start * k_ld, <int> k_ld, 0, s_tile, <int> k_rows)
         _online_update(c, n_queries, n_keys, s_tile + off, ld, q_start, q_rows, k_start, k_rows, softcap,
                        add_mask, bool_mask, m_run, l_run, o_acc)
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
@@ -400,14 +415,14 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
                    d_v, o_acc)
         else:
             _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1, s_tile, <int> k_rows,
-                  <const floating*> v + k_start * d_v, <int> d_v, 1, o_acc, <int> d_v)
+                  <const floating*> v + k_start * v_ld, <int> v_ld, 1, o_acc, <int> d_v)
         k_start = k_start + k_rows
     if lowp == LP_ENGINE:
         fa_lp_end(engine)
 
     for i in range(q_rows):
         # (written into o_acc first where out holds 16-bit numbers)
-        o_row = out + (q_start + i) * d_v if c.out_kind == 0 else o_acc + i * d_v
+        o_row = out + (q_start + i) * o_ld if c.out_kind == 0 else o_acc + i * d_v
         if l_run[i] == 0:
             # Every key hidden from this query: zeros, as PyTorch and FlashAttention give.
             for j in range(d_v):
@@ -417,8 +432,8 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
             for j in range(d_v):
                 o_row[j] = o_acc[i * d_v + j] * inv
         if c.out_kind != 0:
-            fa_lp_narrow(<float*> o_row, d_v, c.out_kind, out16 + (q_start + i) * d_v)
-        lse[q_start + i] = <floating> (m_run[i] + log(l_run[i]))
+            fa_lp_narrow(<float*> o_row, d_v, c.out_kind, out16 + (q_start + i) * o_ld)
+        lse[(q_start + i) * c.q_step] = <floating> (m_run[i] + log(l_run[i]))
 
 
 cdef int _attention_run(const Call *c, floating *kept, int n_threads, Py_ssize_t w_start,
@@ -467,12 +482,14 @@ cdef void _call_sizes(Call *c, Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssiz
     c.q_block, c.k_block = q_block, k_block
     c.n_qblocks = (n_queries + q_block - 1) // q_block
     c.n_work = n_batch * c.n_qblocks
+    c.q_step, c.kv_step = 1, 1
 
 
 cdef object _call_ragged(Call *c, object ragged):
-    """Make c a ragged call when ragged is (seqs, work, n_queries, n_keys, q_block): its
-    tables (SEQ_N columns per entry; entry and first query per work item, at least one)
-    and the largest sizes of its entries. Returns the tables' views, to keep them alive."""
+    """Make c a ragged call when ragged is (seqs, work, n_queries, n_keys, q_block, q_step,
+    kv_step): its tables (SEQ_N columns per entry; entry and first query per work item, at
+    least one), the largest sizes of its entries and the row steps (Call.q_step). Returns
+    the tables' views, to keep them alive."""
     cdef const Py_ssize_t[:, ::1] seqs
     cdef const Py_ssize_t[:, ::1] work
     if ragged is None:
@@ -483,6 +500,7 @@ cdef object _call_ragged(Call *c, object ragged):
     c.seqs, c.work = &seqs[0, 0], &work[0, 0]
     c.n_batch, c.n_work = seqs.shape[0], work.shape[0]
     c.n_queries, c.n_keys, c.q_block = ragged[2], ragged[3], ragged[4]
+    c.q_step, c.kv_step = ragged[5], ragged[6]
     return seqs, work
 
 
@@ -557,10 +575,11 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     threads that ran (the OpenMP team), or -1 if the scratch cannot be allocated.
 
     ragged: None, or a ragged call (attention_varlen) as (seqs, work, n_queries, n_keys,
-    q_block): q, k, v, out (n_heads, rows, width) hold every sequence's rows head by head,
-    lse (n_heads, rows); seqs (n_entries, SEQ_N) gives each entry (sequence and query
-    head) its rows and sizes, work (n_work, 2) each work item's entry and first query,
-    the others its entries' largest sizes. index and mask are then unused.
+    q_block, q_step, kv_step): q, k, v, out (tokens, heads, width) and lse (tokens, heads)
+    packed token-major, read as rows of one head (q_step = out and lse's heads, kv_step =
+    k and v's); seqs (n_entries, SEQ_N) gives each entry (sequence and query head) its
+    first rows and sizes, work (n_work, 2) each work item's entry and first query, the
+    others its entries' largest sizes. index and mask are then unused.
     """
     cdef floating *kept
     cdef int team
@@ -631,15 +650,18 @@ def attention_lowp(str kind, const unsigned char[:, :, ::1] q, const unsigned ch
 
 def attention_scratch(Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v,
                       Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels,
-                      Py_ssize_t itemsize, int n_threads, str lowp_kind=None):
+                      Py_ssize_t itemsize, int n_threads, str lowp_kind=None,
+                      Py_ssize_t kv_step=1):
     """The per-thread scratch of attention() with these sizes (itemsize 4: float32, 8:
     float64) on n_threads, as a uint8 array (64 bytes over, for alignment), with no keys
     packed yet; for the pieces of one long call, which then share one allocation and
-    each thread's packed keys. lowp_kind: that of attention_lowp (d_head in elements)."""
+    each thread's packed keys. lowp_kind: that of attention_lowp (d_head in elements).
+    kv_step: a ragged call's (its values are then packed, never read in place)."""
     cdef Py_ssize_t at[SCR_N]
     cdef Call c
     memset(&c, 0, sizeof(Call))
     _call_sizes(&c, 1, q_block, n_keys, d_head, d_v, q_block, k_block)
+    c.kv_step = kv_step
     c.micro = FA_MICROKERNELS != 0 and microkernels
     if lowp_kind is not None:
         _call_lowp(&c, lowp_kind, d_head * (4 if lowp_kind == "float32" else 2))

@@ -105,22 +105,25 @@ cdef inline void _mk_pv(const floating *p, Py_ssize_t ld_p, Py_ssize_t rows,
         fa_mk_pv_d(p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o)
 
 
-cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d,
+cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d, Py_ssize_t ldk,
                             floating *kp, Py_ssize_t n_cols) noexcept nogil:
-    """kp = k (rows x d) as the micro-kernel's key panels, zero keys up to n_cols."""
+    """kp = k (rows x d, rows ldk apart) as the micro-kernel's key panels, zero keys up
+    to n_cols."""
     if floating is float:
-        fa_pack_keys_f(k, rows, d, kp, n_cols)
+        fa_pack_keys_f(k, rows, d, ldk, kp, n_cols)
     else:
-        fa_pack_keys_d(k, rows, d, kp, n_cols)
+        fa_pack_keys_d(k, rows, d, ldk, kp, n_cols)
 
 
 cdef inline void _pack_values(const floating *v, Py_ssize_t n_keys, Py_ssize_t d_v,
-                              floating *vp, Py_ssize_t c_lo, Py_ssize_t c_hi) noexcept nogil:
-    """vp = chunks [c_lo, c_hi) of v (n_keys x d_v) in the micro-kernel's chunk layout."""
+                              Py_ssize_t ldv, floating *vp, Py_ssize_t c_lo,
+                              Py_ssize_t c_hi) noexcept nogil:
+    """vp = chunks [c_lo, c_hi) of v (n_keys x d_v, rows ldv apart) in the micro-kernel's
+    chunk layout."""
     if floating is float:
-        fa_pack_values_f(v, n_keys, d_v, vp, c_lo, c_hi)
+        fa_pack_values_f(v, n_keys, d_v, ldv, vp, c_lo, c_hi)
     else:
-        fa_pack_values_d(v, n_keys, d_v, vp, c_lo, c_hi)
+        fa_pack_values_d(v, n_keys, d_v, ldv, vp, c_lo, c_hi)
 
 
 cdef inline bint _values_in_place(Py_ssize_t d_v, size_t item) noexcept nogil:

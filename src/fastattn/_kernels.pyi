@@ -62,8 +62,9 @@ def attention(
     w_stop: int = -1,                   # Py_ssize_t: past the last work item (-1: all)
     scratch: Optional[np.ndarray] = None,  # object: None or attention_scratch(...)
     ragged: Optional[tuple] = None,     # object: None, or (seqs (n_entries, 6) intp, work
-                                        #   (n_work, 2) intp, n_queries, n_keys, q_block):
-                                        #   attention_varlen's call (q, k, v, out head-major)
+                                        #   (n_work, 2) intp, n_queries, n_keys, q_block,
+                                        #   q_step, kv_step): attention_varlen's call (q, k,
+                                        #   v, out, lse packed token-major)
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def attention_lowp(
     kind: str,                          # str: "bfloat16", "float16", or "float32" allowed
@@ -96,6 +97,7 @@ def attention_scratch(
     itemsize: int,                      # Py_ssize_t: 4 or 8
     n_threads: int,                     # int
     lowp_kind: Optional[str] = None,    # str: attention_lowp's kind (itemsize 4 then)
+    kv_step: int = 1,                   # Py_ssize_t: a ragged call's (attention(ragged=))
 ) -> npt.NDArray[np.uint8]: ...
 def decode(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)

@@ -374,7 +374,7 @@ def _fused(plan, return_weights, target, lse, n_threads):
                     "float16" if target.dtype == np.float16 else "bfloat16")
         args = (plan.lowp, q, k, v, *options, out_kind, target.view(np.uint8), lse, q_block,
                 k_block, team)
-    _fused_pieces(kernel, args, {}, n_work, flops / (2 if plan.causal else 1), team,
+    _fused_pieces(kernel, args, None, n_work, flops / (2 if plan.causal else 1), team,
                   (n_keys, d_head, d_v, q_block, k_block, micro, plan.compute.itemsize),
                   plan.lowp)
     if not return_weights:
@@ -385,33 +385,35 @@ def _fused(plan, return_weights, target, lse, n_threads):
     return _weights(plan, q, k, mask, lse, team)
 
 
-def _fused_pieces(kernel, args, kwargs, n_work, flops, team, sizes, lowp):
+def _fused_pieces(kernel, args, ragged, n_work, flops, team, sizes, lowp):
     """Run the fused kernel's work items in pieces (one unless the call is long: Ctrl-C,
     PIECE_FLOPS), BLAS held to one thread where the tiles call it from several. sizes:
-    attention_scratch's (n_keys, d_head, d_v, q_block, k_block, micro, itemsize)."""
+    attention_scratch's (n_keys, d_head, d_v, q_block, k_block, micro, itemsize). ragged:
+    the kernel's, or None."""
     parts = pieces(n_work, flops, team)
     # A call in pieces allocates its scratch once and passes it to every piece, so each
     # thread's packed keys (a few MiB for long sequences) carry over; allocated and freed
     # per piece, they grew the heap: 9-56 MiB peak extra at 16,384 tokens, 9.7 in one.
-    scratch = (None if len(parts) == 1 else _kernels.attention_scratch(*sizes, team, lowp))
+    scratch = (None if len(parts) == 1 else _kernels.attention_scratch(
+        *sizes, team, lowp, 1 if ragged is None else ragged[-1]))
     n_keys, d_head, d_v, q_block, k_block, micro, _ = sizes
     # (The micro-kernels and the 16-bit tiles call no BLAS.)
     with (serial_blas if lowp is None and not micro
           and _kernels.blas_would_thread(q_block, k_block, max(d_head, d_v)) else _no_context):
         for start, stop in parts:
-            _checked(kernel(*args, start, stop, scratch, **kwargs), "per-thread scratch")
+            _checked(kernel(*args, start, stop, scratch, ragged), "per-thread scratch")
 
 
 def run_varlen(kind, q, k, v, compute, out, lse, tables, causal, window, scale, softcap,
                sinks, n_threads):
     """The fused kernel on a ragged call (fastattn.varlen): q, k, v packed token-major,
     read in kind ("bfloat16"/"float16", or None: converted to compute), into out and lse
-    (head-major: (H, total_q, D_v), (H, total_q)) for the entries of tables (seqs, work,
+    (packed too: (total_q, H, D_v), (total_q, H)) for the entries of tables (seqs, work,
     largest query block, queries, keys)."""
     seqs, work, q_block, n_queries, n_keys = tables
     d_head, d_v = q.shape[2], v.shape[2]
     dtype = compute if kind is None else q.dtype
-    q, k, v = (np.ascontiguousarray(a.transpose(1, 0, 2), dtype) for a in (q, k, v))
+    q, k, v = (contiguous(a, dtype) for a in (q, k, v))
     kernel_out = out
     if kind is None:
         if d_head == 0:  # an empty dot product is 0: one zero column
@@ -435,7 +437,8 @@ def run_varlen(kind, q, k, v, compute, out, lse, tables, causal, window, scale, 
                 "bfloat16" if is_bfloat16(out.dtype) else str(out.dtype), out.view(np.uint8),
                 lse, q_block, k_block, team)
         kernel = _kernels.attention_lowp
-    _fused_pieces(kernel, args, {"ragged": (seqs, work, n_queries, n_keys, q_block)},
+    ragged = (seqs, work, n_queries, n_keys, q_block, q.shape[1], k.shape[1])
+    _fused_pieces(kernel, args, ragged,
                   work.shape[0], flops / (2 if causal else 1), team,
                   (n_keys, q.shape[2], v.shape[2], q_block, k_block, micro, compute.itemsize),
                   kind)

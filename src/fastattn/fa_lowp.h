@@ -90,12 +90,13 @@ static inline void fa_lp_widen_scaled(const void *src, int kind, ptrdiff_t n, fl
 }
 
 #if FA_MICROKERNELS
-/* kp = keys [0, rows) of k (rows x d, 16-bit of kind) in fa_pack_keys_f's panels of kr
- * keys, zero keys up to n_cols: each run of 8 keys widened into a buffer (rows are
- * contiguous, so one vectorised run), then moved by the float 8 x 8 register transpose
- * as fa_pack_keys_f moves float32 keys. */
+/* kp = keys [0, rows) of k (rows x d, rows ldk apart, 16-bit of kind) in fa_pack_keys_f's
+ * panels of kr keys, zero keys up to n_cols: each run of 8 keys widened into a buffer (one
+ * vectorised run where the rows are contiguous), then moved by the float 8 x 8 register
+ * transpose as fa_pack_keys_f moves float32 keys. */
 static inline void fa_lp_pack_keys_widen(const void *k, int kind, ptrdiff_t rows, ptrdiff_t d,
-                                         float *kp, ptrdiff_t n_cols, ptrdiff_t kr)
+                                         ptrdiff_t ldk, float *kp, ptrdiff_t n_cols,
+                                         ptrdiff_t kr)
 {
     enum { TB = FA_TRANSPOSE_f, MAXD = 512 };
     float tmp[TB * MAXD];
@@ -105,28 +106,31 @@ static inline void fa_lp_pack_keys_widen(const void *k, int kind, ptrdiff_t rows
         ptrdiff_t jj0 = 0;
         if (d % TB == 0 && d <= MAXD)
             for (; jj0 + TB <= nb; jj0 += TB) {
-                fa_lp_widen_scaled((const uint16_t *)k + (j0 + jj0) * d, kind, TB * d, 1.0f, tmp);
+                for (ptrdiff_t r = 0; r < (ldk == d ? 1 : TB); r++)
+                    fa_lp_widen_scaled((const uint16_t *)k + (j0 + jj0 + r) * ldk, kind,
+                                       ldk == d ? TB * d : d, 1.0f, tmp + r * d);
                 for (ptrdiff_t t = 0; t < d; t += TB)
                     fa_transpose_block_f(tmp + t, d, panel + t * kr + jj0, kr);
             }
         for (ptrdiff_t jj = jj0; jj < nb; jj++)
             for (ptrdiff_t t = 0; t < d; t++)
-                panel[t * kr + jj] = fa_lp_widen(k, (j0 + jj) * d + t, kind);
+                panel[t * kr + jj] = fa_lp_widen(k, (j0 + jj) * ldk + t, kind);
         for (ptrdiff_t t = 0; t < d; t++)
             for (ptrdiff_t jj = nb; jj < kr; jj++) panel[t * kr + jj] = 0;
     }
 }
 #else
 static inline void fa_lp_pack_keys_widen(const void *k, int kind, ptrdiff_t rows, ptrdiff_t d,
-                                         float *kp, ptrdiff_t n_cols, ptrdiff_t kr)
-{ (void)k; (void)kind; (void)rows; (void)d; (void)kp; (void)n_cols; (void)kr; }
+                                         ptrdiff_t ldk, float *kp, ptrdiff_t n_cols,
+                                         ptrdiff_t kr)
+{ (void)k; (void)kind; (void)rows; (void)d; (void)ldk; (void)kp; (void)n_cols; (void)kr; }
 #endif
 
 /* The float chunk layout of fa_pack_values_f (chunks of ch keys, bands of bw columns, then
- * of w for the columns left) from 16-bit values of kind: each band's run of a row widened
- * in place, one vectorised run. */
+ * of w for the columns left) from 16-bit values of kind (rows ldv apart): each band's run
+ * of a row widened in place, one vectorised run. */
 static inline void fa_lp_pack_values_widen(const void *v, int kind, ptrdiff_t n_keys,
-                                           ptrdiff_t d_v, float *vp, ptrdiff_t c_lo,
+                                           ptrdiff_t d_v, ptrdiff_t ldv, float *vp, ptrdiff_t c_lo,
                                            ptrdiff_t c_hi, ptrdiff_t ch, ptrdiff_t bw,
                                            ptrdiff_t w)
 {
@@ -134,7 +138,7 @@ static inline void fa_lp_pack_values_widen(const void *v, int kind, ptrdiff_t n_
     const ptrdiff_t j_end = n_keys < c_hi * ch ? n_keys : c_hi * ch;
     for (ptrdiff_t j = c_lo * ch; j < j_end; j++) {
         float *chunk = vp + (j / ch - c_lo) * ch * d_v;
-        const uint16_t *row = (const uint16_t *)v + j * d_v;
+        const uint16_t *row = (const uint16_t *)v + j * ldv;
         const ptrdiff_t jj = j % ch;
         ptrdiff_t c0 = 0;
         for (; c0 < full; c0 += bw)
@@ -158,44 +162,46 @@ static inline void fa_lp_narrow(const float *src, ptrdiff_t n, int kind, uint16_
 
 static inline ptrdiff_t fa_lp_round(ptrdiff_t n, ptrdiff_t m) { return (n + m - 1) / m * m; }
 
-/* qb (rows_pad x d_pad) = q (rows x d, of kind), zeros elsewhere. */
+/* qb (rows_pad x d_pad) = q (rows x d, rows ldq apart, of kind), zeros elsewhere. */
 static inline void fa_lp_pack_q(const void *q, int kind, ptrdiff_t rows, ptrdiff_t d,
-                                uint16_t *qb, ptrdiff_t rows_pad, ptrdiff_t d_pad)
+                                ptrdiff_t ldq, uint16_t *qb, ptrdiff_t rows_pad, ptrdiff_t d_pad)
 {
     memset(qb, 0, (size_t)(rows_pad * d_pad) * sizeof(uint16_t));
     for (ptrdiff_t r = 0; r < rows; r++)
-        for (ptrdiff_t t = 0; t < d; t++) qb[r * d_pad + t] = fa_lp_bits(q, r * d + t, kind);
+        for (ptrdiff_t t = 0; t < d; t++) qb[r * d_pad + t] = fa_lp_bits(q, r * ldq + t, kind);
 }
 
-/* kp = keys [0, rows) of k (rows x d, of kind) as panels (see the layout above), zero keys
- * from rows to n_cols (a multiple of FA_LP_KEYS) and zero dimensions from d to d_pad. */
+/* kp = keys [0, rows) of k (rows x d, rows ldk apart, of kind) as panels (see the layout
+ * above), zero keys from rows to n_cols (a multiple of FA_LP_KEYS) and zero dimensions
+ * from d to d_pad. */
 static inline void fa_lp_pack_keys(const void *k, int kind, ptrdiff_t rows, ptrdiff_t d,
-                                   uint16_t *kp, ptrdiff_t n_cols, ptrdiff_t d_pad)
+                                   ptrdiff_t ldk, uint16_t *kp, ptrdiff_t n_cols,
+                                   ptrdiff_t d_pad)
 {
     enum { KR = FA_LP_KEYS };
     for (ptrdiff_t j0 = 0; j0 < n_cols; j0 += KR) {
         uint16_t *panel = kp + j0 * d_pad;
         const ptrdiff_t nb = rows - j0 < KR ? (rows - j0 > 0 ? rows - j0 : 0) : KR;
         if (nb < KR || d < d_pad) memset(panel, 0, (size_t)(KR * d_pad) * sizeof(uint16_t));
-        if (kind == FA_SRC_BF16 && d % 2 == 0) {
+        if (kind == FA_SRC_BF16 && d % 2 == 0 && ldk % 2 == 0) {
             /* a transpose of 32-bit pairs: through registers 8 x 8 at a time where the
              * build has the float transpose, else element by element */
-            const uint32_t *src = (const uint32_t *)k + j0 * (d / 2);
+            const uint32_t *src = (const uint32_t *)k + j0 * (ldk / 2);
             uint32_t *dst = (uint32_t *)panel;
             ptrdiff_t jj0 = 0;
 #if FA_MICROKERNELS
             if ((d / 2) % 8 == 0)
                 for (; jj0 + 8 <= nb; jj0 += 8)
                     for (ptrdiff_t t2 = 0; t2 < d / 2; t2 += 8)
-                        fa_transpose_block_f((const float *)(src + jj0 * (d / 2) + t2), d / 2,
+                        fa_transpose_block_f((const float *)(src + jj0 * (ldk / 2) + t2), ldk / 2,
                                              (float *)(dst + t2 * KR + jj0), KR);
 #endif
             for (ptrdiff_t jj = jj0; jj < nb; jj++)
-                for (ptrdiff_t t2 = 0; t2 < d / 2; t2++) dst[t2 * KR + jj] = src[jj * (d / 2) + t2];
+                for (ptrdiff_t t2 = 0; t2 < d / 2; t2++) dst[t2 * KR + jj] = src[jj * (ldk / 2) + t2];
         } else {
             for (ptrdiff_t jj = 0; jj < nb; jj++)
                 for (ptrdiff_t t = 0; t < d; t++)
-                    panel[(t / 2) * 2 * KR + 2 * jj + t % 2] = fa_lp_bits(k, (j0 + jj) * d + t, kind);
+                    panel[(t / 2) * 2 * KR + 2 * jj + t % 2] = fa_lp_bits(k, (j0 + jj) * ldk + t, kind);
         }
     }
 }
@@ -216,9 +222,9 @@ static inline void fa_lp_interleave(const uint16_t *a, const uint16_t *b, ptrdif
 }
 
 /* vp (chunks c_lo <= c < c_hi, chunk c_lo first) = v's keys [c_lo CH, c_hi CH) (v: n_keys
- * x d_v, of kind; d_v a multiple of 16), zero keys from n_keys on. */
+ * x d_v, rows ldv apart, of kind; d_v a multiple of 16), zero keys from n_keys on. */
 static inline void fa_lp_pack_values(const void *v, int kind, ptrdiff_t n_keys, ptrdiff_t d_v,
-                                     uint16_t *vp, ptrdiff_t c_lo, ptrdiff_t c_hi)
+                                     ptrdiff_t ldv, uint16_t *vp, ptrdiff_t c_lo, ptrdiff_t c_hi)
 {
     enum { CH = FA_LP_VCHUNK, BW = FA_LP_BAND, MAXD = 1024 };
     const ptrdiff_t full = d_v / BW * BW;
@@ -230,12 +236,12 @@ static inline void fa_lp_pack_values(const void *v, int kind, ptrdiff_t n_keys, 
             const ptrdiff_t c2 = c1 + MAXD < d_v ? c1 + MAXD : d_v;
             const uint16_t *a = row_a, *b = row_b;
             if (kind == FA_SRC_BF16 && j + 1 < n_keys) {  /* the rows themselves */
-                a = (const uint16_t *)v + j * d_v + c1;
-                b = a + d_v;
+                a = (const uint16_t *)v + j * ldv + c1;
+                b = a + ldv;
             } else {
                 for (ptrdiff_t c = c1; c < c2; c++) {
-                    row_a[c - c1] = j < n_keys ? fa_lp_bits(v, j * d_v + c, kind) : 0;
-                    row_b[c - c1] = j + 1 < n_keys ? fa_lp_bits(v, (j + 1) * d_v + c, kind) : 0;
+                    row_a[c - c1] = j < n_keys ? fa_lp_bits(v, j * ldv + c, kind) : 0;
+                    row_b[c - c1] = j + 1 < n_keys ? fa_lp_bits(v, (j + 1) * ldv + c, kind) : 0;
                 }
             }
             /* each band's run of columns in this piece: bands of BW, then of 16 */

@@ -197,9 +197,10 @@ static inline int FA_FN(fa_mk_values_in_place_)(ptrdiff_t d_v)
 }
 
 /* vp (chunks c_lo <= c < c_hi of the layout, chunk c_lo first) = v's keys
- * [c_lo CH, min(n_keys, c_hi CH)) (v: n_keys x d_v, row-major; d_v a multiple of W). */
+ * [c_lo CH, min(n_keys, c_hi CH)) (v: n_keys x d_v, rows ldv apart; d_v a multiple of W). */
 static inline void FA_FN(fa_pack_values_)(const FA_T *v, ptrdiff_t n_keys, ptrdiff_t d_v,
-                                           FA_T *vp, ptrdiff_t c_lo, ptrdiff_t c_hi)
+                                           ptrdiff_t ldv, FA_T *vp, ptrdiff_t c_lo,
+                                           ptrdiff_t c_hi)
 {
     enum { W = FA_FN(FA_MK_W_), NV = FA_MK_PV_NV, CH = FA_MK_PV_CHUNK };
     /* v is read row after row, once (a pass per band read every row d_v / bw times and
@@ -210,7 +211,7 @@ static inline void FA_FN(fa_pack_values_)(const FA_T *v, ptrdiff_t n_keys, ptrdi
     const ptrdiff_t full = d_v / (NV * W) * (NV * W);
     const ptrdiff_t j_end = n_keys < c_hi * CH ? n_keys : c_hi * CH;
     for (ptrdiff_t j = c_lo * CH; j < j_end; j++) {
-        const FA_T *row = v + j * d_v;
+        const FA_T *row = v + j * ldv;
         FA_T *chunk = vp + (j / CH - c_lo) * CH * d_v;
         const ptrdiff_t jj = j % CH;
         ptrdiff_t c0 = 0;
@@ -222,13 +223,13 @@ static inline void FA_FN(fa_pack_values_)(const FA_T *v, ptrdiff_t n_keys, ptrdi
     }
 }
 
-/* kp = k (rows x d, row-major) in the panels fa_mk_scores reads: for each run of KR
+/* kp = k (rows x d, rows ldk apart) in the panels fa_mk_scores reads: for each run of KR
  * keys, a contiguous (d x KR) panel, kp[j0 d + t KR + jj] = k[j0 + jj][t]; zero keys
  * from rows up to n_cols (a multiple of KR). Contiguous panels, not one transposed
  * (d x n_cols) matrix: with n_cols a power of two, its rows' cache sets alias, and the
  * scores kernel's loads missed L1 (BLIS packs its B panels for the same reason). */
 static inline void FA_FN(fa_pack_keys_)(const FA_T *k, ptrdiff_t rows, ptrdiff_t d,
-                                         FA_T *kp, ptrdiff_t n_cols)
+                                         ptrdiff_t ldk, FA_T *kp, ptrdiff_t n_cols)
 {
     enum { KR = FA_MK_SCORES_NV * FA_FN(FA_MK_W_) };
     enum { TB = FA_FN(FA_TRANSPOSE_) };  /* KR is a multiple of TB */
@@ -239,10 +240,10 @@ static inline void FA_FN(fa_pack_keys_)(const FA_T *k, ptrdiff_t rows, ptrdiff_t
         if (d % TB == 0)  /* always, for the head sizes the micro-kernels take */
             for (; jj0 + TB <= nb; jj0 += TB)
                 for (ptrdiff_t t = 0; t < d; t += TB)
-                    FA_FN(fa_transpose_block_)(k + (j0 + jj0) * d + t, d,
+                    FA_FN(fa_transpose_block_)(k + (j0 + jj0) * ldk + t, ldk,
                                                 panel + t * KR + jj0, KR);
         for (ptrdiff_t t = 0; t < d; t++) {
-            for (ptrdiff_t jj = jj0; jj < nb; jj++) panel[t * KR + jj] = k[(j0 + jj) * d + t];
+            for (ptrdiff_t jj = jj0; jj < nb; jj++) panel[t * KR + jj] = k[(j0 + jj) * ldk + t];
             for (ptrdiff_t jj = nb; jj < KR; jj++) panel[t * KR + jj] = 0;
         }
     }
@@ -259,11 +260,12 @@ static inline void FA_FN(fa_mk_pv_)(const FA_T *p, ptrdiff_t ld_p, ptrdiff_t row
 { (void)p; (void)ld_p; (void)rows; (void)vp; (void)j0; (void)n_keys; (void)next_keys;
   (void)d_v; (void)o; }
 static inline int FA_FN(fa_mk_values_in_place_)(ptrdiff_t d_v) { (void)d_v; return 1; }
-static inline void FA_FN(fa_pack_keys_)(const FA_T *k, ptrdiff_t rows, ptrdiff_t d, FA_T *kp,
-                                        ptrdiff_t n_cols)
-{ (void)k; (void)rows; (void)d; (void)kp; (void)n_cols; }
+static inline void FA_FN(fa_pack_keys_)(const FA_T *k, ptrdiff_t rows, ptrdiff_t d,
+                                        ptrdiff_t ldk, FA_T *kp, ptrdiff_t n_cols)
+{ (void)k; (void)rows; (void)d; (void)ldk; (void)kp; (void)n_cols; }
 static inline void FA_FN(fa_pack_values_)(const FA_T *v, ptrdiff_t n_keys, ptrdiff_t d_v,
-                                          FA_T *vp, ptrdiff_t c_lo, ptrdiff_t c_hi)
-{ (void)v; (void)n_keys; (void)d_v; (void)vp; (void)c_lo; (void)c_hi; }
+                                          ptrdiff_t ldv, FA_T *vp, ptrdiff_t c_lo,
+                                          ptrdiff_t c_hi)
+{ (void)v; (void)n_keys; (void)d_v; (void)ldv; (void)vp; (void)c_lo; (void)c_hi; }
 
 #endif

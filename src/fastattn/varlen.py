@@ -1,9 +1,9 @@
 """Attention over a packed batch of sequences of different lengths (``attention_varlen``).
 
 Design: a ragged call is the fused kernel's call with a table instead of a uniform
-shape. The sequences' rows are copied head-major once (each (sequence, head) then holds
-contiguous rows, as a uniform call's batch entry does), and every (sequence, query head)
-becomes an entry of the table with its own rows and sizes and the query-block size that
+shape. The kernel reads the packed arrays in place (a head's tokens are rows a head count
+apart; nothing is transposed or gathered), and every (sequence, query head) becomes an
+entry of the table with its own first rows and sizes and the query-block size that
 ``attention`` would take for that sequence alone: so a sequence's result is bitwise what
 ``attention`` gives it on the fused path. The work items of all entries run in one
 parallel region, the costliest entries first (the threads finish together), each
@@ -67,7 +67,7 @@ def _visible_keys(n_q, n_k, causal, window):
     return int(seen.sum())
 
 
-def _tables(nq, nk, cu_q, cu_k, n_heads, group, total_q, total_k, causal, window, itemsize):
+def _tables(nq, nk, cu_q, cu_k, n_heads, n_kv, causal, window, itemsize):
     """The kernel's tables for these sequences: seqs (one row per sequence with queries and
     keys and per query head, costliest sequences first), work (entry, first query) and the largest
     query block, queries and keys."""
@@ -79,13 +79,13 @@ def _tables(nq, nk, cu_q, cu_k, n_heads, group, total_q, total_k, causal, window
         blocks.append(q_block)
         entries.append((int(cu_q[s]), int(cu_k[s]), n_q, n_k, q_block))
     order = sorted(range(len(entries)), key=lambda e: -costs[e])  # stable: ties in order
-    heads = np.arange(n_heads)
+    heads, group = np.arange(n_heads), n_heads // n_kv
     seqs = np.empty((len(entries) * n_heads, _SEQ_N), np.intp)
     for at, e in enumerate(order):
         q0, k0, n_q, n_k, q_block = entries[e]
         rows = seqs[at * n_heads:(at + 1) * n_heads]
-        rows[:, 0] = heads * total_q + q0
-        rows[:, 1] = heads // group * total_k + k0
+        rows[:, 0] = q0 * n_heads + heads
+        rows[:, 1] = k0 * n_kv + heads // group
         rows[:, 2:5] = n_q, n_k, q_block
         rows[:, 5] = heads
     n_blocks = -(-seqs[:, 2] // seqs[:, 4])
@@ -144,8 +144,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
     and the same of ``k``, ``v``) wherever that call takes the fused kernel (two or more
     queries, or a window); a single query without a window runs here in the fused kernel
     as well, where ``attention`` would take its decoding kernel (equal to within
-    rounding). The packed arrays are copied once, head-major, for the kernel; so is the
-    output back.
+    rounding). The packed arrays are read in place where they are C-contiguous in the
+    dtype the kernel reads (else copied once).
 
     Examples
     --------
@@ -186,21 +186,18 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
 
     kind = _lowp_kind(q, k, v, d_head, d_v)
     out_dtype = result if kind is not None and result.itemsize == 2 and d_v else compute
-    out = np.zeros((n_heads, total_q, d_v), out_dtype)
-    lse = np.full((n_heads, total_q), -np.inf, compute)
+    out = np.zeros((total_q, n_heads, d_v), out_dtype)
+    lse = np.full((total_q, n_heads), -np.inf, compute)
     if sinks is not None:
-        lse[...] = sinks[:, None]
+        lse[...] = sinks
     nq, nk = np.diff(cu_q), np.diff(cu_k)
     if n_heads and ((nq > 0) & (nk > 0)).any():
         _run.run_varlen(kind, q, k, v, compute, out, lse, _tables(
-            nq, nk, cu_q, cu_k, n_heads, group, total_q, total_k, causal, window,
-            compute.itemsize), causal, window, scale, softcap, sinks, n_threads)
+            nq, nk, cu_q, cu_k, n_heads, n_kv, causal, window, compute.itemsize),
+            causal, window, scale, softcap, sinks, n_threads)
     # (Sequences with queries and no key keep their zeros and lse, the sink or -inf.)
-    out = out.transpose(1, 0, 2)
-    out = np.ascontiguousarray(out, result) if out.dtype != result else np.ascontiguousarray(out)
-    if return_lse:
-        return out, np.ascontiguousarray(lse.T)
-    return out
+    out = out if out.dtype == result else out.astype(result)
+    return (out, lse) if return_lse else out
 
 
 def _lowp_kind(q, k, v, d_head, d_v):
