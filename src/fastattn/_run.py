@@ -400,8 +400,9 @@ def _fused_pieces(kernel, args, ragged, n_work, flops, team, sizes, lowp):
     # (The micro-kernels and the 16-bit tiles call no BLAS.)
     with (serial_blas if lowp is None and not micro
           and _kernels.blas_would_thread(q_block, k_block, max(d_head, d_v)) else _no_context):
+        ragged = () if ragged is None else (ragged,)
         for start, stop in parts:
-            _checked(kernel(*args, start, stop, scratch, ragged), "per-thread scratch")
+            _checked(kernel(*args, start, stop, scratch, *ragged), "per-thread scratch")
 
 
 def run_varlen(kind, q, k, v, compute, out, lse, tables, causal, window, scale, softcap,

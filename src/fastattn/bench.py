@@ -561,6 +561,9 @@ def main(argv=None):
     parser.add_argument("--transformers", action="store_true",
                         help="a random ~100M-parameter Llama in transformers: fastattn "
                              "against sdpa, prefill and decode (needs fastattn[transformers])")
+    parser.add_argument("--varlen", action="store_true",
+                        help="packed batches of sequences of different lengths: "
+                             "attention_varlen against a per-sequence loop and torch")
     parser.add_argument("--dask", action="store_true",
                         help="fastattn.dask on a LocalCluster of 2 workers against one "
                              "process (needs fastattn[dask])")
@@ -574,6 +577,9 @@ def main(argv=None):
     if args.options:
         options(args.threads, quick=args.quick)
         return 0
+    if args.varlen:
+        from . import _bench_varlen
+        return _bench_varlen.main(args.threads, args.quick, min_time=args.min_time, gap=args.gap)
     if args.dask:
         from . import _bench_dask
         return _bench_dask.main(args.threads, args.quick)

@@ -21,8 +21,8 @@ Inputs are nested lists/tuples of numbers, or array-likes with ``shape`` and ``t
 
 import math
 
-__all__ = ["project", "scores", "softmax", "log_softmax", "attention", "self_attention",
-           "merge_attention"]
+__all__ = ["project", "scores", "softmax", "log_softmax", "attention", "attention_varlen",
+           "self_attention", "merge_attention"]
 
 _NAN = float("nan")
 _INF = float("inf")
@@ -534,3 +534,64 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
         out.extend(ca * x + cb * y for x, y in zip(row_a, row_b))
         lse.append(merged)
     return _nest(out, shape), _nest(lse, lshape)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, window=None,
+                     scale=None, softcap=None, sinks=None, return_lse=False):
+    """Attention over packed sequences of different lengths, as
+    :func:`fastattn.attention_varlen`: each sequence and query head attended on its own.
+
+    Parameters
+    ----------
+    q : nested list, shape (total_q, H, D)
+    k : nested list, shape (total_k, H_kv, D)
+    v : nested list, shape (total_k, H_kv, D_v)
+    cu_seqlens_q, cu_seqlens_k : list of int, n + 1 offsets each
+    causal, window, scale, softcap, return_lse
+        As in :func:`attention`, per sequence (causal aligned bottom-right).
+    sinks : list of H numbers, optional
+
+    Returns
+    -------
+    out : nested list, shape (total_q, H, D_v)
+    lse : nested list, shape (total_q, H), if ``return_lse``
+
+    Examples
+    --------
+    >>> from fastattn import reference
+    >>> q = [[[1.0, 0.0]], [[0.0, 1.0]]]; k = v = [[[1.0, 2.0]], [[3.0, 4.0]]]
+    >>> reference.attention_varlen(q, k, v, [0, 1, 2], [0, 1, 2])
+    [[[1.0, 2.0]], [[3.0, 4.0]]]
+    """
+    qf, (total_q, n_heads, d) = _flatten(q)
+    kf, (total_k, n_kv, _) = _flatten(k)
+    vf, (_, _, d_v) = _flatten(v)
+    cu_q, cu_k = [int(x) for x in _flatten(cu_seqlens_q)[0]], [int(x) for x in _flatten(cu_seqlens_k)[0]]
+    group = n_heads // n_kv
+    out = [0.0] * (total_q * n_heads * d_v)
+    lse = [-_INF] * (total_q * n_heads)
+
+    def rows(flat, heads, width, first, stop, h):
+        return [flat[(t * heads + h) * width:(t * heads + h + 1) * width] for t in range(first, stop)]
+
+    for s in range(len(cu_q) - 1):
+        if cu_q[s + 1] == cu_q[s]:
+            continue
+        for h in range(n_heads):
+            qs = rows(qf, n_heads, d, cu_q[s], cu_q[s + 1], h)
+            ks = _Shaped(_flat_rows(rows(kf, n_kv, d, cu_k[s], cu_k[s + 1], h // group)),
+                         (cu_k[s + 1] - cu_k[s], d))
+            vs = _Shaped(_flat_rows(rows(vf, n_kv, d_v, cu_k[s], cu_k[s + 1], h // group)),
+                         (cu_k[s + 1] - cu_k[s], d_v))
+            o, l = attention(_Shaped(_flat_rows(qs), (len(qs), d)), ks, vs, causal=causal,
+                             window=window, scale=scale, softcap=softcap,
+                             sinks=None if sinks is None else float(sinks[h]), return_lse=True)
+            for i, t in enumerate(range(cu_q[s], cu_q[s + 1])):
+                out[(t * n_heads + h) * d_v:(t * n_heads + h + 1) * d_v] = o[i]
+                lse[t * n_heads + h] = l[i]
+    result = _nest(out, (total_q, n_heads, d_v))
+    return (result, _nest(lse, (total_q, n_heads))) if return_lse else result
+
+
+def _flat_rows(rows):
+    return [x for row in rows for x in row]

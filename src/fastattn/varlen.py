@@ -27,10 +27,10 @@ def _offsets(name, cu, total, n_seqs=None):
     """cu_seqlens as int64 offsets: 1-D integers, starting at 0, never decreasing, ending
     at the packed arrays' length (total); n_seqs + 1 of them when n_seqs is given."""
     a = as_array(name, cu)
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
     if a.ndim != 1 or a.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D with n + 1 offsets (n sequences), got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
     if n_seqs is not None and a.shape[0] != n_seqs + 1:
         raise ValueError(f"{name} must have as many offsets as cu_seqlens_q ({n_seqs + 1}), "
                          f"got {a.shape[0]}")
@@ -142,9 +142,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
     float16 compute in float32 and are returned in their own dtype. A sequence's result
     is bitwise :func:`fastattn.attention`'s on it alone (``q[a:b].transpose(1, 0, 2)``
     and the same of ``k``, ``v``) wherever that call takes the fused kernel (two or more
-    queries, or a window); a single query without a window runs here in the fused kernel
-    as well, where ``attention`` would take its decoding kernel (equal to within
-    rounding). The packed arrays are read in place where they are C-contiguous in the
+    queries); a single query runs here in the fused kernel as well, where ``attention``
+    would take its decoding kernel (equal to within rounding). The packed arrays are read in place where they are C-contiguous in the
     dtype the kernel reads (else copied once).
 
     Examples

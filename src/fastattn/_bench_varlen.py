@@ -1,0 +1,144 @@
+"""``python -m fastattn bench --varlen``: packed batches of sequences of different lengths.
+
+- ragged causal prefill: 24 sequences of 32 to 2048 tokens (a geometric spread, shuffled),
+  16 query heads over 4 key/value heads, D 64, float32: ``attention_varlen`` against a
+  per-sequence loop of ``fastattn.attention`` writing into the same packed output, and
+  against torch's SDPA on the batch padded to its longest sequence with a boolean mask
+  (as torch users run a ragged batch on the CPU).
+- ragged decode: 48 sequences of one query against 64 to 8192 keys each, 32 heads over
+  8, D 128, through ``attention_varlen``, against a per-sequence loop over ``KVCache``s
+  and the read floor of the keys' and values' bytes.
+
+Contenders alternate, medians of several samples (bench.py's method); the machine's
+ceilings (FMA peak, a large matmul, copy bandwidth) are measured in the same run.
+"""
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _lengths(n, lo, hi, seed):
+    lengths = np.round(np.geomspace(lo, hi, n)).astype(np.int64)
+    np.random.default_rng(seed).shuffle(lengths)
+    return lengths
+
+
+def _prefill(threads, repeat, min_time, gap, quick):
+    from . import api, bench, varlen
+    from ._timing import time_alternating
+
+    n_seqs, top, heads, kv_heads, d = (8, 256, 4, 2, 32) if quick else (24, 2048, 16, 4, 64)
+    lengths = _lengths(n_seqs, 32, top, 0)
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((cu[-1], heads, d), dtype=np.float32)
+    k = rng.standard_normal((cu[-1], kv_heads, d), dtype=np.float32)
+    v = rng.standard_normal((cu[-1], kv_heads, d), dtype=np.float32)
+    out = np.empty_like(q)
+
+    def loop():
+        for s in range(n_seqs):
+            a, b = cu[s], cu[s + 1]
+            out[a:b] = api.attention(q[a:b].transpose(1, 0, 2), k[a:b].transpose(1, 0, 2),
+                                     v[a:b].transpose(1, 0, 2), causal=True,
+                                     num_threads=threads).transpose(1, 0, 2)
+
+    contenders = {"fastattn": lambda: varlen.attention_varlen(q, k, v, cu, cu, causal=True,
+                                                              num_threads=threads),
+                  "loop": loop}
+    torch = bench._torch()
+    if torch is not None:
+        longest = int(lengths.max())
+        pad = [torch.zeros(n_seqs, h, longest, d) for h in (heads, kv_heads, kv_heads)]
+        mask = torch.zeros(n_seqs, 1, longest, longest, dtype=torch.bool)
+        for s in range(n_seqs):
+            a, b = cu[s], cu[s + 1]
+            for t, src in zip(pad, (q, k, v)):
+                t[s, :, :b - a] = torch.from_numpy(src[a:b]).transpose(0, 1)
+            mask[s, 0, :b - a, :b - a] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+            mask[s, 0, b - a:, 0] = True  # padding rows see one key (no NaN rows)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def run_torch():
+            with torch.no_grad():
+                return sdpa(*pad, attn_mask=mask, enable_gqa=True)
+        contenders["torch"] = run_torch
+    times = time_alternating(contenders, repeat, min_time, gap)
+    flops = float(sum(4.0 * heads * d * n * (n + 1) / 2 for n in lengths))
+    shape = (f"{n_seqs} sequences of {lengths.min()}-{lengths.max()} tokens "
+             f"({cu[-1]} in all), {heads} heads over {kv_heads}, D {d}, causal")
+    return "ragged causal prefill", shape, times, flops
+
+
+def _decode(threads, repeat, min_time, gap, quick):
+    from . import api, varlen
+    from ._dispatch import kernels as _kernels
+    from ._timing import time_alternating
+    from .cache import KVCache
+
+    n_seqs, top, heads, kv_heads, d = (8, 1024, 8, 2, 64) if quick else (48, 8192, 32, 8, 128)
+    lengths = _lengths(n_seqs, 64, top, 1)
+    cu_k = np.concatenate([[0], np.cumsum(lengths)])
+    cu_q = np.arange(n_seqs + 1)
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((n_seqs, heads, d), dtype=np.float32)
+    k = rng.standard_normal((cu_k[-1], kv_heads, d), dtype=np.float32)
+    v = rng.standard_normal((cu_k[-1], kv_heads, d), dtype=np.float32)
+    caches = []
+    for s in range(n_seqs):
+        c = KVCache(1, kv_heads, int(lengths[s]), d)
+        c.append(k[cu_k[s]:cu_k[s + 1]].transpose(1, 0, 2)[None], v[cu_k[s]:cu_k[s + 1]].transpose(1, 0, 2)[None])
+        caches.append(c)
+    qs = [q[s][None, :, None, :] for s in range(n_seqs)]
+
+    def loop():
+        for s in range(n_seqs):
+            api.attention(qs[s], cache=caches[s], num_threads=threads)
+
+    moved = k.nbytes + v.nbytes
+    block = _kernels.read_sum_multiple() * threads
+    floor_buf = np.ones(-(-moved // block) * block // 4, np.float32)
+    contenders = {"fastattn": lambda: varlen.attention_varlen(q, k, v, cu_q, cu_k,
+                                                              num_threads=threads),
+                  "loop": loop, "floor": lambda: _kernels.read_sum(floor_buf, threads)}
+    times = time_alternating(contenders, repeat, min_time, gap, fastest=("floor",))
+    shape = (f"{n_seqs} sequences of 1 query and {lengths.min()}-{lengths.max()} keys "
+             f"({cu_k[-1]} in all), {heads} heads over {kv_heads}, D {d}")
+    return "ragged decode", shape, times, moved
+
+
+def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
+    from . import bench
+    from ._timing import ceilings, cpu_description
+    from ._validation import check_threads
+
+    threads = check_threads(threads)
+    repeat = repeat or (3 if quick else 7)
+    torch = bench._torch()
+    if torch is not None:
+        torch.set_num_threads(threads)
+    print(f"fastattn bench --varlen, {threads} threads, float32, medians of {repeat} "
+          f"alternating samples")
+    print(f"cpu: {cpu_description()}")
+    ceil = ceilings(threads)
+    print(f"ceilings measured now: FMA peak ({bench.info_isa()}) {ceil['fma_float32']:.1f} "
+          f"GFLOP/s, float32 matmul (2048^3) {ceil['matmul_gflops']:.1f} GFLOP/s, copy "
+          f"(64 MiB) {ceil['copy_gbs']:.1f} GB/s")
+    print()
+    print("| case | shape | fastattn | rate | per-sequence loop | loop / fastattn | "
+          "torch, padded + mask | torch / fastattn |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmt = bench._fmt_time
+    for run in (_prefill, _decode):
+        name, shape, times, work = run(threads, repeat, min_time, gap, quick)
+        fa, loop, tt = times["fastattn"], times["loop"], times.get("torch")
+        if "floor" in times:
+            rate = (f"{work / fa / 1e9:.1f} GB/s of keys and values (read floor "
+                    f"{fmt(times['floor'])}: {100 * times['floor'] / fa:.0f}%)")
+        else:
+            rate = (f"{work / fa / 1e9:.1f} GFLOP/s ({100 * work / fa / 1e9 / ceil['fma_float32']:.0f}% "
+                    f"of FMA peak)")
+        print(f"| {name} | {shape} | {fmt(fa)} | {rate} | {fmt(loop)} | {loop / fa:.2f}x | "
+              f"{fmt(tt)} | {'—' if tt is None else f'{tt / fa:.2f}x'} |", flush=True)
+    return 0
