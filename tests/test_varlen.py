@@ -226,3 +226,15 @@ def test_hostile_arguments(change, error, words):
 def _escaped(words):
     import re
     return re.escape(words)
+
+
+@pytest.mark.timing
+def test_varlen_benchmark_prints_both_rows(capsys):
+    from fastattn import _bench_varlen
+
+    assert _bench_varlen.main(threads=1, quick=True, repeat=1, min_time=0.001, gap=0.0) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ragged")]
+    assert [row.split(" | ")[0] for row in rows] == ["| ragged causal prefill", "| ragged decode"]
+    assert "GFLOP/s" in rows[0] and "read floor" in rows[1]
+    assert all(row.split(" | ")[5].endswith("x") for row in rows)  # loop / fastattn
