@@ -11,11 +11,13 @@ from .api import (attention, get_float32_precision, log_softmax, merge_attention
                   scores, self_attention, set_float32_precision, softmax)
 from .cache import KVCache
 from .layers import MultiHeadAttention
+from .paged import PagedKVCache
 from .varlen import attention_varlen
 
 __all__ = [
     "KVCache",
     "MultiHeadAttention",
+    "PagedKVCache",
     "__version__",
     "attention",
     "attention_varlen",

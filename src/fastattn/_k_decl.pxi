@@ -49,30 +49,39 @@ cdef extern from "fa_quant.h" nogil:
 cdef extern from "fa_decode.h" nogil:
     int FA_DECODE_BLOCK
     int FA_KV_GROUP
+    ctypedef struct fa_pages:
+        const Py_ssize_t *table
+        Py_ssize_t rows, first, k_stride, v_stride
     void fa_decode_chunk_f(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const float *k,
                            const float *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                            float softcap, const float *ks, const float *vs, Py_ssize_t phase,
-                           float *m, double *l, float *o, float *s, float *qs)
+                           float *m, double *l, float *o, float *s, float *qs,
+                           const fa_pages *pg)
     void fa_decode_chunk_d(const double *q, Py_ssize_t n_rows, Py_ssize_t d, const double *k,
                            const double *v, Py_ssize_t d_v, Py_ssize_t n_keys, double scale,
                            double softcap, const double *ks, const double *vs, Py_ssize_t phase,
-                           double *m, double *l, double *o, double *s, double *qs)
+                           double *m, double *l, double *o, double *s, double *qs,
+                           const fa_pages *pg)
     void fa_decode_chunk_bf(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint16_t *k,
                            const uint16_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                            float softcap, const float *ks, const float *vs, Py_ssize_t phase,
-                           float *m, double *l, float *o, float *s, float *qs)
+                           float *m, double *l, float *o, float *s, float *qs,
+                           const fa_pages *pg)
     void fa_decode_chunk_hf(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint16_t *k,
                            const uint16_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                            float softcap, const float *ks, const float *vs, Py_ssize_t phase,
-                           float *m, double *l, float *o, float *s, float *qs)
+                           float *m, double *l, float *o, float *s, float *qs,
+                           const fa_pages *pg)
     void fa_decode_chunk_i8(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const int8_t *k,
                            const int8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                            float softcap, const float *ks, const float *vs, Py_ssize_t phase,
-                           float *m, double *l, float *o, float *s, float *qs)
+                           float *m, double *l, float *o, float *s, float *qs,
+                           const fa_pages *pg)
     void fa_decode_chunk_f8(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint8_t *k,
                            const uint8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                            float softcap, const float *ks, const float *vs, Py_ssize_t phase,
-                           float *m, double *l, float *o, float *s, float *qs)
+                           float *m, double *l, float *o, float *s, float *qs,
+                           const fa_pages *pg)
     void fa_decode_merge_f(const float *parts, const double *l_parts, Py_ssize_t n_chunks,
                            Py_ssize_t n_rows, Py_ssize_t d_v, const float *sinks,
                            float *out, float *lse)

@@ -15,6 +15,62 @@ cdef struct KvScales:
     Py_ssize_t ks_item, vs_item, phase
 
 
+cdef inline size_t _kind_size(int kv_kind, size_t floating_size) noexcept nogil:
+    """Bytes per stored element of a kv source of kv_kind (0: floating itself)."""
+    if kv_kind == FA_SRC_I8 or kv_kind == FA_SRC_F8:
+        return 1
+    if kv_kind == FA_SRC_BF16 or kv_kind == FA_SRC_F16:
+        return 2
+    return floating_size
+
+
+cdef inline void _decode_item(const floating *q, Py_ssize_t n_rows, Py_ssize_t d,
+                              const void *k, const void *v, int kv_kind, Py_ssize_t d_v,
+                              Py_ssize_t count, double scale, double softcap, const float *ks,
+                              const float *vs, Py_ssize_t phase, floating *part,
+                              double *l_part, floating *s_own,
+                              const fa_pages *pg) noexcept nogil:
+    """One work item of the decoding kernel: the n_rows queries q against count keys and
+    values at k, v (of kv_kind, see _decode_run; in pages when pg is not NULL), into the
+    partial state part (m then o) and l_part; s_own: the thread's scratch."""
+    if floating is float:
+        if kv_kind == FA_SRC_I8:
+            fa_decode_chunk_i8(q, n_rows, d, <const int8_t*> k, <const int8_t*> v, d_v, count,
+                               <float> scale, <float> softcap, ks, vs, phase, part, l_part,
+                               part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK, NULL)
+        elif kv_kind == FA_SRC_F8:
+            fa_decode_chunk_f8(q, n_rows, d, <const uint8_t*> k, <const uint8_t*> v, d_v, count,
+                               <float> scale, <float> softcap, ks, vs, phase, part, l_part,
+                               part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK, NULL)
+        elif kv_kind == FA_SRC_BF16:
+            fa_decode_chunk_bf(q, n_rows, d, <const uint16_t*> k, <const uint16_t*> v, d_v,
+                               count, <float> scale, <float> softcap, NULL, NULL, 0, part,
+                               l_part, part + n_rows, s_own, NULL, pg)
+        elif kv_kind == FA_SRC_F16:
+            fa_decode_chunk_hf(q, n_rows, d, <const uint16_t*> k, <const uint16_t*> v, d_v,
+                               count, <float> scale, <float> softcap, NULL, NULL, 0, part,
+                               l_part, part + n_rows, s_own, NULL, pg)
+        else:
+            fa_decode_chunk_f(q, n_rows, d, <const float*> k, <const float*> v, d_v, count,
+                              <float> scale, <float> softcap, NULL, NULL, 0, part, l_part,
+                              part + n_rows, s_own, NULL, pg)
+    else:
+        fa_decode_chunk_d(q, n_rows, d, <const double*> k, <const double*> v, d_v, count,
+                          scale, softcap, NULL, NULL, 0, part, l_part, part + n_rows, s_own,
+                          NULL, pg)
+
+
+cdef inline void _decode_merge(const floating *parts, const double *l_parts,
+                               Py_ssize_t n_chunks, Py_ssize_t n_rows, Py_ssize_t d_v,
+                               const floating *sinks, floating *out,
+                               floating *lse) noexcept nogil:
+    """One group's result from its chunks' partial states, merged in chunk order."""
+    if floating is float:
+        fa_decode_merge_f(parts, l_parts, n_chunks, n_rows, d_v, sinks, out, lse)
+    else:
+        fa_decode_merge_d(parts, l_parts, n_chunks, n_rows, d_v, sinks, out, lse)
+
+
 cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kind,
                      Py_ssize_t k_item, Py_ssize_t v_item, const KvScales *sc,
                      const Py_ssize_t *kv_index,
@@ -38,12 +94,12 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kin
     cdef floating *parts
     cdef double *l_parts
     cdef floating *s_all
-    cdef floating *s_own
-    cdef Py_ssize_t w, grp, k0, k_at, v_at, at, kv
-    cdef const float *ks
-    cdef const float *vs
+    cdef Py_ssize_t w, grp, k0, at, kv
+    cdef const float *ks = NULL
+    cdef const float *vs = NULL
     cdef int team = 1
     cdef int *team_out = &team
+    cdef size_t k_size = _kind_size(kv_kind, sizeof(floating))
     n_threads = _team(n_threads, 2.0 * n_groups * n_rows * n_keys * (d + d_v), n_work)
     parts = <floating*> malloc(n_work * part * sizeof(floating))
     l_parts = <double*> malloc(n_work * n_rows * sizeof(double))
@@ -58,69 +114,24 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kin
             grp = w // n_chunks
             kv = kv_index[grp]
             k0 = (w % n_chunks) * chunk
-            k_at = kv * k_item + k0 * d
-            v_at = kv * v_item + k0 * d_v
-            s_own = s_all + threadid() * s_size
-            if floating is float:
-                if kv_kind == FA_SRC_I8 or kv_kind == FA_SRC_F8:
-                    at = sc.phase + k0
-                    ks = sc.ks + kv * sc.ks_item + at // FA_KV_GROUP * d
-                    vs = sc.vs + kv * sc.vs_item + k0
-                    if kv_kind == FA_SRC_I8:
-                        fa_decode_chunk_i8(q + grp * n_rows * d, n_rows, d,
-                                           <const int8_t*> k + k_at, <const int8_t*> v + v_at,
-                                           d_v, min(chunk, n_keys - k0), <float> scale,
-                                           <float> softcap, ks, vs, at % FA_KV_GROUP,
-                                           parts + w * part, l_parts + w * n_rows,
-                                           parts + w * part + n_rows, s_own,
-                                           s_own + n_rows * FA_DECODE_BLOCK)
-                    else:
-                        fa_decode_chunk_f8(q + grp * n_rows * d, n_rows, d,
-                                           <const uint8_t*> k + k_at, <const uint8_t*> v + v_at,
-                                           d_v, min(chunk, n_keys - k0), <float> scale,
-                                           <float> softcap, ks, vs, at % FA_KV_GROUP,
-                                           parts + w * part, l_parts + w * n_rows,
-                                           parts + w * part + n_rows, s_own,
-                                           s_own + n_rows * FA_DECODE_BLOCK)
-                elif kv_kind == FA_SRC_BF16:
-                    fa_decode_chunk_bf(q + grp * n_rows * d, n_rows, d,
-                                       <const uint16_t*> k + k_at, <const uint16_t*> v + v_at,
-                                       d_v, min(chunk, n_keys - k0), <float> scale,
-                                       <float> softcap, NULL, NULL, 0, parts + w * part,
-                                       l_parts + w * n_rows, parts + w * part + n_rows,
-                                       s_own, NULL)
-                elif kv_kind == FA_SRC_F16:
-                    fa_decode_chunk_hf(q + grp * n_rows * d, n_rows, d,
-                                       <const uint16_t*> k + k_at, <const uint16_t*> v + v_at,
-                                       d_v, min(chunk, n_keys - k0), <float> scale,
-                                       <float> softcap, NULL, NULL, 0, parts + w * part,
-                                       l_parts + w * n_rows, parts + w * part + n_rows,
-                                       s_own, NULL)
-                else:
-                    fa_decode_chunk_f(q + grp * n_rows * d, n_rows, d,
-                                      <const float*> k + k_at, <const float*> v + v_at, d_v,
-                                      min(chunk, n_keys - k0), <float> scale, <float> softcap,
-                                      NULL, NULL, 0, parts + w * part, l_parts + w * n_rows,
-                                      parts + w * part + n_rows, s_own, NULL)
-            else:
-                fa_decode_chunk_d(q + grp * n_rows * d, n_rows, d,
-                                  <const double*> k + k_at, <const double*> v + v_at, d_v,
-                                  min(chunk, n_keys - k0), scale, softcap,
-                                  NULL, NULL, 0, parts + w * part, l_parts + w * n_rows,
-                                  parts + w * part + n_rows, s_own, NULL)
+            at = 0
+            if kv_kind == FA_SRC_I8 or kv_kind == FA_SRC_F8:
+                at = sc.phase + k0
+                ks = sc.ks + kv * sc.ks_item + at // FA_KV_GROUP * d
+                vs = sc.vs + kv * sc.vs_item + k0
+            _decode_item(q + grp * n_rows * d, n_rows, d,
+                         <const char*> k + (kv * k_item + k0 * d) * k_size,
+                         <const char*> v + (kv * v_item + k0 * d_v) * k_size, kv_kind, d_v,
+                         min(chunk, n_keys - k0), scale, softcap, ks, vs, at % FA_KV_GROUP,
+                         parts + w * part, l_parts + w * n_rows,
+                         s_all + threadid() * s_size, NULL)
             team_out[0] = fa_omp_team_size()
         # Each group's chunks, merged in chunk order (after the loop's barrier).
         for grp in prange(n_groups, schedule='static'):
-            if floating is float:
-                fa_decode_merge_f(parts + grp * n_chunks * part, l_parts + grp * n_chunks * n_rows,
-                                  n_chunks, n_rows, d_v,
-                                  sink_base + grp * n_rows if sink_base != NULL else NULL,
-                                  out + grp * n_rows * d_v, lse + grp * n_rows)
-            else:
-                fa_decode_merge_d(parts + grp * n_chunks * part, l_parts + grp * n_chunks * n_rows,
-                                  n_chunks, n_rows, d_v,
-                                  sink_base + grp * n_rows if sink_base != NULL else NULL,
-                                  out + grp * n_rows * d_v, lse + grp * n_rows)
+            _decode_merge(parts + grp * n_chunks * part, l_parts + grp * n_chunks * n_rows,
+                          n_chunks, n_rows, d_v,
+                          sink_base + grp * n_rows if sink_base != NULL else NULL,
+                          out + grp * n_rows * d_v, lse + grp * n_rows)
     free(parts)
     free(l_parts)
     free(s_all)
@@ -193,6 +204,143 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
                            vb.strides[0] // vb.itemsize, &sc, &kv_index[0], q.shape[0], q.shape[1],
                            q.shape[2], kb.shape[1], vb.shape[2], scale, softcap, sink_base,
                            &out[0, 0, 0], &lse[0, 0], n_threads)
+    PyBuffer_Release(&kb)
+    PyBuffer_Release(&vb)
+    return team
+
+
+# A paged group (decode_paged): its kv head, first visible key, visible keys, and where
+# its sequence's page ids start in the table.
+cdef enum:
+    PG_HEAD = 0
+    PG_FIRST
+    PG_KEYS
+    PG_TABLE
+    PG_N
+
+
+cdef inline void _decode_page_item(const floating *q, Py_ssize_t n_rows, Py_ssize_t d,
+                                   const void *k, const void *v, int kv_kind, Py_ssize_t d_v,
+                                   Py_ssize_t count, double scale, double softcap,
+                                   const Py_ssize_t *table, Py_ssize_t page_rows,
+                                   Py_ssize_t first, Py_ssize_t k_stride, Py_ssize_t v_stride,
+                                   floating *part, double *l_part,
+                                   floating *s_own) noexcept nogil:
+    """_decode_item on keys and values in pages (fa_pages: its own, on this thread)."""
+    cdef fa_pages pg
+    pg.table, pg.rows, pg.first, pg.k_stride, pg.v_stride = (table, page_rows, first,
+                                                              k_stride, v_stride)
+    _decode_item(q, n_rows, d, k, v, kv_kind, d_v, count, scale, softcap, NULL, NULL, 0,
+                 part, l_part, s_own, &pg)
+
+
+cdef int _decode_paged_run(const floating *q, const void *k, const void *v, int kv_kind,
+                           Py_ssize_t kv_heads, Py_ssize_t page_rows,
+                           const Py_ssize_t *groups, const Py_ssize_t *table,
+                           Py_ssize_t n_groups, Py_ssize_t n_rows, Py_ssize_t d,
+                           Py_ssize_t d_v, double scale, double softcap,
+                           const floating *sink_base, floating *out, floating *lse,
+                           int n_threads) noexcept nogil:
+    """_decode_run for groups of different lengths whose keys and values lie in pages of a
+    pool (see decode_paged): each group's visible keys in chunks of the policy's
+    decode_chunk, counted from its first visible key; all groups' chunks are the work items
+    of one parallel region, and each group's are merged in chunk order, so results are
+    bitwise thread-invariant. Returns the team that ran, or -1 without scratch."""
+    cdef Py_ssize_t chunk = _policy.decode_chunk
+    cdef Py_ssize_t part = n_rows * (1 + d_v)
+    cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK + _round_up(n_rows * d, 16)
+    cdef Py_ssize_t n_work = 0, grp, w, c, n_keys_all = 0
+    cdef Py_ssize_t *first_item = <Py_ssize_t*> malloc((n_groups + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *item_group
+    cdef floating *parts
+    cdef double *l_parts
+    cdef floating *s_all
+    cdef const Py_ssize_t *gr
+    cdef size_t k_size = _kind_size(kv_kind, sizeof(floating))
+    cdef int team = 1
+    cdef int *team_out = &team
+    if first_item == NULL:
+        return -1
+    for grp in range(n_groups):
+        first_item[grp] = n_work
+        n_work += _decode_chunks(groups[grp * PG_N + PG_KEYS])
+        n_keys_all += groups[grp * PG_N + PG_KEYS]
+    first_item[n_groups] = n_work
+    n_threads = _team(n_threads, 2.0 * n_rows * n_keys_all * (d + d_v), n_work)
+    item_group = <Py_ssize_t*> malloc(max(n_work, 1) * sizeof(Py_ssize_t))
+    parts = <floating*> malloc(max(n_work, 1) * part * sizeof(floating))
+    l_parts = <double*> malloc(max(n_work, 1) * n_rows * sizeof(double))
+    s_all = <floating*> aligned_alloc(64, n_threads * s_size * sizeof(floating))
+    if item_group == NULL or parts == NULL or l_parts == NULL or s_all == NULL:
+        free(first_item)
+        free(item_group)
+        free(parts)
+        free(l_parts)
+        free(s_all)
+        return -1
+    for grp in range(n_groups):
+        for w in range(first_item[grp], first_item[grp + 1]):
+            item_group[w] = grp
+    with parallel(num_threads=n_threads):
+        for w in prange(n_work, schedule='static'):
+            gr = groups + item_group[w] * PG_N
+            c = (w - first_item[item_group[w]]) * chunk  # the chunk's first visible key
+            _decode_page_item(q + item_group[w] * n_rows * d, n_rows, d,
+                              <const char*> k + gr[PG_HEAD] * page_rows * d * k_size,
+                              <const char*> v + gr[PG_HEAD] * page_rows * d_v * k_size,
+                              kv_kind, d_v, min(chunk, gr[PG_KEYS] - c), scale, softcap,
+                              table + gr[PG_TABLE], page_rows, gr[PG_FIRST] + c,
+                              kv_heads * page_rows * d, kv_heads * page_rows * d_v,
+                              parts + w * part, l_parts + w * n_rows,
+                              s_all + threadid() * s_size)
+            team_out[0] = fa_omp_team_size()
+        for grp in prange(n_groups, schedule='static'):
+            _decode_merge(parts + first_item[grp] * part, l_parts + first_item[grp] * n_rows,
+                          first_item[grp + 1] - first_item[grp], n_rows, d_v,
+                          sink_base + grp * n_rows if sink_base != NULL else NULL,
+                          out + grp * n_rows * d_v, lse + grp * n_rows)
+    free(first_item)
+    free(item_group)
+    free(parts)
+    free(l_parts)
+    free(s_all)
+    return team
+
+
+def decode_paged(const floating[:, :, ::1] q, object k_pool, object v_pool,
+                 const Py_ssize_t[:, ::1] groups, const Py_ssize_t[::1] table, double scale,
+                 double softcap, object sinks, floating[:, :, ::1] out, floating[:, ::1] lse,
+                 int n_threads):
+    """out[g] = softmax(scale q[g] K_g.T) V_g for the G single queries of each group g
+    (q: (n_groups, G, D)), K_g and V_g the keys [first, first + n_keys) of one kv head of
+    a sequence held in pages: groups[g] = (kv head, first, n_keys, offset), the sequence's
+    page ids being table[offset:] (page p of kv head h is k_pool[p, h]). k_pool, v_pool:
+    (num_blocks, kv_heads, page_rows, D or D_v), C-contiguous, in q's dtype, or for float32
+    q the bits of bfloat16 (uint16) or float16. softcap, sinks ((n_groups, G) or None),
+    out, lse as decode(). Returns the threads that ran, or -1 without scratch."""
+    cdef const floating[:, ::1] sink_view
+    cdef const floating *sink_base = NULL
+    cdef Py_buffer kb, vb
+    cdef int team
+    cdef int kind = _STORED_KINDS.get(getattr(k_pool, "dtype", None), 0)
+    if kind == FA_SRC_I8 or kind == FA_SRC_F8:
+        raise ValueError("decode_paged: 8-bit pages are not supported")
+    if groups.shape[1] != PG_N:
+        raise ValueError("decode_paged: groups must have 4 columns")
+    if sinks is not None:
+        sink_view = sinks
+        sink_base = &sink_view[0, 0]
+    PyObject_GetBuffer(k_pool, &kb, PyBUF_C_CONTIGUOUS)
+    try:
+        PyObject_GetBuffer(v_pool, &vb, PyBUF_C_CONTIGUOUS)
+    except BaseException:
+        PyBuffer_Release(&kb)
+        raise
+    with nogil:
+        team = _decode_paged_run(&q[0, 0, 0], kb.buf, vb.buf, kind, kb.shape[1], kb.shape[2],
+                                 &groups[0, 0], &table[0] if table.shape[0] else NULL,
+                                 q.shape[0], q.shape[1], q.shape[2], vb.shape[3], scale,
+                                 softcap, sink_base, &out[0, 0, 0], &lse[0, 0], n_threads)
     PyBuffer_Release(&kb)
     PyBuffer_Release(&vb)
     return team

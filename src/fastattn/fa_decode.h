@@ -37,6 +37,28 @@ _Static_assert(FA_DOT_LANES == 64, "fa_dot's reduction tree is written for 64 la
  * widen the stored bytes. */
 #define FA_KV_GROUP 32
 
+/* Where the keys and values of a work item live when they are not one run of rows: in
+ * pages (fixed blocks of `rows` rows of one head) of a pool, as a paged cache holds them.
+ * Row r of the item (from 0) is row (first + r) of the sequence's pages: page p =
+ * table[(first + r) / rows], at k + p * k_stride (elements) and v + p * v_stride, row
+ * (first + r) % rows of it. The spans of the kernel then break at page ends, and nowhere
+ * else: a contiguous item (no page map) runs as before. Not for the 8-bit kinds. */
+typedef struct {
+    const ptrdiff_t *table;
+    ptrdiff_t rows, first, k_stride, v_stride;
+} fa_pages;
+
+/* Row r of an item (see fa_pages): its key row, its value row, and how many rows from it
+ * on are contiguous (at most `limit`). */
+#define FA_PAGE_OF(pg, r) ((pg)->table[((pg)->first + (r)) / (pg)->rows])
+#define FA_PAGE_ROW(pg, r) (((pg)->first + (r)) % (pg)->rows)
+#define FA_KROW(k, pg, r, d) ((pg) ? (k) + FA_PAGE_OF(pg, r) * (pg)->k_stride + FA_PAGE_ROW(pg, r) * (d) \
+                                   : (k) + (r) * (d))
+#define FA_VROW(v, pg, r, d_v) ((pg) ? (v) + FA_PAGE_OF(pg, r) * (pg)->v_stride + FA_PAGE_ROW(pg, r) * (d_v) \
+                                     : (v) + (r) * (d_v))
+#define FA_RUN(pg, r, limit) ((pg) && (pg)->rows - FA_PAGE_ROW(pg, r) < (limit) \
+                              ? (pg)->rows - FA_PAGE_ROW(pg, r) : (limit))
+
 /* P V for RB rows at once, W vectors of output columns from column c, the columns held in
  * registers across the nb keys: o[g][c] += sum_j p[g][j] v[j][c], each value vector
  * loaded (and widened) once for the RB rows. With fewer than 8 accumulators, chains of
@@ -234,11 +256,12 @@ static inline void fa_dec_pv_##SUFFIX(const T *p_all, ptrdiff_t n_rows, ptrdiff_
 /* One work item: the n_rows rows of q against keys and values [0, n_keys) (see the top */ \
 /* of the file). 8-bit kinds (QUANT): ks points at the scales of the key group holding   */ \
 /* key 0, which is key `phase` of its group; vs at key 0's value scale; qs is scratch of */ \
-/* n_rows * d. Other kinds ignore the four.                                              */ \
+/* n_rows * d. Other kinds ignore the four. pg: NULL (k, v: contiguous rows), or the    */ \
+/* page map of the item's rows (fa_pages; not with QUANT).                               */ \
 static inline void fa_decode_chunk_##SUFFIX(                                               \
     const T *q, ptrdiff_t n_rows, ptrdiff_t d, const KT *k, const KT *v, ptrdiff_t d_v,    \
     ptrdiff_t n_keys, T scale, T softcap, const T *ks, const T *vs, ptrdiff_t phase,       \
-    T *m, double *l, T *o, T *s, T *qs)                                                    \
+    T *m, double *l, T *o, T *s, T *qs, const fa_pages *pg)                                \
 {                                                                                          \
     const int n = FA_N_##SUFFIX;                                                           \
     const int vec = d % n == 0 && d_v % n == 0;                                            \
@@ -247,7 +270,12 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
         ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;      \
         if (!(QUANT)) {                                                                    \
-            fa_dec_span_##SUFFIX(q, n_rows, d, k + j0 * d, nb, scale, s, vec);             \
+            for (ptrdiff_t j = 0; j < nb;) {  /* one span, or one per page */              \
+                const ptrdiff_t run = FA_RUN(pg, j0 + j, nb - j);                          \
+                fa_dec_span_##SUFFIX(q, n_rows, d, FA_KROW(k, pg, j0 + j, d), run, scale,  \
+                                     s + j, vec);                                          \
+                j += run;                                                                  \
+            }                                                                              \
         } else {                                                                           \
             /* Spans within one key group: q times the group's channel scales, then the */ \
             /* stored bytes as they are.                                                */ \
@@ -278,7 +306,11 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
                 for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];                    \
         }                                                                                  \
         if (vec) {                                                                         \
-            fa_dec_pv_##SUFFIX(s, n_rows, nb, v + j0 * d_v, d_v, o);                       \
+            for (ptrdiff_t j = 0; j < nb;) {                                               \
+                const ptrdiff_t run = FA_RUN(pg, j0 + j, nb - j);                          \
+                fa_dec_pv_##SUFFIX(s + j, n_rows, run, FA_VROW(v, pg, j0 + j, d_v), d_v, o); \
+                j += run;                                                                  \
+            }                                                                              \
             continue;                                                                      \
         }                                                                                  \
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
@@ -286,7 +318,8 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
             T *orow = o + g * d_v;                                                         \
             for (ptrdiff_t c = 0; c < d_v; c++) {                                          \
                 T acc = orow[c];                                                           \
-                for (ptrdiff_t j = 0; j < nb; j++) acc += sr[j] * LOAD1(v[(j0 + j) * d_v + c]); \
+                for (ptrdiff_t j = 0; j < nb; j++)                                         \
+                    acc += sr[j] * LOAD1(FA_VROW(v, pg, j0 + j, d_v)[c]);                  \
                 orow[c] = acc;                                                             \
             }                                                                              \
         }                                                                                  \

@@ -1,0 +1,335 @@
+"""PagedKVCache: one pool of fixed-size blocks of keys and values shared by many
+sequences, and attention over a mixed batch of them read in place through their block
+tables.
+
+Design: the pool is ``(num_blocks, kv_heads, block_size, D)`` for keys and values alike,
+so that one head's rows inside a block are contiguous (the decoding kernel reads them as
+they lie). A sequence is a list of block ids and a length; blocks carry reference counts,
+so ``fork`` shares a prefix's blocks and the first append that would write into a shared
+block copies that block first (copy-on-write). Every query row of a batch, whatever its
+sequence, is a group of the decoding kernel (the query heads of one key/value head) with
+its own visible keys; all groups' key chunks are the work items of one parallel region
+(``decode_paged``), so a batch of decodes and prefill chunks is one call, balanced by
+chunks of keys, bitwise the same on any thread count.
+"""
+
+import numpy as np
+
+from ._dispatch import kernels as _kernels
+from ._run import last_call
+from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
+                          check_threads, check_window, dtype_pair, positive_int)
+from .cache import _STORAGES
+from .varlen import _offsets
+
+__all__ = ["PagedKVCache"]
+
+_PAGED_STORAGES = (None, "bfloat16", "float16")
+
+
+class PagedKVCache:
+    """Keys and values of many sequences in one pool of fixed-size blocks (a paged cache,
+    as vLLM's and FlashInfer's), for one attention layer.
+
+    Parameters
+    ----------
+    num_blocks, block_size, kv_heads, head_dim : int
+        The pool holds ``num_blocks`` blocks of ``block_size`` tokens, each token
+        ``kv_heads`` keys and values of ``head_dim``; allocated once.
+    dtype : float32 or float64, default float32
+        The compute and result dtype of :meth:`attention`.
+    storage : {None, "bfloat16", "float16"}, optional
+        How keys and values are held: None, in ``dtype``; ``"bfloat16"`` or
+        ``"float16"``, in half the bytes of float32 (rounded to nearest even as they are
+        appended; NaN and inf refused, and float16 values beyond its range), read in place
+        and widened by the kernel, computing in float32. (The 8-bit storages of
+        :class:`KVCache` are not offered here yet.)
+
+    Notes
+    -----
+    ``new_sequence()`` makes an empty sequence and returns its id; ``append(id, k, v)``
+    adds tokens; ``fork(id)`` makes a new sequence sharing every block of ``id`` (a
+    common prefix, beam search): the blocks are copied only when one of the two appends
+    into a block both hold; ``release(id)`` returns the blocks no sequence holds any more
+    to the pool. An append the pool cannot hold raises ``ValueError`` and changes nothing.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> cache = fastattn.PagedKVCache(num_blocks=8, block_size=4, kv_heads=1, head_dim=2)
+    >>> a = cache.new_sequence()
+    >>> cache.append(a, np.ones((6, 1, 2)), np.arange(12.0).reshape(6, 1, 2))
+    >>> b = cache.fork(a)
+    >>> cache.free_blocks, cache.length(b)
+    (6, 6)
+    >>> out = cache.attention(np.zeros((2, 2, 2)), [a, b], [0, 1, 2])
+    >>> out[0, 0]                              # equal scores: the mean of the values
+    array([5., 6.], dtype=float32)
+    """
+
+    def __init__(self, num_blocks, block_size, kv_heads, head_dim, *, dtype=np.float32,
+                 storage=None):
+        num_blocks = positive_int("num_blocks", num_blocks)
+        block_size = positive_int("block_size", block_size)
+        kv_heads = positive_int("kv_heads", kv_heads)
+        head_dim = positive_int("head_dim", head_dim)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if storage not in _PAGED_STORAGES:
+            raise ValueError(f"storage must be one of {list(_PAGED_STORAGES)} for a "
+                             f"PagedKVCache, got {storage!r}")
+        if storage is not None and dtype != np.float32:
+            raise ValueError(f"storage={storage!r} computes in float32: dtype must be float32, "
+                             f"got {dtype}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.kv_heads, self.head_dim, self.dtype, self.storage = kv_heads, head_dim, dtype, storage
+        store = _STORAGES[storage] or dtype
+        shape = (num_blocks, kv_heads, block_size, head_dim)
+        self._k, self._v = np.zeros(shape, store), np.zeros(shape, store)
+        self._refs = np.zeros(num_blocks, np.int64)
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() takes the lowest id
+        self._seqs = {}  # id -> [block ids, length]
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ sequences
+    def new_sequence(self):
+        """A new, empty sequence: its id (an int, never reused)."""
+        sid = self._next_id
+        self._next_id += 1
+        self._seqs[sid] = [[], 0]
+        return sid
+
+    def _seq(self, name, sid):
+        if isinstance(sid, (bool, np.bool_)) or not isinstance(sid, (int, np.integer)):
+            raise TypeError(f"{name} must be a sequence id (int), got {sid!r}")
+        seq = self._seqs.get(int(sid))
+        if seq is None:
+            raise ValueError(f"{name} {sid!r} is not a sequence of this cache "
+                             f"(released, or never made by new_sequence or fork)")
+        return seq
+
+    def length(self, seq_id):
+        """The number of tokens held for a sequence."""
+        return self._seq("seq_id", seq_id)[1]
+
+    def fork(self, seq_id):
+        """A new sequence holding the same tokens as ``seq_id``, sharing its blocks until
+        either appends into a shared one (copy-on-write). Returns its id."""
+        blocks, length = self._seq("seq_id", seq_id)
+        sid = self.new_sequence()
+        self._seqs[sid] = [list(blocks), length]
+        self._refs[blocks] += 1
+        return sid
+
+    def release(self, seq_id):
+        """Forget a sequence; its blocks that no other sequence holds return to the pool."""
+        blocks, _ = self._seq("seq_id", seq_id)
+        del self._seqs[int(seq_id)]
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+    @property
+    def free_blocks(self):
+        """Blocks no sequence holds."""
+        return len(self._free)
+
+    @property
+    def sequences(self):
+        """The ids of the sequences held, in the order they were made."""
+        return list(self._seqs)
+
+    @property
+    def nbytes(self):
+        """Bytes of the pool (keys and values), held whatever the sequences use."""
+        return self._k.nbytes + self._v.nbytes
+
+    def __repr__(self):
+        storage = "" if self.storage is None else f", storage={self.storage!r}"
+        return (f"PagedKVCache(num_blocks={self.num_blocks}, block_size={self.block_size}, "
+                f"kv_heads={self.kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}"
+                f"{storage}; {len(self._seqs)} sequences, {self.free_blocks} blocks free)")
+
+    # ------------------------------------------------------------------ append
+    def _stored(self, name, a):
+        """a (L, kv_heads, head_dim), validated, as the pool holds it."""
+        a = as_array(name, a)
+        dtype_pair(name, a.dtype)  # the API's dtype rule: TypeError naming the dtype
+        if a.ndim != 3 or a.shape[1:] != (self.kv_heads, self.head_dim):
+            raise ValueError(f"{name} must have shape (n_new, kv_heads, head_dim) = (n_new, "
+                             f"{self.kv_heads}, {self.head_dim}), got {name}.shape={a.shape}")
+        if self.storage is None:
+            return np.asarray(a, self.dtype)
+        a32 = np.ascontiguousarray(a, np.float32)
+        if not np.isfinite(a32).all():
+            raise ValueError(f"{name} holds NaN or inf: a cache with storage={self.storage!r} "
+                             f"refuses them")
+        bits = _kernels.narrow16(a32.reshape(-1), self.storage).reshape(a32.shape)
+        if self.storage == "float16" and (bits & 0x7c00 == 0x7c00).any():
+            raise ValueError(f"{name} holds values beyond float16's range (65504): a cache "
+                             f"with storage='float16' refuses them")
+        return bits.view(self._k.dtype)
+
+    def append(self, seq_id, k, v):
+        """Append ``n_new`` tokens to a sequence: ``k`` and ``v`` of shape (n_new,
+        kv_heads, head_dim). All or nothing: invalid input, or a pool without the blocks
+        the tokens need, raises and changes nothing."""
+        seq = self._seq("seq_id", seq_id)
+        k = self._stored("k", k)
+        v = self._stored("v", v)
+        n = k.shape[0]
+        if v.shape[0] != n:
+            raise ValueError(f"k and v must bring the same number of tokens, got k.shape={k.shape} "
+                             f"and v.shape={v.shape}")
+        if n == 0:
+            return
+        blocks, length = seq
+        bs = self.block_size
+        # A partly filled last block that another sequence holds too is copied first.
+        shared_tail = length % bs != 0 and self._refs[blocks[-1]] > 1
+        need = -(-(length + n) // bs) - len(blocks) + shared_tail
+        if need > len(self._free):
+            raise ValueError(f"the pool is full: appending {n} tokens to sequence {seq_id} "
+                             f"needs {need} free blocks of {bs} tokens, {len(self._free)} "
+                             f"are free (release sequences, or make a larger pool)")
+        if shared_tail:
+            fresh = self._free.pop()
+            self._k[fresh] = self._k[blocks[-1]]
+            self._v[fresh] = self._v[blocks[-1]]
+            self._refs[blocks[-1]] -= 1
+            self._refs[fresh] = 1
+            blocks[-1] = fresh
+        for _ in range(need - shared_tail):
+            fresh = self._free.pop()
+            self._refs[fresh] = 1
+            blocks.append(fresh)
+        done = 0
+        while done < n:
+            at = length + done
+            b, row = blocks[at // bs], at % bs
+            take = min(bs - row, n - done)
+            self._k[b, :, row:row + take] = k[done:done + take].transpose(1, 0, 2)
+            self._v[b, :, row:row + take] = v[done:done + take].transpose(1, 0, 2)
+            done += take
+        seq[1] = length + n
+
+    # ------------------------------------------------------------------ reading
+    def _gathered(self, pool, seq_id):
+        blocks, length = self._seq("seq_id", seq_id)
+        rows = pool[blocks].transpose(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim)
+        rows = rows[:length]
+        if self.storage == "bfloat16":
+            return (rows.astype(np.uint32) << 16).view(np.float32)
+        return rows.astype(np.float32) if self.storage == "float16" else rows.copy()
+
+    def keys(self, seq_id):
+        """A copy of a sequence's keys, (length, kv_heads, head_dim), as the pool holds
+        them (widened to float32 for 16-bit storage)."""
+        return self._gathered(self._k, seq_id)
+
+    def values(self, seq_id):
+        """A copy of a sequence's values, as :meth:`keys`."""
+        return self._gathered(self._v, seq_id)
+
+    # ------------------------------------------------------------------ attention
+    def attention(self, q, seq_ids, cu_seqlens_q, *, causal=True, window=None, scale=None,
+                  softcap=None, sinks=None, return_lse=False, num_threads=None):
+        """Attention of a batch of sequences to what the cache holds for each, in one call.
+
+        Parameters
+        ----------
+        q : array_like, shape (total_q, H, D)
+            The queries of every sequence, packed: ``q[cu_seqlens_q[i]:cu_seqlens_q[i +
+            1]]`` are sequence ``seq_ids[i]``'s. ``kv_heads`` must divide ``H``.
+        seq_ids : sequence of int
+            The sequences, ``n`` of them (one may appear more than once).
+        cu_seqlens_q : array_like of int, shape (n + 1,)
+            Offsets of each sequence's queries, as in :func:`fastattn.attention_varlen`.
+            One query per sequence is a decoding step; more are a prefill chunk (append
+            its keys and values first).
+        causal : bool, default True
+            Each sequence's queries are its last positions (bottom-right): query ``r`` of
+            ``L_q`` sees the sequence's keys ``j <= r + length - L_q``. False: every query
+            sees every key.
+        window, scale, softcap, sinks, return_lse, num_threads
+            As in :func:`fastattn.attention_varlen`.
+
+        Returns
+        -------
+        out : ndarray, shape (total_q, H, D), in the cache's dtype
+        lse : ndarray, shape (total_q, H), if ``return_lse``
+
+        Notes
+        -----
+        q is converted to the cache's dtype (float32 for 16-bit storage). Every query row
+        runs in the decoding kernel, which reads the blocks in place through the block
+        tables (nothing is gathered): its keys are split in chunks of the same size for
+        every sequence, and the chunks of all rows are the work items of one parallel
+        region. A prefill chunk of ``L_q`` queries reads its keys ``L_q`` times (from the
+        caches, for chunks of modest length).
+        """
+        q = as_array("q", q)
+        dtype_pair("q", q.dtype)
+        if q.ndim != 3 or q.shape[2] != self.head_dim:
+            raise ValueError(f"q must be packed as (total_q, H, head_dim={self.head_dim}), "
+                             f"got q.shape={q.shape}")
+        total_q, heads, d = q.shape
+        if heads % self.kv_heads:
+            raise ValueError(f"the cache's kv_heads ({self.kv_heads}) must divide the query "
+                             f"heads ({heads}), got q.shape={q.shape}")
+        if isinstance(seq_ids, (int, np.integer)) or not hasattr(seq_ids, "__len__"):
+            raise TypeError(f"seq_ids must be a sequence of ids, got {seq_ids!r}")
+        seqs = [self._seq("seq_ids entry", s) for s in seq_ids]
+        cu = _offsets("cu_seqlens_q", cu_seqlens_q, total_q, len(seqs))
+        causal = check_flag("causal", causal)
+        window = check_window(window, causal)
+        scale = check_scale(scale, d)
+        softcap = check_softcap(softcap)
+        compute = np.dtype(np.float32) if self.storage else self.dtype
+        sinks = check_sinks(sinks, (heads,), compute)
+        return_lse = check_flag("return_lse", return_lse)
+        n_threads = check_threads(num_threads)
+
+        group = heads // self.kv_heads
+        # The block tables of the batch's sequences, one after another.
+        offsets = np.zeros(len(seqs), np.intp)
+        tables = []
+        at = 0
+        for i, (blocks, _) in enumerate(seqs):
+            offsets[i] = at
+            tables.append(blocks)
+            at += len(blocks)
+        table = np.fromiter((b for blocks in tables for b in blocks), np.intp, at)
+        # One group per (query row, kv head): its visible keys [first, first + count).
+        n_q = np.diff(cu)
+        seq_of_row = np.repeat(np.arange(len(seqs)), n_q)
+        lengths = np.array([length for _, length in seqs], np.intp)
+        row_in_seq = np.arange(total_q) - cu[seq_of_row]
+        n_k = lengths[seq_of_row]
+        end = np.clip(n_k - n_q[seq_of_row] + row_in_seq + 1, 0, n_k) if causal else n_k
+        first = np.maximum(end - window, 0) if window else np.zeros_like(end)
+        groups = np.empty((total_q, self.kv_heads, 4), np.intp)
+        groups[:, :, 0] = np.arange(self.kv_heads)
+        groups[:, :, 1] = first[:, None]
+        groups[:, :, 2] = (end - first)[:, None]
+        groups[:, :, 3] = offsets[seq_of_row][:, None]
+        q3 = np.ascontiguousarray(q, compute).reshape(total_q * self.kv_heads, group, d)
+        out = np.empty((total_q, heads, d), compute)
+        lse = np.empty((total_q, heads), compute)
+        if total_q:
+            sink_rows = None if sinks is None else np.ascontiguousarray(
+                np.broadcast_to(sinks.reshape(self.kv_heads, group),
+                                (total_q, self.kv_heads, group)).reshape(-1, group))
+            k_pool, v_pool = self._k, self._v
+            team = _kernels.decode_paged(
+                q3, k_pool, v_pool, groups.reshape(-1, 4), table, scale, softcap, sink_rows,
+                out.reshape(-1, group, d), lse.reshape(-1, group), n_threads)
+            if team < 0:
+                raise MemoryError("attention: cannot allocate the decoding scratch")
+            last_call.threads = team
+        return (out, lse) if return_lse else out

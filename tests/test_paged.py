@@ -1,0 +1,286 @@
+"""PagedKVCache: a pool of blocks shared by many sequences, attention over a mixed batch.
+
+Against attention on each sequence's keys alone (float64, then the compute dtype's
+tolerance), against the pure-Python reference, bitwise against a KVCache step where the
+blocks are whole spans of the decoding kernel, bitwise across thread counts; forks and
+releases against a model of what each sequence holds (hypothesis); a full pool, and every
+hostile argument, refused by name with nothing changed.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastattn
+from fastattn import reference
+
+from conftest import assert_close
+
+
+def _filled(rng, lengths, block_size, kv_heads, d, dtype=np.float32, storage=None, pieces=2):
+    """A cache holding one sequence per length (appended in `pieces` parts), and its ids."""
+    blocks = sum(-(-n // block_size) for n in lengths) + 2
+    cache = fastattn.PagedKVCache(blocks, block_size, kv_heads, d, dtype=dtype, storage=storage)
+    ids = []
+    for n in lengths:
+        sid = cache.new_sequence()
+        k, v = rng.standard_normal((2, n, kv_heads, d))
+        cuts = np.linspace(0, n, pieces + 1).astype(int)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            cache.append(sid, k[a:b], v[a:b])
+        ids.append(sid)
+    return cache, ids
+
+
+def _alone(cache, ids, q, cu, **kw):
+    """float64 attention of each sequence's queries on what the cache holds for it."""
+    outs, lses = [], []
+    for i, sid in enumerate(ids):
+        qs = q[cu[i]:cu[i + 1]].astype(np.float64).transpose(1, 0, 2)
+        k = cache.keys(sid).astype(np.float64).transpose(1, 0, 2)
+        v = cache.values(sid).astype(np.float64).transpose(1, 0, 2)
+        o, lse = fastattn.attention(qs, k, v, return_lse=True, **kw)
+        outs.append(o.transpose(1, 0, 2))
+        lses.append(lse.T)
+    return np.concatenate(outs), np.concatenate(lses)
+
+
+LENGTHS = [0, 1, 15, 16, 17, 700, 33, 5]
+QUERIES = [1, 1, 3, 1, 2, 5, 1, 7]
+
+
+@pytest.mark.parametrize("dtype,storage", [(np.float32, None), (np.float64, None),
+                                           (np.float32, "bfloat16"), (np.float32, "float16")])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 5)])
+@pytest.mark.parametrize("heads,kv_heads,d,block", [(8, 2, 64, 16), (3, 3, 20, 7), (4, 1, 16, 1)])
+def test_each_sequence_as_attention_alone(dtype, storage, causal, window, heads, kv_heads, d,
+                                          block):
+    rng = np.random.default_rng(heads + d + block)
+    cache, ids = _filled(rng, LENGTHS, block, kv_heads, d, dtype, storage)
+    cu = np.concatenate([[0], np.cumsum(QUERIES)])
+    q = rng.standard_normal((cu[-1], heads, d))
+    sinks = rng.standard_normal(heads)
+    kw = dict(causal=causal, window=window, softcap=6.0, sinks=sinks)
+    out, lse = cache.attention(q, ids, cu, return_lse=True, **kw)
+    compute = np.float32 if storage else dtype
+    assert out.dtype == compute and out.shape == (cu[-1], heads, d)
+    assert lse.dtype == compute and lse.shape == (cu[-1], heads)
+    # (q as the kernel reads it: in the compute dtype)
+    want_out, want_lse = _alone(cache, ids, q.astype(compute), cu, **kw)
+    assert_close(out, want_out, compute, "out", magnitude=3.0)
+    assert_close(lse, want_lse, compute, "lse", magnitude=10.0)
+
+
+def test_against_the_reference():
+    rng = np.random.default_rng(1)
+    cache, ids = _filled(rng, [3, 0, 6, 4], 2, 2, 3, np.float64)
+    cu = np.array([0, 2, 3, 4, 7])
+    q = rng.standard_normal((7, 4, 3))
+    sinks = [0.5, -np.inf, 1.0, -1.0]
+    out, lse = cache.attention(q, ids, cu, causal=True, softcap=2.0, sinks=sinks, return_lse=True)
+    for i, sid in enumerate(ids):
+        qs = q[cu[i]:cu[i + 1]].transpose(1, 0, 2)
+        k = np.repeat(cache.keys(sid).transpose(1, 0, 2), 2, axis=0)
+        v = np.repeat(cache.values(sid).transpose(1, 0, 2), 2, axis=0)
+        want_out, want_lse = reference.attention(qs, k, v, causal=True, softcap=2.0,
+                                                 sinks=sinks, return_lse=True)
+        assert_close(out[cu[i]:cu[i + 1]].transpose(1, 0, 2), want_out, np.float64, f"seq {i}")
+        assert_close(lse[cu[i]:cu[i + 1]].T, want_lse, np.float64, f"lse {i}")
+
+
+@pytest.mark.parametrize("storage", [None, "bfloat16", "float16"])
+def test_a_decoding_step_is_bitwise_a_kvcache_step_on_whole_spans(storage):
+    """Blocks of 256 tokens are whole spans of the decoding kernel (FA_DECODE_BLOCK): its
+    steps then run exactly as on a KVCache holding the same tokens."""
+    rng = np.random.default_rng(2)
+    n, kv_heads, heads, d = 1300, 2, 8, 64
+    k, v = rng.standard_normal((2, n, kv_heads, d)).astype(np.float32)
+    paged = fastattn.PagedKVCache(8, 256, kv_heads, d, storage=storage)
+    sid = paged.new_sequence()
+    paged.append(sid, k, v)
+    flat = fastattn.KVCache(1, kv_heads, n, d, storage=storage)
+    flat.append(k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
+    q = rng.standard_normal((1, heads, d)).astype(np.float32)
+    out, lse = paged.attention(q, [sid], [0, 1], return_lse=True)
+    want, want_lse = fastattn.attention(q[:, :, None, :], cache=flat, return_lse=True)
+    np.testing.assert_array_equal(out[0], want[0, :, 0])
+    np.testing.assert_array_equal(lse[0], want_lse[0, :, 0])
+
+
+def test_bitwise_across_threads():
+    rng = np.random.default_rng(3)
+    cache, ids = _filled(rng, [5000, 3, 700, 64], 16, 2, 64)
+    cu = np.array([0, 1, 2, 6, 7])
+    q = rng.standard_normal((7, 8, 64)).astype(np.float32)
+    one = cache.attention(q, ids, cu, num_threads=1)
+    for threads in (2, 3):
+        np.testing.assert_array_equal(one, cache.attention(q, ids, cu, num_threads=threads))
+
+
+def test_fork_shares_blocks_and_copies_on_write():
+    rng = np.random.default_rng(4)
+    cache = fastattn.PagedKVCache(6, 4, 1, 2)
+    a = cache.new_sequence()
+    ka, va = rng.standard_normal((2, 6, 1, 2))
+    cache.append(a, ka, va)
+    b = cache.fork(a)
+    assert cache.free_blocks == 4 and cache.length(b) == 6
+    kb, vb = rng.standard_normal((2, 3, 1, 2))
+    cache.append(b, kb, vb)     # the shared half-filled block is copied first
+    assert cache.free_blocks == 2
+    np.testing.assert_array_equal(cache.keys(a), ka.astype(np.float32))
+    np.testing.assert_array_equal(cache.keys(b), np.concatenate([ka, kb]).astype(np.float32))
+    np.testing.assert_array_equal(cache.values(b), np.concatenate([va, vb]).astype(np.float32))
+    cache.release(a)            # a's last block is its own; the first stays with b
+    assert cache.free_blocks == 3
+    np.testing.assert_array_equal(cache.keys(b), np.concatenate([ka, kb]).astype(np.float32))
+    cache.release(b)
+    assert cache.free_blocks == 6 and cache.sequences == []
+
+
+def test_a_full_pool_raises_and_changes_nothing():
+    rng = np.random.default_rng(5)
+    cache = fastattn.PagedKVCache(4, 4, 1, 2)
+    a = cache.new_sequence()
+    k = rng.standard_normal((10, 1, 2))
+    cache.append(a, k, k)
+    b = cache.fork(a)
+    before = (cache.keys(a), cache.keys(b), cache.free_blocks)
+    with pytest.raises(ValueError, match="the pool is full: appending 3 tokens .* needs 2 free "
+                                         "blocks of 4 tokens, 1 are free"):
+        cache.append(b, k[:3], k[:3])  # a copy of the shared tail and one more block
+    np.testing.assert_array_equal(cache.keys(a), before[0])
+    np.testing.assert_array_equal(cache.keys(b), before[1])
+    assert cache.free_blocks == before[2] == 1 and cache.length(b) == 10
+    cache.release(a)               # b holds every block of a: none returns
+    assert cache.free_blocks == 1
+    cache.append(b, k[:3], k[:3])  # the tail is b's alone now: no copy, one block
+    assert cache.length(b) == 13 and cache.free_blocks == 0
+    np.testing.assert_array_equal(cache.keys(b), np.concatenate([k, k[:3]]).astype(np.float32))
+
+
+@st.composite
+def operations(draw):
+    ops = []
+    for _ in range(draw(st.integers(1, 12))):
+        ops.append(draw(st.one_of(
+            st.tuples(st.just("new")),
+            st.tuples(st.just("append"), st.integers(0, 40), st.sampled_from([0, 1, 3, 4, 5, 9, 17])),
+            st.tuples(st.just("fork"), st.integers(0, 40)),
+            st.tuples(st.just("release"), st.integers(0, 40)))))
+    return ops
+
+
+@given(operations(), st.sampled_from([1, 4, 5]), st.integers(0, 2**32 - 1))
+def test_property_sequences_hold_what_was_appended(ops, block, seed):
+    rng = np.random.default_rng(seed)
+    cache = fastattn.PagedKVCache(12, block, 2, 4, dtype=np.float64)
+    model = {}
+    for op in ops:
+        live = sorted(model)
+        if op[0] == "new":
+            model[cache.new_sequence()] = np.zeros((0, 2, 4))
+        elif not live:
+            continue
+        elif op[0] == "append":
+            sid = live[op[1] % len(live)]
+            k = rng.standard_normal((op[2], 2, 4))
+            free = cache.free_blocks
+            try:
+                cache.append(sid, k, -k)
+            except ValueError as e:
+                assert "the pool is full" in str(e) and cache.free_blocks == free
+            else:
+                model[sid] = np.concatenate([model[sid], k])
+        elif op[0] == "fork":
+            sid = live[op[1] % len(live)]
+            model[cache.fork(sid)] = model[sid].copy()
+        else:
+            sid = live[op[1] % len(live)]
+            cache.release(sid)
+            del model[sid]
+    assert cache.sequences == sorted(model)
+    for sid, k in model.items():
+        np.testing.assert_array_equal(cache.keys(sid), k)
+        np.testing.assert_array_equal(cache.values(sid), -k)
+    # Blocks: each held one is counted once however many sequences share it.
+    held = {b for blocks, _ in cache._seqs.values() for b in blocks}
+    assert cache.free_blocks == 12 - len(held)
+    if model:
+        ids = sorted(model)
+        cu = np.arange(len(ids) + 1)
+        q = rng.standard_normal((len(ids), 4, 4))
+        out, lse = cache.attention(q, ids, cu, return_lse=True)
+        want, want_lse = _alone(cache, ids, q, cu, causal=True)
+        assert_close(out, want, np.float64, "out", magnitude=3.0)
+        assert_close(lse, want_lse, np.float64, "lse", magnitude=10.0)
+
+
+def test_sixteen_bit_storage_refuses_nan_and_overflow():
+    cache = fastattn.PagedKVCache(2, 4, 1, 2, storage="float16")
+    sid = cache.new_sequence()
+    with pytest.raises(ValueError, match="v holds NaN or inf"):
+        cache.append(sid, np.ones((1, 1, 2)), np.full((1, 1, 2), np.nan))
+    with pytest.raises(ValueError, match="k holds values beyond float16's range"):
+        cache.append(sid, np.full((1, 1, 2), 1e6), np.ones((1, 1, 2)))
+    assert cache.length(sid) == 0 and cache.free_blocks == 2
+
+
+def _cache():
+    cache = fastattn.PagedKVCache(4, 4, 2, 8)
+    sid = cache.new_sequence()
+    cache.append(sid, np.ones((5, 2, 8)), np.ones((5, 2, 8)))
+    return cache, sid
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda c, s: c.append(s + 7, np.ones((1, 2, 8)), np.ones((1, 2, 8))), ValueError,
+     "seq_id 7 is not a sequence of this cache"),
+    (lambda c, s: c.append(True, np.ones((1, 2, 8)), np.ones((1, 2, 8))), TypeError,
+     "seq_id must be a sequence id"),
+    (lambda c, s: c.append(s, np.ones((1, 3, 8)), np.ones((1, 3, 8))), ValueError,
+     "k must have shape (n_new, kv_heads, head_dim)"),
+    (lambda c, s: c.append(s, np.ones((2, 2, 8)), np.ones((1, 2, 8))), ValueError,
+     "k and v must bring the same number of tokens"),
+    (lambda c, s: c.append(s, np.ones((1, 2, 8), complex), np.ones((1, 2, 8))), TypeError,
+     "complex"),
+    (lambda c, s: c.fork(s + 3), ValueError, "seq_id 3 is not a sequence"),
+    (lambda c, s: c.release(-1), ValueError, "seq_id -1 is not a sequence"),
+    (lambda c, s: c.attention(np.ones((1, 4, 8)), [s + 1], [0, 1]), ValueError,
+     "seq_ids entry 1 is not a sequence"),
+    (lambda c, s: c.attention(np.ones((1, 4, 8)), s, [0, 1]), TypeError,
+     "seq_ids must be a sequence of ids"),
+    (lambda c, s: c.attention(np.ones((2, 4, 8)), [s], [0, 1]), ValueError,
+     "cu_seqlens_q must end at the packed length 2"),
+    (lambda c, s: c.attention(np.ones((1, 4, 8)), [s, s], [0, 1]), ValueError,
+     "cu_seqlens_q must have as many offsets"),
+    (lambda c, s: c.attention(np.ones((1, 3, 8)), [s], [0, 1]), ValueError,
+     "kv_heads (2) must divide the query heads (3)"),
+    (lambda c, s: c.attention(np.ones((1, 4, 6)), [s], [0, 1]), ValueError,
+     "q must be packed as (total_q, H, head_dim=8)"),
+    (lambda c, s: c.attention(np.ones((1, 4, 8)), [s], [0, 1], causal=False, window=2),
+     ValueError, "window needs causal=True"),
+    (lambda c, s: fastattn.PagedKVCache(4, 4, 2, 8, storage="int8"), ValueError,
+     "storage must be one of [None, 'bfloat16', 'float16'] for a PagedKVCache"),
+    (lambda c, s: fastattn.PagedKVCache(0, 4, 2, 8), ValueError, "num_blocks"),
+    (lambda c, s: fastattn.PagedKVCache(4, 2.0, 2, 8), TypeError, "block_size"),
+    (lambda c, s: fastattn.PagedKVCache(4, 4, 2, 8, dtype=np.float16), TypeError,
+     "dtype must be float32 or float64"),
+])
+def test_hostile_arguments(call, error, words):
+    import re
+    cache, sid = _cache()
+    before = (cache.keys(sid), cache.free_blocks)
+    with pytest.raises(error, match=re.escape(words)):
+        call(cache, sid)
+    np.testing.assert_array_equal(cache.keys(sid), before[0])
+    assert cache.free_blocks == before[1]
+
+
+def test_released_ids_stay_released():
+    cache, sid = _cache()
+    cache.release(sid)
+    with pytest.raises(ValueError, match="released, or never made"):
+        cache.length(sid)
+    assert cache.new_sequence() != sid  # ids are never reused
