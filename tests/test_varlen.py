@@ -234,7 +234,9 @@ def test_varlen_benchmark_prints_both_rows(capsys):
 
     assert _bench_varlen.main(threads=1, quick=True, repeat=1, min_time=0.001, gap=0.0) == 0
     rows = [line for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ragged")]
-    assert [row.split(" | ")[0] for row in rows] == ["| ragged causal prefill", "| ragged decode"]
-    assert "GFLOP/s" in rows[0] and "read floor" in rows[1]
+            if line.startswith("| ragged") or line.startswith("| mixed")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| ragged causal prefill", "| mixed decode batch (blocks of 16)",
+        "| mixed decode batch (blocks of 256)"]
+    assert "GFLOP/s" in rows[0] and "read floor" in rows[1] and "read floor" in rows[2]
     assert all(row.split(" | ")[5].endswith("x") for row in rows)  # loop / fastattn

@@ -5,9 +5,10 @@
   per-sequence loop of ``fastattn.attention`` writing into the same packed output, and
   against torch's SDPA on the batch padded to its longest sequence with a boolean mask
   (as torch users run a ragged batch on the CPU).
-- ragged decode: 48 sequences of one query against 64 to 8192 keys each, 32 heads over
-  8, D 128, through ``attention_varlen``, against a per-sequence loop over ``KVCache``s
-  and the read floor of the keys' and values' bytes.
+- mixed decode batch: 48 sequences of one query against 64 to 8192 cached tokens each,
+  32 heads over 8, D 128, in a ``PagedKVCache`` (blocks of 16 tokens, then 256), against
+  a per-sequence loop over ``KVCache``s holding the same tokens and the read floor of the
+  keys' and values' bytes.
 
 Contenders alternate, medians of several samples (bench.py's method); the machine's
 ceilings (FMA peak, a large matmul, copy bandwidth) are measured in the same run.
@@ -76,41 +77,44 @@ def _prefill(threads, repeat, min_time, gap, quick):
     return "ragged causal prefill", shape, times, flops
 
 
-def _decode(threads, repeat, min_time, gap, quick):
-    from . import api, varlen
+def _decode(threads, repeat, min_time, gap, quick, block_size=16):
+    from . import api
     from ._dispatch import kernels as _kernels
     from ._timing import time_alternating
     from .cache import KVCache
+    from .paged import PagedKVCache
 
     n_seqs, top, heads, kv_heads, d = (8, 1024, 8, 2, 64) if quick else (48, 8192, 32, 8, 128)
     lengths = _lengths(n_seqs, 64, top, 1)
-    cu_k = np.concatenate([[0], np.cumsum(lengths)])
-    cu_q = np.arange(n_seqs + 1)
     rng = np.random.default_rng(1)
     q = rng.standard_normal((n_seqs, heads, d), dtype=np.float32)
-    k = rng.standard_normal((cu_k[-1], kv_heads, d), dtype=np.float32)
-    v = rng.standard_normal((cu_k[-1], kv_heads, d), dtype=np.float32)
-    caches = []
-    for s in range(n_seqs):
-        c = KVCache(1, kv_heads, int(lengths[s]), d)
-        c.append(k[cu_k[s]:cu_k[s + 1]].transpose(1, 0, 2)[None], v[cu_k[s]:cu_k[s + 1]].transpose(1, 0, 2)[None])
+    paged = PagedKVCache(int(sum(-(-lengths // block_size))), block_size, kv_heads, d)
+    ids, caches = [], []
+    for n in lengths:
+        k = rng.standard_normal((int(n), kv_heads, d), dtype=np.float32)
+        v = rng.standard_normal((int(n), kv_heads, d), dtype=np.float32)
+        ids.append(paged.new_sequence())
+        paged.append(ids[-1], k, v)
+        c = KVCache(1, kv_heads, int(n), d)
+        c.append(k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
         caches.append(c)
     qs = [q[s][None, :, None, :] for s in range(n_seqs)]
+    cu = np.arange(n_seqs + 1)
 
     def loop():
         for s in range(n_seqs):
             api.attention(qs[s], cache=caches[s], num_threads=threads)
 
-    moved = k.nbytes + v.nbytes
+    moved = 2 * int(lengths.sum()) * kv_heads * d * 4
     block = _kernels.read_sum_multiple() * threads
     floor_buf = np.ones(-(-moved // block) * block // 4, np.float32)
-    contenders = {"fastattn": lambda: varlen.attention_varlen(q, k, v, cu_q, cu_k,
-                                                              num_threads=threads),
+    contenders = {"fastattn": lambda: paged.attention(q, ids, cu, num_threads=threads),
                   "loop": loop, "floor": lambda: _kernels.read_sum(floor_buf, threads)}
     times = time_alternating(contenders, repeat, min_time, gap, fastest=("floor",))
-    shape = (f"{n_seqs} sequences of 1 query and {lengths.min()}-{lengths.max()} keys "
-             f"({cu_k[-1]} in all), {heads} heads over {kv_heads}, D {d}")
-    return "ragged decode", shape, times, moved
+    shape = (f"PagedKVCache, blocks of {block_size}: {n_seqs} sequences of 1 query and "
+             f"{lengths.min()}-{lengths.max()} cached tokens ({lengths.sum()} in all), "
+             f"{heads} heads over {kv_heads}, D {d}")
+    return f"mixed decode batch (blocks of {block_size})", shape, times, moved
 
 
 def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
@@ -135,7 +139,8 @@ def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
           "torch, padded + mask | torch / fastattn |")
     print("|---|---|---|---|---|---|---|---|")
     fmt = bench._fmt_time
-    for run in (_prefill, _decode):
+    runs = (_prefill, _decode, lambda *a: _decode(*a, block_size=256))
+    for run in runs:
         name, shape, times, work = run(threads, repeat, min_time, gap, quick)
         fa, loop, tt = times["fastattn"], times["loop"], times.get("torch")
         if "floor" in times:
