@@ -116,6 +116,22 @@ def decode(
     vs: Optional[np.ndarray] = ...,     # object: 8-bit value scales (n_kv, L_k) float32
     phase: int = ...,                   # Py_ssize_t: key 0's row in its group of scales
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
+def decode_paged(
+    q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)
+    k_pool: np.ndarray,                 # object: (num_blocks, H_kv, block, D), C-contiguous;
+                                        #   q's dtype, or for float32 q uint16 (bfloat16
+                                        #   bits) or float16
+    v_pool: np.ndarray,                 # object: (num_blocks, H_kv, block, D_v), the same
+    groups: npt.NDArray[np.intp],       # const Py_ssize_t[:, ::1] (n_groups, 4): kv head,
+                                        #   first visible key, visible keys, table offset
+    table: npt.NDArray[np.intp],        # const Py_ssize_t[::1]: the sequences' block ids
+    scale: float,                       # double
+    softcap: float,                     # double (0: none)
+    sinks: Optional[np.ndarray],        # object: None or const floating[:, ::1] (n_groups, G)
+    out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_groups, G, D_v)
+    lse: npt.NDArray[np.floating],      # floating[:, ::1]           (n_groups, G)
+    n_threads: int,                     # int
+) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def small_attention(
     q: Any, k: Any, v: Any,             # object: anything; None unless small ndarrays
     causal: bool,                       # bint
