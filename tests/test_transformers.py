@@ -160,3 +160,18 @@ def test_decoding_steps_take_the_compiled_path(monkeypatch):
     assert len(taken) == 4 * layers
     assert all(t is None for t in taken[:layers])
     assert all(t is not None for t in taken[layers:])
+
+
+def test_continuous_batching_takes_no_custom_attention():
+    """transformers' continuous batching (generate_batch) accepts only its own
+    implementations ('paged|eager', 'sdpa', flash) and reads its own paged cache before the
+    attention function is called, so fastattn's paged kernel has no place in it (the
+    serving guide says so). If transformers opens it, this fails: then wire PagedKVCache in."""
+    model = model_of("llama")
+    if not hasattr(model, "generate_batch"):
+        pytest.skip(f"transformers {transformers.__version__} has no continuous batching")
+    model.set_attn_implementation(NAME)
+    settings = transformers.GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1,
+                                             pad_token_id=0)
+    with pytest.raises(ValueError, match="not supported for continuous batching"):
+        model.generate_batch([[1, 2, 3], [4, 5, 6, 7, 8]], generation_config=settings)
