@@ -6,8 +6,9 @@
   against torch's SDPA on the batch padded to its longest sequence with a boolean mask
   (as torch users run a ragged batch on the CPU).
 - mixed decode batch: 48 sequences of one query against 64 to 8192 cached tokens each,
-  32 heads over 8, D 128, in a ``PagedKVCache`` (blocks of 16 tokens, then 256), against
-  a per-sequence loop over ``KVCache``s holding the same tokens and the read floor of the
+  32 heads over 8, D 128, in a ``PagedKVCache`` of 16-token blocks (each sequence's
+  blocks in order, then interleaved with the others' as decoding grows them), against a
+  per-sequence loop over ``KVCache``s holding the same tokens and the read floor of the
   keys' and values' bytes.
 
 Contenders alternate, medians of several samples (bench.py's method); the machine's
@@ -77,7 +78,7 @@ def _prefill(threads, repeat, min_time, gap, quick):
     return "ragged causal prefill", shape, times, flops
 
 
-def _decode(threads, repeat, min_time, gap, quick, block_size=16):
+def _decode(threads, repeat, min_time, gap, quick, block_size=16, interleaved=False):
     from . import api
     from ._dispatch import kernels as _kernels
     from ._timing import time_alternating
@@ -89,15 +90,23 @@ def _decode(threads, repeat, min_time, gap, quick, block_size=16):
     rng = np.random.default_rng(1)
     q = rng.standard_normal((n_seqs, heads, d), dtype=np.float32)
     paged = PagedKVCache(int(sum(-(-lengths // block_size))), block_size, kv_heads, d)
-    ids, caches = [], []
+    ids, caches, kvs = [], [], []
     for n in lengths:
         k = rng.standard_normal((int(n), kv_heads, d), dtype=np.float32)
         v = rng.standard_normal((int(n), kv_heads, d), dtype=np.float32)
         ids.append(paged.new_sequence())
-        paged.append(ids[-1], k, v)
+        kvs.append((k, v))
         c = KVCache(1, kv_heads, int(n), d)
         c.append(k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
         caches.append(c)
+    # In order: each sequence appended whole, its blocks one after another in the pool.
+    # Interleaved: the sequences grown a block at a time in turn, as decoding grows them,
+    # so that no two blocks of a sequence are neighbours.
+    step = block_size if interleaved else int(lengths.max())
+    for at in range(0, int(lengths.max()), step):
+        for sid, (k, v) in zip(ids, kvs):
+            paged.append(sid, k[at:at + step], v[at:at + step])
+    del kvs
     qs = [q[s][None, :, None, :] for s in range(n_seqs)]
     cu = np.arange(n_seqs + 1)
 
@@ -111,10 +120,11 @@ def _decode(threads, repeat, min_time, gap, quick, block_size=16):
     contenders = {"fastattn": lambda: paged.attention(q, ids, cu, num_threads=threads),
                   "loop": loop, "floor": lambda: _kernels.read_sum(floor_buf, threads)}
     times = time_alternating(contenders, repeat, min_time, gap, fastest=("floor",))
-    shape = (f"PagedKVCache, blocks of {block_size}: {n_seqs} sequences of 1 query and "
-             f"{lengths.min()}-{lengths.max()} cached tokens ({lengths.sum()} in all), "
+    order = "interleaved" if interleaved else "in order"
+    shape = (f"PagedKVCache, blocks of {block_size} {order}: {n_seqs} sequences of 1 query "
+             f"and {lengths.min()}-{lengths.max()} cached tokens ({lengths.sum()} in all), "
              f"{heads} heads over {kv_heads}, D {d}")
-    return f"mixed decode batch (blocks of {block_size})", shape, times, moved
+    return f"mixed decode batch ({order})", shape, times, moved
 
 
 def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
@@ -139,7 +149,7 @@ def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
           "torch, padded + mask | torch / fastattn |")
     print("|---|---|---|---|---|---|---|---|")
     fmt = bench._fmt_time
-    runs = (_prefill, _decode, lambda *a: _decode(*a, block_size=256))
+    runs = (_prefill, _decode, lambda *a: _decode(*a, interleaved=True))
     for run in runs:
         name, shape, times, work = run(threads, repeat, min_time, gap, quick)
         fa, loop, tt = times["fastattn"], times["loop"], times.get("torch")

@@ -235,7 +235,7 @@ cdef inline void _decode_page_item(const floating *q, Py_ssize_t n_rows, Py_ssiz
 
 
 cdef int _decode_paged_run(const floating *q, const void *k, const void *v, int kv_kind,
-                           Py_ssize_t kv_heads, Py_ssize_t page_rows,
+                           Py_ssize_t n_pages, Py_ssize_t page_rows,
                            const Py_ssize_t *groups, const Py_ssize_t *table,
                            Py_ssize_t n_groups, Py_ssize_t n_rows, Py_ssize_t d,
                            Py_ssize_t d_v, double scale, double softcap,
@@ -286,11 +286,11 @@ cdef int _decode_paged_run(const floating *q, const void *k, const void *v, int 
             gr = groups + item_group[w] * PG_N
             c = (w - first_item[item_group[w]]) * chunk  # the chunk's first visible key
             _decode_page_item(q + item_group[w] * n_rows * d, n_rows, d,
-                              <const char*> k + gr[PG_HEAD] * page_rows * d * k_size,
-                              <const char*> v + gr[PG_HEAD] * page_rows * d_v * k_size,
+                              <const char*> k + gr[PG_HEAD] * n_pages * page_rows * d * k_size,
+                              <const char*> v + gr[PG_HEAD] * n_pages * page_rows * d_v * k_size,
                               kv_kind, d_v, min(chunk, gr[PG_KEYS] - c), scale, softcap,
                               table + gr[PG_TABLE], page_rows, gr[PG_FIRST] + c,
-                              kv_heads * page_rows * d, kv_heads * page_rows * d_v,
+                              page_rows * d, page_rows * d_v,
                               parts + w * part, l_parts + w * n_rows,
                               s_all + threadid() * s_size)
             team_out[0] = fa_omp_team_size()
@@ -314,8 +314,8 @@ def decode_paged(const floating[:, :, ::1] q, object k_pool, object v_pool,
     """out[g] = softmax(scale q[g] K_g.T) V_g for the G single queries of each group g
     (q: (n_groups, G, D)), K_g and V_g the keys [first, first + n_keys) of one kv head of
     a sequence held in pages: groups[g] = (kv head, first, n_keys, offset), the sequence's
-    page ids being table[offset:] (page p of kv head h is k_pool[p, h]). k_pool, v_pool:
-    (num_blocks, kv_heads, page_rows, D or D_v), C-contiguous, in q's dtype, or for float32
+    page ids being table[offset:] (page p of kv head h is k_pool[h, p]). k_pool, v_pool:
+    (kv_heads, num_blocks, page_rows, D or D_v), C-contiguous, in q's dtype, or for float32
     q the bits of bfloat16 (uint16) or float16. softcap, sinks ((n_groups, G) or None),
     out, lse as decode(). Returns the threads that ran, or -1 without scratch."""
     cdef const floating[:, ::1] sink_view

@@ -118,10 +118,10 @@ def decode(
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def decode_paged(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)
-    k_pool: np.ndarray,                 # object: (num_blocks, H_kv, block, D), C-contiguous;
+    k_pool: np.ndarray,                 # object: (H_kv, num_blocks, block, D), C-contiguous;
                                         #   q's dtype, or for float32 q uint16 (bfloat16
                                         #   bits) or float16
-    v_pool: np.ndarray,                 # object: (num_blocks, H_kv, block, D_v), the same
+    v_pool: np.ndarray,                 # object: (H_kv, num_blocks, block, D_v), the same
     groups: npt.NDArray[np.intp],       # const Py_ssize_t[:, ::1] (n_groups, 4): kv head,
                                         #   first visible key, visible keys, table offset
     table: npt.NDArray[np.intp],        # const Py_ssize_t[::1]: the sequences' block ids

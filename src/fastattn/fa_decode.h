@@ -41,8 +41,9 @@ _Static_assert(FA_DOT_LANES == 64, "fa_dot's reduction tree is written for 64 la
  * pages (fixed blocks of `rows` rows of one head) of a pool, as a paged cache holds them.
  * Row r of the item (from 0) is row (first + r) of the sequence's pages: page p =
  * table[(first + r) / rows], at k + p * k_stride (elements) and v + p * v_stride, row
- * (first + r) % rows of it. The spans of the kernel then break at page ends, and nowhere
- * else: a contiguous item (no page map) runs as before. Not for the 8-bit kinds. */
+ * (first + r) % rows of it. The spans of the kernel break where the next page is not the
+ * next in memory (pages p and p + 1 are adjacent when k_stride is a page's rows), and
+ * nowhere else: a contiguous item (no page map) runs as before. Not for the 8-bit kinds. */
 typedef struct {
     const ptrdiff_t *table;
     ptrdiff_t rows, first, k_stride, v_stride;
@@ -56,8 +57,22 @@ typedef struct {
                                    : (k) + (r) * (d))
 #define FA_VROW(v, pg, r, d_v) ((pg) ? (v) + FA_PAGE_OF(pg, r) * (pg)->v_stride + FA_PAGE_ROW(pg, r) * (d_v) \
                                      : (v) + (r) * (d_v))
-#define FA_RUN(pg, r, limit) ((pg) && (pg)->rows - FA_PAGE_ROW(pg, r) < (limit) \
-                              ? (pg)->rows - FA_PAGE_ROW(pg, r) : (limit))
+#define FA_RUN(pg, r, limit) ((pg) ? fa_page_run(pg, r, limit) : (limit))
+
+/* How many rows from row r of an item on lie in one run of memory (at most limit): to the
+ * end of its page, and on through the pages that follow it in the pool (a sequence whose
+ * blocks were taken in order is one run per kv head). The table holds a page for every
+ * row below r + limit. */
+static inline ptrdiff_t fa_page_run(const fa_pages *pg, ptrdiff_t r, ptrdiff_t limit)
+{
+    ptrdiff_t i = (pg->first + r) / pg->rows;
+    ptrdiff_t run = pg->rows - (pg->first + r) % pg->rows;
+    while (run < limit && pg->table[i + 1] == pg->table[i] + 1) {
+        i++;
+        run += pg->rows;
+    }
+    return run < limit ? run : limit;
+}
 
 /* P V for RB rows at once, W vectors of output columns from column c, the columns held in
  * registers across the nb keys: o[g][c] += sum_j p[g][j] v[j][c], each value vector

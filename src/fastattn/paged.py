@@ -2,9 +2,10 @@
 sequences, and attention over a mixed batch of them read in place through their block
 tables.
 
-Design: the pool is ``(num_blocks, kv_heads, block_size, D)`` for keys and values alike,
-so that one head's rows inside a block are contiguous (the decoding kernel reads them as
-they lie). A sequence is a list of block ids and a length; blocks carry reference counts,
+Design: the pool is ``(kv_heads, num_blocks, block_size, D)`` for keys and values alike:
+one head's rows inside a block are contiguous, and so are its consecutive blocks, so the
+decoding kernel reads them as they lie, in one run across the blocks of a sequence that
+took them in order (the free list hands out the lowest ids first). A sequence is a list of block ids and a length; blocks carry reference counts,
 so ``fork`` shares a prefix's blocks and the first append that would write into a shared
 block copies that block first (copy-on-write). Every query row of a batch, whatever its
 sequence, is a group of the decoding kernel (the query heads of one key/value head) with
@@ -88,7 +89,7 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kv_heads, self.head_dim, self.dtype, self.storage = kv_heads, head_dim, dtype, storage
         store = _STORAGES[storage] or dtype
-        shape = (num_blocks, kv_heads, block_size, head_dim)
+        shape = (kv_heads, num_blocks, block_size, head_dim)
         self._k, self._v = np.zeros(shape, store), np.zeros(shape, store)
         self._refs = np.zeros(num_blocks, np.int64)
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() takes the lowest id
@@ -199,8 +200,8 @@ class PagedKVCache:
                              f"are free (release sequences, or make a larger pool)")
         if shared_tail:
             fresh = self._free.pop()
-            self._k[fresh] = self._k[blocks[-1]]
-            self._v[fresh] = self._v[blocks[-1]]
+            self._k[:, fresh] = self._k[:, blocks[-1]]
+            self._v[:, fresh] = self._v[:, blocks[-1]]
             self._refs[blocks[-1]] -= 1
             self._refs[fresh] = 1
             blocks[-1] = fresh
@@ -213,15 +214,15 @@ class PagedKVCache:
             at = length + done
             b, row = blocks[at // bs], at % bs
             take = min(bs - row, n - done)
-            self._k[b, :, row:row + take] = k[done:done + take].transpose(1, 0, 2)
-            self._v[b, :, row:row + take] = v[done:done + take].transpose(1, 0, 2)
+            self._k[:, b, row:row + take] = k[done:done + take].transpose(1, 0, 2)
+            self._v[:, b, row:row + take] = v[done:done + take].transpose(1, 0, 2)
             done += take
         seq[1] = length + n
 
     # ------------------------------------------------------------------ reading
     def _gathered(self, pool, seq_id):
         blocks, length = self._seq("seq_id", seq_id)
-        rows = pool[blocks].transpose(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim)
+        rows = pool[:, blocks].transpose(1, 2, 0, 3).reshape(-1, self.kv_heads, self.head_dim)
         rows = rows[:length]
         if self.storage == "bfloat16":
             return (rows.astype(np.uint32) << 16).view(np.float32)
@@ -268,7 +269,8 @@ class PagedKVCache:
         -----
         q is converted to the cache's dtype (float32 for 16-bit storage). Every query row
         runs in the decoding kernel, which reads the blocks in place through the block
-        tables (nothing is gathered): its keys are split in chunks of the same size for
+        tables (nothing is gathered; a sequence's blocks that follow one another in the
+        pool are read as one run): its keys are split in chunks of the same size for
         every sequence, and the chunks of all rows are the work items of one parallel
         region. A prefill chunk of ``L_q`` queries reads its keys ``L_q`` times (from the
         caches, for chunks of modest length).
