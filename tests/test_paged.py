@@ -288,21 +288,41 @@ def test_released_ids_stay_released():
 
 
 def test_blocks_out_of_order_read_as_they_lie():
-    """Two sequences grown a few tokens at a time in turn: their blocks interleave in the
-    pool, so the kernel's spans break at every block, and the result stays within rounding
-    of attention on each sequence's keys (and bitwise across threads)."""
+    """A sequence made in the holes that released sequences left holds blocks that are not
+    neighbours, so the kernel's spans break at its block ends; the result stays within
+    rounding of attention on its keys (and bitwise across threads)."""
     rng = np.random.default_rng(6)
-    cache = fastattn.PagedKVCache(200, 5, 2, 32)
-    a, b = cache.new_sequence(), cache.new_sequence()
-    for _ in range(80):
-        for sid in (a, b):
-            k, v = rng.standard_normal((2, 3, 2, 32))
-            cache.append(sid, k, v)
-    assert any(y != x + 1 for x, y in zip(cache._seqs[a][0], cache._seqs[a][0][1:]))
+    cache = fastattn.PagedKVCache(12, 5, 2, 32)
+    ids = [cache.new_sequence() for _ in range(6)]
+    for sid in ids:
+        k, v = rng.standard_normal((2, 10, 2, 32))
+        cache.append(sid, k, v)
+    assert cache.free_blocks == 0
+    for sid in ids[1::2]:
+        cache.release(sid)
+    a = cache.new_sequence()
+    k, v = rng.standard_normal((2, 30, 2, 32))
+    cache.append(a, k[:7], v[:7])
+    cache.append(a, k[7:], v[7:])
+    blocks = cache._seqs[a][0]
+    assert len(blocks) == 6 and any(y != x + 1 for x, y in zip(blocks, blocks[1:]))
     q = rng.standard_normal((3, 4, 32))
     cu = np.array([0, 1, 3])
-    out, lse = cache.attention(q, [a, b], cu, return_lse=True, num_threads=1)
-    want, want_lse = _alone(cache, [a, b], q.astype(np.float32), cu, causal=True)
+    out, lse = cache.attention(q, [a, ids[0]], cu, return_lse=True, num_threads=1)
+    want, want_lse = _alone(cache, [a, ids[0]], q.astype(np.float32), cu, causal=True)
     assert_close(out, want, np.float32, "out", magnitude=3.0)
     assert_close(lse, want_lse, np.float32, "lse", magnitude=10.0)
-    np.testing.assert_array_equal(out, cache.attention(q, [a, b], cu, num_threads=2))
+    np.testing.assert_array_equal(out, cache.attention(q, [a, ids[0]], cu, num_threads=2))
+
+
+def test_sequences_grown_in_turn_keep_their_blocks_neighbours():
+    """The allocator: a growing sequence takes the block after its last when free, and a
+    new one starts in the middle of the largest free run."""
+    cache = fastattn.PagedKVCache(64, 4, 1, 2)
+    ids = [cache.new_sequence() for _ in range(4)]
+    for _ in range(6):
+        for sid in ids:
+            cache.append(sid, np.ones((4, 1, 2)), np.ones((4, 1, 2)))
+    for sid in ids:
+        blocks = cache._seqs[sid][0]
+        assert blocks == list(range(blocks[0], blocks[0] + 6)), blocks

@@ -4,8 +4,12 @@ tables.
 
 Design: the pool is ``(kv_heads, num_blocks, block_size, D)`` for keys and values alike:
 one head's rows inside a block are contiguous, and so are its consecutive blocks, so the
-decoding kernel reads them as they lie, in one run across the blocks of a sequence that
-took them in order (the free list hands out the lowest ids first). A sequence is a list of block ids and a length; blocks carry reference counts,
+decoding kernel reads them as they lie, in one run across a sequence's neighbouring
+blocks. The allocator keeps a sequence's blocks neighbours where it can: a growing
+sequence takes the block after its last one when that is free, and a block taken
+elsewhere comes from the middle of the largest free run (its start when the run opens
+the pool), leaving room to grow on both sides: sequences grown a block at a time in turn,
+as decoding grows them, still hold runs of neighbours. A sequence is a list of block ids and a length; blocks carry reference counts,
 so ``fork`` shares a prefix's blocks and the first append that would write into a shared
 block copies that block first (copy-on-write). Every query row of a batch, whatever its
 sequence, is a group of the decoding kernel (the query heads of one key/value head) with
@@ -92,7 +96,8 @@ class PagedKVCache:
         shape = (kv_heads, num_blocks, block_size, head_dim)
         self._k, self._v = np.zeros(shape, store), np.zeros(shape, store)
         self._refs = np.zeros(num_blocks, np.int64)
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() takes the lowest id
+        self._is_free = np.ones(num_blocks, bool)
+        self._n_free = num_blocks
         self._seqs = {}  # id -> [block ids, length]
         self._next_id = 0
 
@@ -133,12 +138,13 @@ class PagedKVCache:
         for b in reversed(blocks):
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                self._is_free[b] = True
+                self._n_free += 1
 
     @property
     def free_blocks(self):
         """Blocks no sequence holds."""
-        return len(self._free)
+        return self._n_free
 
     @property
     def sequences(self):
@@ -176,6 +182,24 @@ class PagedKVCache:
                              f"with storage='float16' refuses them")
         return bits.view(self._k.dtype)
 
+    def _take(self, after):
+        """A free block for a sequence whose last block is `after` (None: it has none),
+        marked taken: the block right after it when that one is free, so that the
+        sequence's blocks stay neighbours (the kernel reads neighbours as one run); else
+        one in the largest run of free blocks, at its start when the run opens the pool,
+        else at its middle, leaving room to grow to whoever holds the block before it."""
+        if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
+            b = after + 1
+        else:
+            edges = np.diff(np.concatenate([[0], self._is_free.view(np.int8), [0]]))
+            starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+            longest = int(np.argmax(stops - starts))  # the first of the longest
+            start, length = int(starts[longest]), int(stops[longest] - starts[longest])
+            b = start if start == 0 else start + length // 2
+        self._is_free[b] = False
+        self._n_free -= 1
+        return b
+
     def append(self, seq_id, k, v):
         """Append ``n_new`` tokens to a sequence: ``k`` and ``v`` of shape (n_new,
         kv_heads, head_dim). All or nothing: invalid input, or a pool without the blocks
@@ -194,19 +218,19 @@ class PagedKVCache:
         # A partly filled last block that another sequence holds too is copied first.
         shared_tail = length % bs != 0 and self._refs[blocks[-1]] > 1
         need = -(-(length + n) // bs) - len(blocks) + shared_tail
-        if need > len(self._free):
+        if need > self._n_free:
             raise ValueError(f"the pool is full: appending {n} tokens to sequence {seq_id} "
-                             f"needs {need} free blocks of {bs} tokens, {len(self._free)} "
+                             f"needs {need} free blocks of {bs} tokens, {self._n_free} "
                              f"are free (release sequences, or make a larger pool)")
         if shared_tail:
-            fresh = self._free.pop()
+            fresh = self._take(blocks[-2] if len(blocks) > 1 else None)
             self._k[:, fresh] = self._k[:, blocks[-1]]
             self._v[:, fresh] = self._v[:, blocks[-1]]
             self._refs[blocks[-1]] -= 1
             self._refs[fresh] = 1
             blocks[-1] = fresh
         for _ in range(need - shared_tail):
-            fresh = self._free.pop()
+            fresh = self._take(blocks[-1] if blocks else None)
             self._refs[fresh] = 1
             blocks.append(fresh)
         done = 0
