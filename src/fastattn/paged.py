@@ -24,7 +24,7 @@ from ._dispatch import kernels as _kernels
 from ._run import last_call
 from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
                           check_threads, check_window, dtype_pair, positive_int)
-from .cache import _STORAGES
+from .cache import _STORAGES, _zeros_aligned
 from .varlen import _offsets
 
 __all__ = ["PagedKVCache"]
@@ -94,7 +94,8 @@ class PagedKVCache:
         self.kv_heads, self.head_dim, self.dtype, self.storage = kv_heads, head_dim, dtype, storage
         store = _STORAGES[storage] or dtype
         shape = (kv_heads, num_blocks, block_size, head_dim)
-        self._k, self._v = np.zeros(shape, store), np.zeros(shape, store)
+        # (on cache-line boundaries, as KVCache's: see _zeros_aligned)
+        self._k, self._v = _zeros_aligned(shape, store), _zeros_aligned(shape, store)
         self._refs = np.zeros(num_blocks, np.int64)
         self._is_free = np.ones(num_blocks, bool)
         self._n_free = num_blocks
