@@ -173,9 +173,10 @@ cdef inline const char *_keys_packed(const Call *c, Packed *packed, const char *
                                      Py_ssize_t n_keys, char *kp, Py_ssize_t kp_keys,
                                      Py_ssize_t k_start, Py_ssize_t k_rows,
                                      floating *kind) noexcept nogil:
-    """The key panels that keys [k_start, k_start + k_rows) of head k (of n_keys) touch, in kp (room
-    for kp_keys keys), packing those not there yet: where the first of them starts. kp is
-    extended while the panels follow on; else it starts again at the tile's first panel."""
+    """The key panels that keys [k_start, k_start + k_rows) of head k (of n_keys) touch, in
+    kp (room for kp_keys keys), packing those not there yet: where the first of them
+    starts. kp is extended while the panels follow on; else it starts again at the tile's
+    first panel."""
     cdef Py_ssize_t panel = FA_LP_KEYS if c.lowp == LP_ENGINE else FA_MK_KEYS
     cdef Py_ssize_t key_bytes = (c.d_pad * 2 if c.lowp == LP_ENGINE
                                  else c.d_head * <Py_ssize_t> sizeof(floating))
@@ -198,14 +199,15 @@ cdef inline const char *_values_packed(const Call *c, Packed *packed, const char
                                        Py_ssize_t n_keys, char *vp, Py_ssize_t vp_chunks,
                                        Py_ssize_t k_start, Py_ssize_t k_rows,
                                        floating *kind) noexcept nogil:
-    """The value chunks that keys [k_start, k_start + k_rows) of head v (of n_keys) touch, in vp (room
-    for vp_chunks chunks), packing those not there yet, as _keys_packed does for keys:
-    vp, whose chunk 0 is chunk packed.v_from of the head."""
+    """The value chunks that keys [k_start, k_start + k_rows) of head v (of n_keys) touch,
+    in vp (room for vp_chunks chunks), packing those not there yet, as _keys_packed does
+    for keys: vp, whose chunk 0 is chunk packed.v_from of the head."""
     cdef Py_ssize_t chunk = FA_LP_VCHUNK if c.lowp == LP_ENGINE else FA_MK_PV_CHUNK
     cdef Py_ssize_t chunk_bytes = chunk * c.d_v * (2 if c.lowp == LP_ENGINE else sizeof(floating))
     cdef Py_ssize_t v_first = k_start // chunk
     cdef Py_ssize_t v_need = (k_start + k_rows + chunk - 1) // chunk
     cdef const char *src
+    cdef char *dst
     if (packed.v_head != <const void*> v or v_first < packed.v_from
             or v_need > packed.v_from + vp_chunks):
         packed.v_head = v
@@ -213,18 +215,19 @@ cdef inline const char *_values_packed(const Call *c, Packed *packed, const char
         packed.v_to = v_first
     if packed.v_to < v_need:
         src = v + packed.v_from * chunk * c.kv_step * c.d_v * c.src_item
+        dst = vp + (packed.v_to - packed.v_from) * chunk_bytes
         if c.lowp == LP_ENGINE:
             fa_lp_pack_values(src, c.src_kind, n_keys - packed.v_from * chunk, c.d_v,
-                              c.kv_step * c.d_v, <uint16_t*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
+                              c.kv_step * c.d_v, <uint16_t*> dst,
                               packed.v_to - packed.v_from, v_need - packed.v_from)
         elif c.lowp == LP_WIDEN:
             fa_lp_pack_values_widen(src, c.src_kind, n_keys - packed.v_from * chunk, c.d_v,
-                                    c.kv_step * c.d_v, <float*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
+                                    c.kv_step * c.d_v, <float*> dst,
                                     packed.v_to - packed.v_from, v_need - packed.v_from, chunk,
                                     FA_MK_PV_NV * FA_MK_VBYTES // 4, FA_MK_VBYTES // 4)
         else:
             _pack_values(<const floating*> src, n_keys - packed.v_from * chunk, c.d_v,
-                         c.kv_step * c.d_v, <floating*> (vp + (packed.v_to - packed.v_from) * chunk_bytes),
+                         c.kv_step * c.d_v, <floating*> dst,
                          packed.v_to - packed.v_from, v_need - packed.v_from)
         packed.v_to = v_need
     return vp

@@ -21,8 +21,8 @@ from ._dispatch import kernels as _kernels
 from ._validation import check_out, contiguous, is_bfloat16
 
 __all__ = ["serial_blas", "last_call", "project_rows", "project_qkv", "small_attention",
-           "cache_decode", "run_softmax", "run_scores", "run_attention", "run_decode", "run_varlen",
-           "identity_index", "kernel_target", "finish"]
+           "cache_decode", "run_softmax", "run_scores", "run_attention", "run_decode",
+           "run_varlen", "identity_index", "kernel_target", "finish"]
 
 class _SerialBlas:
     """Holds the BLAS libraries to one thread while any fastattn kernel that needs it runs.

@@ -7,11 +7,12 @@ one head's rows inside a block are contiguous, and so are its consecutive blocks
 decoding kernel reads them as they lie, in one run across a sequence's neighbouring
 blocks. The allocator keeps a sequence's blocks neighbours where it can: a growing
 sequence takes the block after its last one when that is free, and a block taken
-elsewhere comes from the middle of the largest free run (its start when the run opens
-the pool), leaving room to grow on both sides: sequences grown a block at a time in turn,
-as decoding grows them, still hold runs of neighbours. A sequence is a list of block ids and a length; blocks carry reference counts,
-so ``fork`` shares a prefix's blocks and the first append that would write into a shared
-block copies that block first (copy-on-write). Every query row of a batch, whatever its
+elsewhere comes from the largest free run, the blocks wanted centred in it (from its start
+when the run opens the pool), leaving room to grow on both sides: sequences grown a block
+at a time in turn, as decoding grows them, still hold runs of neighbours. A sequence is a list of block ids
+and a length; blocks carry reference counts, so ``fork`` shares a prefix's blocks and the
+first append that would write into a shared block copies that block first
+(copy-on-write). Every query row of a batch, whatever its
 sequence, is a group of the decoding kernel (the query heads of one key/value head) with
 its own visible keys; all groups' key chunks are the work items of one parallel region
 (``decode_paged``), so a batch of decodes and prefill chunks is one call, balanced by
@@ -183,23 +184,28 @@ class PagedKVCache:
                              f"with storage='float16' refuses them")
         return bits.view(self._k.dtype)
 
-    def _take(self, after):
-        """A free block for a sequence whose last block is `after` (None: it has none),
-        marked taken: the block right after it when that one is free, so that the
-        sequence's blocks stay neighbours (the kernel reads neighbours as one run); else
-        one in the largest run of free blocks, at its start when the run opens the pool,
-        else at its middle, leaving room to grow to whoever holds the block before it."""
-        if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
-            b = after + 1
-        else:
-            edges = np.diff(np.concatenate([[0], self._is_free.view(np.int8), [0]]))
-            starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-            longest = int(np.argmax(stops - starts))  # the first of the longest
-            start, length = int(starts[longest]), int(stops[longest] - starts[longest])
-            b = start if start == 0 else start + length // 2
-        self._is_free[b] = False
-        self._n_free -= 1
-        return b
+    def _take(self, after, count):
+        """count free blocks for a sequence whose last block is `after` (None: it has
+        none), marked taken, in order: each the block right after the one before when that
+        is free, so that the sequence's blocks stay neighbours (the kernel reads
+        neighbours as one run); else from the largest run of free blocks, the blocks still
+        wanted centred in it (from its start when the run opens the pool), leaving room to
+        grow to whoever holds the block before it and to this sequence."""
+        taken = []
+        for _ in range(count):
+            last = taken[-1] if taken else after
+            if last is not None and last + 1 < self.num_blocks and self._is_free[last + 1]:
+                b = last + 1
+            else:
+                edges = np.diff(np.concatenate([[0], self._is_free.view(np.int8), [0]]))
+                starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+                longest = int(np.argmax(stops - starts))  # the first of the longest
+                start, length = int(starts[longest]), int(stops[longest] - starts[longest])
+                b = start if start == 0 else start + max(0, length - (count - len(taken))) // 2
+            self._is_free[b] = False
+            self._n_free -= 1
+            taken.append(b)
+        return taken
 
     def append(self, seq_id, k, v):
         """Append ``n_new`` tokens to a sequence: ``k`` and ``v`` of shape (n_new,
@@ -224,16 +230,15 @@ class PagedKVCache:
                              f"needs {need} free blocks of {bs} tokens, {self._n_free} "
                              f"are free (release sequences, or make a larger pool)")
         if shared_tail:
-            fresh = self._take(blocks[-2] if len(blocks) > 1 else None)
+            fresh, = self._take(blocks[-2] if len(blocks) > 1 else None, 1)
             self._k[:, fresh] = self._k[:, blocks[-1]]
             self._v[:, fresh] = self._v[:, blocks[-1]]
             self._refs[blocks[-1]] -= 1
             self._refs[fresh] = 1
             blocks[-1] = fresh
-        for _ in range(need - shared_tail):
-            fresh = self._take(blocks[-1] if blocks else None)
-            self._refs[fresh] = 1
-            blocks.append(fresh)
+        fresh = self._take(blocks[-1] if blocks else None, need - shared_tail)
+        self._refs[fresh] = 1
+        blocks.extend(fresh)
         done = 0
         while done < n:
             at = length + done

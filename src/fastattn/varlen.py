@@ -68,15 +68,14 @@ def _visible_keys(n_q, n_k, causal, window):
 
 
 def _tables(nq, nk, cu_q, cu_k, n_heads, n_kv, causal, window, itemsize):
-    """The kernel's tables for these sequences: seqs (one row per sequence with queries and
-    keys and per query head, costliest sequences first), work (entry, first query) and the largest
-    query block, queries and keys."""
-    entries, costs, blocks = [], [], []
+    """The kernel's tables for these sequences: seqs (a row per query head of each sequence
+    with queries and keys, costliest sequences first), work (entry, first query), and the
+    largest query block, queries and keys."""
+    entries, costs = [], []
     for s in np.flatnonzero((nq > 0) & (nk > 0)):
         n_q, n_k = int(nq[s]), int(nk[s])
         q_block, _ = _kernels.tiles(n_heads, n_q, n_k, causal, itemsize)
         costs.append(_visible_keys(n_q, n_k, causal, window) + n_q)
-        blocks.append(q_block)
         entries.append((int(cu_q[s]), int(cu_k[s]), n_q, n_k, q_block))
     order = sorted(range(len(entries)), key=lambda e: -costs[e])  # stable: ties in order
     heads, group = np.arange(n_heads), n_heads // n_kv
@@ -143,8 +142,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
     is bitwise :func:`fastattn.attention`'s on it alone (``q[a:b].transpose(1, 0, 2)``
     and the same of ``k``, ``v``) wherever that call takes the fused kernel (two or more
     queries); a single query runs here in the fused kernel as well, where ``attention``
-    would take its decoding kernel (equal to within rounding). The packed arrays are read in place where they are C-contiguous in the
-    dtype the kernel reads (else copied once).
+    would take its decoding kernel (equal to within rounding). The packed arrays are read
+    in place where they are C-contiguous in the dtype the kernel reads (else copied
+    once).
 
     Examples
     --------
