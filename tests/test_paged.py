@@ -109,14 +109,36 @@ def test_a_decoding_step_on_blocks_in_order_is_bitwise_a_kvcache_step(storage, b
     np.testing.assert_array_equal(lse[0], want_lse[0, :, 0])
 
 
-def test_bitwise_across_threads():
+def test_bitwise_across_threads_and_pieces(monkeypatch):
+    """Decoding rows and prefill chunks (the fused kernel, which gathers the pages as it
+    packs them; in many pieces too, as a long call runs for Ctrl-C)."""
     rng = np.random.default_rng(3)
-    cache, ids = _filled(rng, [5000, 3, 700, 64], 16, 2, 64)
-    cu = np.array([0, 1, 2, 6, 7])
-    q = rng.standard_normal((7, 8, 64)).astype(np.float32)
+    cache, ids = _filled(rng, [5000, 3, 700, 64, 300], 16, 2, 64)
+    cu = np.array([0, 1, 2, 6, 7, 207])
+    q = rng.standard_normal((207, 8, 64)).astype(np.float32)
     one = cache.attention(q, ids, cu, num_threads=1)
     for threads in (2, 3):
         np.testing.assert_array_equal(one, cache.attention(q, ids, cu, num_threads=threads))
+    from fastattn import _run
+    monkeypatch.setattr(_run, "PIECE_FLOPS", 1e5)
+    np.testing.assert_array_equal(one, cache.attention(q, ids, cu, num_threads=2))
+
+
+def test_a_prefill_chunk_is_bitwise_attention_varlen_on_its_keys():
+    """A chunk of several queries runs in the fused kernel, reading the keys from the
+    pages as attention_varlen reads them packed: the same result, bit for bit."""
+    rng = np.random.default_rng(7)
+    cache, ids = _filled(rng, [300, 40, 1000], 16, 2, 64)
+    cu = np.array([0, 30, 70, 75])
+    q = rng.standard_normal((75, 8, 64)).astype(np.float32)
+    out, lse = cache.attention(q, ids, cu, window=100, softcap=5.0, return_lse=True)
+    k = np.concatenate([cache.keys(s) for s in ids])
+    v = np.concatenate([cache.values(s) for s in ids])
+    cu_k = np.array([0, 300, 340, 1340])
+    want, want_lse = fastattn.attention_varlen(q, k, v, cu, cu_k, causal=True, window=100,
+                                               softcap=5.0, return_lse=True)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(lse, want_lse)
 
 
 def test_fork_shares_blocks_and_copies_on_write():

@@ -7,7 +7,7 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_STRIDES, PyBUF_WRITABLE,
                             PyBuffer_Release, PyObject_GetBuffer)
 from libc.math cimport log, sqrt, INFINITY
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from libc.stdint cimport int8_t, uint8_t, uint16_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 

@@ -29,6 +29,11 @@ cdef struct Call:
     # Consecutive tokens of an entry are q_step rows apart in q, out and lse, kv_step in
     # k and v (1 in a uniform call; the head count of the packed arrays in a ragged one).
     Py_ssize_t q_step, kv_step
+    # A ragged call whose keys and values lie in pages of a pool (PagedKVCache): an entry's
+    # key row r is row r % page_rows of page pages[entry[SEQ_PAGES] + r // page_rows], the
+    # pages of its head page_rows rows apart from the entry's SEQ_KV_ROW. NULL: no pages.
+    const Py_ssize_t *pages
+    Py_ssize_t page_rows
     int mask_kind
     bint causal
     Py_ssize_t window                # 0: none
@@ -52,6 +57,7 @@ cdef enum:
     SEQ_N_K         # its keys
     SEQ_Q_BLOCK     # its query rows per tile (a uniform call of its sizes would take)
     SEQ_SINK        # its sink's index in the sinks
+    SEQ_PAGES       # a paged call: where its page ids start in Call.pages
     SEQ_N
 
 
@@ -60,8 +66,11 @@ cdef struct Packed:
     # item to the next. Keys in panels of FA_MK_KEYS and values in chunks of
     # FA_MK_PV_CHUNK keys, both counted from key 0 of their head.
     const void *k_head               # the head whose keys kp holds (NULL: none yet)
+    const void *k_tab                # ...and in a paged call the entry's page ids (every
+                                     # sequence's head starts at the same place)
     Py_ssize_t k_from, k_to          # ...its keys [k_from, k_to), whole panels
     const void *v_head               # the head whose values vp holds (NULL: none yet)
+    const void *v_tab
     Py_ssize_t v_from, v_to          # ...its chunks [v_from, v_to)
 
 
@@ -87,7 +96,14 @@ cdef enum:
     SCR_SIZE        # the whole part, a multiple of 64 bytes
     SCR_KP_KEYS     # (not a place) how many keys SCR_KP has room for
     SCR_VP_CHUNKS   # (not a place) how many value chunks SCR_VP has room for
+    SCR_STAGE       # a paged call: rows of keys or values gathered from their pages
     SCR_N
+
+
+# A paged call gathers keys and values from their pages in runs of this many rows (whole
+# key panels and value chunks of every build), or of one tile's keys for BLAS tiles.
+cdef enum:
+    STAGE_ROWS = 256
 
 
 cdef void _scratch_layout(Py_ssize_t rows, Py_ssize_t s_width, Py_ssize_t kp_keys,
@@ -113,6 +129,18 @@ cdef void _scratch_layout(Py_ssize_t rows, Py_ssize_t s_width, Py_ssize_t kp_key
 
 
 cdef void _run_layout(const Call *c, size_t item, Py_ssize_t *at) noexcept nogil:
+    """_scratch_layout for the call c (its sizes, micro and lowp), and a paged call's
+    stage after it."""
+    _tile_layout(c, item, at)
+    cdef Py_ssize_t stage_bytes = 0, per_line = 64 // item
+    if c.pages != NULL:
+        stage_bytes = (max(<Py_ssize_t> STAGE_ROWS, c.k_block) * max(c.d_head, c.d_v, 1)
+                       * c.src_item)
+    at[SCR_STAGE] = at[SCR_SIZE]
+    at[SCR_SIZE] = at[SCR_SIZE] + _round_up((stage_bytes + item - 1) // item, per_line)
+
+
+cdef void _tile_layout(const Call *c, size_t item, Py_ssize_t *at) noexcept nogil:
     """_scratch_layout for the call c (its sizes, micro and lowp)."""
     cdef Py_ssize_t q_block = c.q_block, k_block = c.k_block, n_keys = c.n_keys
     cdef Py_ssize_t d_head = c.d_head, d_v = c.d_v
@@ -145,7 +173,8 @@ cdef void _run_layout(const Call *c, size_t item, Py_ssize_t *at) noexcept nogil
     kp_keys = min(_round_up(n_keys, FA_MK_KEYS), max(s_width, kp_keys // FA_MK_KEYS * FA_MK_KEYS))
     # Room for a head's packed values likewise (at least the chunks one tile touches), or
     # none where they are read in place.
-    if c.lowp == LP_WIDEN or not _values_in_place(d_v, item) or c.kv_step != 1:
+    if (c.lowp == LP_WIDEN or not _values_in_place(d_v, item) or c.kv_step != 1
+            or c.pages != NULL):
         vp_chunks = max((k_block + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK + 1,
                         VP_MAX_BYTES // (FA_MK_PV_CHUNK * max(d_v, 1) * <Py_ssize_t> item))
         vp_chunks = min((n_keys + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK, vp_chunks)
@@ -153,83 +182,121 @@ cdef void _run_layout(const Call *c, size_t item, Py_ssize_t *at) noexcept nogil
                     vp_chunks * FA_MK_PV_CHUNK * d_v, q_block * d_head, 0, d_v, item, at)
 
 
-cdef inline void _pack_keys_of(const Call *c, const char *k, Py_ssize_t rows, char *kp,
-                               Py_ssize_t n_cols, floating *kind) noexcept nogil:
+cdef inline void _pack_keys_of(const Call *c, const char *k, Py_ssize_t rows, Py_ssize_t ld,
+                               char *kp, Py_ssize_t n_cols, floating *kind) noexcept nogil:
     """kp = keys k (rows of c's input elements) packed for c's tiles, zero keys up to
-    n_cols: bfloat16 panels (LP_ENGINE), widened float32 panels (LP_WIDEN) or the
-    floating micro-kernels' (kind only names the dtype)."""
+    n_cols (rows ld elements apart): bfloat16 panels (LP_ENGINE), widened float32 panels
+    (LP_WIDEN) or the floating micro-kernels' (kind only names the dtype)."""
     if c.lowp == LP_ENGINE:
-        fa_lp_pack_keys(k, c.src_kind, rows, c.d_head, c.kv_step * c.d_head, <uint16_t*> kp,
-                        n_cols, c.d_pad)
+        fa_lp_pack_keys(k, c.src_kind, rows, c.d_head, ld, <uint16_t*> kp, n_cols, c.d_pad)
     elif c.lowp == LP_WIDEN:
-        fa_lp_pack_keys_widen(k, c.src_kind, rows, c.d_head, c.kv_step * c.d_head,
-                              <float*> kp, n_cols, FA_MK_KEYS)
+        fa_lp_pack_keys_widen(k, c.src_kind, rows, c.d_head, ld, <float*> kp, n_cols,
+                              FA_MK_KEYS)
     else:
-        _pack_keys(<const floating*> k, rows, c.d_head, c.kv_step * c.d_head, <floating*> kp,
-                   n_cols)
+        _pack_keys(<const floating*> k, rows, c.d_head, ld, <floating*> kp, n_cols)
+
+
+cdef inline void _pack_values_of(const Call *c, const char *v, Py_ssize_t rows, Py_ssize_t ld,
+                                 char *vp, Py_ssize_t c_lo, Py_ssize_t c_hi,
+                                 floating *kind) noexcept nogil:
+    """vp = chunks [c_lo, c_hi) of values v (rows of them, ld elements apart) in c's
+    chunk layout, chunk c_lo first (as _pack_keys_of for keys)."""
+    if c.lowp == LP_ENGINE:
+        fa_lp_pack_values(v, c.src_kind, rows, c.d_v, ld, <uint16_t*> vp, c_lo, c_hi)
+    elif c.lowp == LP_WIDEN:
+        fa_lp_pack_values_widen(v, c.src_kind, rows, c.d_v, ld, <float*> vp, c_lo, c_hi,
+                                FA_MK_PV_CHUNK, FA_MK_PV_NV * FA_MK_VBYTES // 4,
+                                FA_MK_VBYTES // 4)
+    else:
+        _pack_values(<const floating*> v, rows, c.d_v, ld, <floating*> vp, c_lo, c_hi)
+
+
+cdef inline void _gather_rows(const Call *c, const char *base, const Py_ssize_t *tab,
+                              Py_ssize_t r0, Py_ssize_t rows, Py_ssize_t width,
+                              char *dst) noexcept nogil:
+    """dst = rows [r0, r0 + rows) of a paged entry (its head's pool at base, its page ids
+    tab; rows `width` elements), one after another: a copy per run within a page."""
+    cdef Py_ssize_t r = r0, run, row_bytes = width * c.src_item, p = c.page_rows
+    while r < r0 + rows:
+        run = min(p - r % p, r0 + rows - r)
+        memcpy(dst + (r - r0) * row_bytes, base + (tab[r // p] * p + r % p) * row_bytes,
+               run * row_bytes)
+        r = r + run
 
 
 cdef inline const char *_keys_packed(const Call *c, Packed *packed, const char *k,
+                                     const Py_ssize_t *tab, char *stage,
                                      Py_ssize_t n_keys, char *kp, Py_ssize_t kp_keys,
                                      Py_ssize_t k_start, Py_ssize_t k_rows,
                                      floating *kind) noexcept nogil:
     """The key panels that keys [k_start, k_start + k_rows) of head k (of n_keys) touch, in
     kp (room for kp_keys keys), packing those not there yet: where the first of them
     starts. kp is extended while the panels follow on; else it starts again at the tile's
-    first panel."""
+    first panel. tab: a paged entry's page ids (its keys gathered into stage, in runs of
+    STAGE_ROWS), or NULL."""
     cdef Py_ssize_t panel = FA_LP_KEYS if c.lowp == LP_ENGINE else FA_MK_KEYS
     cdef Py_ssize_t key_bytes = (c.d_pad * 2 if c.lowp == LP_ENGINE
                                  else c.d_head * <Py_ssize_t> sizeof(floating))
     cdef Py_ssize_t k_panel = k_start // panel * panel
     cdef Py_ssize_t need = _round_up(k_start + k_rows, panel)
-    if (packed.k_head != <const void*> k or k_panel < packed.k_from
-            or need > packed.k_from + kp_keys):
-        packed.k_head = k
+    cdef Py_ssize_t r0, cols, real
+    if (packed.k_head != <const void*> k or packed.k_tab != <const void*> tab
+            or k_panel < packed.k_from or need > packed.k_from + kp_keys):
+        packed.k_head, packed.k_tab = k, tab
         packed.k_from = k_panel
         packed.k_to = k_panel
-    if packed.k_to < need:
+    if packed.k_to < need and tab == NULL:
         _pack_keys_of(c, k + packed.k_to * c.kv_step * c.d_head * c.src_item,
-                      min(n_keys, need) - packed.k_to,
+                      min(n_keys, need) - packed.k_to, c.kv_step * c.d_head,
                       kp + (packed.k_to - packed.k_from) * key_bytes, need - packed.k_to, kind)
-        packed.k_to = need
+    elif packed.k_to < need:
+        r0 = packed.k_to
+        while r0 < need:
+            cols = min(<Py_ssize_t> STAGE_ROWS, need - r0)
+            real = max(0, min(n_keys, r0 + cols) - r0)
+            _gather_rows(c, k, tab, r0, real, c.d_head, stage)
+            _pack_keys_of(c, stage, real, c.d_head, kp + (r0 - packed.k_from) * key_bytes,
+                          cols, kind)
+            r0 = r0 + cols
+    packed.k_to = max(packed.k_to, need)
     return kp + (k_panel - packed.k_from) * key_bytes
 
 
 cdef inline const char *_values_packed(const Call *c, Packed *packed, const char *v,
+                                       const Py_ssize_t *tab, char *stage,
                                        Py_ssize_t n_keys, char *vp, Py_ssize_t vp_chunks,
                                        Py_ssize_t k_start, Py_ssize_t k_rows,
                                        floating *kind) noexcept nogil:
     """The value chunks that keys [k_start, k_start + k_rows) of head v (of n_keys) touch,
     in vp (room for vp_chunks chunks), packing those not there yet, as _keys_packed does
-    for keys: vp, whose chunk 0 is chunk packed.v_from of the head."""
+    for keys (tab and stage too): vp, whose chunk 0 is chunk packed.v_from of the head."""
     cdef Py_ssize_t chunk = FA_LP_VCHUNK if c.lowp == LP_ENGINE else FA_MK_PV_CHUNK
     cdef Py_ssize_t chunk_bytes = chunk * c.d_v * (2 if c.lowp == LP_ENGINE else sizeof(floating))
     cdef Py_ssize_t v_first = k_start // chunk
     cdef Py_ssize_t v_need = (k_start + k_rows + chunk - 1) // chunk
     cdef const char *src
     cdef char *dst
-    if (packed.v_head != <const void*> v or v_first < packed.v_from
-            or v_need > packed.v_from + vp_chunks):
-        packed.v_head = v
+    cdef Py_ssize_t cc, pc, real
+    if (packed.v_head != <const void*> v or packed.v_tab != <const void*> tab
+            or v_first < packed.v_from or v_need > packed.v_from + vp_chunks):
+        packed.v_head, packed.v_tab = v, tab
         packed.v_from = v_first
         packed.v_to = v_first
-    if packed.v_to < v_need:
+    if packed.v_to < v_need and tab == NULL:
         src = v + packed.v_from * chunk * c.kv_step * c.d_v * c.src_item
         dst = vp + (packed.v_to - packed.v_from) * chunk_bytes
-        if c.lowp == LP_ENGINE:
-            fa_lp_pack_values(src, c.src_kind, n_keys - packed.v_from * chunk, c.d_v,
-                              c.kv_step * c.d_v, <uint16_t*> dst,
-                              packed.v_to - packed.v_from, v_need - packed.v_from)
-        elif c.lowp == LP_WIDEN:
-            fa_lp_pack_values_widen(src, c.src_kind, n_keys - packed.v_from * chunk, c.d_v,
-                                    c.kv_step * c.d_v, <float*> dst,
-                                    packed.v_to - packed.v_from, v_need - packed.v_from, chunk,
-                                    FA_MK_PV_NV * FA_MK_VBYTES // 4, FA_MK_VBYTES // 4)
-        else:
-            _pack_values(<const floating*> src, n_keys - packed.v_from * chunk, c.d_v,
-                         c.kv_step * c.d_v, <floating*> dst,
-                         packed.v_to - packed.v_from, v_need - packed.v_from)
-        packed.v_to = v_need
+        _pack_values_of(c, src, n_keys - packed.v_from * chunk, c.kv_step * c.d_v, dst,
+                        packed.v_to - packed.v_from, v_need - packed.v_from, kind)
+    elif packed.v_to < v_need:
+        cc = packed.v_to
+        while cc < v_need:
+            pc = min(<Py_ssize_t> STAGE_ROWS // chunk, v_need - cc)
+            real = max(0, min(n_keys, (cc + pc) * chunk) - cc * chunk)
+            _gather_rows(c, v, tab, cc * chunk, real, c.d_v, stage)
+            _pack_values_of(c, stage, real, c.d_v, vp + (cc - packed.v_from) * chunk_bytes,
+                            0, pc, kind)
+            cc = cc + pc
+    packed.v_to = max(packed.v_to, v_need)
     return vp
 
 
@@ -295,6 +362,7 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
     cdef Py_ssize_t b, q_start, q_block, n_queries, n_keys, q_row, kv_row, mask_item = 0
     cdef Py_ssize_t sink_at
     cdef const Py_ssize_t *entry
+    cdef const Py_ssize_t *tab = NULL  # a paged entry's page ids
     if c.seqs == NULL:
         b = w // c.n_qblocks
         q_start, q_block = (w % c.n_qblocks) * c.q_block, c.q_block
@@ -307,6 +375,8 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
         entry = c.seqs + b * SEQ_N
         q_block, n_queries, n_keys = entry[SEQ_Q_BLOCK], entry[SEQ_N_Q], entry[SEQ_N_K]
         q_row, kv_row, sink_at = entry[SEQ_Q_ROW], entry[SEQ_KV_ROW], entry[SEQ_SINK]
+        if c.pages != NULL:
+            tab = c.pages + entry[SEQ_PAGES]
     cdef Py_ssize_t out_row = b * n_queries if c.seqs == NULL else q_row
     cdef Py_ssize_t q_rows = min(q_block, n_queries - q_start)
     cdef Py_ssize_t d_head = c.d_head, d_v = c.d_v
@@ -337,11 +407,14 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
     cdef Py_ssize_t k_block = c.k_block
     cdef Py_ssize_t rows = _round_up(q_rows, FA_LP_ROWS) if lowp == LP_ENGINE else q_rows
     cdef bint v_in_place = (lowp == LP_NONE and _values_in_place(d_v, sizeof(floating))
-                            and c.kv_step == 1)
+                            and c.kv_step == 1 and tab == NULL)
+    cdef char *stage = <char*> (buf + at[SCR_STAGE])  # (paged calls)
     cdef Py_ssize_t q_ld = c.q_step * d_head, k_ld = c.kv_step * d_head
     cdef Py_ssize_t v_ld = c.kv_step * d_v, o_ld = c.q_step * d_v
     cdef const floating *kp
     cdef const floating *vb
+    cdef const floating *kb   # BLAS tiles: the keys' (or values') rows, kb_ld apart
+    cdef Py_ssize_t kb_ld
     cdef Py_ssize_t v_origin
     cdef floating inv
     cdef floating *o_row
@@ -379,28 +452,32 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
         # s_tile = scale Q_blk @ K_blk.T: with micro-kernels, over the whole key panels
         # the tile touches (row stride ld), the tile's first key in column off.
         if lowp == LP_ENGINE:
-            kp = <const floating*> _keys_packed(c, packed, k, n_keys, <char*> (buf + at[SCR_KP]),
+            kp = <const floating*> _keys_packed(c, packed, k, tab, stage, n_keys, <char*> (buf + at[SCR_KP]),
                                                 at[SCR_KP_KEYS], k_start, k_rows, buf)
             ld = _round_up(k_rows, FA_LP_KEYS)
             fa_lp_scores(engine, qb, rows, c.d_pad, <const uint16_t*> kp, ld, <float> scale,
                          <float*> s_tile, ld)
         elif micro:
-            kp = <const floating*> _keys_packed(c, packed, k, n_keys, <char*> (buf + at[SCR_KP]),
+            kp = <const floating*> _keys_packed(c, packed, k, tab, stage, n_keys, <char*> (buf + at[SCR_KP]),
                                                 at[SCR_KP_KEYS], k_start, k_rows, buf)
             off = k_start % FA_MK_KEYS
             ld = _round_up(k_start + k_rows, FA_MK_KEYS) - (k_start - off)
             _mk_scores(qs, q_rows, d_head, kp, ld, s_tile, ld)
         else:
             ld = k_rows
+            kb, kb_ld = <const floating*> k + k_start * k_ld, k_ld
+            if tab != NULL:  # the tile's keys gathered from their pages
+                _gather_rows(c, k, tab, k_start, k_rows, d_head, stage)
+                kb, kb_ld = <const floating*> stage, d_head
             _gemm(True, <int> q_rows, <int> k_rows, <int> d_head, scale,
                   <const floating*> q + q_start * q_ld, <int> q_ld,
-                  <const floating*> k + k_start * k_ld, <int> k_ld, 0, s_tile, <int> k_rows)
+                  kb, <int> kb_ld, 0, s_tile, <int> k_rows)
         _online_update(c, n_queries, n_keys, s_tile + off, ld, q_start, q_rows, k_start, k_rows, softcap,
                        add_mask, bool_mask, m_run, l_run, o_acc)
         # o_acc (q_rows x d_v) += P (q_rows x k_rows) @ V_blk (k_rows x d_v)
         if lowp == LP_ENGINE:
             fa_lp_pack_p(<float*> s_tile, ld, q_rows, k_rows, pb, ld, rows)
-            vb = <const floating*> _values_packed(c, packed, v, n_keys, <char*> (buf + at[SCR_VP]),
+            vb = <const floating*> _values_packed(c, packed, v, tab, stage, n_keys, <char*> (buf + at[SCR_VP]),
                                                   at[SCR_VP_CHUNKS], k_start, k_rows, buf)
             v_origin = packed.v_from * FA_LP_VCHUNK
             fa_lp_pv(engine, pb, ld, rows, <const uint16_t*> vb, k_start - v_origin, ld, d_v,
@@ -410,15 +487,19 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
             # after the tile (the next tile's, prefetched during this one).
             vb, v_origin, v_next = <const floating*> v, 0, k_end - k_start - k_rows
             if not v_in_place:
-                vb = <const floating*> _values_packed(c, packed, v, n_keys, <char*> (buf + at[SCR_VP]),
+                vb = <const floating*> _values_packed(c, packed, v, tab, stage, n_keys, <char*> (buf + at[SCR_VP]),
                                                       at[SCR_VP_CHUNKS], k_start, k_rows, buf)
                 v_origin = packed.v_from * FA_MK_PV_CHUNK
                 v_next = min(v_next, packed.v_to * FA_MK_PV_CHUNK - k_start - k_rows)
             _mk_pv(s_tile + off, ld, q_rows, vb, k_start - v_origin, k_rows, max(v_next, 0),
                    d_v, o_acc)
         else:
+            kb, kb_ld = <const floating*> v + k_start * v_ld, v_ld
+            if tab != NULL:
+                _gather_rows(c, v, tab, k_start, k_rows, d_v, stage)
+                kb, kb_ld = <const floating*> stage, d_v
             _gemm(False, <int> q_rows, <int> d_v, <int> k_rows, 1, s_tile, <int> k_rows,
-                  <const floating*> v + k_start * v_ld, <int> v_ld, 1, o_acc, <int> d_v)
+                  kb, <int> kb_ld, 1, o_acc, <int> d_v)
         k_start = k_start + k_rows
     if lowp == LP_ENGINE:
         fa_lp_end(engine)
@@ -490,11 +571,13 @@ cdef void _call_sizes(Call *c, Py_ssize_t n_batch, Py_ssize_t n_queries, Py_ssiz
 
 cdef object _call_ragged(Call *c, object ragged):
     """Make c a ragged call when ragged is (seqs, work, n_queries, n_keys, q_block, q_step,
-    kv_step): its tables (SEQ_N columns per entry; entry and first query per work item, at
-    least one), the largest sizes of its entries and the row steps (Call.q_step). Returns
-    the tables' views, to keep them alive."""
+    kv_step[, pages, page_rows]): its tables (SEQ_N columns per entry; entry and first
+    query per work item, at least one), the largest sizes of its entries, the row steps
+    (Call.q_step) and, for keys and values in pages, the page ids and rows per page.
+    Returns the tables' views, to keep them alive."""
     cdef const Py_ssize_t[:, ::1] seqs
     cdef const Py_ssize_t[:, ::1] work
+    cdef const Py_ssize_t[::1] pages
     if ragged is None:
         return None
     seqs, work = ragged[0], ragged[1]
@@ -504,6 +587,12 @@ cdef object _call_ragged(Call *c, object ragged):
     c.n_batch, c.n_work = seqs.shape[0], work.shape[0]
     c.n_queries, c.n_keys, c.q_block = ragged[2], ragged[3], ragged[4]
     c.q_step, c.kv_step = ragged[5], ragged[6]
+    if len(ragged) > 7 and ragged[7] is not None:
+        pages = ragged[7]
+        c.pages, c.page_rows = &pages[0] if pages.shape[0] else NULL, ragged[8]
+        if c.pages == NULL:
+            raise ValueError("attention: a paged call needs its page table")
+        return seqs, work, pages
     return seqs, work
 
 
@@ -582,7 +671,10 @@ def attention(const floating[:, :, ::1] q, const floating[:, :, ::1] k,
     packed token-major, read as rows of one head (q_step = out and lse's heads, kv_step =
     k and v's); seqs (n_entries, SEQ_N) gives each entry (sequence and query head) its
     first rows and sizes, work (n_work, 2) each work item's entry and first query, the
-    others its entries' largest sizes. index and mask are then unused.
+    others its entries' largest sizes; with (..., pages, page_rows) more, k and v are
+    pools (kv_heads x pages, page_rows, width) and an entry's keys lie in the pages
+    pages[entry's SEQ_PAGES:] of the head whose rows start at its SEQ_KV_ROW (Call.pages).
+    index and mask are then unused.
     """
     cdef floating *kept
     cdef int team
@@ -654,18 +746,23 @@ def attention_lowp(str kind, const unsigned char[:, :, ::1] q, const unsigned ch
 def attention_scratch(Py_ssize_t n_keys, Py_ssize_t d_head, Py_ssize_t d_v,
                       Py_ssize_t q_block, Py_ssize_t k_block, bint microkernels,
                       Py_ssize_t itemsize, int n_threads, str lowp_kind=None,
-                      Py_ssize_t kv_step=1):
+                      Py_ssize_t kv_step=1, bint paged=False):
     """The per-thread scratch of attention() with these sizes (itemsize 4: float32, 8:
     float64) on n_threads, as a uint8 array (64 bytes over, for alignment), with no keys
     packed yet; for the pieces of one long call, which then share one allocation and
     each thread's packed keys. lowp_kind: that of attention_lowp (d_head in elements).
-    kv_step: a ragged call's (its values are then packed, never read in place)."""
+    kv_step: a ragged call's (its values are then packed, never read in place); paged: a
+    paged call's (room for its stage)."""
+    cdef Py_ssize_t one_page = 0
     cdef Py_ssize_t at[SCR_N]
     cdef Call c
     memset(&c, 0, sizeof(Call))
     _call_sizes(&c, 1, q_block, n_keys, d_head, d_v, q_block, k_block)
     c.kv_step = kv_step
+    if paged:
+        c.pages = &one_page  # (only its being set counts here)
     c.micro = FA_MICROKERNELS != 0 and microkernels
+    c.src_item = itemsize
     if lowp_kind is not None:
         _call_lowp(&c, lowp_kind, d_head * (4 if lowp_kind == "float32" else 2))
     _run_layout(&c, itemsize, at)

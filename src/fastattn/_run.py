@@ -395,7 +395,8 @@ def _fused_pieces(kernel, args, ragged, n_work, flops, team, sizes, lowp):
     # thread's packed keys (a few MiB for long sequences) carry over; allocated and freed
     # per piece, they grew the heap: 9-56 MiB peak extra at 16,384 tokens, 9.7 in one.
     scratch = (None if len(parts) == 1 else _kernels.attention_scratch(
-        *sizes, team, lowp, 1 if ragged is None else ragged[-1]))
+        *sizes, team, lowp, 1 if ragged is None else ragged[6],
+        ragged is not None and len(ragged) > 7))
     n_keys, d_head, d_v, q_block, k_block, micro, _ = sizes
     # (The micro-kernels and the 16-bit tiles call no BLAS.)
     with (serial_blas if lowp is None and not micro
@@ -406,11 +407,12 @@ def _fused_pieces(kernel, args, ragged, n_work, flops, team, sizes, lowp):
 
 
 def run_varlen(kind, q, k, v, compute, out, lse, tables, causal, window, scale, softcap,
-               sinks, n_threads):
+               sinks, n_threads, pages=None):
     """The fused kernel on a ragged call (fastattn.varlen): q, k, v packed token-major,
     read in kind ("bfloat16"/"float16", or None: converted to compute), into out and lse
     (packed too: (total_q, H, D_v), (total_q, H)) for the entries of tables (seqs, work,
-    largest query block, queries, keys)."""
+    largest query block, queries, keys). pages: None, or (page ids, rows per page) when k
+    and v are the pools of a PagedKVCache, (kv_heads x blocks, block rows, D)."""
     seqs, work, q_block, n_queries, n_keys = tables
     d_head, d_v = q.shape[2], v.shape[2]
     dtype = compute if kind is None else q.dtype
@@ -438,7 +440,8 @@ def run_varlen(kind, q, k, v, compute, out, lse, tables, causal, window, scale, 
                 "bfloat16" if is_bfloat16(out.dtype) else str(out.dtype), out.view(np.uint8),
                 lse, q_block, k_block, team)
         kernel = _kernels.attention_lowp
-    ragged = (seqs, work, n_queries, n_keys, q_block, q.shape[1], k.shape[1])
+    ragged = (seqs, work, n_queries, n_keys, q_block, q.shape[1],
+              k.shape[1] if pages is None else 1) + (pages or ())
     _fused_pieces(kernel, args, ragged,
                   work.shape[0], flops / (2 if causal else 1), team,
                   (n_keys, q.shape[2], v.shape[2], q_block, k_block, micro, compute.itemsize),

@@ -22,11 +22,12 @@ chunks of keys, bitwise the same on any thread count.
 import numpy as np
 
 from ._dispatch import kernels as _kernels
+from . import _run
 from ._run import last_call
 from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
                           check_threads, check_window, dtype_pair, positive_int)
 from .cache import _STORAGES, _zeros_aligned
-from .varlen import _offsets
+from .varlen import _offsets, _tables
 
 __all__ = ["PagedKVCache"]
 
@@ -306,7 +307,7 @@ class PagedKVCache:
         caches, for chunks of modest length).
         """
         q = as_array("q", q)
-        dtype_pair("q", q.dtype)
+        dtype_pair("q", q.dtype)  # (converted to the compute dtype below)
         if q.ndim != 3 or q.shape[2] != self.head_dim:
             raise ValueError(f"q must be packed as (total_q, H, head_dim={self.head_dim}), "
                              f"got q.shape={q.shape}")
@@ -327,7 +328,6 @@ class PagedKVCache:
         return_lse = check_flag("return_lse", return_lse)
         n_threads = check_threads(num_threads)
 
-        group = heads // self.kv_heads
         # The block tables of the batch's sequences, one after another.
         offsets = np.zeros(len(seqs), np.intp)
         tables = []
@@ -337,31 +337,64 @@ class PagedKVCache:
             tables.append(blocks)
             at += len(blocks)
         table = np.fromiter((b for blocks in tables for b in blocks), np.intp, at)
-        # One group per (query row, kv head): its visible keys [first, first + count).
         n_q = np.diff(cu)
-        seq_of_row = np.repeat(np.arange(len(seqs)), n_q)
         lengths = np.array([length for _, length in seqs], np.intp)
-        row_in_seq = np.arange(total_q) - cu[seq_of_row]
+        q = np.ascontiguousarray(q, compute)
+        out = np.empty((total_q, heads, d), compute)
+        lse = np.empty((total_q, heads), compute)
+        # Prefill chunks (several queries) in the fused kernel, which gathers their keys
+        # from the pages as it packs them; single queries (and every query of a 16-bit
+        # pool, which the fused kernel reads only beside 16-bit queries) in the decoding
+        # kernel, which reads the pages in place.
+        fused = (n_q > 1) & (self.storage is None)
+        if fused.any():
+            self._prefill(q, out, lse, np.where(fused, n_q, 0), lengths, cu, offsets, table,
+                          causal, window, scale, softcap, sinks, n_threads)
+        rows = np.flatnonzero(np.repeat(~fused, n_q))
+        if rows.size:
+            self._decode(q, out, lse, rows, n_q, lengths, cu, offsets, table, causal, window,
+                         scale, softcap, sinks, n_threads)
+        return (out, lse) if return_lse else out
+
+    def _prefill(self, q, out, lse, n_q, lengths, cu, offsets, table, causal, window, scale,
+                 softcap, sinks, n_threads):
+        """The sequences with n_q > 0 queries, in the fused kernel on the pools (a ragged
+        call whose keys and values lie in pages)."""
+        heads, group = q.shape[1], q.shape[1] // self.kv_heads
+        shape = (self.kv_heads * self.num_blocks, self.block_size, self.head_dim)
+        tables = _tables(n_q, np.where(n_q > 0, lengths, 0), cu[:-1] * heads,
+                         np.zeros(len(n_q), np.intp), self.num_blocks * self.block_size,
+                         offsets, heads, group, causal, window, q.dtype.itemsize)
+        _run.run_varlen(None, q, self._k.reshape(shape), self._v.reshape(shape), q.dtype, out,
+                        lse, tables, causal, window, scale, softcap, sinks, n_threads,
+                        pages=(table, self.block_size))
+
+    def _decode(self, q, out, lse, rows, n_q, lengths, cu, offsets, table, causal, window,
+                scale, softcap, sinks, n_threads):
+        """The query rows `rows` in the decoding kernel: one group per (row, kv head), its
+        visible keys [first, first + count) of its sequence's pages."""
+        heads, d = q.shape[1], q.shape[2]
+        group = heads // self.kv_heads
+        seq_of_row = np.repeat(np.arange(len(n_q)), n_q)[rows]
+        row_in_seq = rows - cu[seq_of_row]
         n_k = lengths[seq_of_row]
         end = np.clip(n_k - n_q[seq_of_row] + row_in_seq + 1, 0, n_k) if causal else n_k
         first = np.maximum(end - window, 0) if window else np.zeros_like(end)
-        groups = np.empty((total_q, self.kv_heads, 4), np.intp)
+        groups = np.empty((rows.size, self.kv_heads, 4), np.intp)
         groups[:, :, 0] = np.arange(self.kv_heads)
         groups[:, :, 1] = first[:, None]
         groups[:, :, 2] = (end - first)[:, None]
         groups[:, :, 3] = offsets[seq_of_row][:, None]
-        q3 = np.ascontiguousarray(q, compute).reshape(total_q * self.kv_heads, group, d)
-        out = np.empty((total_q, heads, d), compute)
-        lse = np.empty((total_q, heads), compute)
-        if total_q:
-            sink_rows = None if sinks is None else np.ascontiguousarray(
-                np.broadcast_to(sinks.reshape(self.kv_heads, group),
-                                (total_q, self.kv_heads, group)).reshape(-1, group))
-            k_pool, v_pool = self._k, self._v
-            team = _kernels.decode_paged(
-                q3, k_pool, v_pool, groups.reshape(-1, 4), table, scale, softcap, sink_rows,
-                out.reshape(-1, group, d), lse.reshape(-1, group), n_threads)
-            if team < 0:
-                raise MemoryError("attention: cannot allocate the decoding scratch")
-            last_call.threads = team
-        return (out, lse) if return_lse else out
+        q3 = q[rows].reshape(-1, group, d)
+        out3 = np.empty((rows.size * self.kv_heads, group, d), q.dtype)
+        lse2 = np.empty((rows.size * self.kv_heads, group), q.dtype)
+        sink_rows = None if sinks is None else np.ascontiguousarray(
+            np.broadcast_to(sinks.reshape(self.kv_heads, group),
+                            (rows.size, self.kv_heads, group)).reshape(-1, group))
+        team = _kernels.decode_paged(q3, self._k, self._v, groups.reshape(-1, 4), table, scale,
+                                     softcap, sink_rows, out3, lse2, n_threads)
+        if team < 0:
+            raise MemoryError("attention: cannot allocate the decoding scratch")
+        last_call.threads = team
+        out[rows] = out3.reshape(rows.size, heads, d)
+        lse[rows] = lse2.reshape(rows.size, heads)

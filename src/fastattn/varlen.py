@@ -20,7 +20,9 @@ from ._validation import (as_array, check_flag, check_scale, check_sinks, check_
 
 __all__ = ["attention_varlen"]
 
-_SEQ_N = 6  # the kernel's SEQ_N: q row, k/v row, queries, keys, query block, sink
+# The kernel's SEQ_N fields of an entry: q row, k/v row, queries, keys, query block, sink,
+# and (paged calls) where its page ids start.
+_SEQ_N = 7
 
 
 def _offsets(name, cu, total, n_seqs=None):
@@ -67,26 +69,31 @@ def _visible_keys(n_q, n_k, causal, window):
     return int(seen.sum())
 
 
-def _tables(nq, nk, cu_q, cu_k, n_heads, n_kv, causal, window, itemsize):
+def _tables(nq, nk, q_first, kv_first, kv_head_rows, pages_at, n_heads, group, causal,
+            window, itemsize):
     """The kernel's tables for these sequences: seqs (a row per query head of each sequence
     with queries and keys, costliest sequences first), work (entry, first query), and the
-    largest query block, queries and keys."""
+    largest query block, queries and keys. Sequence s's query head h reads q's row
+    q_first[s] + h and its kv head's rows from kv_first[s] + (h // group) kv_head_rows
+    (pages_at: where a paged sequence's page ids start, or None)."""
     entries, costs = [], []
     for s in np.flatnonzero((nq > 0) & (nk > 0)):
         n_q, n_k = int(nq[s]), int(nk[s])
         q_block, _ = _kernels.tiles(n_heads, n_q, n_k, causal, itemsize)
         costs.append(_visible_keys(n_q, n_k, causal, window) + n_q)
-        entries.append((int(cu_q[s]), int(cu_k[s]), n_q, n_k, q_block))
+        entries.append((int(q_first[s]), int(kv_first[s]), n_q, n_k, q_block,
+                        0 if pages_at is None else int(pages_at[s])))
     order = sorted(range(len(entries)), key=lambda e: -costs[e])  # stable: ties in order
-    heads, group = np.arange(n_heads), n_heads // n_kv
+    heads = np.arange(n_heads)
     seqs = np.empty((len(entries) * n_heads, _SEQ_N), np.intp)
     for at, e in enumerate(order):
-        q0, k0, n_q, n_k, q_block = entries[e]
+        q0, k0, n_q, n_k, q_block, page_at = entries[e]
         rows = seqs[at * n_heads:(at + 1) * n_heads]
-        rows[:, 0] = q0 * n_heads + heads
-        rows[:, 1] = k0 * n_kv + heads // group
+        rows[:, 0] = q0 + heads
+        rows[:, 1] = k0 + heads // group * kv_head_rows
         rows[:, 2:5] = n_q, n_k, q_block
         rows[:, 5] = heads
+        rows[:, 6] = page_at
     n_blocks = -(-seqs[:, 2] // seqs[:, 4])
     entry = np.repeat(np.arange(seqs.shape[0]), n_blocks)
     # Within an entry, its blocks last to first.
@@ -192,8 +199,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
     nq, nk = np.diff(cu_q), np.diff(cu_k)
     if n_heads and ((nq > 0) & (nk > 0)).any():
         _run.run_varlen(kind, q, k, v, compute, out, lse, _tables(
-            nq, nk, cu_q, cu_k, n_heads, n_kv, causal, window, compute.itemsize),
-            causal, window, scale, softcap, sinks, n_threads)
+            nq, nk, cu_q * n_heads, cu_k * n_kv, 1, None, n_heads, n_heads // n_kv, causal,
+            window, compute.itemsize), causal, window, scale, softcap, sinks, n_threads)
     # (Sequences with queries and no key keep their zeros and lse, the sink or -inf.)
     out = out if out.dtype == result else out.astype(result)
     return (out, lse) if return_lse else out
