@@ -9,14 +9,15 @@ blocks. The allocator keeps a sequence's blocks neighbours where it can: a growi
 sequence takes the block after its last one when that is free, and a block taken
 elsewhere comes from the largest free run, the blocks wanted centred in it (from its start
 when the run opens the pool), leaving room to grow on both sides: sequences grown a block
-at a time in turn, as decoding grows them, still hold runs of neighbours. A sequence is a list of block ids
-and a length; blocks carry reference counts, so ``fork`` shares a prefix's blocks and the
-first append that would write into a shared block copies that block first
-(copy-on-write). Every query row of a batch, whatever its
-sequence, is a group of the decoding kernel (the query heads of one key/value head) with
-its own visible keys; all groups' key chunks are the work items of one parallel region
-(``decode_paged``), so a batch of decodes and prefill chunks is one call, balanced by
-chunks of keys, bitwise the same on any thread count.
+at a time in turn, as decoding grows them, still hold runs of neighbours. A sequence is a
+list of block ids and a length; blocks carry reference counts, so ``fork`` shares a
+prefix's blocks and the first append that would write into a shared block copies that
+block first (copy-on-write). In a batch, every single query (a decoding step) is a group
+of the decoding kernel (the query heads of one key/value head) with its own visible keys,
+all groups' key chunks the work items of one parallel region (``decode_paged``); the
+prefill chunks are a ragged call of the fused kernel whose keys and values lie in pages
+(``attention_varlen``'s tables, with page ids). Both are bitwise the same on any thread
+count.
 """
 
 import numpy as np
@@ -298,13 +299,14 @@ class PagedKVCache:
 
         Notes
         -----
-        q is converted to the cache's dtype (float32 for 16-bit storage). Every query row
-        runs in the decoding kernel, which reads the blocks in place through the block
-        tables (nothing is gathered; a sequence's blocks that follow one another in the
-        pool are read as one run): its keys are split in chunks of the same size for
-        every sequence, and the chunks of all rows are the work items of one parallel
-        region. A prefill chunk of ``L_q`` queries reads its keys ``L_q`` times (from the
-        caches, for chunks of modest length).
+        q is converted to the cache's dtype (float32 for 16-bit storage). Single queries
+        run in the decoding kernel, which reads the blocks in place through the block
+        tables (a sequence's blocks that follow one another in the pool as one run), its
+        keys split in chunks of the same size for every sequence, the chunks of all rows
+        the work items of one parallel region. Prefill chunks run in the fused kernel,
+        which takes their keys and values from the blocks as it packs them (bitwise
+        :func:`fastattn.attention_varlen` on the same keys); with 16-bit storage they
+        run in the decoding kernel too, reading their keys once per query.
         """
         q = as_array("q", q)
         dtype_pair("q", q.dtype)  # (converted to the compute dtype below)
