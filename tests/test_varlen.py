@@ -234,9 +234,10 @@ def test_varlen_benchmark_prints_both_rows(capsys):
 
     assert _bench_varlen.main(threads=1, quick=True, repeat=1, min_time=0.001, gap=0.0) == 0
     rows = [line for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ragged") or line.startswith("| mixed")]
+            if line.startswith(("| ragged", "| mixed", "| paged"))]
     assert [row.split(" | ")[0] for row in rows] == [
         "| ragged causal prefill", "| mixed decode batch (in order)",
-        "| mixed decode batch (interleaved)"]
+        "| mixed decode batch (interleaved)", "| paged prefill chunk"]
     assert "GFLOP/s" in rows[0] and "read floor" in rows[1] and "read floor" in rows[2]
+    assert "GFLOP/s" in rows[3]
     assert all(row.split(" | ")[5].endswith("x") for row in rows)  # loop / fastattn

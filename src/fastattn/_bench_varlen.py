@@ -5,6 +5,8 @@
   per-sequence loop of ``fastattn.attention`` writing into the same packed output, and
   against torch's SDPA on the batch padded to its longest sequence with a boolean mask
   (as torch users run a ragged batch on the CPU).
+- paged prefill chunk: 512 queries after 1,536 cached tokens in a ``PagedKVCache``,
+  against ``attention_varlen`` on the same keys packed.
 - mixed decode batch: 48 sequences of one query against 64 to 8192 cached tokens each,
   32 heads over 8, D 128, in a ``PagedKVCache`` of 16-token blocks (each sequence's
   blocks in order, then interleaved with the others' as decoding grows them), against a
@@ -127,6 +129,36 @@ def _decode(threads, repeat, min_time, gap, quick, block_size=16, interleaved=Fa
     return f"mixed decode batch ({order})", shape, times, moved
 
 
+def _paged_prefill(threads, repeat, min_time, gap, quick):
+    """A prefill chunk of 512 tokens after 1,536 cached ones, from a PagedKVCache of
+    16-token blocks, against attention_varlen on the same keys packed."""
+    from . import varlen
+    from ._timing import time_alternating
+    from .paged import PagedKVCache
+
+    cached, chunk, heads, kv_heads, d = (96, 32, 8, 2, 64) if quick else (1536, 512, 32, 8, 128)
+    n = cached + chunk
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((n, kv_heads, d), dtype=np.float32)
+    v = rng.standard_normal((n, kv_heads, d), dtype=np.float32)
+    q = rng.standard_normal((chunk, heads, d), dtype=np.float32)
+    paged = PagedKVCache(-(-n // 16), 16, kv_heads, d)
+    sid = paged.new_sequence()
+    paged.append(sid, k[:cached], v[:cached])
+    paged.append(sid, k[cached:], v[cached:])
+    cu_q, cu_k = np.array([0, chunk]), np.array([0, n])
+    contenders = {
+        "fastattn": lambda: paged.attention(q, [sid], cu_q, num_threads=threads),
+        "loop": lambda: varlen.attention_varlen(q, k, v, cu_q, cu_k, causal=True,
+                                                num_threads=threads)}
+    times = time_alternating(contenders, repeat, min_time, gap)
+    flops = 4.0 * heads * d * sum(cached + i + 1 for i in range(chunk))
+    shape = (f"PagedKVCache, blocks of 16: a chunk of {chunk} queries after {cached} cached "
+             f"tokens, {heads} heads over {kv_heads}, D {d}, causal; the loop column: "
+             f"attention_varlen on the same keys packed")
+    return "paged prefill chunk", shape, times, flops
+
+
 def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
     from . import bench
     from ._timing import ceilings, cpu_description
@@ -149,7 +181,7 @@ def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
           "torch, padded + mask | torch / fastattn |")
     print("|---|---|---|---|---|---|---|---|")
     fmt = bench._fmt_time
-    runs = (_prefill, _decode, lambda *a: _decode(*a, interleaved=True))
+    runs = (_prefill, _decode, lambda *a: _decode(*a, interleaved=True), _paged_prefill)
     for run in runs:
         name, shape, times, work = run(threads, repeat, min_time, gap, quick)
         fa, loop, tt = times["fastattn"], times["loop"], times.get("torch")
@@ -157,7 +189,7 @@ def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
             rate = (f"{work / fa / 1e9:.1f} GB/s of keys and values (read floor "
                     f"{fmt(times['floor'])}: {100 * times['floor'] / fa:.0f}%)")
         else:
-            peak = max(ceil["fma_float32"], times["fma"])
+            peak = max(ceil["fma_float32"], times.get("fma", 0.0))
             rate = f"{work / fa / 1e9:.1f} GFLOP/s ({100 * work / fa / 1e9 / peak:.0f}% of FMA peak)"
         print(f"| {name} | {shape} | {fmt(fa)} | {rate} | {fmt(loop)} | {loop / fa:.2f}x | "
               f"{fmt(tt)} | {'—' if tt is None else f'{tt / fa:.2f}x'} |", flush=True)
