@@ -348,3 +348,39 @@ def test_sequences_grown_in_turn_keep_their_blocks_neighbours():
     for sid in ids:
         blocks = cache._seqs[sid][0]
         assert blocks == list(range(blocks[0], blocks[0] + 6)), blocks
+
+
+@pytest.mark.parametrize("fork", [False, True])
+def test_an_append_interrupted_midway_is_rolled_back(fork):
+    """Ctrl-C while the values are written: the blocks taken return, a shared tail is
+    shared again, every sequence holds what it held."""
+    rng = np.random.default_rng(8)
+    cache = fastattn.PagedKVCache(8, 4, 1, 2)
+    a = cache.new_sequence()
+    k = rng.standard_normal((6, 1, 2))
+    cache.append(a, k, k)
+    b = cache.fork(a) if fork else a
+    before = {s: cache.keys(s) for s in cache.sequences}
+    blocks = {s: list(cache._seqs[s][0]) for s in cache.sequences}
+    refs, free = cache._refs.copy(), cache.free_blocks
+    original = cache._v
+
+    class InterruptOnWrite:
+        def __setitem__(self, key, value):
+            raise KeyboardInterrupt
+
+        def __getitem__(self, key):
+            return original[key]
+
+    cache._v = InterruptOnWrite()
+    with pytest.raises(KeyboardInterrupt):
+        cache.append(b, rng.standard_normal((7, 1, 2)), rng.standard_normal((7, 1, 2)))
+    cache._v = original
+    assert cache.free_blocks == free and (cache._refs == refs).all()
+    assert {s: cache._seqs[s][0] for s in cache.sequences} == blocks
+    for s, keys in before.items():
+        np.testing.assert_array_equal(cache.keys(s), keys)
+    cache.append(b, k[:3], k[:3])  # and it still works
+    np.testing.assert_array_equal(cache.keys(b), np.concatenate([k, k[:3]]).astype(np.float32))
+    np.testing.assert_array_equal(cache.keys(a), (np.concatenate([k, k[:3]]) if not fork
+                                                  else k).astype(np.float32))

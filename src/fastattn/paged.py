@@ -231,24 +231,41 @@ class PagedKVCache:
             raise ValueError(f"the pool is full: appending {n} tokens to sequence {seq_id} "
                              f"needs {need} free blocks of {bs} tokens, {self._n_free} "
                              f"are free (release sequences, or make a larger pool)")
-        if shared_tail:
-            fresh, = self._take(blocks[-2] if len(blocks) > 1 else None, 1)
-            self._k[:, fresh] = self._k[:, blocks[-1]]
-            self._v[:, fresh] = self._v[:, blocks[-1]]
-            self._refs[blocks[-1]] -= 1
+        # What a rollback restores (the free map is a byte per block: cheap to keep).
+        n_blocks, free_before = len(blocks), self._is_free.copy()
+        tail = blocks[-1] if blocks else None
+        tail_refs = self._refs[tail] if blocks else 0
+        try:
+            if shared_tail:
+                copy, = self._take(blocks[-2] if len(blocks) > 1 else None, 1)
+                self._k[:, copy] = self._k[:, tail]
+                self._v[:, copy] = self._v[:, tail]
+                self._refs[tail] -= 1
+                self._refs[copy] = 1
+                blocks[-1] = copy
+            fresh = self._take(blocks[-1] if blocks else None, need - shared_tail)
             self._refs[fresh] = 1
-            blocks[-1] = fresh
-        fresh = self._take(blocks[-1] if blocks else None, need - shared_tail)
-        self._refs[fresh] = 1
-        blocks.extend(fresh)
-        done = 0
-        while done < n:
-            at = length + done
-            b, row = blocks[at // bs], at % bs
-            take = min(bs - row, n - done)
-            self._k[:, b, row:row + take] = k[done:done + take].transpose(1, 0, 2)
-            self._v[:, b, row:row + take] = v[done:done + take].transpose(1, 0, 2)
-            done += take
+            blocks.extend(fresh)
+            done = 0
+            while done < n:
+                at = length + done
+                b, row = blocks[at // bs], at % bs
+                take = min(bs - row, n - done)
+                self._k[:, b, row:row + take] = k[done:done + take].transpose(1, 0, 2)
+                self._v[:, b, row:row + take] = v[done:done + take].transpose(1, 0, 2)
+                done += take
+        except BaseException:
+            # Interrupted (Ctrl-C) midway: the blocks taken go back, the shared tail is
+            # shared again; rows written past the length are never read.
+            del blocks[n_blocks:]
+            if shared_tail:
+                blocks[-1] = tail
+                self._refs[tail] = tail_refs
+            taken = np.flatnonzero(free_before & ~self._is_free)
+            self._refs[taken] = 0
+            self._is_free[taken] = True
+            self._n_free = int(self._is_free.sum())
+            raise
         seq[1] = length + n
 
     # ------------------------------------------------------------------ reading
