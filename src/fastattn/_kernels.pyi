@@ -61,10 +61,11 @@ def attention(
     w_start: int = 0,                   # Py_ssize_t: first work item
     w_stop: int = -1,                   # Py_ssize_t: past the last work item (-1: all)
     scratch: Optional[np.ndarray] = None,  # object: None or attention_scratch(...)
-    ragged: Optional[tuple] = None,     # object: None, or (seqs (n_entries, 6) intp, work
+    ragged: Optional[tuple] = None,     # object: None, or (seqs (n_entries, 7) intp, work
                                         #   (n_work, 2) intp, n_queries, n_keys, q_block,
-                                        #   q_step, kv_step): attention_varlen's call (q, k,
-                                        #   v, out, lse packed token-major)
+                                        #   q_step, kv_step[, pages intp, page_rows]):
+                                        #   attention_varlen's call (q, k, v, out, lse packed
+                                        #   token-major), or a PagedKVCache's prefill
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def attention_lowp(
     kind: str,                          # str: "bfloat16", "float16", or "float32" allowed
@@ -98,6 +99,7 @@ def attention_scratch(
     n_threads: int,                     # int
     lowp_kind: Optional[str] = None,    # str: attention_lowp's kind (itemsize 4 then)
     kv_step: int = 1,                   # Py_ssize_t: a ragged call's (attention(ragged=))
+    paged: bool = False,                # bint: a paged call's (room for its stage)
 ) -> npt.NDArray[np.uint8]: ...
 def decode(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)

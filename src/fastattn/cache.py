@@ -24,6 +24,43 @@ GROUP = int(_kernels.KV_GROUP)
 _F8 = _kernels.f8_to_f32(np.arange(256, dtype=np.uint8))
 
 
+def checked_dtype_storage(dtype, storage, storages=tuple(_STORAGES), who=""):
+    """(dtype, storage) of a cache: dtype float32 or float64 (TypeError otherwise), storage
+    one of `storages` (ValueError naming them, and `who` after them), computing in float32."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    if storage not in storages:
+        raise ValueError(f"storage must be one of {list(storages)}{who}, got {storage!r}")
+    if storage is not None and dtype != np.float32:
+        raise ValueError(f"storage={storage!r} computes in float32: dtype must be float32, "
+                         f"got {dtype}")
+    return dtype, storage
+
+
+def narrowed16(name, a, storage):
+    """a (real numbers) as the bits of storage "bfloat16" or "float16" (uint16), rounded to
+    nearest even; NaN and inf refused, and (float16) what overflows, naming the argument."""
+    a32 = np.ascontiguousarray(a, np.float32)
+    if not np.isfinite(a32).all():
+        raise ValueError(f"{name} holds NaN or inf: a cache with storage={storage!r} "
+                         f"refuses them")
+    bits = _kernels.narrow16(a32.reshape(-1), storage).reshape(a32.shape)
+    if storage == "float16" and (bits & 0x7c00 == 0x7c00).any():
+        raise ValueError(f"{name} holds values beyond float16's range (65504): a cache "
+                         f"with storage='float16' refuses them")
+    return bits
+
+
+def widened16(a, storage):
+    """A float32 copy of a, held as storage "bfloat16" (its bits) or "float16"."""
+    flat = _kernels.widen16(np.ascontiguousarray(a).view(np.uint16).reshape(-1), storage)
+    return flat.reshape(a.shape)
+
+
 def _zeros_aligned(shape, dtype, align=64):
     """np.zeros on a cache-line boundary. NumPy's large arrays start 16 bytes past one,
     so every 64-byte vector load of the decoding kernel would straddle two lines (about
@@ -88,17 +125,7 @@ class KVCache:
         head_dim = positive_int("head_dim", head_dim)
         value_dim = positive_int("value_dim", value_dim, allow_none=True) or head_dim
         window = positive_int("window", window, allow_none=True)
-        try:
-            dtype = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        if storage not in _STORAGES:
-            raise ValueError(f"storage must be one of {list(_STORAGES)}, got {storage!r}")
-        if storage is not None and dtype != np.float32:
-            raise ValueError(f"storage={storage!r} computes in float32: dtype must be float32, "
-                             f"got {dtype}")
+        dtype, storage = checked_dtype_storage(dtype, storage)
         if on_full not in ("raise", "grow"):
             raise ValueError(f"on_full must be 'raise' or 'grow', got {on_full!r}")
         if window is not None and window > capacity:
@@ -172,9 +199,7 @@ class KVCache:
         if self.storage is None:
             return a
         if self._group == 1:
-            flat = _kernels.widen16(np.ascontiguousarray(a).view(np.uint16).reshape(-1),
-                                    self.storage)
-            return flat.reshape(a.shape)
+            return widened16(a, self.storage)
         rows = np.arange(start, stop)
         if which == "k":  # a scale per channel for each group of rows
             scale = self._ks[:, :, rows // self._group]
@@ -190,15 +215,7 @@ class KVCache:
         and inf and (float16) what overflows."""
         if self.storage is None:
             return a
-        a32 = np.ascontiguousarray(a, np.float32)
-        if not np.isfinite(a32).all():
-            raise ValueError(f"{name} holds NaN or inf: a cache with storage={self.storage!r} "
-                             f"refuses them")
-        bits = _kernels.narrow16(a32.reshape(-1), self.storage).reshape(a32.shape)
-        if self.storage == "float16" and (bits & 0x7c00 == 0x7c00).any():
-            raise ValueError(f"{name} holds values beyond float16's range (65504): a cache "
-                             f"with storage='float16' refuses them")
-        return bits.view(self._store)
+        return narrowed16(name, a, self.storage).view(self._store)
 
     def reset(self):
         """Forget every token (the storage is kept)."""

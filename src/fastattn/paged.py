@@ -27,7 +27,7 @@ from . import _run
 from ._run import last_call
 from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
                           check_threads, check_window, dtype_pair, positive_int)
-from .cache import _STORAGES, _zeros_aligned
+from .cache import _STORAGES, _zeros_aligned, checked_dtype_storage, narrowed16, widened16
 from .varlen import _offsets, _tables
 
 __all__ = ["PagedKVCache"]
@@ -81,18 +81,8 @@ class PagedKVCache:
         block_size = positive_int("block_size", block_size)
         kv_heads = positive_int("kv_heads", kv_heads)
         head_dim = positive_int("head_dim", head_dim)
-        try:
-            dtype = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        if storage not in _PAGED_STORAGES:
-            raise ValueError(f"storage must be one of {list(_PAGED_STORAGES)} for a "
-                             f"PagedKVCache, got {storage!r}")
-        if storage is not None and dtype != np.float32:
-            raise ValueError(f"storage={storage!r} computes in float32: dtype must be float32, "
-                             f"got {dtype}")
+        dtype, storage = checked_dtype_storage(dtype, storage, _PAGED_STORAGES,
+                                               " for a PagedKVCache")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kv_heads, self.head_dim, self.dtype, self.storage = kv_heads, head_dim, dtype, storage
         store = _STORAGES[storage] or dtype
@@ -176,15 +166,7 @@ class PagedKVCache:
                              f"{self.kv_heads}, {self.head_dim}), got {name}.shape={a.shape}")
         if self.storage is None:
             return np.asarray(a, self.dtype)
-        a32 = np.ascontiguousarray(a, np.float32)
-        if not np.isfinite(a32).all():
-            raise ValueError(f"{name} holds NaN or inf: a cache with storage={self.storage!r} "
-                             f"refuses them")
-        bits = _kernels.narrow16(a32.reshape(-1), self.storage).reshape(a32.shape)
-        if self.storage == "float16" and (bits & 0x7c00 == 0x7c00).any():
-            raise ValueError(f"{name} holds values beyond float16's range (65504): a cache "
-                             f"with storage='float16' refuses them")
-        return bits.view(self._k.dtype)
+        return narrowed16(name, a, self.storage).view(self._k.dtype)
 
     def _take(self, after, count):
         """count free blocks for a sequence whose last block is `after` (None: it has
@@ -273,9 +255,7 @@ class PagedKVCache:
         blocks, length = self._seq("seq_id", seq_id)
         rows = pool[:, blocks].transpose(1, 2, 0, 3).reshape(-1, self.kv_heads, self.head_dim)
         rows = rows[:length]
-        if self.storage == "bfloat16":
-            return (rows.astype(np.uint32) << 16).view(np.float32)
-        return rows.astype(np.float32) if self.storage == "float16" else rows.copy()
+        return rows.copy() if self.storage is None else widened16(rows, self.storage)
 
     def keys(self, seq_id):
         """A copy of a sequence's keys, (length, kv_heads, head_dim), as the pool holds
@@ -348,14 +328,9 @@ class PagedKVCache:
         n_threads = check_threads(num_threads)
 
         # The block tables of the batch's sequences, one after another.
-        offsets = np.zeros(len(seqs), np.intp)
-        tables = []
-        at = 0
-        for i, (blocks, _) in enumerate(seqs):
-            offsets[i] = at
-            tables.append(blocks)
-            at += len(blocks)
-        table = np.fromiter((b for blocks in tables for b in blocks), np.intp, at)
+        counts = np.array([len(blocks) for blocks, _ in seqs], np.intp)
+        offsets = np.cumsum(counts) - counts  # where each sequence's block ids start
+        table = np.fromiter((b for blocks, _ in seqs for b in blocks), np.intp, counts.sum())
         n_q = np.diff(cu)
         lengths = np.array([length for _, length in seqs], np.intp)
         q = np.ascontiguousarray(q, compute)
