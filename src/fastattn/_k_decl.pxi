@@ -93,17 +93,22 @@ cdef extern from "fa_microkernels.h" nogil:
     int FA_MICROKERNELS
     int FA_MK_VBYTES
     int FA_MK_KEYS
-    void fa_mk_scores_f(const float *q, Py_ssize_t rows, Py_ssize_t d, const float *kp,
+    int FA_MK_SCORES_N, FA_MK_PV_N
+    const int *fa_mk_scores_mr
+    const int *fa_mk_scores_nv
+    const int *fa_mk_pv_mr
+    const int *fa_mk_pv_nv
+    void fa_mk_scores_f(int block, const float *q, Py_ssize_t rows, Py_ssize_t d, const float *kp,
                         Py_ssize_t n_cols, float *s, Py_ssize_t ld)
-    void fa_mk_scores_d(const double *q, Py_ssize_t rows, Py_ssize_t d, const double *kp,
+    void fa_mk_scores_d(int block, const double *q, Py_ssize_t rows, Py_ssize_t d, const double *kp,
                         Py_ssize_t n_cols, double *s, Py_ssize_t ld)
     int FA_MK_PV_CHUNK
     int FA_MK_PV_NV
     int FA_MK_SCORES_NV
-    void fa_mk_pv_f(const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *vp,
+    void fa_mk_pv_f(int block, const float *p, Py_ssize_t ld_p, Py_ssize_t rows, const float *vp,
                     Py_ssize_t j0, Py_ssize_t n_keys, Py_ssize_t next_keys, Py_ssize_t d_v,
                     float *o)
-    void fa_mk_pv_d(const double *p, Py_ssize_t ld_p, Py_ssize_t rows, const double *vp,
+    void fa_mk_pv_d(int block, const double *p, Py_ssize_t ld_p, Py_ssize_t rows, const double *vp,
                     Py_ssize_t j0, Py_ssize_t n_keys, Py_ssize_t next_keys, Py_ssize_t d_v,
                     double *o)
     int fa_mk_values_in_place_f(Py_ssize_t d_v)

@@ -39,6 +39,7 @@ cdef struct Call:
     Py_ssize_t window                # 0: none
     double scale, softcap            # softcap 0: none
     bint micro                       # tile GEMMs in the micro-kernels (else BLAS)
+    int mk_scores, mk_pv             # ...in these register blocks (the policy's at the call)
     # 16-bit inputs (and float32 ones allowed bfloat16 products), float32 compute only:
     int src_kind                     # what q, k, v hold: FA_SRC_*, or 0 (floating itself)
     Py_ssize_t src_item              # ...bytes per element
@@ -462,7 +463,7 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
                                                 at[SCR_KP_KEYS], k_start, k_rows, buf)
             off = k_start % FA_MK_KEYS
             ld = _round_up(k_start + k_rows, FA_MK_KEYS) - (k_start - off)
-            _mk_scores(qs, q_rows, d_head, kp, ld, s_tile, ld)
+            _mk_scores(c.mk_scores, qs, q_rows, d_head, kp, ld, s_tile, ld)
         else:
             ld = k_rows
             kb, kb_ld = <const floating*> k + k_start * k_ld, k_ld
@@ -491,7 +492,7 @@ cdef void _attend_block(const Call *c, Py_ssize_t w, floating *buf,
                                                       at[SCR_VP_CHUNKS], k_start, k_rows, buf)
                 v_origin = packed.v_from * FA_MK_PV_CHUNK
                 v_next = min(v_next, packed.v_to * FA_MK_PV_CHUNK - k_start - k_rows)
-            _mk_pv(s_tile + off, ld, q_rows, vb, k_start - v_origin, k_rows, max(v_next, 0),
+            _mk_pv(c.mk_pv, s_tile + off, ld, q_rows, vb, k_start - v_origin, k_rows, max(v_next, 0),
                    d_v, o_acc)
         else:
             kb, kb_ld = <const floating*> v + k_start * v_ld, v_ld
@@ -596,6 +597,14 @@ cdef object _call_ragged(Call *c, object ragged):
     return seqs, work
 
 
+cdef inline void _call_blocks(Call *c, floating *kind) noexcept nogil:
+    """Set c's micro-kernel register blocks: the policy's for the compute dtype (kind's)."""
+    if floating is float:
+        c.mk_scores, c.mk_pv = _policy.mk_scores_f, _policy.mk_pv_f
+    else:
+        c.mk_scores, c.mk_pv = _policy.mk_scores_d, _policy.mk_pv_d
+
+
 cdef object _call_options(Call *c, object mask, int mask_kind,
                           const Py_ssize_t[:, ::1] index, bint causal, Py_ssize_t window,
                           double scale, double softcap, object sinks, floating *kind):
@@ -606,6 +615,7 @@ cdef object _call_options(Call *c, object mask, int mask_kind,
     cdef const unsigned char[:, :, ::1] bool_mask
     cdef const floating[::1] sink_view
     c.index = &index[0, 0]
+    _call_blocks(c, kind)
     c.mask_kind, c.causal, c.window, c.scale, c.softcap = mask_kind, causal, window, scale, softcap
     kept = [index]
     if mask_kind == MASK_BOOL:

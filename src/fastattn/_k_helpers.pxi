@@ -83,26 +83,27 @@ cdef inline Py_ssize_t _round_up(Py_ssize_t n, Py_ssize_t multiple) noexcept nog
     return (n + multiple - 1) // multiple * multiple
 
 
-cdef inline void _mk_scores(const floating *q, Py_ssize_t rows, Py_ssize_t d,
+cdef inline void _mk_scores(int block, const floating *q, Py_ssize_t rows, Py_ssize_t d,
                             const floating *kp, Py_ssize_t n_cols, floating *s,
                             Py_ssize_t ld) noexcept nogil:
-    """s (rows x n_cols, stride ld) = q (rows x d) @ k.T, k packed by _pack_keys."""
+    """s (rows x n_cols, stride ld) = q (rows x d) @ k.T, k packed by _pack_keys, in the
+    register block `block` (an index of the build's, mk_blocks())."""
     if floating is float:
-        fa_mk_scores_f(q, rows, d, kp, n_cols, s, ld)
+        fa_mk_scores_f(block, q, rows, d, kp, n_cols, s, ld)
     else:
-        fa_mk_scores_d(q, rows, d, kp, n_cols, s, ld)
+        fa_mk_scores_d(block, q, rows, d, kp, n_cols, s, ld)
 
 
-cdef inline void _mk_pv(const floating *p, Py_ssize_t ld_p, Py_ssize_t rows,
+cdef inline void _mk_pv(int block, const floating *p, Py_ssize_t ld_p, Py_ssize_t rows,
                         const floating *vp, Py_ssize_t j0, Py_ssize_t n_keys,
                         Py_ssize_t next_keys, Py_ssize_t d_v, floating *o) noexcept nogil:
     """o (rows x d_v) += p (rows x n_keys, stride ld_p) @ v[j0:j0 + n_keys], v in the
     chunk layout vp (_pack_values, or v itself where _values_in_place); the next_keys keys
-    after them are in vp too (prefetched)."""
+    after them are in vp too (prefetched). In the register block `block`."""
     if floating is float:
-        fa_mk_pv_f(p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o)
+        fa_mk_pv_f(block, p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o)
     else:
-        fa_mk_pv_d(p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o)
+        fa_mk_pv_d(block, p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o)
 
 
 cdef inline void _pack_keys(const floating *k, Py_ssize_t rows, Py_ssize_t d, Py_ssize_t ldk,
@@ -170,6 +171,14 @@ def build_info():
         "debug_checks": bool(fa_debug_build),
         "max_threads": fa_omp_max_threads(),
     }
+
+
+def mk_blocks():
+    """The register blocks of this build's micro-kernels, {"scores": names, "pv": names},
+    each name "<rows>x<vectors>" at its index (the first: the build's default); empty
+    lists in a build without micro-kernels."""
+    return {"scores": [f"{fa_mk_scores_mr[i]}x{fa_mk_scores_nv[i]}" for i in range(FA_MK_SCORES_N)],
+            "pv": [f"{fa_mk_pv_mr[i]}x{fa_mk_pv_nv[i]}" for i in range(FA_MK_PV_N)]}
 
 
 def max_threads():

@@ -20,6 +20,10 @@ cdef struct Policy:
     Py_ssize_t lanes_f          # vector lanes of float32 tiles' micro-kernels (0: BLAS)
     Py_ssize_t lanes_d          # ...of float64 tiles'
     int engine                  # the matrix engine of bfloat16 tiles (ENGINES; 0: none)
+    int mk_scores_f             # the register block of float32 tiles' scores (mk_blocks())
+    int mk_pv_f                 # ...of their P V
+    int mk_scores_d             # ...of float64 tiles' scores
+    int mk_pv_d                 # ...of their P V
 
 cdef Policy _policy
 _SRC_KINDS = {"bfloat16": FA_SRC_BF16, "float16": FA_SRC_F16, "float32": FA_SRC_F32}
@@ -39,6 +43,12 @@ _policy.softmax_serial = 100_000
 _policy.lanes_f = FA_MK_VBYTES // 4
 _policy.lanes_d = FA_MK_VBYTES // 8
 _policy.engine = FA_ENGINE_NONE  # fastattn._plan chooses this CPU's at import (engines())
+# The build's first register blocks; fastattn._plan chooses this CPU's at import (its
+# tuning, the CPU table, or FASTATTN_MK). All give the same bits.
+_policy.mk_scores_f = 0
+_policy.mk_pv_f = 0
+_policy.mk_scores_d = 0
+_policy.mk_pv_d = 0
 
 # The build's own micro-kernel lanes (0: none), the only values lanes_f / lanes_d may take
 # besides 0.
@@ -72,6 +82,11 @@ def set_policy(**values):
             ENGINES[new["engine"]] if new["engine"] in range(len(ENGINES)) else None) != "ok":
         raise ValueError(f"set_policy: engine {new['engine']!r} cannot run here: "
                          f"{engines()}")
+    for name, count in (("mk_scores_f", FA_MK_SCORES_N), ("mk_scores_d", FA_MK_SCORES_N),
+                        ("mk_pv_f", FA_MK_PV_N), ("mk_pv_d", FA_MK_PV_N)):
+        if new[name] not in range(max(count, 1)):
+            raise ValueError(f"set_policy: {name} must be the index of one of this build's "
+                             f"register blocks {mk_blocks()}, got {new[name]!r}")
     for name in ("serial_flops", "blas_serial_mnk", "softmax_serial"):
         if not new[name] >= 0:
             raise ValueError(f"set_policy: {name} must be >= 0, got {new[name]!r}")
@@ -86,6 +101,10 @@ def set_policy(**values):
     _policy.lanes_f = new["lanes_f"]
     _policy.lanes_d = new["lanes_d"]
     _policy.engine = new["engine"]
+    _policy.mk_scores_f = new["mk_scores_f"]
+    _policy.mk_pv_f = new["mk_pv_f"]
+    _policy.mk_scores_d = new["mk_scores_d"]
+    _policy.mk_pv_d = new["mk_pv_d"]
     return {name: current[name] for name in values}
 
 

@@ -104,6 +104,10 @@ def small_attention(object q, object k, object v, bint causal, Py_ssize_t window
         c.q, c.k, c.v, c.index, c.out, c.lse = qb.buf, kb.buf, vb.buf, index, ob.buf, lse
         c.mask_kind, c.causal, c.scale, c.micro = MASK_NONE, causal, c_scale, micro
         c.src_item = itemsize
+        if itemsize == 4:
+            _call_blocks(&c, <float*> NULL)
+        else:
+            _call_blocks(&c, <double*> NULL)
         with nogil:
             if itemsize == 4:
                 team = _attention_run(&c, <float*> NULL, 1, 0, -1)

@@ -8,11 +8,12 @@
  * Design, after BLIS's haswell/skx kernels: an MR x NV register block of accumulators
  * (NV vectors of W lanes across, MR rows down) is updated once per step of the inner
  * dimension by NV contiguous vector loads and MR scalar broadcasts taken straight from
- * memory (vbroadcastss/sd m, a load-port op). The block is chosen from the register file:
- *   AVX2, 16 ymm:    6 x 2 (12 accumulators, 2 loads, 1 broadcast: 15 registers);
- *   AVX-512, 32 zmm: scores 8 x 2, P V 4 x 4 (16 accumulators).
- * 12-16 independent FMA chains cover the FMA latency (4-5 cycles) x 2 FMA ports of both
- * vendors' cores. Broadcasting as `(vec){0} + x` instead costs a scalar add and a register
+ * memory (vbroadcastss/sd m, a load-port op). Several blocks are compiled per build (the
+ * list below); the defaults, AVX2 6 x 2 (12 accumulators, 2 loads, 1 broadcast: 15
+ * registers) and AVX-512 scores 8 x 2, P V 4 x 4 (16 accumulators), were tuned on EPYCs:
+ * 12-16 independent FMA chains cover the FMA latency (4-5 cycles) x 2 FMA ports of AMD's
+ * cores, while Intel's best kernels hold 24-28 (BLIS skx, OpenBLAS SkylakeX), so which
+ * runs is chosen per machine (`python -m fastattn tune`), and all give the same bits. Broadcasting as `(vec){0} + x` instead costs a scalar add and a register
  * broadcast per row and step, which on Intel compete with the FMAs for ports 0 and 5.
  * Rows left over from MR run in a block of their own height (a switch on a constant, so
  * each height compiles to its own unrolled loop), never one row at a time. Against BLAS,
@@ -41,21 +42,46 @@
 #define FA_MICROKERNELS 1
 
 #define FA_MK_VBYTES FA_VBYTES
+/* The register blocks compiled, as X(index, rows MR, vectors NV), index 0 the build's
+ * default; which one a call runs is the policy's (mk_scores_f/d, mk_pv_f/d: the tuning
+ * file, the CPU table in fastattn._plan, or FASTATTN_MK). The packed layouts do not depend
+ * on the block: keys in panels of FA_MK_SCORES_NV vectors (a block of more vectors spans
+ * whole panels), values in bands of FA_MK_PV_NV vectors (a block of fewer runs each part
+ * of the band in turn). AVX-512 has 32 registers: up to 28 accumulators beside the NV
+ * loads and a broadcast (14 x 2 for the scores, after BLIS's skx kernels' 24-28; 6 x 4
+ * for P V). AVX2 has 16: up to 12. */
 #if defined(__AVX512F__)
-#define FA_MK_SCORES_MR 8
 #define FA_MK_SCORES_NV 2
-#define FA_MK_PV_MR 4
 #define FA_MK_PV_NV 4
+#define FA_MK_SCORES_BLOCKS(X) X(0, 8, 2) X(1, 12, 2) X(2, 14, 2) X(3, 6, 4)
+#define FA_MK_PV_BLOCKS(X) X(0, 4, 4) X(1, 8, 2) X(2, 6, 4) X(3, 12, 2)
 #define FA_MK_BCAST_f(p) ((fa_mkv_f)_mm512_set1_ps(*(p)))
 #define FA_MK_BCAST_d(p) ((fa_mkv_d)_mm512_set1_pd(*(p)))
 #else
-#define FA_MK_SCORES_MR 6
 #define FA_MK_SCORES_NV 2
-#define FA_MK_PV_MR 6
 #define FA_MK_PV_NV 2
+#define FA_MK_SCORES_BLOCKS(X) X(0, 6, 2) X(1, 4, 2) X(2, 12, 1)
+#define FA_MK_PV_BLOCKS(X) X(0, 6, 2) X(1, 4, 2) X(2, 12, 1)
 #define FA_MK_BCAST_f(p) ((fa_mkv_f)_mm256_broadcast_ss(p))
 #define FA_MK_BCAST_d(p) ((fa_mkv_d)_mm256_broadcast_sd(p))
 #endif
+/* The largest block's rows and vectors (the accumulator arrays' bounds). */
+#define FA_MK_MAX_MR 14
+#define FA_MK_MAX_NV 4
+
+/* The blocks' shapes, for the policy's checks and the probe's names. */
+#define FA_MK_ROWS_(i, mr, nv) mr,
+#define FA_MK_VECS_(i, mr, nv) nv,
+#define FA_MK_ONE_(i, mr, nv) +1
+static const int fa_mk_scores_mr[] = {FA_MK_SCORES_BLOCKS(FA_MK_ROWS_)};
+static const int fa_mk_scores_nv[] = {FA_MK_SCORES_BLOCKS(FA_MK_VECS_)};
+static const int fa_mk_pv_mr[] = {FA_MK_PV_BLOCKS(FA_MK_ROWS_)};
+static const int fa_mk_pv_nv[] = {FA_MK_PV_BLOCKS(FA_MK_VECS_)};
+enum { FA_MK_SCORES_N = 0 FA_MK_SCORES_BLOCKS(FA_MK_ONE_),
+       FA_MK_PV_N = 0 FA_MK_PV_BLOCKS(FA_MK_ONE_) };
+#undef FA_MK_ROWS_
+#undef FA_MK_VECS_
+#undef FA_MK_ONE_
 
 /* Keys per chunk of the values' layout, and per run of P V: FA_MK_PV_KC_BYTES of a band of
  * FA_MK_PV_NV vectors (a band of one vector, for the columns left over, runs as long). */
@@ -131,8 +157,9 @@ static inline __attribute__((always_inline)) void fa_mk_prefetch_lines(
         __builtin_prefetch((const char *)next + 64 * l, 0, 3);
 }
 
-_Static_assert(FA_MK_SCORES_MR <= 8 && FA_MK_PV_MR <= 8,
-               "the left-over rows switch handles register blocks of up to 8 rows");
+/* (Every block's rows <= FA_MK_MAX_MR <= 14, the left-over split's bound; a scores block's
+ * vectors divide FA_MK_SCORES_NV or are whole panels of it, a P V block's divide
+ * FA_MK_PV_NV: the kernels rely on both.) */
 
 #else  /* no micro-kernels in this build: never called (FA_MICROKERNELS 0) */
 #define FA_MICROKERNELS 0
@@ -141,6 +168,11 @@ _Static_assert(FA_MK_SCORES_MR <= 8 && FA_MK_PV_MR <= 8,
 #define FA_MK_PV_CHUNK 1
 #define FA_MK_PV_NV 1
 #define FA_MK_SCORES_NV 1
+static const int fa_mk_scores_mr[] = {0};
+static const int fa_mk_scores_nv[] = {0};
+static const int fa_mk_pv_mr[] = {0};
+static const int fa_mk_pv_nv[] = {0};
+enum { FA_MK_SCORES_N = 0, FA_MK_PV_N = 0 };
 #endif
 
 /* Identifiers of one dtype's micro-kernels: FA_FN(fa_mk_scores_) is fa_mk_scores_f where

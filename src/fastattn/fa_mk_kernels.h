@@ -12,65 +12,111 @@ typedef FA_T FA_FN(fa_mkv_) __attribute__((vector_size(FA_MK_VBYTES)));
 typedef FA_T FA_FN(fa_mkvu_) __attribute__((vector_size(FA_MK_VBYTES), aligned(sizeof(FA_T))));
 enum { FA_FN(FA_MK_W_) = FA_MK_VBYTES / sizeof(FA_T) };
 
-/* s[r][j] = sum_t q[r][t] kp[t][j] for r < mr, j < NV W: one register block; kp is one
- * packed key panel (d x NV W, contiguous). */
+/* s[r][j] = sum_t q[r][t] kp[t][j] for r < mr and the nv vectors of columns from vector
+ * g0 of the packed key panels kp (each d x PNV W, contiguous; the block lies within one
+ * panel when nv <= PNV, and spans nv / PNV whole panels from g0 otherwise). */
 static inline __attribute__((always_inline)) void FA_FN(fa_mk_scores_block_)(
-    const int mr, const FA_T *q, ptrdiff_t d, const FA_T *kp, FA_T *s, ptrdiff_t ld)
+    const int mr, const int nv, const FA_T *q, ptrdiff_t d, const FA_T *kp, ptrdiff_t g0,
+    FA_T *s, ptrdiff_t ld)
 {
-    enum { W = FA_FN(FA_MK_W_), NV = FA_MK_SCORES_NV };
-    FA_FN(fa_mkv_) c[8][NV];  /* mr <= 8 rows used */
+    enum { W = FA_FN(FA_MK_W_), PNV = FA_MK_SCORES_NV, KR = PNV * W };
+    const FA_T *base = kp + g0 / PNV * KR * d + g0 % PNV * W;
+    FA_FN(fa_mkv_) c[FA_MK_MAX_MR][FA_MK_MAX_NV];  /* mr x nv used */
     for (int r = 0; r < mr; r++)
-        for (int u = 0; u < NV; u++) c[r][u] = (FA_FN(fa_mkv_)){0};
+        for (int u = 0; u < nv; u++) c[r][u] = (FA_FN(fa_mkv_)){0};
     for (ptrdiff_t t = 0; t < d; t++) {
-        FA_FN(fa_mkv_) b[NV];
-        for (int u = 0; u < NV; u++) b[u] = *(const FA_FN(fa_mkvu_) *)(kp + (t * NV + u) * W);
+        FA_FN(fa_mkv_) b[FA_MK_MAX_NV];
+        for (int u = 0; u < nv; u++)
+            b[u] = *(const FA_FN(fa_mkvu_) *)(base + u / PNV * KR * d + u % PNV * W + t * KR);
         for (int r = 0; r < mr; r++) {
             const FA_FN(fa_mkv_) a = FA_FN(FA_MK_BCAST_)(q + r * d + t);
-            for (int u = 0; u < NV; u++) c[r][u] += a * b[u];
+            for (int u = 0; u < nv; u++) c[r][u] += a * b[u];
         }
     }
     for (int r = 0; r < mr; r++)
-        for (int u = 0; u < NV; u++) *(FA_FN(fa_mkvu_) *)(s + r * ld + u * W) = c[r][u];
+        for (int u = 0; u < nv; u++)
+            *(FA_FN(fa_mkvu_) *)(s + r * ld + (g0 + u) * W) = c[r][u];
+}
+
+/* The rows left over from a register block of MR rows (fewer than MR <= 14), as blocks of
+ * at most 7 rows, each of its height (a switch on constants: each height compiles to its
+ * own unrolled loop), never one row at a time. */
+#define FA_MK_LEFTOVER(block, left, ...)                                         \
+    for (int h_left_ = (left), h_; h_left_ > 0; h_left_ -= h_) {                \
+        h_ = h_left_ <= 7 ? h_left_ : (h_left_ + 1) / 2;                        \
+        switch (h_) {                                                            \
+        case 7: block(7, __VA_ARGS__); break;                                    \
+        case 6: block(6, __VA_ARGS__); break;                                    \
+        case 5: block(5, __VA_ARGS__); break;                                    \
+        case 4: block(4, __VA_ARGS__); break;                                    \
+        case 3: block(3, __VA_ARGS__); break;                                    \
+        case 2: block(2, __VA_ARGS__); break;                                    \
+        default: block(1, __VA_ARGS__); break;                                   \
+        }                                                                        \
+        i0 += h_;                                                                \
+    }
+
+/* Every row of q against the nv column vectors from g0, in blocks of MR rows. */
+static inline __attribute__((always_inline)) void FA_FN(fa_mk_scores_cols_)(
+    const int MR, const int nv, const FA_T *q, ptrdiff_t rows, ptrdiff_t d, const FA_T *kp,
+    ptrdiff_t g0, FA_T *s, ptrdiff_t ld)
+{
+#define FA_MK_SCORES_ROWS_(h, nv_) \
+    FA_FN(fa_mk_scores_block_)(h, nv_, q + i0 * d, d, kp, g0, s + i0 * ld, ld)
+    ptrdiff_t i0 = 0;
+    for (; i0 + MR <= rows; i0 += MR) FA_MK_SCORES_ROWS_(MR, nv);
+    FA_MK_LEFTOVER(FA_MK_SCORES_ROWS_, rows - i0, nv)
+#undef FA_MK_SCORES_ROWS_
 }
 
 /* s[i][j] = sum_t q[i][t] k[j][t] for i < rows, j < n_cols (a multiple of FA_MK_KEYS):
  * q is (rows x d) row-major, kp the key block packed by fa_pack_keys, s has row stride
- * ld. */
-static inline void FA_FN(fa_mk_scores_)(const FA_T *q, ptrdiff_t rows, ptrdiff_t d,
-                                         const FA_T *kp, ptrdiff_t n_cols, FA_T *s, ptrdiff_t ld)
+ * ld; in register blocks of MR rows x NV vectors (the vectors left over from NV, whole
+ * panels, in blocks of one panel). */
+static inline __attribute__((always_inline)) void FA_FN(fa_mk_scores_mrnv_)(
+    const int MR, const int NV, const FA_T *q, ptrdiff_t rows, ptrdiff_t d, const FA_T *kp,
+    ptrdiff_t n_cols, FA_T *s, ptrdiff_t ld)
 {
-    enum { MR = FA_MK_SCORES_MR, KR = FA_MK_SCORES_NV * FA_FN(FA_MK_W_) };
-    for (ptrdiff_t j0 = 0; j0 < n_cols; j0 += KR) {
-        const FA_T *panel = kp + j0 * d;
-        ptrdiff_t i0 = 0;
-        for (; i0 + MR <= rows; i0 += MR)
-            FA_FN(fa_mk_scores_block_)(MR, q + i0 * d, d, panel, s + i0 * ld + j0, ld);
-        switch (rows - i0) {  /* the rows left over, as one block of their height */
-        case 7: FA_FN(fa_mk_scores_block_)(7, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break;
-        case 6: FA_FN(fa_mk_scores_block_)(6, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break;
-        case 5: FA_FN(fa_mk_scores_block_)(5, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break;
-        case 4: FA_FN(fa_mk_scores_block_)(4, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break;
-        case 3: FA_FN(fa_mk_scores_block_)(3, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break;
-        case 2: FA_FN(fa_mk_scores_block_)(2, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break;
-        case 1: FA_FN(fa_mk_scores_block_)(1, q + i0 * d, d, panel, s + i0 * ld + j0, ld); break;
-        default: break;
-        }
-    }
+    enum { PNV = FA_MK_SCORES_NV };
+    const ptrdiff_t vectors = n_cols / FA_FN(FA_MK_W_);
+    ptrdiff_t g0 = 0;
+    for (; g0 + NV <= vectors; g0 += NV)
+        FA_FN(fa_mk_scores_cols_)(MR, NV, q, rows, d, kp, g0, s, ld);
+    if (NV > PNV)
+        for (; g0 < vectors; g0 += PNV)
+            FA_FN(fa_mk_scores_cols_)(MR, PNV, q, rows, d, kp, g0, s, ld);
 }
 
-/* o[r][c] += sum_j p[r][j] vp[j][c] for r < mr, c < nv W: one register block; vp is one
- * packed band of values (n_keys x nv W, contiguous), o already offset to its column. */
+/* fa_mk_scores_mrnv_ with the register block `block` of FA_MK_SCORES_BLOCKS (out of range:
+ * the first, the default). Every block gives the same bits: each score sums its d
+ * products in order, whichever block holds its accumulator. */
+static inline void FA_FN(fa_mk_scores_)(int block, const FA_T *q, ptrdiff_t rows, ptrdiff_t d,
+                                         const FA_T *kp, ptrdiff_t n_cols, FA_T *s, ptrdiff_t ld)
+{
+    switch (block) {
+#define FA_MK_CASE_(i, mr, nv) \
+    case i: FA_FN(fa_mk_scores_mrnv_)(mr, nv, q, rows, d, kp, n_cols, s, ld); return;
+    FA_MK_SCORES_BLOCKS(FA_MK_CASE_)
+#undef FA_MK_CASE_
+    default: break;
+    }
+    FA_FN(fa_mk_scores_)(0, q, rows, d, kp, n_cols, s, ld);
+}
+
+/* o[r][c] += sum_j p[r][j] vp[j][c] for r < mr, c < nv W: one register block; vp is nv
+ * vectors of columns of a packed band of values bw vectors wide (n_keys x bw W,
+ * contiguous), o already offset to its column. */
 static inline __attribute__((always_inline)) void FA_FN(fa_mk_pv_block_)(
-    const int mr, const int nv, const FA_T *p, ptrdiff_t ld_p, const FA_T *vp, ptrdiff_t n_keys,
-    ptrdiff_t d_v, FA_T *o)
+    const int mr, const int nv, const int bw, const FA_T *p, ptrdiff_t ld_p, const FA_T *vp,
+    ptrdiff_t n_keys, ptrdiff_t d_v, FA_T *o)
 {
     enum { W = FA_FN(FA_MK_W_) };
-    FA_FN(fa_mkv_) c[8][FA_MK_PV_NV];  /* mr <= 8 rows, nv <= NV vectors used */
+    FA_FN(fa_mkv_) c[FA_MK_MAX_MR][FA_MK_MAX_NV];  /* mr x nv used */
     for (int r = 0; r < mr; r++)
         for (int u = 0; u < nv; u++) c[r][u] = *(const FA_FN(fa_mkvu_) *)(o + r * d_v + u * W);
     for (ptrdiff_t j = 0; j < n_keys; j++) {
-        FA_FN(fa_mkv_) b[FA_MK_PV_NV];
-        for (int u = 0; u < nv; u++) b[u] = *(const FA_FN(fa_mkvu_) *)(vp + (j * nv + u) * W);
+        FA_FN(fa_mkv_) b[FA_MK_MAX_NV];
+        for (int u = 0; u < nv; u++) b[u] = *(const FA_FN(fa_mkvu_) *)(vp + (j * bw + u) * W);
         for (int r = 0; r < mr; r++) {
             const FA_FN(fa_mkv_) a = FA_FN(FA_MK_BCAST_)(p + r * ld_p + j);
             for (int u = 0; u < nv; u++) c[r][u] += a * b[u];
@@ -80,31 +126,30 @@ static inline __attribute__((always_inline)) void FA_FN(fa_mk_pv_block_)(
         for (int u = 0; u < nv; u++) *(FA_FN(fa_mkvu_) *)(o + r * d_v + u * W) = c[r][u];
 }
 
-/* One column band of nv vectors and a run of keys: every row, in blocks of MR and then
- * the rows left. */
+/* One column band of bw vectors and a run of keys: each nv vectors of it (nv divides bw)
+ * for every row, in blocks of MR and then the rows left; the register blocks of the run
+ * share the prefetch of the next run (next_lines lines at next, or NULL) between them. */
 static inline __attribute__((always_inline)) void FA_FN(fa_mk_pv_run_)(
-    const int nv, const FA_T *p, ptrdiff_t ld_p, ptrdiff_t rows, const FA_T *v, ptrdiff_t n_keys,
-    ptrdiff_t d_v, FA_T *o, const FA_T *next, ptrdiff_t next_lines)
+    const int MR, const int nv, const int bw, const FA_T *p, ptrdiff_t ld_p, ptrdiff_t rows,
+    const FA_T *v, ptrdiff_t n_keys, ptrdiff_t d_v, FA_T *o, const FA_T *next,
+    ptrdiff_t next_lines)
 {
-    enum { MR = FA_MK_PV_MR };
-    /* each full register block prefetches its share, per lines, of the next run */
-    const ptrdiff_t blocks = rows / MR;
+    enum { W = FA_FN(FA_MK_W_) };
+    const ptrdiff_t blocks = rows / MR * (bw / nv);
     const ptrdiff_t per = next != NULL && blocks > 0 ? (next_lines + blocks - 1) / blocks : 0;
-    ptrdiff_t i0 = 0, line = 0;
-    for (; i0 + MR <= rows; i0 += MR, line += per) {
-        fa_mk_prefetch_lines(next, line, line + per < next_lines ? line + per : next_lines);
-        FA_FN(fa_mk_pv_block_)(MR, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v);
+    ptrdiff_t line = 0;
+#define FA_MK_PV_ROWS_(h, u0_) \
+    FA_FN(fa_mk_pv_block_)(h, nv, bw, p + i0 * ld_p, ld_p, v + (u0_) * W, n_keys, d_v, \
+                           o + i0 * d_v + (u0_) * W)
+    for (int u0 = 0; u0 < bw; u0 += nv) {
+        ptrdiff_t i0 = 0;
+        for (; i0 + MR <= rows; i0 += MR, line += per) {
+            fa_mk_prefetch_lines(next, line, line + per < next_lines ? line + per : next_lines);
+            FA_MK_PV_ROWS_(MR, u0);
+        }
+        FA_MK_LEFTOVER(FA_MK_PV_ROWS_, rows - i0, u0)
     }
-    switch (rows - i0) {
-    case 7: FA_FN(fa_mk_pv_block_)(7, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break;
-    case 6: FA_FN(fa_mk_pv_block_)(6, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break;
-    case 5: FA_FN(fa_mk_pv_block_)(5, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break;
-    case 4: FA_FN(fa_mk_pv_block_)(4, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break;
-    case 3: FA_FN(fa_mk_pv_block_)(3, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break;
-    case 2: FA_FN(fa_mk_pv_block_)(2, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break;
-    case 1: FA_FN(fa_mk_pv_block_)(1, nv, p + i0 * ld_p, ld_p, v, n_keys, d_v, o + i0 * d_v); break;
-    default: break;
-    }
+#undef FA_MK_PV_ROWS_
 }
 
 /* Where key j's values of the band at column c0 (nv vectors wide) are in the chunk
@@ -129,14 +174,14 @@ static inline const FA_T *FA_FN(fa_mk_pv_first_run_)(const FA_T *vp, ptrdiff_t j
     return c0 < d_v && n > 0 ? FA_FN(fa_mk_pv_at_)(vp, j, c0, nv, d_v) : NULL;
 }
 
-/* One column band of nv vectors at column c0, keys [j0, j0 + n_keys) of the chunk
- * layout vp: every row, in blocks of MR and then the rows left, for each run of the
- * band's keys within one chunk in turn, each run prefetching the next one, and the last
- * `next` (next_lines lines: the next band's first run, or NULL). */
+/* One column band of bw vectors at column c0, keys [j0, j0 + n_keys) of the chunk
+ * layout vp: for each run of the band's keys within one chunk in turn, every row in
+ * register blocks of MR rows x nv vectors (fa_mk_pv_run_), each run prefetching the next
+ * one, and the last `next` (next_lines lines: the next band's first run, or NULL). */
 static inline __attribute__((always_inline)) void FA_FN(fa_mk_pv_band_)(
-    const int nv, const FA_T *p, ptrdiff_t ld_p, ptrdiff_t rows, const FA_T *vp, ptrdiff_t c0,
-    ptrdiff_t j0, ptrdiff_t n_keys, ptrdiff_t d_v, FA_T *o, const FA_T *next_band,
-    ptrdiff_t next_band_lines)
+    const int MR, const int nv, const int bw, const FA_T *p, ptrdiff_t ld_p, ptrdiff_t rows,
+    const FA_T *vp, ptrdiff_t c0, ptrdiff_t j0, ptrdiff_t n_keys, ptrdiff_t d_v, FA_T *o,
+    const FA_T *next_band, ptrdiff_t next_band_lines)
 {
     enum { CH = FA_MK_PV_CHUNK };
     const ptrdiff_t end = j0 + n_keys;
@@ -145,11 +190,11 @@ static inline __attribute__((always_inline)) void FA_FN(fa_mk_pv_band_)(
         const FA_T *next = next_band;
         ptrdiff_t lines = next_band_lines;
         if (j1 < end) {
-            next = FA_FN(fa_mk_pv_at_)(vp, j1, c0, nv, d_v);
-            lines = (end - j1 < CH ? end - j1 : CH) * nv * FA_MK_VBYTES / 64;
+            next = FA_FN(fa_mk_pv_at_)(vp, j1, c0, bw, d_v);
+            lines = (end - j1 < CH ? end - j1 : CH) * bw * FA_MK_VBYTES / 64;
         }
-        FA_FN(fa_mk_pv_run_)(nv, p + (j - j0), ld_p, rows,
-                              FA_FN(fa_mk_pv_at_)(vp, j, c0, nv, d_v), j1 - j, d_v,
+        FA_FN(fa_mk_pv_run_)(MR, nv, bw, p + (j - j0), ld_p, rows,
+                              FA_FN(fa_mk_pv_at_)(vp, j, c0, bw, d_v), j1 - j, d_v,
                               o + c0, next, lines);
         j = j1;
     }
@@ -157,29 +202,49 @@ static inline __attribute__((always_inline)) void FA_FN(fa_mk_pv_band_)(
 
 /* o[i][c] += sum_j p[i][j] v[j0 + j][c] for i < rows, j < n_keys, c < d_v (a multiple
  * of W): p has row stride ld_p, v is the chunk layout vp (fa_pack_values) counted from
- * its chunk 0, o (rows x d_v) row-major. Bands of NV vectors of columns, then of one
- * vector for the columns left. next_keys (>= 0): how many keys after the block are in
- * vp too (the next block's, whose first run is prefetched during this block's last). */
-static inline void FA_FN(fa_mk_pv_)(const FA_T *p, ptrdiff_t ld_p, ptrdiff_t rows, const FA_T *vp,
-                                     ptrdiff_t j0, ptrdiff_t n_keys, ptrdiff_t next_keys,
-                                     ptrdiff_t d_v, FA_T *o)
+ * its chunk 0, o (rows x d_v) row-major. Bands of FA_MK_PV_NV vectors of columns, then
+ * of one vector for the columns left, in register blocks of MR rows x NV vectors (NV
+ * divides FA_MK_PV_NV; one vector in the band of one). next_keys (>= 0): how many keys
+ * after the block are in vp too (the next block's, whose first run is prefetched during
+ * this block's last). */
+static inline __attribute__((always_inline)) void FA_FN(fa_mk_pv_mrnv_)(
+    const int MR, const int NV, const FA_T *p, ptrdiff_t ld_p, ptrdiff_t rows, const FA_T *vp,
+    ptrdiff_t j0, ptrdiff_t n_keys, ptrdiff_t next_keys, ptrdiff_t d_v, FA_T *o)
 {
-    enum { W = FA_FN(FA_MK_W_), NV = FA_MK_PV_NV };
+    enum { W = FA_FN(FA_MK_W_), BW = FA_MK_PV_NV };
     ptrdiff_t c0 = 0, lines;
     const FA_T *next;
-    /* (nv a constant in each loop, so that each block compiles to its own unrolled loop) */
-    for (; c0 + NV * W <= d_v; c0 += NV * W) {
-        next = c0 + NV * W < d_v
-            ? FA_FN(fa_mk_pv_first_run_)(vp, j0, n_keys, c0 + NV * W, d_v, &lines)
+    for (; c0 + BW * W <= d_v; c0 += BW * W) {
+        next = c0 + BW * W < d_v
+            ? FA_FN(fa_mk_pv_first_run_)(vp, j0, n_keys, c0 + BW * W, d_v, &lines)
             : FA_FN(fa_mk_pv_first_run_)(vp, j0 + n_keys, next_keys, 0, d_v, &lines);
-        FA_FN(fa_mk_pv_band_)(NV, p, ld_p, rows, vp, c0, j0, n_keys, d_v, o, next, lines);
+        FA_FN(fa_mk_pv_band_)(MR, NV, BW, p, ld_p, rows, vp, c0, j0, n_keys, d_v, o, next,
+                              lines);
     }
     for (; c0 < d_v; c0 += W) {
         next = c0 + W < d_v
             ? FA_FN(fa_mk_pv_first_run_)(vp, j0, n_keys, c0 + W, d_v, &lines)
             : FA_FN(fa_mk_pv_first_run_)(vp, j0 + n_keys, next_keys, 0, d_v, &lines);
-        FA_FN(fa_mk_pv_band_)(1, p, ld_p, rows, vp, c0, j0, n_keys, d_v, o, next, lines);
+        FA_FN(fa_mk_pv_band_)(MR, 1, 1, p, ld_p, rows, vp, c0, j0, n_keys, d_v, o, next, lines);
     }
+}
+
+/* fa_mk_pv_mrnv_ with the register block `block` of FA_MK_PV_BLOCKS (out of range: the
+ * first, the default). Every block gives the same bits: each output adds its keys'
+ * products in order, whichever block holds its accumulator between runs. */
+static inline void FA_FN(fa_mk_pv_)(int block, const FA_T *p, ptrdiff_t ld_p, ptrdiff_t rows,
+                                     const FA_T *vp, ptrdiff_t j0, ptrdiff_t n_keys,
+                                     ptrdiff_t next_keys, ptrdiff_t d_v, FA_T *o)
+{
+    switch (block) {
+#define FA_MK_CASE_(i, mr, nv) \
+    case i: FA_FN(fa_mk_pv_mrnv_)(mr, nv, p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o); \
+        return;
+    FA_MK_PV_BLOCKS(FA_MK_CASE_)
+#undef FA_MK_CASE_
+    default: break;
+    }
+    FA_FN(fa_mk_pv_)(0, p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o);
 }
 
 /* The chunk layout of a head's values, which fa_mk_pv reads: keys in chunks of
@@ -251,13 +316,13 @@ static inline void FA_FN(fa_pack_keys_)(const FA_T *k, ptrdiff_t rows, ptrdiff_t
 
 #else  /* no micro-kernels in this build: never called (FA_MICROKERNELS 0) */
 
-static inline void FA_FN(fa_mk_scores_)(const FA_T *q, ptrdiff_t rows, ptrdiff_t d,
+static inline void FA_FN(fa_mk_scores_)(int block, const FA_T *q, ptrdiff_t rows, ptrdiff_t d,
                                         const FA_T *kp, ptrdiff_t n_cols, FA_T *s, ptrdiff_t ld)
-{ (void)q; (void)rows; (void)d; (void)kp; (void)n_cols; (void)s; (void)ld; }
-static inline void FA_FN(fa_mk_pv_)(const FA_T *p, ptrdiff_t ld_p, ptrdiff_t rows,
+{ (void)block; (void)q; (void)rows; (void)d; (void)kp; (void)n_cols; (void)s; (void)ld; }
+static inline void FA_FN(fa_mk_pv_)(int block, const FA_T *p, ptrdiff_t ld_p, ptrdiff_t rows,
                                     const FA_T *vp, ptrdiff_t j0, ptrdiff_t n_keys,
                                     ptrdiff_t next_keys, ptrdiff_t d_v, FA_T *o)
-{ (void)p; (void)ld_p; (void)rows; (void)vp; (void)j0; (void)n_keys; (void)next_keys;
+{ (void)block; (void)p; (void)ld_p; (void)rows; (void)vp; (void)j0; (void)n_keys; (void)next_keys;
   (void)d_v; (void)o; }
 static inline int FA_FN(fa_mk_values_in_place_)(ptrdiff_t d_v) { (void)d_v; return 1; }
 static inline void FA_FN(fa_pack_keys_)(const FA_T *k, ptrdiff_t rows, ptrdiff_t d,
