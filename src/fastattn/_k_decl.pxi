@@ -12,6 +12,7 @@ from libc.stdint cimport int8_t, uint8_t, uint16_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 import numpy as _np
+from time import perf_counter as _perf_counter
 
 cdef extern from "<stdlib.h>" nogil:
     void *aligned_alloc(size_t alignment, size_t size)  # C11; size a multiple of alignment

@@ -96,3 +96,66 @@ def widen16(const uint16_t[::1] bits, str kind):
     if bits.shape[0]:
         fa_lp_widen_scaled(&bits[0], _SRC_KINDS[kind], bits.shape[0], 1.0, &r[0])
     return result
+
+
+# --------------------------------------------------------------------------- micro-kernels
+
+cdef floating *_aligned_view(object array, floating *kind):
+    """The 64-byte aligned start of a uint8 array (64 bytes over), as floating."""
+    cdef unsigned char[::1] bytes_ = array
+    cdef size_t at = <size_t> &bytes_[0]
+    return <floating*> (<char*> &bytes_[0] + ((64 - at % 64) % 64))
+
+
+cdef object _probe_run(floating *kind, bint pv, int block, Py_ssize_t rows,
+                       Py_ssize_t n_keys, Py_ssize_t d, Py_ssize_t reps):
+    cdef Py_ssize_t item = sizeof(floating), i, r
+    cdef Py_ssize_t n_cols = _round_up(n_keys, FA_MK_KEYS)
+    rng = _np.random.default_rng(0)
+    # q (rows x d) or p (rows x n_keys), the keys packed (n_cols x d) or the values in the
+    # chunk layout (n_keys x d), and the scores (rows x n_cols) or output (rows x d)
+    a_n = rows * (n_keys if pv else d)
+    b_n = (n_keys if pv else n_cols) * d
+    c_n = rows * (d if pv else n_cols)
+    arrays = [_np.zeros(n * item + 64, _np.uint8) for n in (a_n, b_n, c_n)]
+    source = rng.standard_normal(max(a_n, n_keys * d)).astype(
+        _np.float32 if floating is float else _np.float64)
+    cdef const floating[::1] src = source
+    cdef floating *a = _aligned_view(arrays[0], kind)
+    cdef floating *b = _aligned_view(arrays[1], kind)
+    cdef floating *c = _aligned_view(arrays[2], kind)
+    for i in range(a_n):
+        a[i] = src[i] * 0.125
+    if pv:
+        _pack_values(&src[0], n_keys, d, d, b, 0, (n_keys + FA_MK_PV_CHUNK - 1) // FA_MK_PV_CHUNK)
+    else:
+        _pack_keys(&src[0], n_keys, d, d, b, n_cols)
+    for r in range(reps + 1):  # one run to warm, then reps timed
+        if r == 1:
+            start = _perf_counter()
+        with nogil:
+            if pv:
+                _mk_pv(block, a, n_keys, rows, b, 0, n_keys, 0, d, c)
+            else:
+                _mk_scores(block, a, rows, d, b, n_cols, c, n_cols)
+    return _perf_counter() - start
+
+
+def mk_probe(str kernel, Py_ssize_t itemsize, int block, Py_ssize_t rows, Py_ssize_t n_keys,
+             Py_ssize_t d, Py_ssize_t reps):
+    """Run one micro-kernel ("scores": rows queries against n_keys packed keys, or "pv":
+    rows of P times n_keys values in the chunk layout; head size d, float32 or float64 by
+    itemsize) in register block `block` (mk_blocks()) reps times on one thread, on
+    operands in their packed layouts, for the kernel probe; returns the seconds the reps
+    took (after one run to warm the caches). Floating-point operations: 2 rows n_keys d
+    per run."""
+    names = mk_blocks()["pv" if kernel == "pv" else "scores"]
+    if not FA_MICROKERNELS or kernel not in ("scores", "pv") or block not in range(len(names)):
+        raise ValueError(f"mk_probe: no {kernel} block {block} in this build ({mk_blocks()})")
+    if itemsize not in (4, 8) or rows < 1 or n_keys < 1 or reps < 1 or d < 1 \
+            or d % (FA_MK_VBYTES // itemsize):
+        raise ValueError("mk_probe: rows, n_keys, reps >= 1 and d whole vectors")
+    cdef bint pv = kernel == "pv"
+    if itemsize == 4:
+        return _probe_run(<float*> NULL, pv, block, rows, n_keys, d, reps)
+    return _probe_run(<double*> NULL, pv, block, rows, n_keys, d, reps)

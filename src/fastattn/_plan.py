@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _dispatch, _tuning
+from ._cpu import cpu_signature as _cpu_signature
 from ._dispatch import kernels as _kernels
 from ._validation import (INT_MAX, as_array, check_flag, check_precision, check_scale,
                           check_sinks, check_softcap, check_window, dtypes_of, is_bfloat16,
@@ -44,7 +45,7 @@ DEFAULT_Q_BLOCK = DEFAULTS["q_block"]
 DEFAULT_K_BLOCK = DEFAULTS["k_block"]
 # This machine's tuning (fastattn._tuning: what `python -m fastattn tune` measured here),
 # or None; it replaces the default tile size and tile GEMMs.
-TUNED = _tuning.load(_dispatch.isa)
+TUNED = _tuning.load(_dispatch.isa, _kernels.mk_blocks())
 # The micro-kernels' vector lanes per compute dtype in this build (fa_microkernels.h),
 # keyed by the dtype's itemsize (4 or 8); {} in the baseline build, whose tiles always
 # call BLAS.
@@ -79,6 +80,84 @@ def policy_for(tuned, tile_gemm):
 
 
 _kernels.set_policy(**policy_for(TUNED, TILE_GEMM))
+
+
+# The micro-kernels' register blocks (fa_microkernels.h): several are compiled per build,
+# named "<rows>x<vectors>", the build's first the default; all give the same bits, only
+# their speed differs by CPU. Which one a dtype's tiles run: FASTATTN_MK if set (forces
+# one, to test and time each: "scores=12x2,pv=6x4", either part alone), else this
+# machine's tuning, else MK_TABLE's row for the CPU, else the build's first.
+MK_BLOCKS = _kernels.mk_blocks()
+# (CPUID vendor, family, build) -> the blocks that `python -m fastattn tune` chose there
+# (bench/RESULTS.md, "Register blocks"). Keyed by family, not model, on purpose: a row
+# then serves a vendor's generation, and the models of one family seen so far shared
+# their cores' FMA and load ports. A CPU not listed takes the build's first blocks.
+MK_TABLE = {
+}
+
+
+def parse_mk(value):
+    """{"scores": name, "pv": name} (either may be absent) from a FASTATTN_MK value; a
+    ValueError naming what is wrong for anything but this build's block names. In a build
+    without micro-kernels (baseline) there is nothing to choose: {}."""
+    chosen = {}
+    if not MK_BLOCKS["scores"]:
+        return chosen
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        kernel, sep, name = (x.strip().lower() for x in part.partition("="))
+        if not sep or kernel not in MK_BLOCKS or kernel in chosen:
+            raise ValueError(f"FASTATTN_MK={value!r}: expected 'scores=<block>,pv=<block>' "
+                             f"(either alone)")
+        if name not in MK_BLOCKS[kernel]:
+            raise ValueError(f"FASTATTN_MK={value!r}: {kernel} block {name!r} is not one of "
+                             f"this build's ({_dispatch.isa}): {MK_BLOCKS[kernel]}")
+        chosen[kernel] = name
+    return chosen
+
+
+def mk_defaults(signature=None, isa=None):
+    """{"float32": {"scores": name, "pv": name}, "float64": ...}: the blocks MK_TABLE
+    gives this CPU (CPUID `signature`, build `isa`; default: this machine's), else the
+    build's first blocks."""
+    vendor, family = (signature or _cpu_signature())[:2]
+    row = MK_TABLE.get((vendor, family, isa or _dispatch.isa))
+    first = {kernel: names[0] for kernel, names in MK_BLOCKS.items() if names}
+    return {dtype: dict(first, **(row or {}).get(dtype, {})) for dtype in ("float32", "float64")}
+
+
+def mk_choice(tuned, forced):
+    """The blocks each dtype's tiles run ({"float32": {"scores": name, "pv": name}, ...})
+    and why, in words: FASTATTN_MK's `forced` ({kernel: name}), over the tuning entry
+    `tuned`'s, over mk_defaults()."""
+    blocks = mk_defaults()
+    why = "CPU table" if MK_TABLE.get((*_cpu_signature()[:2], _dispatch.isa)) else "build default"
+    if tuned and tuned.get("mk_blocks"):
+        for dtype, chosen in tuned["mk_blocks"].items():
+            blocks[dtype].update(chosen)
+        why = "tuned"
+    if forced:
+        for chosen in blocks.values():
+            chosen.update(forced)
+        why = "FASTATTN_MK"
+    return blocks, why
+
+
+def mk_policy(blocks):
+    """The policy values (mk_scores_f, mk_pv_f, mk_scores_d, mk_pv_d) of mk_choice's
+    blocks."""
+    if not MK_BLOCKS["scores"]:
+        return {}
+    suffix = {"float32": "f", "float64": "d"}
+    return {f"mk_{kernel}_{suffix[dtype]}": MK_BLOCKS[kernel].index(name)
+            for dtype, chosen in blocks.items() for kernel, name in chosen.items()}
+
+
+try:
+    MK_FORCED = parse_mk(os.environ.get("FASTATTN_MK", ""))
+except ValueError as e:
+    raise ImportError(str(e)) from None
+MK_IN_USE, MK_WHY = mk_choice(TUNED, MK_FORCED)
+_kernels.set_policy(**mk_policy(MK_IN_USE))
 
 
 # The matrix engine of bfloat16 tiles (fa_lowp.h): "auto" (the default) takes AMX where
@@ -474,7 +553,13 @@ def tile_summary():
         why = f"tuned on this machine {TUNED.get('measured', '')}".rstrip()
     else:
         why = "built-in defaults; `python -m fastattn tune` measures this machine's"
-    return f"tile GEMMs {where}, tiles up to {p['q_block']} x {p['k_block']} ({why})"
+    summary = f"tile GEMMs {where}, tiles up to {p['q_block']} x {p['k_block']} ({why})"
+    if MK_BLOCKS["scores"]:
+        blocks = "; ".join(
+            f"{name} scores {MK_BLOCKS['scores'][p[f'mk_scores_{c}']]}, "
+            f"P V {MK_BLOCKS['pv'][p[f'mk_pv_{c}']]}" for name, c in (("float32", "f"), ("float64", "d")))
+        summary += f"; register blocks {blocks} ({MK_WHY})"
+    return summary
 
 
 def window_as_keys(plan):

@@ -2,8 +2,8 @@
 at import by _plan.
 
 Design: the choices that depend on the microarchitecture rather than on the shape (whether
-a tile's GEMMs run in the build's micro-kernels or in BLAS, for each compute dtype, and
-the largest tile) have defaults measured on the CPUs seen so far (_plan). A CPU where
+a tile's GEMMs run in the build's micro-kernels or in BLAS, for each compute dtype, the
+micro-kernels' register blocks, and the largest tile) have defaults measured on the CPUs seen so far (_plan). A CPU where
 they are wrong is set right by one command, ``python -m fastattn tune``
 (fastattn.tune), which times the candidates on that machine and stores the winners
 here. An entry is keyed by everything its measurement depended on: the CPU (CPUID
@@ -61,9 +61,11 @@ def machine_key(isa):
             + (f"; {restrictions}" if restrictions else ""))
 
 
-def validate(entry):
+def validate(entry, mk_blocks=None):
     """The entry if it is a well-formed tuning (dict with q_block, k_block and
-    tile_gemm {"float32": "micro"|"blas", "float64": ...}); else ValueError saying what
+    tile_gemm {"float32": "micro"|"blas", "float64": ...}, and optionally mk_blocks
+    {"float32": {"scores": name, "pv": name}, "float64": ...}, the names among the build's
+    `mk_blocks` ({"scores": names, "pv": names}) where given); else ValueError saying what
     is wrong."""
     if not isinstance(entry, dict):
         raise ValueError("an entry is a JSON object")
@@ -77,6 +79,14 @@ def validate(entry):
             or any(g not in _GEMMS for g in gemm.values())):
         raise ValueError(f"tile_gemm must map 'float32'/'float64' to one of {_GEMMS}, "
                          f"got {gemm!r}")
+    blocks = entry.get("mk_blocks", {})
+    if (not isinstance(blocks, dict) or set(blocks) - {"float32", "float64"}
+            or any(not isinstance(b, dict) or set(b) - {"scores", "pv"}
+                   or any(not isinstance(n, str) for n in b.values()) for b in blocks.values())
+            or (mk_blocks is not None
+                and any(n not in mk_blocks[k] for b in blocks.values() for k, n in b.items()))):
+        raise ValueError(f"mk_blocks must map 'float32'/'float64' to {{'scores': name, "
+                         f"'pv': name}} of this build's blocks {mk_blocks}, got {blocks!r}")
     return entry
 
 
@@ -89,15 +99,16 @@ def _read(file):
     return data
 
 
-def load(isa):
+def load(isa, mk_blocks=None):
     """This machine's entry in the tuning file, or None (no file, no entry, or one that
-    does not validate: then a RuntimeWarning, and the defaults hold)."""
+    does not validate, register blocks checked against `mk_blocks`: then a
+    RuntimeWarning, and the defaults hold)."""
     file = path()
     if file is None or not os.path.exists(file):
         return None
     try:
         entry = _read(file)["machines"].get(machine_key(isa))
-        return None if entry is None else validate(entry)
+        return None if entry is None else validate(entry, mk_blocks)
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         warnings.warn(f"fastattn: ignoring the tuning file {file} ({e}); the built-in "
                       f"defaults hold. Run `python -m fastattn tune` to measure again.",

@@ -18,6 +18,7 @@ seconds on a 2-core machine.
 
 import argparse
 import datetime
+import statistics
 import sys
 
 import numpy as np
@@ -25,9 +26,10 @@ import numpy as np
 from . import _dispatch, _plan, _tuning
 from ._dispatch import kernels as _kernels
 from .api import attention
-from ._timing import time_alternating
+from ._timing import cpu_description, fma_peak, time_alternating
 
-__all__ = ["CANDIDATE_TILES", "MARGIN", "SHAPES", "choose", "tune", "main"]
+__all__ = ["CANDIDATE_TILES", "MARGIN", "PROBE_SETS", "SHAPES", "choose", "probe_kernels",
+           "tune", "main"]
 
 # (query rows, keys) per tile, the default first. Around it: fewer rows, fewer keys (an
 # L2 of 512 KiB or less), more keys and more rows (an L2 of 2 MiB).
@@ -58,9 +60,12 @@ def _inputs(shape, dtype):
     return q, k, v, np.empty_like(q)
 
 
-def _call(q, k, v, out, tile, gemm, threads):
-    """One attention call with the tile and GEMM path of a candidate set in the policy."""
-    values = dict(_plan.policy_for(None, gemm), q_block=tile[0], k_block=tile[1])
+def _call(q, k, v, out, tile, gemm, threads, blocks=None):
+    """One attention call with the tile, GEMM path and register blocks ({dtype: {"scores":
+    name, "pv": name}}; None: the CPU table's, mk_defaults) of a candidate set in the
+    policy."""
+    values = dict(_plan.policy_for(None, gemm), q_block=tile[0], k_block=tile[1],
+                  **_plan.mk_policy(blocks or _plan.mk_defaults()))
 
     def run():
         _kernels.set_policy(**values)
@@ -71,6 +76,22 @@ def _call(q, k, v, out, tile, gemm, threads):
 def _flops(shape):
     b, h, lq, lk, d = shape
     return 4.0 * b * h * lq * lk * d
+
+
+def _choose_blocks(name, q, k, v, o, tile, threads, rounds, min_time, shape, report, out):
+    """The register blocks of dtype `name`'s micro-kernels: the scores' first (P V held at
+    the default), then P V's, each against the CPU table's default (mk_defaults) by the
+    same margin as tiles."""
+    default = _plan.mk_defaults()[name]
+    blocks = dict(default)
+    for kernel in ("scores", "pv"):
+        print(f"register blocks: {name} {kernel}, {shape}", file=out)
+        calls = {b: _call(q, k, v, o, tile, "micro", threads, {name: dict(blocks, **{kernel: b})})
+                 for b in _plan.MK_BLOCKS[kernel]}
+        medians = time_alternating(calls, rounds, min_time, gap=0.02)
+        blocks[kernel] = choose(default[kernel], medians)
+        report(f"{name} {kernel}", shape, medians, blocks[kernel], default[kernel])
+    return blocks
 
 
 def tune(shapes=None, tiles=CANDIDATE_TILES, rounds=7, min_time=0.05, threads=None,
@@ -100,7 +121,7 @@ def tune(shapes=None, tiles=CANDIDATE_TILES, rounds=7, min_time=0.05, threads=No
         medians = time_alternating(calls, rounds, min_time, gap=0.02)
         tile = choose(tiles[0], medians)
         report("float32 tile", shape, medians, tile, tiles[0])
-        chosen = {}
+        chosen, blocks = {}, {}
         for size, name in ((4, "float32"), (8, "float64")):
             if size not in lanes:
                 continue  # no micro-kernels for it: its tiles run in BLAS regardless
@@ -114,11 +135,71 @@ def tune(shapes=None, tiles=CANDIDATE_TILES, rounds=7, min_time=0.05, threads=No
             medians = time_alternating(calls, rounds, min_time, gap=0.02)
             chosen[name] = choose("micro", medians)
             report(f"{name} GEMMs", shape, medians, chosen[name], "micro")
+            if chosen[name] == "micro":
+                blocks[name] = _choose_blocks(name, q, k, v, o, tile, threads, rounds,
+                                              min_time, shape, report, out)
     finally:
         _kernels.set_policy(**saved)
-    return {"q_block": tile[0], "k_block": tile[1], "tile_gemm": chosen,
+    return {"q_block": tile[0], "k_block": tile[1], "tile_gemm": chosen, "mk_blocks": blocks,
             "measured": datetime.date.today().isoformat(), "rounds": rounds,
             "threads": threads or _kernels.max_threads(), "median_ms": figures}
+
+
+# The kernel probe's operands per compute dtype's itemsize: (what, rows, keys, head size).
+# "L1": q or P, the packed keys or values and the scores or output in 28 KiB (float32) or
+# 20 KiB (float64), under every L1d seen (32-48 KiB); "tile": the default tile (256 x 512
+# float32, 256 x 256 float64, D 64), 704-768 KiB, in the L2 of the CPUs with 1-2 MiB.
+PROBE_SETS = {4: (("L1", 24, 64, 64), ("tile", 256, 512, 64)),
+              8: (("L1", 24, 32, 32), ("tile", 256, 256, 64))}
+
+
+def probe_kernels(rounds=5, min_time=0.02, out=sys.stdout):
+    """Time every register block of each micro-kernel (scores and P V, float32 and
+    float64) on one thread, on operands in their packed layouts (PROBE_SETS), medians of
+    `rounds` alternating samples, beside the FMA peak of one core measured in the same
+    run; print a table and return its rows as dicts (dtype, kernel, block, set, gflops,
+    peak). Writes nothing."""
+    blocks = _plan.MK_BLOCKS
+    if not blocks["scores"]:
+        print(f"kernel probe: the {_dispatch.isa} build has no micro-kernels (its tiles run "
+              f"in BLAS)", file=out)
+        return []
+    policy = _kernels.policy()
+    peaks = {size: fma_peak(np.dtype(f"float{8 * size}"), 1) for size in (4, 8)}
+    print(f"kernel probe: {cpu_description()}\n{_dispatch.isa} build, one thread, medians of "
+          f"{rounds} rounds; FMA peak of one core (fa_bench.h, fastest of 7): float32 "
+          f"{peaks[4]:.1f}, float64 {peaks[8]:.1f} GFLOP/s", file=out)
+    rows = []
+    for size, dtype in ((4, "float32"), (8, "float64")):
+        sets = PROBE_SETS[size]
+        for kernel, what in (("scores", "scores = Q K^T"), ("pv", "O += P V")):
+            in_use = blocks[kernel][policy[f"mk_{kernel}_{'f' if size == 4 else 'd'}"]]
+            heads = "".join(f"  {f'{name} {r} x {n} keys, D {d}':>30}" for name, r, n, d in sets)
+            print(f"{dtype} {what}\n  {'block':<12}{heads}", file=out)
+            medians = {}
+            for name, r, n, d in sets:
+                flops = 2.0 * r * n * d
+                reps = {b: max(1, int(min_time / max(_kernels.mk_probe(kernel, size, b, r, n, d, 1),
+                                                     1e-7)))
+                        for b in range(len(blocks[kernel]))}
+                samples = {b: [] for b in reps}
+                for i in range(rounds):
+                    order = list(reps)[i % len(reps):] + list(reps)[:i % len(reps)]
+                    for b in order:
+                        samples[b].append(_kernels.mk_probe(kernel, size, b, r, n, d, reps[b])
+                                          / reps[b])
+                for b, times in samples.items():
+                    medians[b, name] = flops / statistics.median(times) / 1e9
+            for b, block in enumerate(blocks[kernel]):
+                cells = ""
+                for name, *_ in sets:
+                    gflops = medians[b, name]
+                    rows.append({"dtype": dtype, "kernel": kernel, "block": block, "set": name,
+                                 "gflops": gflops, "peak": gflops / peaks[size]})
+                    cells += f"  {gflops:16.1f} GFLOP/s {gflops / peaks[size]:4.0%}"
+                label = block + (" (in use)" if block == in_use else "")
+                print(f"  {label:<12}{cells}", file=out)
+    return rows
 
 
 def main(argv=None):
@@ -131,6 +212,9 @@ def main(argv=None):
     parser.add_argument("--forget", action="store_true",
                         help="remove this machine's entry (back to the defaults) and exit")
     parser.add_argument("--dry-run", action="store_true", help="measure, but write nothing")
+    parser.add_argument("--kernels", action="store_true",
+                        help="the kernel probe: time each micro-kernel's register blocks on "
+                             "one thread against one core's FMA peak, and exit (writes nothing)")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per candidate")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for every call (default: all, as attention uses)")
@@ -148,6 +232,9 @@ def main(argv=None):
         return 0
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.kernels:
+        probe_kernels(rounds=args.rounds)
+        return 0
     entry = tune(rounds=args.rounds, threads=args.threads)
     gemm = ", ".join(f"{name} {g}" for name, g in sorted(entry["tile_gemm"].items()))
     print(f"chosen: tiles up to {entry['q_block']} x {entry['k_block']}"
