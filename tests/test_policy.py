@@ -18,7 +18,8 @@ def test_set_policy_returns_the_old_values_and_refuses_bad_ones_changing_nothing
     before = kernels.policy()
     assert set(before) == {"q_block", "k_block", "min_q_block", "min_work_items",
                            "decode_chunk", "serial_flops", "blas_serial_mnk",
-                           "softmax_serial", "lanes_f", "lanes_d", "engine"}
+                           "softmax_serial", "lanes_f", "lanes_d", "engine", "mk_scores_f",
+                           "mk_pv_f", "mk_scores_d", "mk_pv_d"}
     with kernel_policy(q_block=64):
         assert kernels.policy() == dict(before, q_block=64)
     assert kernels.policy() == before

@@ -206,7 +206,17 @@ def test_tune_measures_every_candidate_and_restores_the_plan():
     text = "".join(lines)
     for q_block, k_block in tune.CANDIDATE_TILES:
         assert f"{q_block} x {k_block}:" in text
-    assert len(entry["median_ms"]) == len(tune.CANDIDATE_TILES) + 2 * len(_plan.MICROKERNEL_LANES)
+    # the register blocks are measured for each dtype whose tiles stay in the micro-kernels
+    micro = [d for d, g in entry["tile_gemm"].items() if g == "micro"]
+    assert sorted(entry["mk_blocks"]) == sorted(micro)
+    for dtype in micro:
+        for kernel in ("scores", "pv"):
+            assert entry["mk_blocks"][dtype][kernel] in _plan.MK_BLOCKS[kernel]
+            for block in _plan.MK_BLOCKS[kernel]:
+                assert f"{dtype} {kernel} {block:>10}:" in text
+    blocks = len(_plan.MK_BLOCKS["scores"]) + len(_plan.MK_BLOCKS["pv"])
+    assert len(entry["median_ms"]) == (len(tune.CANDIDATE_TILES) + 2 * len(_plan.MICROKERNEL_LANES)
+                                       + blocks * len(micro))
     assert all(t > 0 for t in entry["median_ms"].values())
 
 

@@ -113,9 +113,9 @@ cdef object _probe_run(floating *kind, bint pv, int block, Py_ssize_t rows,
     cdef Py_ssize_t n_cols = _round_up(n_keys, FA_MK_KEYS)
     rng = _np.random.default_rng(0)
     # q (rows x d) or p (rows x n_keys), the keys packed (n_cols x d) or the values in the
-    # chunk layout (n_keys x d), and the scores (rows x n_cols) or output (rows x d)
+    # chunk layout (whole chunks x d), and the scores (rows x n_cols) or output (rows x d)
     a_n = rows * (n_keys if pv else d)
-    b_n = (n_keys if pv else n_cols) * d
+    b_n = (_round_up(n_keys, FA_MK_PV_CHUNK) if pv else n_cols) * d
     c_n = rows * (d if pv else n_cols)
     arrays = [_np.zeros(n * item + 64, _np.uint8) for n in (a_n, b_n, c_n)]
     source = rng.standard_normal(max(a_n, n_keys * d)).astype(

@@ -153,12 +153,13 @@ PROBE_SETS = {4: (("L1", 24, 64, 64), ("tile", 256, 512, 64)),
               8: (("L1", 24, 32, 32), ("tile", 256, 256, 64))}
 
 
-def probe_kernels(rounds=5, min_time=0.02, out=sys.stdout):
+def probe_kernels(rounds=5, min_time=0.02, out=None):
     """Time every register block of each micro-kernel (scores and P V, float32 and
     float64) on one thread, on operands in their packed layouts (PROBE_SETS), medians of
     `rounds` alternating samples, beside the FMA peak of one core measured in the same
     run; print a table and return its rows as dicts (dtype, kernel, block, set, gflops,
-    peak). Writes nothing."""
+    peak) to `out` (default: stdout). Writes nothing."""
+    out = out or sys.stdout
     blocks = _plan.MK_BLOCKS
     if not blocks["scores"]:
         print(f"kernel probe: the {_dispatch.isa} build has no micro-kernels (its tiles run "
