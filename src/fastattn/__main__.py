@@ -54,7 +54,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m fastattn {bench,tune,info} [options]\n"
               "  bench   time attention, softmax and projection against NumPy (and PyTorch)\n"
-              "  tune    measure this machine's tile size and tile GEMMs, and store them\n"
+              "  tune    measure this machine's tiles, tile GEMMs and register blocks, and store them\n"
               "  info    version, build flags, OpenMP, threads and BLAS")
         return 0 if argv else 2
     if argv[0] == "bench":

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 def build_info() -> dict[str, Any]: ...
+def mk_blocks() -> dict[str, list[str]]: ...  # {"scores": ["8x2", ...], "pv": [...]}; first: default
 def max_threads() -> int: ...
 def project(
     x: npt.NDArray[np.floating],        # const floating[:, ::1]  (n_rows, d_in)
@@ -177,6 +178,13 @@ def read_sum(
     n_threads: int,                     # int
 ) -> float: ...
 def read_sum_multiple() -> int: ...
+def mk_probe(
+    kernel: str,                        # str: "scores" or "pv"
+    itemsize: int,                      # Py_ssize_t: 4 (float32) or 8 (float64)
+    block: int,                         # int: an index of mk_blocks()[kernel]
+    rows: int, n_keys: int, d: int,     # Py_ssize_t: the operands' sizes (d whole vectors)
+    reps: int,                          # Py_ssize_t: timed runs (after one to warm)
+) -> float: ...  # seconds the reps took
 def exp(
     x: npt.NDArray[np.floating],        # const floating[::1]
     out: npt.NDArray[np.floating],      # floating[::1]

@@ -11,9 +11,16 @@ would make results change (in the last bits) for nothing. The winners go to the 
 file (fastattn._tuning), which every later import on this machine reads.
 
 Steps: (1) the largest tile, float32, in the GEMM path the build prefers; (2) for each
-compute dtype the build has micro-kernels for, micro-kernels against BLAS at that tile.
-Float64 tiles follow the same rule as always (half the keys of float32's). About ten
-seconds on a 2-core machine.
+compute dtype the build has micro-kernels for, micro-kernels against BLAS at that tile;
+(3) for each dtype whose tiles stay in the micro-kernels, their register blocks (the
+scores kernel's, then P V's; every block gives the same bits, so only speed decides).
+Float64 tiles follow the same rule as always (half the keys of float32's). About half a
+minute on a 2-core machine.
+
+``--kernels`` is the kernel probe instead: each register block of each micro-kernel timed
+on one thread, on operands in their packed layouts, against one core's FMA peak measured
+in the same run (probe_kernels). It writes nothing: it is the figure to report from a CPU
+the defaults were not measured on.
 """
 
 import argparse
@@ -206,9 +213,10 @@ def probe_kernels(rounds=5, min_time=0.02, out=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m fastattn tune",
-        description="Measure which tile size and tile GEMMs (micro-kernels or BLAS) are "
-                    "fastest on this machine and store them in the tuning file, which later "
-                    "imports read. Without an entry, fastattn uses its built-in defaults.")
+        description="Measure which tile size, tile GEMMs (micro-kernels or BLAS) and "
+                    "micro-kernel register blocks are fastest on this machine and store them "
+                    "in the tuning file, which later imports read. Without an entry, "
+                    "fastattn uses its built-in defaults.")
     parser.add_argument("--show", action="store_true", help="print this machine's entry and exit")
     parser.add_argument("--forget", action="store_true",
                         help="remove this machine's entry (back to the defaults) and exit")
