@@ -42,8 +42,8 @@
 #define FA_MICROKERNELS 1
 
 #define FA_MK_VBYTES FA_VBYTES
-/* The register blocks compiled, as X(index, rows MR, vectors NV), index 0 the build's
- * default; which one a call runs is the policy's (mk_scores_f/d, mk_pv_f/d: the tuning
+/* The register blocks compiled, as X(rows MR, vectors NV), the first the build's default
+ * (a block's index is its place in the list); which one a call runs is the policy's (mk_scores_f/d, mk_pv_f/d: the tuning
  * file, the CPU table in fastattn._plan, or FASTATTN_MK). The packed layouts do not depend
  * on the block: keys in panels of FA_MK_SCORES_NV vectors (a block of more vectors spans
  * whole panels), values in bands of FA_MK_PV_NV vectors (a block of fewer runs each part
@@ -53,15 +53,15 @@
 #if defined(__AVX512F__)
 #define FA_MK_SCORES_NV 2
 #define FA_MK_PV_NV 4
-#define FA_MK_SCORES_BLOCKS(X) X(0, 8, 2) X(1, 12, 2) X(2, 14, 2) X(3, 6, 4)
-#define FA_MK_PV_BLOCKS(X) X(0, 4, 4) X(1, 8, 2) X(2, 6, 4) X(3, 12, 2)
+#define FA_MK_SCORES_BLOCKS(X) X(8, 2) X(12, 2) X(14, 2) X(6, 4)
+#define FA_MK_PV_BLOCKS(X) X(4, 4) X(8, 2) X(6, 4) X(12, 2)
 #define FA_MK_BCAST_f(p) ((fa_mkv_f)_mm512_set1_ps(*(p)))
 #define FA_MK_BCAST_d(p) ((fa_mkv_d)_mm512_set1_pd(*(p)))
 #else
 #define FA_MK_SCORES_NV 2
 #define FA_MK_PV_NV 2
-#define FA_MK_SCORES_BLOCKS(X) X(0, 6, 2) X(1, 4, 2) X(2, 12, 1)
-#define FA_MK_PV_BLOCKS(X) X(0, 6, 2) X(1, 4, 2) X(2, 12, 1)
+#define FA_MK_SCORES_BLOCKS(X) X(6, 2) X(4, 2) X(12, 1)
+#define FA_MK_PV_BLOCKS(X) X(6, 2) X(4, 2) X(12, 1)
 #define FA_MK_BCAST_f(p) ((fa_mkv_f)_mm256_broadcast_ss(p))
 #define FA_MK_BCAST_d(p) ((fa_mkv_d)_mm256_broadcast_sd(p))
 #endif
@@ -69,19 +69,22 @@
 #define FA_MK_MAX_MR 14
 #define FA_MK_MAX_NV 4
 
-/* The blocks' shapes, for the policy's checks and the probe's names. */
-#define FA_MK_ROWS_(i, mr, nv) mr,
-#define FA_MK_VECS_(i, mr, nv) nv,
-#define FA_MK_ONE_(i, mr, nv) +1
+/* The blocks' indices (FA_MK_SCORES_8x2 = 0, ...), counts and shapes, for the kernels'
+ * switches, the policy's checks and the probe's names. */
+#define FA_MK_S_ENUM_(mr, nv) FA_MK_SCORES_##mr##x##nv,
+#define FA_MK_P_ENUM_(mr, nv) FA_MK_PV_##mr##x##nv,
+enum { FA_MK_SCORES_BLOCKS(FA_MK_S_ENUM_) FA_MK_SCORES_N };
+enum { FA_MK_PV_BLOCKS(FA_MK_P_ENUM_) FA_MK_PV_N };
+#undef FA_MK_S_ENUM_
+#undef FA_MK_P_ENUM_
+#define FA_MK_ROWS_(mr, nv) mr,
+#define FA_MK_VECS_(mr, nv) nv,
 static const int fa_mk_scores_mr[] = {FA_MK_SCORES_BLOCKS(FA_MK_ROWS_)};
 static const int fa_mk_scores_nv[] = {FA_MK_SCORES_BLOCKS(FA_MK_VECS_)};
 static const int fa_mk_pv_mr[] = {FA_MK_PV_BLOCKS(FA_MK_ROWS_)};
 static const int fa_mk_pv_nv[] = {FA_MK_PV_BLOCKS(FA_MK_VECS_)};
-enum { FA_MK_SCORES_N = 0 FA_MK_SCORES_BLOCKS(FA_MK_ONE_),
-       FA_MK_PV_N = 0 FA_MK_PV_BLOCKS(FA_MK_ONE_) };
 #undef FA_MK_ROWS_
 #undef FA_MK_VECS_
-#undef FA_MK_ONE_
 
 /* Keys per chunk of the values' layout, and per run of P V: FA_MK_PV_KC_BYTES of a band of
  * FA_MK_PV_NV vectors (a band of one vector, for the columns left over, runs as long). */
@@ -157,9 +160,21 @@ static inline __attribute__((always_inline)) void fa_mk_prefetch_lines(
         __builtin_prefetch((const char *)next + 64 * l, 0, 3);
 }
 
-/* (Every block's rows <= FA_MK_MAX_MR <= 14, the left-over split's bound; a scores block's
- * vectors divide FA_MK_SCORES_NV or are whole panels of it, a P V block's divide
- * FA_MK_PV_NV: the kernels rely on both.) */
+/* What the kernels rely on: every block's rows <= FA_MK_MAX_MR <= 14 (the left-over
+ * split's bound), a scores block's vectors dividing FA_MK_SCORES_NV or whole panels of it,
+ * a P V block's dividing FA_MK_PV_NV. */
+#define FA_MK_CHECK_SCORES_(mr, nv)                                                        \
+    _Static_assert((mr) >= 1 && (mr) <= FA_MK_MAX_MR                                       \
+                   && (nv) <= FA_MK_MAX_NV && (FA_MK_SCORES_NV % (nv) == 0                  \
+                                               || (nv) % FA_MK_SCORES_NV == 0),             \
+                   "scores block " #mr "x" #nv);
+#define FA_MK_CHECK_PV_(mr, nv)                                                            \
+    _Static_assert((mr) >= 1 && (mr) <= FA_MK_MAX_MR                                       \
+                   && FA_MK_PV_NV % (nv) == 0, "P V block " #mr "x" #nv);
+FA_MK_SCORES_BLOCKS(FA_MK_CHECK_SCORES_)
+FA_MK_PV_BLOCKS(FA_MK_CHECK_PV_)
+#undef FA_MK_CHECK_SCORES_
+#undef FA_MK_CHECK_PV_
 
 #else  /* no micro-kernels in this build: never called (FA_MICROKERNELS 0) */
 #define FA_MICROKERNELS 0

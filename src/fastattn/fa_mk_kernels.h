@@ -94,8 +94,9 @@ static inline void FA_FN(fa_mk_scores_)(int block, const FA_T *q, ptrdiff_t rows
                                          const FA_T *kp, ptrdiff_t n_cols, FA_T *s, ptrdiff_t ld)
 {
     switch (block) {
-#define FA_MK_CASE_(i, mr, nv) \
-    case i: FA_FN(fa_mk_scores_mrnv_)(mr, nv, q, rows, d, kp, n_cols, s, ld); return;
+#define FA_MK_CASE_(mr, nv) \
+    case FA_MK_SCORES_##mr##x##nv: \
+        FA_FN(fa_mk_scores_mrnv_)(mr, nv, q, rows, d, kp, n_cols, s, ld); return;
     FA_MK_SCORES_BLOCKS(FA_MK_CASE_)
 #undef FA_MK_CASE_
     default: break;
@@ -237,9 +238,9 @@ static inline void FA_FN(fa_mk_pv_)(int block, const FA_T *p, ptrdiff_t ld_p, pt
                                      ptrdiff_t next_keys, ptrdiff_t d_v, FA_T *o)
 {
     switch (block) {
-#define FA_MK_CASE_(i, mr, nv) \
-    case i: FA_FN(fa_mk_pv_mrnv_)(mr, nv, p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o); \
-        return;
+#define FA_MK_CASE_(mr, nv) \
+    case FA_MK_PV_##mr##x##nv: \
+        FA_FN(fa_mk_pv_mrnv_)(mr, nv, p, ld_p, rows, vp, j0, n_keys, next_keys, d_v, o); return;
     FA_MK_PV_BLOCKS(FA_MK_CASE_)
 #undef FA_MK_CASE_
     default: break;
