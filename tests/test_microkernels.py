@@ -92,6 +92,19 @@ def test_block_names_and_the_policy_refuse_what_the_build_lacks():
                 _kernels.set_policy(**{name: bad})
 
 
+def test_the_cpu_table_names_blocks_its_builds_have():
+    """A row of MK_TABLE for a build names blocks of that build, for both dtypes (a typo
+    would fail every import on that CPU)."""
+    for (vendor, family, isa), row in _plan.MK_TABLE.items():
+        assert isinstance(vendor, str) and isinstance(family, int)
+        assert isa in ("avx2", "avx512")  # the builds with micro-kernels
+        assert set(row) == {"float32", "float64"}
+        if isa == _dispatch.isa:
+            for blocks in row.values():
+                assert set(blocks) == {"scores", "pv"}
+                assert all(blocks[k] in BLOCKS[k] for k in blocks), (vendor, family, isa)
+
+
 @needs_micro
 def test_parse_mk_takes_this_builds_names_only():
     s, p = BLOCKS["scores"][-1], BLOCKS["pv"][-1]

@@ -93,10 +93,10 @@ MK_BLOCKS = _kernels.mk_blocks()
 # then serves a vendor's generation, and the models of one family seen so far shared
 # their cores' FMA and load ports. A CPU not listed takes the build's first blocks.
 MK_TABLE = {
-    # Zen 3 and Zen 4 EPYCs (family 25): every block within 1-3% of the build's first in
-    # the public call, none by the 8% tune asks for (Zen 4, family 25 model 17,
-    # 2026-12-07; the kernel probe puts each at 91-98% of a core's FMA peak but AVX2's
-    # 12x1 at 71-80%).
+    # EPYCs of family 25 (Zen 3, Zen 4), measured on a Zen 4 (model 17, 2026-12-07) in
+    # both builds: every block within 0.90-1.02x of the build's first in the public call,
+    # none faster by the 8% tune asks for (the kernel probe: AVX-512 blocks at 80-97% of a
+    # core's FMA peak, AVX2's 12x1 at 71-80%). The AVX2 default was tuned on a Zen 3.
     ("AuthenticAMD", 25, "avx512"): {"float32": {"scores": "8x2", "pv": "4x4"},
                                      "float64": {"scores": "8x2", "pv": "4x4"}},
     ("AuthenticAMD", 25, "avx2"): {"float32": {"scores": "6x2", "pv": "6x2"},
