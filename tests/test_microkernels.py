@@ -6,6 +6,7 @@ build CI forces, so every block of every build runs on any CPU; the timings are 
 asserted."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -231,3 +232,33 @@ def test_tune_kernels_without_micro_kernels_says_so(monkeypatch, capsys):
     monkeypatch.setattr(_plan, "MK_BLOCKS", {"scores": [], "pv": []})
     assert tune.probe_kernels(rounds=1) == []
     assert "has no micro-kernels" in capsys.readouterr().out
+
+
+TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "mca_blocks.py")
+
+
+@pytest.mark.skipif(not os.path.exists(TOOL), reason="tools/ is not shipped")
+@pytest.mark.skipif(not all(map(__import__("shutil").which, ("gcc", "llvm-mca"))),
+                    reason="needs gcc and llvm-mca")
+@pytest.mark.parametrize("isa, cpu", [("avx512", "skylake-avx512"), ("avx2", "skylake")])
+def test_the_llvm_mca_tool_finds_every_blocks_loop(isa, cpu):
+    """tools/mca_blocks.py finds, for each block of the build's lists, the loop of one
+    register-block step (rows x vectors FMAs) and models it."""
+    text = open(os.path.join(os.path.dirname(TOOL), "..", "src", "fastattn",
+                             "fa_microkernels.h")).read()
+    branch = text.split("#if defined(__AVX512F__)\n#define FA_MK_SCORES_NV")[1].split("#else")
+    lists = branch[0] if isa == "avx512" else branch[1]
+    expected = {(k, f"{mr}x{nv}") for k, name in (("scores", "SCORES"), ("P V", "PV"))
+                for mr, nv in re.findall(r"X\((\d+), (\d+)\)",
+                                         re.search(rf"FA_MK_{name}_BLOCKS\(X\)(.*)", lists).group(1))}
+    child = subprocess.run([sys.executable, TOOL, "--isa", isa, "--cpus", cpu],
+                           capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
+    found = set(re.findall(rf"^\s+(scores|P V)\s+(\d+x\d+)\s+\d+ FMAs.*{cpu}\s+[\d.]+ \(\s*\d+%\)",
+                           child.stdout, re.M))
+    assert found == expected
+    # a model without the build's instructions is an error that says so
+    if isa == "avx512":
+        child = subprocess.run([sys.executable, TOOL, "--isa", isa, "--cpus", "skylake"],
+                               capture_output=True, text=True)
+        assert child.returncode == 1 and "cannot model" in child.stderr
