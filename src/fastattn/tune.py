@@ -164,8 +164,8 @@ def probe_kernels(rounds=5, min_time=0.02, out=None):
     """Time every register block of each micro-kernel (scores and P V, float32 and
     float64) on one thread, on operands in their packed layouts (PROBE_SETS), medians of
     `rounds` alternating samples, beside the FMA peak of one core measured in the same
-    run; print a table and return its rows as dicts (dtype, kernel, block, set, gflops,
-    peak) to `out` (default: stdout). Writes nothing."""
+    run. Prints a table to `out` (default: stdout) and returns its rows as dicts (dtype,
+    kernel, block, set, gflops, peak: the share of the core's peak). Writes nothing."""
     out = out or sys.stdout
     blocks = _plan.MK_BLOCKS
     if not blocks["scores"]:
@@ -246,8 +246,11 @@ def main(argv=None):
         return 0
     entry = tune(rounds=args.rounds, threads=args.threads)
     gemm = ", ".join(f"{name} {g}" for name, g in sorted(entry["tile_gemm"].items()))
+    blocks = ", ".join(f"{name} scores {b['scores']}, P V {b['pv']}"
+                       for name, b in sorted(entry["mk_blocks"].items()))
     print(f"chosen: tiles up to {entry['q_block']} x {entry['k_block']}"
-          + (f"; tile GEMMs {gemm}" if gemm else ""))
+          + (f"; tile GEMMs {gemm}" if gemm else "")
+          + (f"; register blocks {blocks}" if blocks else ""))
     if args.dry_run or file is None:
         print("not written" + (" (--dry-run)" if args.dry_run else ""))
         return 0
