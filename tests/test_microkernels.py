@@ -262,3 +262,12 @@ def test_the_llvm_mca_tool_finds_every_blocks_loop(isa, cpu):
         child = subprocess.run([sys.executable, TOOL, "--isa", isa, "--cpus", "skylake"],
                                capture_output=True, text=True)
         assert child.returncode == 1 and "cannot model" in child.stderr
+
+
+def test_tune_prints_the_blocks_it_chose(monkeypatch, capsys):
+    monkeypatch.setenv(_tuning.ENV, "off")
+    entry = {"q_block": 256, "k_block": 512, "tile_gemm": {"float32": "micro"},
+             "mk_blocks": {"float32": {"scores": "12x2", "pv": "6x4"}}}
+    monkeypatch.setattr(tune, "tune", lambda **kwargs: entry)
+    assert tune.main(["--dry-run"]) == 0
+    assert "register blocks float32 scores 12x2, P V 6x4" in capsys.readouterr().out
