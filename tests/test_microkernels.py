@@ -180,6 +180,8 @@ def test_choice_order_forced_then_tuned_then_cpu_table(monkeypatch):
     policy = _plan.mk_policy(blocks)
     assert policy["mk_pv_f"] == policy["mk_pv_d"] == len(BLOCKS["pv"]) - 1
     assert policy["mk_scores_d"] == len(BLOCKS["scores"]) - 1
+    with kernel_policy(**policy):  # mk_in_use reads back what mk_policy set
+        assert _plan.mk_in_use() == blocks
 
 
 @needs_micro

@@ -103,8 +103,7 @@ def widen16(const uint16_t[::1] bits, str kind):
 cdef floating *_aligned_view(object array, floating *kind):
     """The 64-byte aligned start of a uint8 array (64 bytes over), as floating."""
     cdef unsigned char[::1] bytes_ = array
-    cdef size_t at = <size_t> &bytes_[0]
-    return <floating*> (<char*> &bytes_[0] + ((64 - at % 64) % 64))
+    return <floating*> _round_up(<Py_ssize_t> &bytes_[0], 64)
 
 
 cdef object _probe_run(floating *kind, bint pv, int block, Py_ssize_t rows,

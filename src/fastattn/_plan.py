@@ -32,7 +32,8 @@ __all__ = ["MaskKind", "Route", "Layout", "AttentionPlan", "layout", "plan_atten
            "refuse_huge_plan", "use_microkernels", "decode_eligible",
            "frozen", "DEFAULTS", "DEFAULT_Q_BLOCK",
            "DEFAULT_K_BLOCK", "MICROKERNEL_LANES", "TILE_GEMM", "TUNED", "auto_lanes",
-           "policy_for", "tile_lanes", "tile_summary"]
+           "policy_for", "tile_lanes", "tile_summary", "MK_BLOCKS", "MK_TABLE", "parse_mk",
+           "mk_defaults", "mk_choice", "mk_policy", "mk_in_use"]
 
 
 # --------------------------------------------------------------------------- the policy
@@ -123,14 +124,20 @@ def parse_mk(value):
     return chosen
 
 
+def _mk_row(signature=None, isa=None):
+    """MK_TABLE's row for a CPU (CPUID `signature`, build `isa`; default: this machine's),
+    or None."""
+    vendor, family = (signature or _cpu_signature())[:2]
+    return MK_TABLE.get((vendor, family, isa or _dispatch.isa))
+
+
 def mk_defaults(signature=None, isa=None):
     """{"float32": {"scores": name, "pv": name}, "float64": ...}: the blocks MK_TABLE
     gives this CPU (CPUID `signature`, build `isa`; default: this machine's), else the
     build's first blocks."""
-    vendor, family = (signature or _cpu_signature())[:2]
-    row = MK_TABLE.get((vendor, family, isa or _dispatch.isa))
+    row = _mk_row(signature, isa) or {}
     first = {kernel: names[0] for kernel, names in MK_BLOCKS.items() if names}
-    return {dtype: dict(first, **(row or {}).get(dtype, {})) for dtype in ("float32", "float64")}
+    return {dtype: dict(first, **row.get(dtype, {})) for dtype in ("float32", "float64")}
 
 
 def mk_choice(tuned, forced):
@@ -138,7 +145,7 @@ def mk_choice(tuned, forced):
     and why, in words: FASTATTN_MK's `forced` ({kernel: name}), over the tuning entry
     `tuned`'s, over mk_defaults()."""
     blocks = mk_defaults()
-    why = "CPU table" if MK_TABLE.get((*_cpu_signature()[:2], _dispatch.isa)) else "build default"
+    why = "CPU table" if _mk_row() else "build default"
     if tuned and tuned.get("mk_blocks"):
         for dtype, chosen in tuned["mk_blocks"].items():
             blocks[dtype].update(chosen)
@@ -150,14 +157,26 @@ def mk_choice(tuned, forced):
     return blocks, why
 
 
+_MK_SUFFIX = {"float32": "f", "float64": "d"}  # of the policy's mk_<kernel>_<f|d>
+
+
 def mk_policy(blocks):
     """The policy values (mk_scores_f, mk_pv_f, mk_scores_d, mk_pv_d) of mk_choice's
     blocks."""
     if not MK_BLOCKS["scores"]:
         return {}
-    suffix = {"float32": "f", "float64": "d"}
-    return {f"mk_{kernel}_{suffix[dtype]}": MK_BLOCKS[kernel].index(name)
+    return {f"mk_{kernel}_{_MK_SUFFIX[dtype]}": MK_BLOCKS[kernel].index(name)
             for dtype, chosen in blocks.items() for kernel, name in chosen.items()}
+
+
+def mk_in_use():
+    """The blocks the policy runs now, in mk_choice's form (mk_policy's inverse); {} in a
+    build without micro-kernels."""
+    if not MK_BLOCKS["scores"]:
+        return {}
+    p = _kernels.policy()
+    return {dtype: {kernel: MK_BLOCKS[kernel][p[f"mk_{kernel}_{sfx}"]] for kernel in MK_BLOCKS}
+            for dtype, sfx in _MK_SUFFIX.items()}
 
 
 try:
@@ -562,10 +581,9 @@ def tile_summary():
     else:
         why = "built-in defaults; `python -m fastattn tune` measures this machine's"
     summary = f"tile GEMMs {where}, tiles up to {p['q_block']} x {p['k_block']} ({why})"
-    if MK_BLOCKS["scores"]:
-        blocks = "; ".join(
-            f"{name} scores {MK_BLOCKS['scores'][p[f'mk_scores_{c}']]}, "
-            f"P V {MK_BLOCKS['pv'][p[f'mk_pv_{c}']]}" for name, c in (("float32", "f"), ("float64", "d")))
+    blocks = "; ".join(f"{dtype} scores {b['scores']}, P V {b['pv']}"
+                       for dtype, b in mk_in_use().items())
+    if blocks:
         summary += f"; register blocks {blocks} ({MK_WHY})"
     return summary
 

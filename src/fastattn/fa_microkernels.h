@@ -190,6 +190,25 @@ static const int fa_mk_pv_nv[] = {0};
 enum { FA_MK_SCORES_N = 0, FA_MK_PV_N = 0 };
 #endif
 
+/* The rows left over from a register block of MR rows (fewer than MR <= 14), as blocks of
+ * at most 7 rows, each of its height (a switch on constants: each height compiles to its
+ * own unrolled loop), never one row at a time; block(h, ...) runs h rows from the
+ * caller's row i0, which advances past them. Shared by both kernels and dtypes. */
+#define FA_MK_LEFTOVER(block, left, ...)                                         \
+    for (int h_left_ = (left), h_; h_left_ > 0; h_left_ -= h_) {                \
+        h_ = h_left_ <= 7 ? h_left_ : (h_left_ + 1) / 2;                        \
+        switch (h_) {                                                            \
+        case 7: block(7, __VA_ARGS__); break;                                    \
+        case 6: block(6, __VA_ARGS__); break;                                    \
+        case 5: block(5, __VA_ARGS__); break;                                    \
+        case 4: block(4, __VA_ARGS__); break;                                    \
+        case 3: block(3, __VA_ARGS__); break;                                    \
+        case 2: block(2, __VA_ARGS__); break;                                    \
+        default: block(1, __VA_ARGS__); break;                                   \
+        }                                                                        \
+        i0 += h_;                                                                \
+    }
+
 /* Identifiers of one dtype's micro-kernels: FA_FN(fa_mk_scores_) is fa_mk_scores_f where
  * FA_SFX is f. */
 #define FA_PASTE2(a, b) a##b

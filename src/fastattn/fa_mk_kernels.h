@@ -38,24 +38,6 @@ static inline __attribute__((always_inline)) void FA_FN(fa_mk_scores_block_)(
             *(FA_FN(fa_mkvu_) *)(s + r * ld + (g0 + u) * W) = c[r][u];
 }
 
-/* The rows left over from a register block of MR rows (fewer than MR <= 14), as blocks of
- * at most 7 rows, each of its height (a switch on constants: each height compiles to its
- * own unrolled loop), never one row at a time. */
-#define FA_MK_LEFTOVER(block, left, ...)                                         \
-    for (int h_left_ = (left), h_; h_left_ > 0; h_left_ -= h_) {                \
-        h_ = h_left_ <= 7 ? h_left_ : (h_left_ + 1) / 2;                        \
-        switch (h_) {                                                            \
-        case 7: block(7, __VA_ARGS__); break;                                    \
-        case 6: block(6, __VA_ARGS__); break;                                    \
-        case 5: block(5, __VA_ARGS__); break;                                    \
-        case 4: block(4, __VA_ARGS__); break;                                    \
-        case 3: block(3, __VA_ARGS__); break;                                    \
-        case 2: block(2, __VA_ARGS__); break;                                    \
-        default: block(1, __VA_ARGS__); break;                                   \
-        }                                                                        \
-        i0 += h_;                                                                \
-    }
-
 /* Every row of q against the nv column vectors from g0, in blocks of MR rows. */
 static inline __attribute__((always_inline)) void FA_FN(fa_mk_scores_cols_)(
     const int MR, const int nv, const FA_T *q, ptrdiff_t rows, ptrdiff_t d, const FA_T *kp,

@@ -172,7 +172,7 @@ def probe_kernels(rounds=5, min_time=0.02, out=None):
         print(f"kernel probe: the {_dispatch.isa} build has no micro-kernels (its tiles run "
               f"in BLAS)", file=out)
         return []
-    policy = _kernels.policy()
+    in_use = _plan.mk_in_use()
     peaks = {size: fma_peak(np.dtype(f"float{8 * size}"), 1) for size in (4, 8)}
     print(f"kernel probe: {cpu_description()}\n{_dispatch.isa} build, one thread, medians of "
           f"{rounds} rounds; FMA peak of one core (fa_bench.h, fastest of 7): float32 "
@@ -181,7 +181,6 @@ def probe_kernels(rounds=5, min_time=0.02, out=None):
     for size, dtype in ((4, "float32"), (8, "float64")):
         sets = PROBE_SETS[size]
         for kernel, what in (("scores", "scores = Q K^T"), ("pv", "O += P V")):
-            in_use = blocks[kernel][policy[f"mk_{kernel}_{'f' if size == 4 else 'd'}"]]
             heads = "".join(f"  {f'{name} {r} x {n} keys, D {d}':>30}" for name, r, n, d in sets)
             print(f"{dtype} {what}\n  {'block':<12}{heads}", file=out)
             medians = {}
@@ -205,7 +204,7 @@ def probe_kernels(rounds=5, min_time=0.02, out=None):
                     rows.append({"dtype": dtype, "kernel": kernel, "block": block, "set": name,
                                  "gflops": gflops, "peak": gflops / peaks[size]})
                     cells += f"  {gflops:16.1f} GFLOP/s {gflops / peaks[size]:4.0%}"
-                label = block + (" (in use)" if block == in_use else "")
+                label = block + (" (in use)" if block == in_use[dtype][kernel] else "")
                 print(f"  {label:<12}{cells}", file=out)
     return rows
 
