@@ -8,7 +8,7 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_STRIDES, PyBUF_WRITABLE,
 from libc.math cimport log, sqrt, INFINITY
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
-from libc.stdint cimport int8_t, uint8_t, uint16_t
+from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 import numpy as _np
@@ -89,6 +89,13 @@ cdef extern from "fa_decode.h" nogil:
     void fa_decode_merge_d(const double *parts, const double *l_parts, Py_ssize_t n_chunks,
                            Py_ssize_t n_rows, Py_ssize_t d_v, const double *sinks,
                            double *out, double *lse)
+
+cdef extern from "fa_decode_dp.h" nogil:
+    int FA_SRC_BF16_DP
+    void fa_decode_chunk_bfdp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint16_t *k,
+                              const uint16_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
+                              float softcap, float *m, double *l, float *o, float *s,
+                              uint16_t *qb, uint32_t *pb)
 
 cdef extern from "fa_microkernels.h" nogil:
     int FA_MICROKERNELS

@@ -19,9 +19,16 @@ cdef inline size_t _kind_size(int kv_kind, size_t floating_size) noexcept nogil:
     """Bytes per stored element of a kv source of kv_kind (0: floating itself)."""
     if kv_kind == FA_SRC_I8 or kv_kind == FA_SRC_F8:
         return 1
-    if kv_kind == FA_SRC_BF16 or kv_kind == FA_SRC_F16:
+    if kv_kind == FA_SRC_BF16 or kv_kind == FA_SRC_F16 or kv_kind == FA_SRC_BF16_DP:
         return 2
     return floating_size
+
+
+cdef inline Py_ssize_t _decode_scratch(Py_ssize_t n_rows, Py_ssize_t d) noexcept nogil:
+    """Scratch per thread of the decoding kernel, in elements: the scores (rows of
+    FA_DECODE_BLOCK keys, whole cache lines), then q times the key scales (8-bit kinds) or
+    q as bfloat16 (FA_SRC_BF16_DP), then that kind's weights in pairs of bfloat16."""
+    return n_rows * FA_DECODE_BLOCK + _round_up(n_rows * d, 16) + n_rows * FA_DECODE_BLOCK // 2
 
 
 cdef inline void _decode_item(const floating *q, Py_ssize_t n_rows, Py_ssize_t d,
@@ -32,9 +39,16 @@ cdef inline void _decode_item(const floating *q, Py_ssize_t n_rows, Py_ssize_t d
                               const fa_pages *pg) noexcept nogil:
     """One work item of the decoding kernel: the n_rows queries q against count keys and
     values at k, v (of kv_kind, see _decode_run; in pages when pg is not NULL), into the
-    partial state part (m then o) and l_part; s_own: the thread's scratch."""
+    partial state part (m then o) and l_part; s_own: the thread's scratch (_decode_scratch)."""
     if floating is float:
-        if kv_kind == FA_SRC_I8:
+        if kv_kind == FA_SRC_BF16_DP:
+            fa_decode_chunk_bfdp(q, n_rows, d, <const uint16_t*> k, <const uint16_t*> v, d_v,
+                                 count, <float> scale, <float> softcap, part, l_part,
+                                 part + n_rows, s_own,
+                                 <uint16_t*> (s_own + n_rows * FA_DECODE_BLOCK),
+                                 <uint32_t*> (s_own + n_rows * FA_DECODE_BLOCK
+                                              + _round_up(n_rows * d, 16)))
+        elif kv_kind == FA_SRC_I8:
             fa_decode_chunk_i8(q, n_rows, d, <const int8_t*> k, <const int8_t*> v, d_v, count,
                                <float> scale, <float> softcap, ks, vs, phase, part, l_part,
                                part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK, NULL)
@@ -88,9 +102,7 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kin
     cdef Py_ssize_t n_work = n_groups * n_chunks
     # Partial state per work item: m (n_rows), o (n_rows * d_v), in floating; l in double.
     cdef Py_ssize_t part = n_rows * (1 + d_v)
-    # Per thread: the scores (rows of FA_DECODE_BLOCK keys, whole cache lines), then q
-    # times the key scales (8-bit kinds).
-    cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK + _round_up(n_rows * d, 16)
+    cdef Py_ssize_t s_size = _decode_scratch(n_rows, d)
     cdef floating *parts
     cdef double *l_parts
     cdef floating *s_all
@@ -147,7 +159,7 @@ _STORED_KINDS = {_np.dtype(_np.uint16): FA_SRC_BF16, _np.dtype(_np.float16): FA_
 def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1] kv_index,
            double scale, double softcap, object sinks, floating[:, :, ::1] out,
            floating[:, ::1] lse, int n_threads, object ks=None, object vs=None,
-           Py_ssize_t phase=0):
+           Py_ssize_t phase=0, bint products=False):
     """out[i] = softmax(scale q[i] k[kv_index[i]].T) v[kv_index[i]] for groups of single queries.
 
     softcap (0: none) caps the scores to softcap tanh(s / softcap); sinks (None, or one
@@ -161,7 +173,9 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
     e4m3 (its bits, uint8) with their scales (fa_quant.h): ks (n_kv, groups, D) float32,
     one row per group of FA_KV_GROUP keys from the group holding key 0 (key `phase` of
     it), vs (n_kv, L_k) float32, one per value row; rows contiguous, any stride between kv
-    heads. The keys are split in chunks of
+    heads. products: the call allows bfloat16 products (precision="bfloat16"), which
+    bfloat16 keys and values then take where the policy says (_decode_kind). The keys are
+    split in chunks of
     the policy's decode_chunk (fixed, not the thread count); the work items (group, chunk)
     run on the team of _team, and their partial states are merged per group in chunk
     order, so results are bitwise thread-invariant. Returns the number of threads that
@@ -199,6 +213,8 @@ def decode(const floating[:, :, ::1] q, object k, object v, const Py_ssize_t[::1
         PyBuffer_Release(&kb)
         PyBuffer_Release(&vb)
         raise ValueError("decode: 8-bit keys and values need their scales")
+    if floating is float:
+        kind = _decode_kind(kind, products, q.shape[2], vb.shape[2])
     with nogil:
         team = _decode_run(&q[0, 0, 0], kb.buf, vb.buf, kind, kb.strides[0] // kb.itemsize,
                            vb.strides[0] // vb.itemsize, &sc, &kv_index[0], q.shape[0], q.shape[1],
@@ -248,7 +264,7 @@ cdef int _decode_paged_run(const floating *q, const void *k, const void *v, int 
     bitwise thread-invariant. Returns the team that ran, or -1 without scratch."""
     cdef Py_ssize_t chunk = _policy.decode_chunk
     cdef Py_ssize_t part = n_rows * (1 + d_v)
-    cdef Py_ssize_t s_size = n_rows * FA_DECODE_BLOCK + _round_up(n_rows * d, 16)
+    cdef Py_ssize_t s_size = _decode_scratch(n_rows, d)
     cdef Py_ssize_t n_work = 0, grp, w, c, n_keys_all = 0
     cdef Py_ssize_t *first_item = <Py_ssize_t*> malloc((n_groups + 1) * sizeof(Py_ssize_t))
     cdef Py_ssize_t *item_group

@@ -180,6 +180,25 @@ cdef inline int _lowp_mode(int src_kind, Py_ssize_t d_head, Py_ssize_t d_v) noex
     return LP_NONE
 
 
+cdef inline int _decode_kind(int kv_kind, bint products, Py_ssize_t d,
+                             Py_ssize_t d_v) noexcept nogil:
+    """The decoding kernel's kind for storage of kv_kind: FA_SRC_BF16_DP (fa_decode_dp.h)
+    for bfloat16 storage when the call allows bfloat16 products (precision="bfloat16")
+    and the policy's engine runs them natively (AVX512-BF16, or AMX, whose CPUs have it),
+    for head sizes of whole 32s; else kv_kind itself (the exact, widening kernel)."""
+    if (products and kv_kind == FA_SRC_BF16 and FA_HAVE_DPBF16
+            and (_policy.engine == FA_ENGINE_DPBF16 or _policy.engine == FA_ENGINE_AMX)
+            and d > 0 and d % 32 == 0 and d_v > 0 and d_v % 32 == 0):
+        return FA_SRC_BF16_DP
+    return kv_kind
+
+
+def decode_products(Py_ssize_t d, Py_ssize_t d_v):
+    """Whether a decoding call on bfloat16 storage allowed bfloat16 products takes them
+    (_decode_kind), for head sizes d and d_v."""
+    return _decode_kind(FA_SRC_BF16, True, d, d_v) == FA_SRC_BF16_DP
+
+
 cdef inline bint _blas_would_thread(double m, double n, double k) noexcept nogil:
     """Whether BLAS would start its own threads for an m x n x k GEMM (so that a caller
     on fastattn's threads must hold it to one)."""

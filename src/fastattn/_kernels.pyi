@@ -118,6 +118,7 @@ def decode(
     ks: Optional[np.ndarray] = ...,     # object: 8-bit key scales (n_kv, groups, D) float32
     vs: Optional[np.ndarray] = ...,     # object: 8-bit value scales (n_kv, L_k) float32
     phase: int = ...,                   # Py_ssize_t: key 0's row in its group of scales
+    products: bool = ...,               # bint: bfloat16 k, v may take bfloat16 products
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def decode_paged(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)
@@ -160,6 +161,7 @@ def tiles(
 ) -> tuple[int, int]: ...  # (query rows, keys) per tile
 def use_microkernels(itemsize: int, d_head: int, d_v: int) -> bool: ...
 def lowp_mode(kind: str, d_head: int, d_v: int) -> Optional[str]: ...  # "engine", "widen", None
+def decode_products(d: int, d_v: int) -> bool: ...  # bfloat16 storage: bfloat16 products?
 ENGINES: tuple[str, ...]  # the bfloat16 engines, by their number in the policy's engine
 def engines() -> dict[str, str]: ...  # {engine: "ok" or why it cannot run here}
 def blas_would_thread(m: float, n: float, k: float) -> bool: ...

@@ -500,16 +500,18 @@ def _sixteen_bit(dtype):
 
 
 def run_decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads,
-               scales=None):
+               scales=None, products=False):
     """The decoding kernel on prepared arrays: q3 (n_groups, G, D), k3/v3 (n_kv, L_k,
     D or D_v; in q3's dtype, or both bfloat16 or both float16 for float32 q3, or a KVCache's
     8-bit storage with scales = (key scales, value scales, phase): see _kernels.decode),
-    sinks None or (n_groups, G), out3 (n_groups, G, D_v), lse2 (n_groups, G); the kernel
-    picks its team."""
+    sinks None or (n_groups, G), out3 (n_groups, G, D_v), lse2 (n_groups, G); products:
+    bfloat16 keys and values may take bfloat16 products (precision="bfloat16"); the
+    kernel picks its team."""
     if is_bfloat16(k3.dtype):
         k3, v3 = k3.view(np.uint16), v3.view(np.uint16)  # the kernel widens the bits
     _checked(_kernels.decode(q3, k3, v3, kv_index, scale, softcap, sinks, out3, lse2, n_threads,
-                             *(scales or ())), "decoding scratch")
+                             *(scales or (None, None, 0)), products=products),
+             "decoding scratch")
 
 
 @functools.lru_cache(maxsize=64)

@@ -425,7 +425,7 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
             cache.append(k, v)
         if mask is None and window is None and out is None and not return_weights:
             result = _cache.decode_step(q, cache, causal, scale, softcap, sinks, num_threads,
-                                        return_lse)
+                                        return_lse, precision)
             if result is not None:
                 return result
         k, v = cache.keys, cache.values

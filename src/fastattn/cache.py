@@ -5,8 +5,9 @@ import numpy as np
 
 from ._dispatch import kernels as _kernels
 from ._run import cache_decode, identity_index, run_decode
-from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
-                          check_threads, dtype_pair, positive_int)
+from . import _plan
+from ._validation import (as_array, check_flag, check_precision, check_scale, check_sinks,
+                          check_softcap, check_threads, dtype_pair, positive_int)
 
 __all__ = ["KVCache", "decode_step"]
 
@@ -345,7 +346,8 @@ class KVCache:
 IN_PLACE_ROWS = 64
 
 
-def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse):
+def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse,
+                precision=None):
     """One decoding step against a cache, or None to take the general path.
 
     The common call while generating, ``attention(q, cache=cache)`` with q of shape
@@ -354,8 +356,11 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
     cost about 6 us of a 38 us step over 32 heads x 128 tokens. With storage=, also a few
     queries at once (chunked prefill, speculative decoding; see _queries_in_place).
     Anything else (other shapes or dtypes, an empty cache) returns None and goes through
-    the full validation.
+    the full validation. precision="bfloat16" lets bfloat16 storage take bfloat16
+    products where the CPU has them (_kernels.decode's products).
     """
+    products = (cache.storage == "bfloat16"
+                and (check_precision(precision) or _plan.float32_precision()) == "bfloat16")
     if not (type(q) is np.ndarray and q.dtype == cache.dtype and q.ndim == 4
             and q.flags.c_contiguous):
         return None
@@ -369,9 +374,9 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
                 or heads // kv_heads * n_queries > IN_PLACE_ROWS):
             return None
         return _queries_in_place(q, cache, check_flag("causal", causal), scale, softcap, sinks,
-                                 num_threads, return_lse)
+                                 num_threads, return_lse, precision, products)
     check_flag("causal", causal)  # one query, the newest token: causal changes nothing
-    if scale is None and softcap is None and sinks is None and not return_lse:
+    if scale is None and softcap is None and sinks is None and not return_lse and not products:
         # The plainest step, the one generation repeats: checked and run in compiled code.
         start, stop = cache._span()
         result = cache_decode(q, cache._k, cache._v, start, stop - start,
@@ -379,11 +384,11 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
                               (cache._ks, cache._vs) if cache._group > 1 else ())
         if result is not None:
             return result
-    result, lse = _decode(q, cache, 0, n_keys, scale, softcap, sinks, num_threads)
+    result, lse = _decode(q, cache, 0, n_keys, scale, softcap, sinks, num_threads, products)
     return (result, lse) if return_lse else result
 
 
-def _decode(q, cache, first, stop, scale, softcap, sinks, num_threads):
+def _decode(q, cache, first, stop, scale, softcap, sinks, num_threads, products=False):
     """(out, lse) of the queries of q (batch, heads, L_q, D) against held tokens [first,
     stop), every query seeing every one of them, by the decoding kernel on the storage
     in place: each kv head's G x L_q query rows are one group of rows."""
@@ -411,12 +416,14 @@ def _decode(q, cache, first, stop, scale, softcap, sinks, num_threads):
     run_decode(q.reshape(n_groups, rows, d_head),
                cache._k[:, :, start:start + n_keys].reshape(n_groups, n_keys, d_head),
                cache._v[:, :, start:start + n_keys].reshape(n_groups, n_keys, d_v),
-               identity_index(n_groups), scale, softcap, sinks, result, lse, n_threads, scales)
+               identity_index(n_groups), scale, softcap, sinks, result, lse, n_threads, scales,
+               products)
     return (result.reshape(batch, heads, n_queries, d_v),
             lse.reshape(batch, heads, n_queries))
 
 
-def _queries_in_place(q, cache, causal, scale, softcap, sinks, num_threads, return_lse):
+def _queries_in_place(q, cache, causal, scale, softcap, sinks, num_threads, return_lse,
+                      precision, products):
     """attention(q, cache=cache) for L_q > 1 queries against a cache with storage=, reading
     the storage in place. Without causal, every query sees every token: one decoding call.
     With causal, query i (of the last L_q tokens) sees tokens up to n - L_q + i: the first
@@ -427,11 +434,11 @@ def _queries_in_place(q, cache, causal, scale, softcap, sinks, num_threads, retu
 
     n_keys, n_queries = len(cache), q.shape[2]
     shared = n_keys - n_queries + 1 if causal else n_keys
-    out, lse = _decode(q, cache, 0, shared, scale, softcap, sinks, num_threads)
+    out, lse = _decode(q, cache, 0, shared, scale, softcap, sinks, num_threads, products)
     if shared < n_keys:
         start, stop = cache._span()
         out, lse = merge_attention(out, lse, *attention(
             q, cache._held("k", start + shared, stop), cache._held("v", start + shared, stop),
             causal=True, scale=scale, softcap=softcap, return_lse=True,
-            num_threads=num_threads))
+            num_threads=num_threads, precision=precision))
     return (out, lse) if return_lse else out

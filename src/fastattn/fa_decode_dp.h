@@ -1,0 +1,199 @@
+/* The decoding kernel on bfloat16 storage with bfloat16 products (precision="bfloat16"):
+ * one work item as fa_decode_chunk_bf (fa_decode.h) computes it, the same partial state
+ * (m, l, o) for the same merge, but the products on AVX512-BF16's vdpbf16ps, two
+ * bfloat16 products summed into each float32 lane, reading the stored bits as they are:
+ *  - scores: q rounded to bfloat16 once per item (qb), against the keys' bits, pairs of
+ *    dimensions per lane, then the transposing tree of fa_decode.h; the scale is applied
+ *    to the float32 sum, never rounded into q;
+ *  - P V: each block's weights rounded to bfloat16 in pairs of keys (pb: p_j in the low
+ *    half, p_j+1 in the high), against two value rows interleaved in registers
+ *    (vpunpcklwd / vpunpckhwd), so that an output lane sums the pair's products. The
+ *    interleave leaves each 32 columns in "pair order" (lanes 0-15: columns 0-3, 8-11,
+ *    16-19, 24-27; lanes 16-31 the others), which the item keeps in o (the softmax's
+ *    rescale is per element) and puts back in column order at its end.
+ * The softmax statistics (max, sum) are those of the float32 scores and weights, as in
+ * the exact kernel, and as PyTorch's bfloat16 attention and this project's bfloat16
+ * engines keep them. Half the instructions of the widening kernel per product, and no
+ * widening: on a Zen 4 core, 1.6-2.3x its products per second with the data in cache.
+ *
+ * Head sizes: d and d_v whole multiples of 32 (the caller's rule, _k_policy.pxi); no
+ * pages. AVX-512 build with GCC 10+ only (FA_HAVE_DPBF16), run only on a CPU with
+ * AVX512-BF16. Results are deterministic and independent of the thread count (the order
+ * of every sum is fixed by the shape); not bitwise those of the exact kernel. */
+#ifndef FASTATTN_DECODE_DP_H
+#define FASTATTN_DECODE_DP_H
+
+#include "fa_decode.h"
+#include "fa_lowp.h"
+#include <stdlib.h>
+
+/* The decoding kernel's kind for bfloat16 storage taking bfloat16 products (beside the
+ * FA_SRC_* kinds of fa_convert.h; only the decoding kernel knows it). */
+#define FA_SRC_BF16_DP 16
+
+#if FA_HAVE_DPBF16
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16")
+
+/* Scores of RB rows (4, 2, 1) x 16/RB keys: s[g][u] = scale qb[g] . k[u], u < count. */
+static inline __attribute__((always_inline)) void fa_dp_scores_rb(
+    const uint16_t *qb, int rb, ptrdiff_t d, const uint16_t *k, int count, float scale,
+    float *s)
+{
+    const int nk = 16 / rb;
+    __m512 acc[16];
+    for (int u = 0; u < 16; u++) acc[u] = _mm512_setzero_ps();
+    for (int u = 0; u < nk; u++) {
+        const uint16_t *ku = k + (u < count ? u : count - 1) * d;
+        for (ptrdiff_t t = 0; t < d; t += 32) {
+            const __m512bh kv = (__m512bh)_mm512_loadu_si512(ku + t);
+            for (int g = 0; g < rb; g++)
+                acc[g * nk + u] = _mm512_dpbf16_ps(
+                    acc[g * nk + u], (__m512bh)_mm512_loadu_si512(qb + g * d + t), kv);
+        }
+    }
+    const fa_vec_f r = fa_lane_sums_f((fa_vec_f *)acc) * scale;
+    /* (A whole pass with a constant count: with count alone, GCC copied the rows with */
+    /* rep movsq, 15% of the time.)                                                      */
+    if (count == nk)
+        for (int g = 0; g < rb; g++)
+            for (int u = 0; u < nk; u++) s[g * FA_DECODE_BLOCK + u] = r[g * nk + u];
+    else
+        for (int g = 0; g < rb; g++)
+            for (int u = 0; u < count; u++) s[g * FA_DECODE_BLOCK + u] = r[g * nk + u];
+}
+
+/* Scores of the n_rows rows against cnt keys, rows in blocks of 4, 2, 1; d a constant
+ * where it is one of the common head sizes (one key pointer plus constant offsets). */
+#define FA_DP_SCORE_ROWS(RB, D)                                                            \
+    for (; g + (RB) <= n_rows; g += (RB))                                                  \
+        for (ptrdiff_t j = 0; j < cnt; j += 16 / (RB))                                     \
+            fa_dp_scores_rb(qb + g * (D), (RB), (D), k + j * (D),                          \
+                            (int)(cnt - j < 16 / (RB) ? cnt - j : 16 / (RB)), scale,       \
+                            s + g * FA_DECODE_BLOCK + j);
+#define FA_DP_SCORES(D)                                                                    \
+    do {                                                                                   \
+        ptrdiff_t g = 0;                                                                   \
+        FA_DP_SCORE_ROWS(4, D)                                                             \
+        FA_DP_SCORE_ROWS(2, D)                                                             \
+        FA_DP_SCORE_ROWS(1, D)                                                             \
+    } while (0)
+
+static void fa_dp_scores(const uint16_t *qb, ptrdiff_t n_rows, ptrdiff_t d, const uint16_t *k,
+                         ptrdiff_t cnt, float scale, float *s)
+{
+    if (d == 64) FA_DP_SCORES(64);
+    else if (d == 128) FA_DP_SCORES(128);
+    else FA_DP_SCORES(d);
+}
+
+/* o[g][:] += sum_j pb[g][j] v[j][:] for RB rows, W vectors of 16 columns (W even) from
+ * column c, the columns in pair order; key pairs, then a last key alone (paired with a
+ * zero row). */
+#define FA_DP_PV_PASS(RB, W)                                                               \
+    for (; c + 16 * (W) <= d_v; c += 16 * (W)) {                                           \
+        __m512 a[RB][W];                                                                   \
+        for (int g = 0; g < (RB); g++)                                                     \
+            for (int i = 0; i < (W); i++) a[g][i] = _mm512_loadu_ps(o + g * d_v + c + 16 * i); \
+        for (ptrdiff_t j = 0; j < nb; j += 2) {                                            \
+            __m512bh x[W];                                                                 \
+            for (int i = 0; i < (W) / 2; i++) {                                            \
+                const __m512i lo = _mm512_loadu_si512(v + j * d_v + c + 32 * i);           \
+                const __m512i hi = j + 1 < nb ? _mm512_loadu_si512(v + (j + 1) * d_v + c + 32 * i) \
+                                              : _mm512_setzero_si512();                    \
+                x[2 * i] = (__m512bh)_mm512_unpacklo_epi16(lo, hi);                        \
+                x[2 * i + 1] = (__m512bh)_mm512_unpackhi_epi16(lo, hi);                    \
+            }                                                                              \
+            for (int g = 0; g < (RB); g++) {                                               \
+                const __m512bh w = (__m512bh)_mm512_set1_epi32(                            \
+                    (int)pb[g * (FA_DECODE_BLOCK / 2) + j / 2]);                           \
+                for (int i = 0; i < (W); i++) a[g][i] = _mm512_dpbf16_ps(a[g][i], w, x[i]); \
+            }                                                                              \
+        }                                                                                  \
+        for (int g = 0; g < (RB); g++)                                                     \
+            for (int i = 0; i < (W); i++) _mm512_storeu_ps(o + g * d_v + c + 16 * i, a[g][i]); \
+    }
+
+/* Rows in pairs (16 accumulators over 128 columns), then alone; columns in passes of 128,
+ * 64, 32. */
+static void fa_dp_pv(const uint32_t *pb_all, ptrdiff_t n_rows, ptrdiff_t nb, const uint16_t *v,
+                     ptrdiff_t d_v, float *o_all)
+{
+    ptrdiff_t g = 0;
+    for (; g + 2 <= n_rows; g += 2) {
+        const uint32_t *pb = pb_all + g * (FA_DECODE_BLOCK / 2);
+        float *o = o_all + g * d_v;
+        ptrdiff_t c = 0;
+        FA_DP_PV_PASS(2, 8)
+        FA_DP_PV_PASS(2, 4)
+        FA_DP_PV_PASS(2, 2)
+    }
+    for (; g < n_rows; g++) {
+        const uint32_t *pb = pb_all + g * (FA_DECODE_BLOCK / 2);
+        float *o = o_all + g * d_v;
+        ptrdiff_t c = 0;
+        FA_DP_PV_PASS(1, 8)
+        FA_DP_PV_PASS(1, 4)
+        FA_DP_PV_PASS(1, 2)
+    }
+}
+
+/* One work item (see the top of the file; the arguments as fa_decode_chunk_bf's, pages
+ * aside): qb, scratch of n_rows * d bfloat16; pb, of n_rows * FA_DECODE_BLOCK / 2 pairs. */
+static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
+                                 const uint16_t *k, const uint16_t *v, ptrdiff_t d_v,
+                                 ptrdiff_t n_keys, float scale, float softcap, float *m,
+                                 double *l, float *o, float *s, uint16_t *qb, uint32_t *pb)
+{
+    for (ptrdiff_t i = 0; i < n_rows * d; i++) qb[i] = fa_f32_to_bf16(q[i]);  /* once */
+    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }
+    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
+        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
+        fa_dp_scores(qb, n_rows, d, k + j0 * d, nb, scale, s);
+        for (ptrdiff_t g = 0; g < n_rows; g++) {  /* as fa_decode_chunk_bf */
+            float *sr = s + g * FA_DECODE_BLOCK;
+            if (softcap > 0) fa_softcap_row_f(sr, nb, softcap, 1.0f / softcap);
+            float m_new = fa_row_max_f(sr, nb);
+            if (m[g] > m_new) m_new = m[g];
+            const float m_use = m_new == -INFINITY ? 0 : m_new;
+            const float alpha = fa_expf(m[g] - m_use);
+            m[g] = m_new;
+            l[g] = l[g] * alpha + fa_exp_shift_sum_f(sr, nb, m_use);
+            float *orow = o + g * d_v;
+            for (ptrdiff_t c = 0; c < d_v; c++) orow[c] *= alpha;
+            /* 32 weights at a time into 16 pairs (vcvtne2ps2bf16: rounded to nearest    */
+            /* even, as fa_f32_to_bf16, but subnormal weights flushed to zero), the row   */
+            /* zero past nb so that a last lone key pairs with a zero weight.            */
+            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;
+            uint32_t *pr = pb + g * (FA_DECODE_BLOCK / 2);
+            for (ptrdiff_t j = 0; j < nb; j += 32)
+                _mm512_storeu_si512(pr + j / 2, (__m512i)_mm512_cvtne2ps_pbh(
+                    _mm512_loadu_ps(sr + j + 16), _mm512_loadu_ps(sr + j)));
+        }
+        fa_dp_pv(pb, n_rows, nb, v + j0 * d_v, d_v, o);
+    }
+    /* Pair order back to column order, 32 columns at a time. */
+    const __m512i to_first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i to_second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (ptrdiff_t c = 0; c < n_rows * d_v; c += 32) {
+        const __m512 lo = _mm512_loadu_ps(o + c), hi = _mm512_loadu_ps(o + c + 16);
+        _mm512_storeu_ps(o + c, _mm512_permutex2var_ps(lo, to_first, hi));
+        _mm512_storeu_ps(o + c + 16, _mm512_permutex2var_ps(lo, to_second, hi));
+    }
+}
+#pragma GCC pop_options
+#else
+static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
+                                 const uint16_t *k, const uint16_t *v, ptrdiff_t d_v,
+                                 ptrdiff_t n_keys, float scale, float softcap, float *m,
+                                 double *l, float *o, float *s, uint16_t *qb, uint32_t *pb)
+{
+    /* Never reached: the policy takes this kernel only where FA_HAVE_DPBF16. */
+    (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys; (void)scale;
+    (void)softcap; (void)m; (void)l; (void)o; (void)s; (void)qb; (void)pb;
+    abort();
+}
+#endif
+
+#endif
