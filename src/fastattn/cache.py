@@ -359,8 +359,8 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
     the full validation. precision="bfloat16" lets bfloat16 storage take bfloat16
     products where the CPU has them (_kernels.decode's products).
     """
-    products = (cache.storage == "bfloat16"
-                and (check_precision(precision) or _plan.float32_precision()) == "bfloat16")
+    allowed = check_precision(precision) or _plan.float32_precision()
+    products = cache.storage == "bfloat16" and allowed == "bfloat16"
     if not (type(q) is np.ndarray and q.dtype == cache.dtype and q.ndim == 4
             and q.flags.c_contiguous):
         return None

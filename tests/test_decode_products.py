@@ -1,0 +1,170 @@
+"""Decoding on bfloat16 storage with bfloat16 products (precision="bfloat16",
+fa_decode_dp.h): where the CPU runs them (AVX512-BF16), the step is float64 attention on
+q rounded to bfloat16 and the values the cache holds, within the bound of the bfloat16
+engines (test_lowp: the weights rounded to bfloat16, float32 sums), on head sizes of every
+pass of the kernel, key counts off its pairs, passes and blocks, windows, softcap, sinks,
+several queries; bitwise the same for any thread count; and elsewhere (no AVX512-BF16,
+head sizes not whole 32s, the policy's engine off) bitwise the exact step."""
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import KVCache, reference
+from fastattn._dispatch import kernels
+
+from conftest import kernel_policy
+from test_lowp import assert_within_bound
+
+NATIVE = kernels.engines()["avx512bf16"] == "ok"
+needs_native = pytest.mark.skipif(not NATIVE, reason="no AVX512-BF16 on this CPU or build")
+
+
+def bf16_rounded(a):
+    """a (float32) rounded to bfloat16, nearest even, as float32 (finite a)."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32).reshape(np.shape(a))
+
+
+def filled(batch, kv_heads, d, d_v, appends, seed, window=None):
+    rng = np.random.default_rng(seed)
+    cache = KVCache(batch, kv_heads, 1024, d, value_dim=d_v, storage="bfloat16", window=window)
+    for n in appends:
+        k = rng.standard_normal((batch, kv_heads, n, d)).astype(np.float32)
+        k[..., 1] *= 8  # an outlier channel
+        cache.append(k, rng.standard_normal((batch, kv_heads, n, d_v)).astype(np.float32))
+    return cache, rng
+
+
+def weighted_values(q, keys, values, scale, softcap, sinks):
+    """sum_j p_ij |v_j| per output row (float64, the weights normalised), for the bound."""
+    s = np.einsum("bhqd,bhkd->bhqk", q, keys) * scale
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    m = s.max(-1, keepdims=True)
+    if sinks is not None:
+        m = np.maximum(m, sinks[:, :, None, None])
+    p = np.exp(s - m)
+    total = p.sum(-1, keepdims=True)
+    if sinks is not None:
+        total = total + np.exp(sinks[:, :, None, None] - m)
+    return (p / total) @ np.abs(values)
+
+
+# (batch, heads, kv_heads, d, d_v, appends, window): every row block (4, 2, 1 rows per kv
+# head), every column pass (128, 64, 32), key counts of 1, odd, across a block of 256 and
+# a decoding chunk, a window's ring starting mid-way.
+CASES = [
+    (1, 4, 1, 128, 128, (1,), None),
+    (1, 8, 2, 64, 96, (2, 1), None),
+    (2, 3, 1, 32, 32, (31, 2), None),
+    (1, 7, 7, 96, 160, (300,), None),
+    (1, 12, 2, 128, 64, (255, 2, 300), None),
+    (1, 5, 1, 64, 128, (600, 377), None),
+    (1, 4, 2, 128, 128, (200, 150, 90), 333),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-{sum(c[5])}")
+@pytest.mark.parametrize("kwargs", [{}, {"softcap": 4.0, "return_lse": True},
+                                    {"sinks": True, "scale": 0.2}])
+def test_the_step_is_float64_attention_on_the_rounded_query_within_the_bound(case, kwargs):
+    batch, heads, kv_heads, d, d_v, appends, window = case
+    cache, rng = filled(batch, kv_heads, d, d_v, appends, sum(appends) + d, window)
+    q = rng.standard_normal((batch, heads, 1, d)).astype(np.float32)
+    kwargs = dict(kwargs)
+    sinks = None
+    if kwargs.pop("sinks", False):
+        sinks = kwargs["sinks"] = rng.standard_normal((batch, heads)).astype(np.float32)
+    assert kernels.decode_products(d, d_v)
+    got = fastattn.attention(q, cache=cache, precision="bfloat16", **kwargs)
+    out = got[0] if isinstance(got, tuple) else got
+    group = heads // kv_heads
+    keys, values = (np.repeat(a, group, axis=1).astype(np.float64)
+                    for a in (cache.keys, cache.values))
+    q_r = bf16_rounded(q).astype(np.float64)
+    want = reference.attention(q_r.tolist(), keys.tolist(), values.tolist(),
+                               **{n: (a.tolist() if isinstance(a, np.ndarray) else a)
+                                  for n, a in kwargs.items()})
+    want = want if isinstance(want, tuple) else (want,)
+    scale = kwargs.get("scale", 1 / np.sqrt(d))
+    weighted = weighted_values(q_r, keys, values, scale, kwargs.get("softcap"), sinks)
+    assert_within_bound(out, np.array(want[0]), values, f"{case} {kwargs}",
+                        rounded_out=False, weighted=weighted)
+    if kwargs.get("return_lse"):  # the lse is the float32 scores', q rounded
+        np.testing.assert_allclose(got[1], np.array(want[1]), rtol=1e-5, atol=1e-5)
+    for threads in (1, 2, 3):
+        again = fastattn.attention(q, cache=cache, precision="bfloat16", num_threads=threads,
+                                   **kwargs)
+        for a, b in zip(got if isinstance(got, tuple) else (got,),
+                        again if isinstance(again, tuple) else (again,)):
+            assert np.array_equal(a, b)
+
+
+@needs_native
+def test_products_differ_from_the_exact_step_and_by_no_more_than_bfloat16_does():
+    """The products path really runs (its results are not the exact kernel's), and on
+    outlier-channel keys stays within the storage's documented error bound."""
+    from test_cache_storage import BOUNDS, float64_attention, outlier_keys
+
+    q, k, v = outlier_keys(1)
+    cache = KVCache(1, 2, 512, 128, storage="bfloat16")
+    cache.append(k, v)
+    q32 = q.astype(np.float32)
+    exact_step = fastattn.attention(q32, cache=cache)
+    products = fastattn.attention(q32, cache=cache, precision="bfloat16")
+    assert not np.array_equal(exact_step, products)
+    exact = float64_attention(q, k, v)
+    for got in (exact_step, products):
+        rel = np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact ** 2))
+        assert rel <= BOUNDS["bfloat16"], rel
+
+
+@needs_native
+@pytest.mark.parametrize("n_queries, causal", [(3, True), (6, False)])
+def test_several_queries_take_the_products_in_place(monkeypatch, n_queries, causal):
+    cache, rng = filled(1, 2, 64, 64, (100, 60), 5)
+    keys, values = cache.keys, cache.values
+    monkeypatch.setattr(KVCache, "keys", property(lambda self: pytest.fail("copied")))
+    q = rng.standard_normal((1, 4, n_queries, 64)).astype(np.float32)
+    got = fastattn.attention(q, cache=cache, causal=causal, precision="bfloat16")
+    k, v = (np.repeat(a, 2, axis=1).astype(np.float64) for a in (keys, values))
+    n_keys = k.shape[2]
+    q_r = bf16_rounded(q).astype(np.float64)
+    want = reference.attention(q_r.tolist(), k.tolist(), v.tolist(), causal=causal)
+    # Causal: the keys every query sees take the products; the last n_queries - 1 run
+    # through the fused kernel (float32 inputs, precision="bfloat16": its engine).
+    weighted = weighted_values(q_r, k, v, 1 / 8, None, None) if not causal else None
+    assert_within_bound(got, np.array(want), v, f"{n_queries} {causal} of {n_keys}",
+                        rounded_out=False, weighted=weighted)
+
+
+@pytest.mark.parametrize("d, d_v", [(128, 128), (80, 128), (128, 48)])
+def test_elsewhere_precision_bfloat16_is_the_exact_step_bitwise(d, d_v):
+    """Head sizes not whole 32s, the policy's engine off, or no AVX512-BF16: the exact
+    widening kernel, bitwise."""
+    cache, rng = filled(1, 2, d, d_v, (70, 3), d)
+    q = rng.standard_normal((1, 4, 1, d)).astype(np.float32)
+    exact_step = fastattn.attention(q, cache=cache)
+    with kernel_policy(engine=kernels.ENGINES.index("none")):
+        assert not kernels.decode_products(d, d_v)
+        assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
+                              exact_step)
+    if not kernels.decode_products(d, d_v):
+        assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
+                              exact_step)
+
+
+def test_other_storage_ignores_precision_and_a_bad_precision_is_refused():
+    cache = KVCache(1, 1, 16, 32, storage="float16")
+    cache.append(np.ones((1, 1, 5, 32)), np.ones((1, 1, 5, 32)))
+    q = np.full((1, 2, 1, 32), 0.5, np.float32)
+    assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
+                          fastattn.attention(q, cache=cache))
+    for storage in ("bfloat16", None):
+        cache = KVCache(1, 1, 16, 32, storage=storage)
+        cache.append(np.ones((1, 1, 5, 32)), np.ones((1, 1, 5, 32)))
+        with pytest.raises(ValueError, match="precision"):
+            fastattn.attention(q, cache=cache, precision="fast")
