@@ -372,6 +372,9 @@ def _storage_row(case, against, threads, min_time, gap):
     del k, v
     contenders = {name: (lambda c=c: api.attention(q, cache=c, num_threads=threads))
                   for name, c in caches.items()}
+    if case.dtype == "bfloat16" and _kernels.decode_products(d, d):
+        contenders["products"] = lambda: api.attention(q, cache=caches["fastattn"],
+                                                       num_threads=threads, precision="bfloat16")
     moved = caches["fastattn"].nbytes
     block = _kernels.read_sum_multiple() * threads
     floor_buf = np.ones(-(-moved // block) * block // 4, np.float32)
@@ -388,6 +391,7 @@ def _storage_row(case, against, threads, min_time, gap):
     appended = time_alternating({"append": append}, 5, min_time, gap)["append"]
     return times, {"rate": moved / times["fastattn"] / 1e9, "unit": "GB/s",
                    "float32": times.pop("float32 cache"), "floor": times.pop("floor"),
+                   "products": times.pop("products", None), "flops": 4.0 * b * h * n * d,
                    "append": 2 * chunk.nbytes / appended / 1e9}
 
 
@@ -475,7 +479,13 @@ def run(cases, against=("numpy",), threads=None, min_time=0.05, gap=0.2, out=sys
             rate += (f" ({fa / extra['float32']:.2f}x the float32 cache's time, "
                      f"{_fmt_time(extra['float32'])}; read floor of its bytes "
                      f"{_fmt_time(extra['floor'])}: {100 * extra['floor'] / fa:.0f}%; "
-                     f"append of 4096 tokens {extra['append']:.1f} GB/s of float32)")
+                     f"append of 4096 tokens {extra['append']:.1f} GB/s of float32; "
+                     f"its FLOPs at the FMA peak {_fmt_time(extra['flops'] / ceil['fma_float32'] / 1e9)}"
+                     + ("" if extra["products"] is None else
+                        f"; precision='bfloat16' {_fmt_time(extra['products'])}: "
+                        f"{extra['products'] / extra['float32']:.2f}x the float32 cache's time, "
+                        f"{100 * extra['floor'] / extra['products']:.0f}% of the read floor")
+                     + ")")
         if "fma_gflops" in extra:
             peak = "fma_" + case.dtype
             ceil[peak] = max(ceil[peak], extra["fma_gflops"])
