@@ -351,6 +351,8 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
         weights-times-values product; softmax and sums stay float32 and so does the
         result. Where there is no engine the call runs exact. A permission, like
         ``torch.set_float32_matmul_precision``: the error bounds are in the dtype guide.
+        With a cache, only a ``storage="bfloat16"`` one takes it: its decoding step
+        rounds q and the weights to bfloat16 against the stored bits (decoding guide).
 
     Returns
     -------

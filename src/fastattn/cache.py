@@ -93,6 +93,8 @@ class KVCache:
         refuses NaN and inf (and float16 values beyond its range, 65504) naming the
         argument, computes in float32, and ``keys``/``values`` are float copies of what it
         holds (dequantized), not views. See the decoding guide for the error of each.
+        With ``precision="bfloat16"`` (or :func:`~fastattn.set_float32_precision`), a
+        bfloat16 cache's steps take bfloat16 products where the CPU has them.
     window : int, optional
         Keep only the last ``window`` tokens (sliding-window attention); ``window <=
         capacity``. The cache is then a ring in which each token is written twice, so the
