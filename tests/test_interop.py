@@ -171,7 +171,7 @@ def test_without_ml_dtypes_no_array_is_taken_for_bfloat16(monkeypatch, dtype):
         assert _validation.bfloat16() is None
         calls = []
         original = _run._kernels.decode
-        monkeypatch.setattr(_run._kernels, "decode", lambda *a: calls.append(a) or original(*a))
+        monkeypatch.setattr(_run._kernels, "decode", lambda *a, **kw: calls.append(a) or original(*a, **kw))
         q, k, v = rand((2, 4, 1, 16), 5, dtype), rand((2, 2, 40, 16), 6, dtype), rand((2, 2, 40, 8), 7, dtype)
         out = fastattn.attention(q, k, v, return_lse=True)[0]  # the general path's decoding
         assert calls and calls[0][1].dtype == dtype and out.dtype == dtype  # not as bfloat16 bits

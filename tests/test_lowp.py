@@ -212,7 +212,7 @@ def test_decoding_reads_16_bit_keys_in_place_bitwise_the_float32_step(dtype, mon
     seen = []
     real = kernels.decode
     monkeypatch.setattr(_run._kernels, "decode",
-                        lambda q3, k3, v3, *rest: seen.append(k3) or real(q3, k3, v3, *rest))
+                        lambda q3, k3, v3, *rest, **kw: seen.append(k3) or real(q3, k3, v3, *rest, **kw))
     got = fastattn.attention(q, k, v, softcap=5.0)
     assert np.array_equal(got, want)
     assert seen and seen[0].itemsize == 2 and np.shares_memory(seen[0], k)  # no copy
