@@ -147,7 +147,7 @@ def test_bfloat16_decoding_reads_keys_in_place_and_equals_float32_bitwise():
         original = kernels.decode
         kernels_attr = _run._kernels
         try:
-            kernels_attr.decode = lambda *a: calls.append(a) or original(*a)
+            kernels_attr.decode = lambda *a, **kw: calls.append(a) or original(*a, **kw)
             out, lse = fastattn.attention(q, k, v, softcap=4.0, sinks=sinks, return_lse=True)
         finally:
             kernels_attr.decode = original
