@@ -31,11 +31,19 @@
  * FA_SRC_* kinds of fa_convert.h; only the decoding kernel knows it). */
 #define FA_SRC_BF16_DP 16
 
+/* Keys ahead whose rows the kernel asks the L2 cache for (prefetcht1) as it reads each
+ * key and value row: one block, the rows read next. (Zen 4, 2 threads, 16,384 tokens: the
+ * step 5% faster, 8 of 8 alternating runs; the CPU's own prefetchers leave the step
+ * short of the read floor once the products no longer bound it.) Prefetches past the end
+ * of the storage are hints, which never fault. */
+#define FA_DP_AHEAD FA_DECODE_BLOCK
+
 #if FA_HAVE_DPBF16
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512bf16")
 
-/* Scores of RB rows (4, 2, 1) x 16/RB keys: s[g][u] = scale qb[g] . k[u], u < count. */
+/* Scores of RB rows (4, 2, 1) x 16/RB keys: s[g][u] = scale qb[g] . k[u], u < count.
+ * Dimensions outer, keys inner: each 32 dimensions of q's rows loaded once for the pass. */
 static inline __attribute__((always_inline)) void fa_dp_scores_rb(
     const uint16_t *qb, int rb, ptrdiff_t d, const uint16_t *k, int count, float scale,
     float *s)
@@ -43,13 +51,18 @@ static inline __attribute__((always_inline)) void fa_dp_scores_rb(
     const int nk = 16 / rb;
     __m512 acc[16];
     for (int u = 0; u < 16; u++) acc[u] = _mm512_setzero_ps();
-    for (int u = 0; u < nk; u++) {
-        const uint16_t *ku = k + (u < count ? u : count - 1) * d;
-        for (ptrdiff_t t = 0; t < d; t += 32) {
-            const __m512bh kv = (__m512bh)_mm512_loadu_si512(ku + t);
+    const uint16_t *ku[16];
+    for (int u = 0; u < nk; u++) ku[u] = k + (u < count ? u : count - 1) * d;
+    for (int u = 0; u < nk; u++)
+        for (ptrdiff_t b = 0; b < d * 2; b += 64)
+            _mm_prefetch((const char *)(ku[u] + FA_DP_AHEAD * d) + b, _MM_HINT_T1);
+    for (ptrdiff_t t = 0; t < d; t += 32) {
+        __m512bh qv[4];
+        for (int g = 0; g < rb; g++) qv[g] = (__m512bh)_mm512_loadu_si512(qb + g * d + t);
+        for (int u = 0; u < nk; u++) {
+            const __m512bh kv = (__m512bh)_mm512_loadu_si512(ku[u] + t);
             for (int g = 0; g < rb; g++)
-                acc[g * nk + u] = _mm512_dpbf16_ps(
-                    acc[g * nk + u], (__m512bh)_mm512_loadu_si512(qb + g * d + t), kv);
+                acc[g * nk + u] = _mm512_dpbf16_ps(acc[g * nk + u], qv[g], kv);
         }
     }
     const fa_vec_f r = fa_lane_sums_f((fa_vec_f *)acc) * scale;
@@ -96,6 +109,9 @@ static void fa_dp_scores(const uint16_t *qb, ptrdiff_t n_rows, ptrdiff_t d, cons
         for (int g = 0; g < (RB); g++)                                                     \
             for (int i = 0; i < (W); i++) a[g][i] = _mm512_loadu_ps(o + g * d_v + c + 16 * i); \
         for (ptrdiff_t j = 0; j < nb; j += 2) {                                            \
+            if (g == 0 && c == 0)  /* the next block's rows j, j + 1 */                    \
+                for (ptrdiff_t b = 0; b < d_v * 4; b += 64)                                \
+                    _mm_prefetch((const char *)(v + (j + FA_DP_AHEAD) * d_v) + b, _MM_HINT_T1); \
             __m512bh x[W];                                                                 \
             for (int i = 0; i < (W) / 2; i++) {                                            \
                 const __m512i lo = _mm512_loadu_si512(v + j * d_v + c + 32 * i);           \
