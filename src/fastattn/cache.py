@@ -3,9 +3,9 @@ step on it (``attention(q, cache=cache)``'s short path)."""
 
 import numpy as np
 
+from . import _plan
 from ._dispatch import kernels as _kernels
 from ._run import cache_decode, identity_index, run_decode
-from . import _plan
 from ._validation import (as_array, check_flag, check_precision, check_scale, check_sinks,
                           check_softcap, check_threads, dtype_pair, positive_int)
 

@@ -8,9 +8,10 @@
  *  - P V: each block's weights rounded to bfloat16 in pairs of keys (pb: p_j in the low
  *    half, p_j+1 in the high), against two value rows interleaved in registers
  *    (vpunpcklwd / vpunpckhwd), so that an output lane sums the pair's products. The
- *    interleave leaves each 32 columns in "pair order" (lanes 0-15: columns 0-3, 8-11,
- *    16-19, 24-27; lanes 16-31 the others), which the item keeps in o (the softmax's
- *    rescale is per element) and puts back in column order at its end.
+ *    interleave leaves each 32 columns in "pair order" (of their two accumulators, the
+ *    first holds columns 0-3, 8-11, 16-19, 24-27, the second the others), which the item
+ *    keeps in o (the softmax's rescale is per element) and puts back in column order at
+ *    its end.
  * The softmax statistics (max, sum) are those of the float32 scores and weights, as in
  * the exact kernel, and as PyTorch's bfloat16 attention and this project's bfloat16
  * engines keep them. Half the instructions of the widening kernel per product, and no
@@ -109,7 +110,7 @@ static void fa_dp_scores(const uint16_t *qb, ptrdiff_t n_rows, ptrdiff_t d, cons
         for (int g = 0; g < (RB); g++)                                                     \
             for (int i = 0; i < (W); i++) a[g][i] = _mm512_loadu_ps(o + g * d_v + c + 16 * i); \
         for (ptrdiff_t j = 0; j < nb; j += 2) {                                            \
-            if (g == 0 && c == 0)  /* the next block's rows j, j + 1 */                    \
+            if (g == 0 && c == 0)  /* next block's rows j, j + 1, in the first pass */     \
                 for (ptrdiff_t b = 0; b < d_v * 4; b += 64)                                \
                     _mm_prefetch((const char *)(v + (j + FA_DP_AHEAD) * d_v) + b, _MM_HINT_T1); \
             __m512bh x[W];                                                                 \
