@@ -268,6 +268,21 @@ static inline void fa_dec_pv_##SUFFIX(const T *p_all, ptrdiff_t n_rows, ptrdiff_
         FA_DEC_PV_PASS(T, SUFFIX, 1, 1, KT, LOADV)                                         \
     }                                                                                      \
 }                                                                                          \
+/* One row's step of the online softmax over a block's nb scores sr (softcapped first  */ \
+/* when softcap > 0): the running max *m and sum *l, the output row rescaled to the new  */ \
+/* max, sr left holding the block's weights e^(s - m). (Also fa_decode_dp.h's.)          */ \
+static inline __attribute__((always_inline)) void fa_dec_online_##SUFFIX(                 \
+    T *sr, ptrdiff_t nb, T softcap, T *m, double *l, T *orow, ptrdiff_t d_v)               \
+{                                                                                          \
+    if (softcap > 0) fa_softcap_row_##RS(sr, nb, softcap, (T)1 / softcap);                 \
+    T m_new = fa_row_max_##RS(sr, nb);                                                     \
+    if (*m > m_new) m_new = *m;                                                            \
+    const T m_use = m_new == -INFINITY ? 0 : m_new;                                        \
+    const T alpha = EXP(*m - m_use);                                                       \
+    *m = m_new;                                                                            \
+    *l = *l * alpha + fa_exp_shift_sum_##RS(sr, nb, m_use);                                \
+    for (ptrdiff_t c = 0; c < d_v; c++) orow[c] *= alpha;                                  \
+}                                                                                          \
 /* One work item: the n_rows rows of q against keys and values [0, n_keys) (see the top */ \
 /* of the file). 8-bit kinds (QUANT): ks points at the scales of the key group holding   */ \
 /* key 0, which is key `phase` of its group; vs at key 0's value scale; qs is scratch of */ \
@@ -308,15 +323,7 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
         }                                                                                  \
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
             T *sr = s + g * FA_DECODE_BLOCK;                                               \
-            if (softcap > 0) fa_softcap_row_##RS(sr, nb, softcap, (T)1 / softcap);         \
-            T m_new = fa_row_max_##RS(sr, nb);                                             \
-            if (m[g] > m_new) m_new = m[g];                                                \
-            T m_use = m_new == -INFINITY ? 0 : m_new;                                      \
-            T alpha = EXP(m[g] - m_use);                                                   \
-            m[g] = m_new;                                                                  \
-            l[g] = l[g] * alpha + fa_exp_shift_sum_##RS(sr, nb, m_use);                    \
-            T *orow = o + g * d_v;                                                         \
-            for (ptrdiff_t c = 0; c < d_v; c++) orow[c] *= alpha;                          \
+            fa_dec_online_##SUFFIX(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);       \
             if (QUANT)                                                                     \
                 for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];                    \
         }                                                                                  \

@@ -131,28 +131,24 @@ static void fa_dp_scores(const uint16_t *qb, ptrdiff_t n_rows, ptrdiff_t d, cons
             for (int i = 0; i < (W); i++) _mm512_storeu_ps(o + g * d_v + c + 16 * i, a[g][i]); \
     }
 
-/* Rows in pairs (16 accumulators over 128 columns), then alone; columns in passes of 128,
- * 64, 32. */
+/* Rows g, g + RB, ... while RB rows are left, each block in passes of 128, 64, 32 columns. */
+#define FA_DP_PV_ROWS(RB)                                                                  \
+    for (; g + (RB) <= n_rows; g += (RB)) {                                                \
+        const uint32_t *pb = pb_all + g * (FA_DECODE_BLOCK / 2);                           \
+        float *o = o_all + g * d_v;                                                        \
+        ptrdiff_t c = 0;                                                                   \
+        FA_DP_PV_PASS(RB, 8)                                                               \
+        FA_DP_PV_PASS(RB, 4)                                                               \
+        FA_DP_PV_PASS(RB, 2)                                                               \
+    }
+
+/* Rows in pairs (16 accumulators over 128 columns), then alone. */
 static void fa_dp_pv(const uint32_t *pb_all, ptrdiff_t n_rows, ptrdiff_t nb, const uint16_t *v,
                      ptrdiff_t d_v, float *o_all)
 {
     ptrdiff_t g = 0;
-    for (; g + 2 <= n_rows; g += 2) {
-        const uint32_t *pb = pb_all + g * (FA_DECODE_BLOCK / 2);
-        float *o = o_all + g * d_v;
-        ptrdiff_t c = 0;
-        FA_DP_PV_PASS(2, 8)
-        FA_DP_PV_PASS(2, 4)
-        FA_DP_PV_PASS(2, 2)
-    }
-    for (; g < n_rows; g++) {
-        const uint32_t *pb = pb_all + g * (FA_DECODE_BLOCK / 2);
-        float *o = o_all + g * d_v;
-        ptrdiff_t c = 0;
-        FA_DP_PV_PASS(1, 8)
-        FA_DP_PV_PASS(1, 4)
-        FA_DP_PV_PASS(1, 2)
-    }
+    FA_DP_PV_ROWS(2)
+    FA_DP_PV_ROWS(1)
 }
 
 /* One work item (see the top of the file; the arguments as fa_decode_chunk_bf's, pages
@@ -168,17 +164,9 @@ static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
         const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
         fa_dp_scores(qb, n_rows, d, k + j0 * d, nb, scale, s);
-        for (ptrdiff_t g = 0; g < n_rows; g++) {  /* as fa_decode_chunk_bf */
+        for (ptrdiff_t g = 0; g < n_rows; g++) {
             float *sr = s + g * FA_DECODE_BLOCK;
-            if (softcap > 0) fa_softcap_row_f(sr, nb, softcap, 1.0f / softcap);
-            float m_new = fa_row_max_f(sr, nb);
-            if (m[g] > m_new) m_new = m[g];
-            const float m_use = m_new == -INFINITY ? 0 : m_new;
-            const float alpha = fa_expf(m[g] - m_use);
-            m[g] = m_new;
-            l[g] = l[g] * alpha + fa_exp_shift_sum_f(sr, nb, m_use);
-            float *orow = o + g * d_v;
-            for (ptrdiff_t c = 0; c < d_v; c++) orow[c] *= alpha;
+            fa_dec_online_bf(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);
             /* 32 weights at a time into 16 pairs (vcvtne2ps2bf16: rounded to nearest    */
             /* even, as fa_f32_to_bf16, but subnormal weights flushed to zero), the row   */
             /* zero past nb so that a last lone key pairs with a zero weight.            */
