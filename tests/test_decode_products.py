@@ -14,17 +14,15 @@ from fastattn import KVCache, reference
 from fastattn._dispatch import kernels
 
 from conftest import kernel_policy
-from test_lowp import assert_within_bound
+from test_lowp import BF16, assert_within_bound
 
 NATIVE = kernels.engines()["avx512bf16"] == "ok"
 needs_native = pytest.mark.skipif(not NATIVE, reason="no AVX512-BF16 on this CPU or build")
 
 
 def bf16_rounded(a):
-    """a (float32) rounded to bfloat16, nearest even, as float32 (finite a)."""
-    bits = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.astype(np.uint32).view(np.float32).reshape(np.shape(a))
+    """a rounded to bfloat16 (nearest even), as float64."""
+    return np.asarray(a, np.float32).astype(BF16).astype(np.float64)
 
 
 def filled(batch, kv_heads, d, d_v, appends, seed, window=None):
@@ -35,21 +33,6 @@ def filled(batch, kv_heads, d, d_v, appends, seed, window=None):
         k[..., 1] *= 8  # an outlier channel
         cache.append(k, rng.standard_normal((batch, kv_heads, n, d_v)).astype(np.float32))
     return cache, rng
-
-
-def weighted_values(q, keys, values, scale, softcap, sinks):
-    """sum_j p_ij |v_j| per output row (float64, the weights normalised), for the bound."""
-    s = np.einsum("bhqd,bhkd->bhqk", q, keys) * scale
-    if softcap:
-        s = softcap * np.tanh(s / softcap)
-    m = s.max(-1, keepdims=True)
-    if sinks is not None:
-        m = np.maximum(m, sinks[:, :, None, None])
-    p = np.exp(s - m)
-    total = p.sum(-1, keepdims=True)
-    if sinks is not None:
-        total = total + np.exp(sinks[:, :, None, None] - m)
-    return (p / total) @ np.abs(values)
 
 
 # (batch, heads, kv_heads, d, d_v, appends, window): every row block (4, 2, 1 rows per kv
@@ -75,26 +58,21 @@ def test_the_step_is_float64_attention_on_the_rounded_query_within_the_bound(cas
     cache, rng = filled(batch, kv_heads, d, d_v, appends, sum(appends) + d, window)
     q = rng.standard_normal((batch, heads, 1, d)).astype(np.float32)
     kwargs = dict(kwargs)
-    sinks = None
     if kwargs.pop("sinks", False):
-        sinks = kwargs["sinks"] = rng.standard_normal((batch, heads)).astype(np.float32)
+        kwargs["sinks"] = rng.standard_normal((batch, heads)).astype(np.float32)
     assert kernels.decode_products(d, d_v)
     got = fastattn.attention(q, cache=cache, precision="bfloat16", **kwargs)
     out = got[0] if isinstance(got, tuple) else got
     group = heads // kv_heads
     keys, values = (np.repeat(a, group, axis=1).astype(np.float64)
                     for a in (cache.keys, cache.values))
-    q_r = bf16_rounded(q).astype(np.float64)
-    want = reference.attention(q_r.tolist(), keys.tolist(), values.tolist(),
-                               **{n: (a.tolist() if isinstance(a, np.ndarray) else a)
-                                  for n, a in kwargs.items()})
-    want = want if isinstance(want, tuple) else (want,)
-    scale = kwargs.get("scale", 1 / np.sqrt(d))
-    weighted = weighted_values(q_r, keys, values, scale, kwargs.get("softcap"), sinks)
-    assert_within_bound(out, np.array(want[0]), values, f"{case} {kwargs}",
-                        rounded_out=False, weighted=weighted)
-    if kwargs.get("return_lse"):  # the lse is the float32 scores', q rounded
-        np.testing.assert_allclose(got[1], np.array(want[1]), rtol=1e-5, atol=1e-5)
+    want, weights, *lse = reference.attention(
+        bf16_rounded(q).tolist(), keys.tolist(), values.tolist(), return_weights=True,
+        **{n: (a.tolist() if isinstance(a, np.ndarray) else a) for n, a in kwargs.items()})
+    assert_within_bound(out, np.array(want), values, f"{case} {kwargs}", rounded_out=False,
+                        weighted=np.array(weights) @ np.abs(values))
+    if lse:  # the lse is the float32 scores', q rounded
+        np.testing.assert_allclose(got[1], np.array(lse[0]), rtol=1e-5, atol=1e-5)
     for threads in (1, 2, 3):
         again = fastattn.attention(q, cache=cache, precision="bfloat16", num_threads=threads,
                                    **kwargs)
@@ -132,11 +110,11 @@ def test_several_queries_take_the_products_in_place(monkeypatch, n_queries, caus
     got = fastattn.attention(q, cache=cache, causal=causal, precision="bfloat16")
     k, v = (np.repeat(a, 2, axis=1).astype(np.float64) for a in (keys, values))
     n_keys = k.shape[2]
-    q_r = bf16_rounded(q).astype(np.float64)
-    want = reference.attention(q_r.tolist(), k.tolist(), v.tolist(), causal=causal)
+    want, weights = reference.attention(bf16_rounded(q).tolist(), k.tolist(), v.tolist(),
+                                        causal=causal, return_weights=True)
     # Causal: the keys every query sees take the products; the last n_queries - 1 run
     # through the fused kernel (float32 inputs, precision="bfloat16": its engine).
-    weighted = weighted_values(q_r, k, v, 1 / 8, None, None) if not causal else None
+    weighted = np.array(weights) @ np.abs(v) if not causal else None
     assert_within_bound(got, np.array(want), v, f"{n_queries} {causal} of {n_keys}",
                         rounded_out=False, weighted=weighted)
 
