@@ -180,23 +180,42 @@ cdef inline int _lowp_mode(int src_kind, Py_ssize_t d_head, Py_ssize_t d_v) noex
     return LP_NONE
 
 
+cdef int _vnni = -1  # fa_cpu_avx512_vnni(), once per process (-1: not asked yet)
+
+
 cdef inline int _decode_kind(int kv_kind, bint products, Py_ssize_t d,
                              Py_ssize_t d_v) noexcept nogil:
-    """The decoding kernel's kind for storage of kv_kind: FA_SRC_BF16_DP (fa_decode_dp.h)
-    for bfloat16 storage when the call allows bfloat16 products (precision="bfloat16")
-    and the policy's engine runs them natively (AVX512-BF16, or AMX, whose CPUs have it),
-    for head sizes of whole 32s; else kv_kind itself (the exact, widening kernel)."""
-    if (products and kv_kind == FA_SRC_BF16 and FA_HAVE_DPBF16
+    """The decoding kernel's kind for storage of kv_kind when the call allows products
+    below float32 (precision="bfloat16") and the policy's engine runs bfloat16 natively
+    (AVX512-BF16, or AMX, whose CPUs have it; FASTATTN_ENGINE=none turns the products
+    off), for head sizes of whole 32s (fa_decode_dp.h): bfloat16 storage FA_SRC_BF16_DP;
+    int8 storage FA_SRC_I8_DP where the CPU has AVX512-VNNI too and d <= 512 (its
+    integer sums' bound). Else kv_kind itself (the exact, widening kernel)."""
+    global _vnni
+    if not (products and FA_HAVE_DPBF16
             and (_policy.engine == FA_ENGINE_DPBF16 or _policy.engine == FA_ENGINE_AMX)
             and d > 0 and d % 32 == 0 and d_v > 0 and d_v % 32 == 0):
+        return kv_kind
+    if kv_kind == FA_SRC_BF16:
         return FA_SRC_BF16_DP
+    if kv_kind == FA_SRC_I8 and d <= 512:
+        if _vnni < 0:
+            _vnni = fa_cpu_avx512_vnni()
+        if _vnni:
+            return FA_SRC_I8_DP
     return kv_kind
 
 
-def decode_products(Py_ssize_t d, Py_ssize_t d_v):
-    """Whether a decoding call on bfloat16 storage allowed bfloat16 products takes them
-    (_decode_kind), for head sizes d and d_v."""
-    return _decode_kind(FA_SRC_BF16, True, d, d_v) == FA_SRC_BF16_DP
+_PRODUCT_KINDS = {"bfloat16": (FA_SRC_BF16, FA_SRC_BF16_DP), "int8": (FA_SRC_I8, FA_SRC_I8_DP)}
+
+
+def decode_products(Py_ssize_t d, Py_ssize_t d_v, str storage="bfloat16"):
+    """Whether a decoding call on storage ("bfloat16", "int8"; any other: False) allowed
+    products below float32 takes them (_decode_kind), for head sizes d and d_v."""
+    if storage not in _PRODUCT_KINDS:
+        return False
+    kind, product_kind = _PRODUCT_KINDS[storage]
+    return _decode_kind(kind, True, d, d_v) == product_kind
 
 
 cdef inline bint _blas_would_thread(double m, double n, double k) noexcept nogil:

@@ -161,7 +161,7 @@ def tiles(
 ) -> tuple[int, int]: ...  # (query rows, keys) per tile
 def use_microkernels(itemsize: int, d_head: int, d_v: int) -> bool: ...
 def lowp_mode(kind: str, d_head: int, d_v: int) -> Optional[str]: ...  # "engine", "widen", None
-def decode_products(d: int, d_v: int) -> bool: ...  # bfloat16 storage: bfloat16 products?
+def decode_products(d: int, d_v: int, storage: str = ...) -> bool: ...  # products below float32?
 ENGINES: tuple[str, ...]  # the bfloat16 engines, by their number in the policy's engine
 def engines() -> dict[str, str]: ...  # {engine: "ok" or why it cannot run here}
 def blas_would_thread(m: float, n: float, k: float) -> bool: ...

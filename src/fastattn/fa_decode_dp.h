@@ -31,6 +31,8 @@
 /* The decoding kernel's kind for bfloat16 storage taking bfloat16 products (beside the
  * FA_SRC_* kinds of fa_convert.h; only the decoding kernel knows it). */
 #define FA_SRC_BF16_DP 16
+/* ...and for int8 storage taking 16-bit integer products (fa_decode_chunk_i8dp). */
+#define FA_SRC_I8_DP 17
 
 /* Keys ahead whose rows the kernel asks the L2 cache for (prefetcht1) as it reads each
  * key and value row: one block, the rows read next. (Zen 4, 2 threads, 16,384 tokens: the
@@ -40,115 +42,176 @@
 #define FA_DP_AHEAD FA_DECODE_BLOCK
 
 #if FA_HAVE_DPBF16
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512bf16")
+#include <cpuid.h>
 
-/* Scores of RB rows (4, 2, 1) x 16/RB keys: s[g][u] = scale qb[g] . k[u], u < count.
- * Dimensions outer, keys inner: each 32 dimensions of q's rows loaded once for the pass. */
-static inline __attribute__((always_inline)) void fa_dp_scores_rb(
-    const uint16_t *qb, int rb, ptrdiff_t d, const uint16_t *k, int count, float scale,
-    float *s)
+/* Whether the CPU has AVX512-VNNI (CPUID leaf 7 subleaf 0, ECX bit 11). */
+static inline int fa_cpu_avx512_vnni(void)
 {
-    const int nk = 16 / rb;
-    __m512 acc[16];
-    for (int u = 0; u < 16; u++) acc[u] = _mm512_setzero_ps();
-    const uint16_t *ku[16];
-    for (int u = 0; u < nk; u++) ku[u] = k + (u < count ? u : count - 1) * d;
-    for (int u = 0; u < nk; u++)
-        for (ptrdiff_t b = 0; b < d * 2; b += 64)
-            _mm_prefetch((const char *)(ku[u] + FA_DP_AHEAD * d) + b, _MM_HINT_T1);
-    for (ptrdiff_t t = 0; t < d; t += 32) {
-        __m512bh qv[4];
-        for (int g = 0; g < rb; g++) qv[g] = (__m512bh)_mm512_loadu_si512(qb + g * d + t);
-        for (int u = 0; u < nk; u++) {
-            const __m512bh kv = (__m512bh)_mm512_loadu_si512(ku[u] + t);
-            for (int g = 0; g < rb; g++)
-                acc[g * nk + u] = _mm512_dpbf16_ps(acc[g * nk + u], qv[g], kv);
-        }
-    }
-    const fa_vec_f r = fa_lane_sums_f((fa_vec_f *)acc) * scale;
-    /* (A whole pass with a constant count: with count alone, GCC copied the rows with */
-    /* rep movsq, and the step ran 1.37x slower.)                                        */
-    if (count == nk)
-        for (int g = 0; g < rb; g++)
-            for (int u = 0; u < nk; u++) s[g * FA_DECODE_BLOCK + u] = r[g * nk + u];
-    else
-        for (int g = 0; g < rb; g++)
-            for (int u = 0; u < count; u++) s[g * FA_DECODE_BLOCK + u] = r[g * nk + u];
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (c >> 11) & 1;
 }
 
-/* Scores of the n_rows rows against cnt keys, rows in blocks of 4, 2, 1; d a constant
- * where it is one of the common head sizes (one key pointer plus constant offsets). */
-#define FA_DP_SCORE_ROWS(RB, D)                                                            \
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16,avx512vnni")
+
+/* The two kinds of products, as the generic parts below take them: ACC the accumulator
+ * type, ZERO one of them, QV(p) 32 q elements, KV(p) 32 stored elements as the product's
+ * operand, DP(acc, a, b) the product instruction, TOF(acc) the accumulator as floats.
+ *  - BF: bfloat16 keys and values (their bits), q and the weights as bfloat16 pairs;
+ *  - I8: int8 keys and values sign-extended to 16 bits (vpmovsxbw), q and the weights as
+ *    16-bit integers; vpdpwssd sums two exact products into each int32 lane. */
+#define FA_DP_BF_ACC __m512
+#define FA_DP_BF_ZERO _mm512_setzero_ps()
+#define FA_DP_BF_QV(p) ((__m512bh)_mm512_loadu_si512(p))
+#define FA_DP_BF_KV(p) ((__m512bh)_mm512_loadu_si512(p))
+#define FA_DP_BF_DP(acc, a, b) _mm512_dpbf16_ps(acc, a, (__m512bh)(b))
+#define FA_DP_BF_TOF(acc) (acc)
+#define FA_DP_I8_ACC __m512i
+#define FA_DP_I8_ZERO _mm512_setzero_si512()
+#define FA_DP_I8_QV(p) _mm512_loadu_si512(p)
+#define FA_DP_I8_KV(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define FA_DP_I8_DP(acc, a, b) _mm512_dpwssd_epi32(acc, a, (__m512i)(b))
+#define FA_DP_I8_TOF(acc) _mm512_cvtepi32_ps(acc)
+
+/* Scores of RB rows (4, 2, 1) x 16/RB keys: s[g][u] = scale qx[g] . k[u], u < count.
+ * Dimensions outer, keys inner: each 32 dimensions of q's rows loaded once for the pass. */
+#define FA_DEFINE_DP_SCORES_RB(P, QT, KT)                                                  \
+static inline __attribute__((always_inline)) void fa_dp_scores_rb_##P(                    \
+    const QT *qx, int rb, ptrdiff_t d, const KT *k, int count, float scale, float *s)      \
+{                                                                                          \
+    const int nk = 16 / rb;                                                                \
+    FA_DP_##P##_ACC acc[16];                                                               \
+    for (int u = 0; u < 16; u++) acc[u] = FA_DP_##P##_ZERO;                                \
+    const KT *ku[16];                                                                      \
+    for (int u = 0; u < nk; u++) ku[u] = k + (u < count ? u : count - 1) * d;              \
+    for (int u = 0; u < nk; u++)                                                           \
+        for (ptrdiff_t b = 0; b < d * (ptrdiff_t)sizeof(KT); b += 64)                      \
+            _mm_prefetch((const char *)(ku[u] + FA_DP_AHEAD * d) + b, _MM_HINT_T1);        \
+    for (ptrdiff_t t = 0; t < d; t += 32) {                                                \
+        __typeof__(FA_DP_##P##_QV(qx)) qv[4];                                              \
+        for (int g = 0; g < rb; g++) qv[g] = FA_DP_##P##_QV(qx + g * d + t);               \
+        for (int u = 0; u < nk; u++) {                                                     \
+            const __typeof__(FA_DP_##P##_KV(k)) kv = FA_DP_##P##_KV(ku[u] + t);            \
+            for (int g = 0; g < rb; g++)                                                   \
+                acc[g * nk + u] = FA_DP_##P##_DP(acc[g * nk + u], qv[g], kv);              \
+        }                                                                                  \
+    }                                                                                      \
+    fa_vec_f x[16];                                                                        \
+    for (int u = 0; u < 16; u++) x[u] = (fa_vec_f)FA_DP_##P##_TOF(acc[u]);                 \
+    const fa_vec_f r = fa_lane_sums_f(x) * scale;                                          \
+    /* (A whole pass with a constant count: with count alone, GCC copied the rows with */ \
+    /* rep movsq, and the step ran 1.37x slower.)                                        */ \
+    if (count == nk)                                                                       \
+        for (int g = 0; g < rb; g++)                                                       \
+            for (int u = 0; u < nk; u++) s[g * FA_DECODE_BLOCK + u] = r[g * nk + u];       \
+    else                                                                                   \
+        for (int g = 0; g < rb; g++)                                                       \
+            for (int u = 0; u < count; u++) s[g * FA_DECODE_BLOCK + u] = r[g * nk + u];    \
+}                                                                                          \
+/* Scores of the n_rows rows against cnt keys, rows in blocks of 4, 2, 1; d a constant */ \
+/* where it is one of the common head sizes (one key pointer plus constant offsets).    */ \
+static void fa_dp_scores_##P(const QT *qx, ptrdiff_t n_rows, ptrdiff_t d, const KT *k,     \
+                             ptrdiff_t cnt, float scale, float *s)                         \
+{                                                                                          \
+    if (d == 64) FA_DP_SCORES(P, 64);                                                      \
+    else if (d == 128) FA_DP_SCORES(P, 128);                                               \
+    else FA_DP_SCORES(P, d);                                                               \
+}
+#define FA_DP_SCORE_ROWS(P, RB, D)                                                         \
     for (; g + (RB) <= n_rows; g += (RB))                                                  \
         for (ptrdiff_t j = 0; j < cnt; j += 16 / (RB))                                     \
-            fa_dp_scores_rb(qb + g * (D), (RB), (D), k + j * (D),                          \
-                            (int)(cnt - j < 16 / (RB) ? cnt - j : 16 / (RB)), scale,       \
-                            s + g * FA_DECODE_BLOCK + j);
-#define FA_DP_SCORES(D)                                                                    \
+            fa_dp_scores_rb_##P(qx + g * (D), (RB), (D), k + j * (D),                      \
+                                (int)(cnt - j < 16 / (RB) ? cnt - j : 16 / (RB)), scale,   \
+                                s + g * FA_DECODE_BLOCK + j);
+#define FA_DP_SCORES(P, D)                                                                 \
     do {                                                                                   \
         ptrdiff_t g = 0;                                                                   \
-        FA_DP_SCORE_ROWS(4, D)                                                             \
-        FA_DP_SCORE_ROWS(2, D)                                                             \
-        FA_DP_SCORE_ROWS(1, D)                                                             \
+        FA_DP_SCORE_ROWS(P, 4, D)                                                          \
+        FA_DP_SCORE_ROWS(P, 2, D)                                                          \
+        FA_DP_SCORE_ROWS(P, 1, D)                                                          \
     } while (0)
 
-static void fa_dp_scores(const uint16_t *qb, ptrdiff_t n_rows, ptrdiff_t d, const uint16_t *k,
-                         ptrdiff_t cnt, float scale, float *s)
-{
-    if (d == 64) FA_DP_SCORES(64);
-    else if (d == 128) FA_DP_SCORES(128);
-    else FA_DP_SCORES(d);
-}
-
-/* o[g][:] += sum_j pb[g][j] v[j][:] for RB rows, W vectors of 16 columns (W even) from
+/* o[g][:] += sum_j w[g][j] v[j][:] for RB rows, W vectors of 16 columns (W even) from
  * column c, the columns in pair order; key pairs, then a last key alone (paired with a
- * zero row). */
-#define FA_DP_PV_PASS(RB, W)                                                               \
+ * zero row). The weights pw are pairs (w_j low, w_j+1 high) of bfloat16 (BF) or 16-bit
+ * integers (I8); BF accumulates into o itself, I8 into int32 lanes zeroed for the block,
+ * added to o times the row's factor wf[g] at its end. */
+#define FA_DP_PV_PASS(P, RB, W)                                                            \
     for (; c + 16 * (W) <= d_v; c += 16 * (W)) {                                           \
-        __m512 a[RB][W];                                                                   \
+        FA_DP_##P##_ACC a[RB][W];                                                          \
         for (int g = 0; g < (RB); g++)                                                     \
-            for (int i = 0; i < (W); i++) a[g][i] = _mm512_loadu_ps(o + g * d_v + c + 16 * i); \
+            for (int i = 0; i < (W); i++) a[g][i] = FA_DP_##P##_PV_INIT(o + g * d_v + c + 16 * i); \
         for (ptrdiff_t j = 0; j < nb; j += 2) {                                            \
             if (g == 0 && c == 0)  /* next block's rows j, j + 1, in the first pass */     \
-                for (ptrdiff_t b = 0; b < d_v * 4; b += 64)                                \
+                for (ptrdiff_t b = 0; b < d_v * (ptrdiff_t)sizeof(*v); b += 64)            \
                     _mm_prefetch((const char *)(v + (j + FA_DP_AHEAD) * d_v) + b, _MM_HINT_T1); \
-            __m512bh x[W];                                                                 \
+            __m512i x[W];                                                                  \
             for (int i = 0; i < (W) / 2; i++) {                                            \
-                const __m512i lo = _mm512_loadu_si512(v + j * d_v + c + 32 * i);           \
-                const __m512i hi = j + 1 < nb ? _mm512_loadu_si512(v + (j + 1) * d_v + c + 32 * i) \
-                                              : _mm512_setzero_si512();                    \
-                x[2 * i] = (__m512bh)_mm512_unpacklo_epi16(lo, hi);                        \
-                x[2 * i + 1] = (__m512bh)_mm512_unpackhi_epi16(lo, hi);                    \
+                const __m512i lo = (__m512i)FA_DP_##P##_KV(v + j * d_v + c + 32 * i);      \
+                const __m512i hi = j + 1 < nb                                              \
+                    ? (__m512i)FA_DP_##P##_KV(v + (j + 1) * d_v + c + 32 * i)              \
+                    : _mm512_setzero_si512();                                              \
+                x[2 * i] = _mm512_unpacklo_epi16(lo, hi);                                  \
+                x[2 * i + 1] = _mm512_unpackhi_epi16(lo, hi);                              \
             }                                                                              \
             for (int g = 0; g < (RB); g++) {                                               \
-                const __m512bh w = (__m512bh)_mm512_set1_epi32(                            \
-                    (int)pb[g * (FA_DECODE_BLOCK / 2) + j / 2]);                           \
-                for (int i = 0; i < (W); i++) a[g][i] = _mm512_dpbf16_ps(a[g][i], w, x[i]); \
+                const __m512i w = _mm512_set1_epi32(                                       \
+                    (int)pw[g * (FA_DECODE_BLOCK / 2) + j / 2]);                           \
+                for (int i = 0; i < (W); i++)                                              \
+                    a[g][i] = FA_DP_##P##_DP(a[g][i], (__typeof__(FA_DP_##P##_QV(pw)))w, x[i]); \
             }                                                                              \
         }                                                                                  \
         for (int g = 0; g < (RB); g++)                                                     \
-            for (int i = 0; i < (W); i++) _mm512_storeu_ps(o + g * d_v + c + 16 * i, a[g][i]); \
+            for (int i = 0; i < (W); i++)                                                  \
+                _mm512_storeu_ps(o + g * d_v + c + 16 * i,                                 \
+                                 FA_DP_##P##_PV_DONE(a[g][i], o + g * d_v + c + 16 * i, g)); \
     }
+#define FA_DP_BF_PV_INIT(po) _mm512_loadu_ps(po)
+#define FA_DP_BF_PV_DONE(acc, po, g) (acc)
+#define FA_DP_I8_PV_INIT(po) _mm512_setzero_si512()
+#define FA_DP_I8_PV_DONE(acc, po, g) \
+    _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(wf[g]), _mm512_loadu_ps(po))
 
 /* Rows g, g + RB, ... while RB rows are left, each block in passes of 128, 64, 32 columns. */
-#define FA_DP_PV_ROWS(RB)                                                                  \
+#define FA_DP_PV_ROWS(P, RB)                                                               \
     for (; g + (RB) <= n_rows; g += (RB)) {                                                \
-        const uint32_t *pb = pb_all + g * (FA_DECODE_BLOCK / 2);                           \
+        const uint32_t *pw = pw_all + g * (FA_DECODE_BLOCK / 2);                           \
+        const float *wf = wf_all + g;                                                      \
         float *o = o_all + g * d_v;                                                        \
         ptrdiff_t c = 0;                                                                   \
-        FA_DP_PV_PASS(RB, 8)                                                               \
-        FA_DP_PV_PASS(RB, 4)                                                               \
-        FA_DP_PV_PASS(RB, 2)                                                               \
+        (void)wf;                                                                          \
+        FA_DP_PV_PASS(P, RB, 8)                                                            \
+        FA_DP_PV_PASS(P, RB, 4)                                                            \
+        FA_DP_PV_PASS(P, RB, 2)                                                            \
     }
 
-/* Rows in pairs (16 accumulators over 128 columns), then alone. */
-static void fa_dp_pv(const uint32_t *pb_all, ptrdiff_t n_rows, ptrdiff_t nb, const uint16_t *v,
-                     ptrdiff_t d_v, float *o_all)
+/* Rows in pairs (16 accumulators over 128 columns), then alone. wf_all: I8's factor per
+ * row (BF: unused). */
+#define FA_DEFINE_DP_PV(P, KT)                                                             \
+static void fa_dp_pv_##P(const uint32_t *pw_all, const float *wf_all, ptrdiff_t n_rows,    \
+                         ptrdiff_t nb, const KT *v, ptrdiff_t d_v, float *o_all)           \
+{                                                                                          \
+    ptrdiff_t g = 0;                                                                       \
+    FA_DP_PV_ROWS(P, 2)                                                                    \
+    FA_DP_PV_ROWS(P, 1)                                                                    \
+}
+
+FA_DEFINE_DP_SCORES_RB(BF, uint16_t, uint16_t)
+FA_DEFINE_DP_SCORES_RB(I8, int16_t, int8_t)
+FA_DEFINE_DP_PV(BF, uint16_t)
+FA_DEFINE_DP_PV(I8, int8_t)
+
+/* o's rows of pair order back to column order, 32 columns at a time (n: a multiple of 32). */
+static inline void fa_dp_column_order(float *o, ptrdiff_t n)
 {
-    ptrdiff_t g = 0;
-    FA_DP_PV_ROWS(2)
-    FA_DP_PV_ROWS(1)
+    const __m512i to_first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i to_second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (ptrdiff_t c = 0; c < n; c += 32) {
+        const __m512 lo = _mm512_loadu_ps(o + c), hi = _mm512_loadu_ps(o + c + 16);
+        _mm512_storeu_ps(o + c, _mm512_permutex2var_ps(lo, to_first, hi));
+        _mm512_storeu_ps(o + c + 16, _mm512_permutex2var_ps(lo, to_second, hi));
+    }
 }
 
 /* One work item (see the top of the file; the arguments as fa_decode_chunk_bf's, pages
@@ -163,7 +226,7 @@ static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
     for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
         const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
-        fa_dp_scores(qb, n_rows, d, k + j0 * d, nb, scale, s);
+        fa_dp_scores_BF(qb, n_rows, d, k + j0 * d, nb, scale, s);
         for (ptrdiff_t g = 0; g < n_rows; g++) {
             float *sr = s + g * FA_DECODE_BLOCK;
             fa_dec_online_bf(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);
@@ -176,16 +239,108 @@ static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
                 _mm512_storeu_si512(pr + j / 2, (__m512i)_mm512_cvtne2ps_pbh(
                     _mm512_loadu_ps(sr + j + 16), _mm512_loadu_ps(sr + j)));
         }
-        fa_dp_pv(pb, n_rows, nb, v + j0 * d_v, d_v, o);
+        fa_dp_pv_BF(pb, NULL, n_rows, nb, v + j0 * d_v, d_v, o);
     }
-    /* Pair order back to column order, 32 columns at a time. */
-    const __m512i to_first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i to_second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (ptrdiff_t c = 0; c < n_rows * d_v; c += 32) {
-        const __m512 lo = _mm512_loadu_ps(o + c), hi = _mm512_loadu_ps(o + c + 16);
-        _mm512_storeu_ps(o + c, _mm512_permutex2var_ps(lo, to_first, hi));
-        _mm512_storeu_ps(o + c + 16, _mm512_permutex2var_ps(lo, to_second, hi));
+    fa_dp_column_order(o, n_rows * d_v);
+}
+
+/* out[c] = rint(y (up mul)) for y = x[c] sc[c] (sc NULL: x[c]), c < n (a multiple of 16),
+ * as 16-bit integers, the caller having made sure that every |y up mul| <= 32767.5. up:
+ * 1, or 2^64 for a tiny y (exact), so that mul stays finite. */
+static inline void fa_i8dp_round16(const float *x, const float *sc, ptrdiff_t n, float up,
+                                   float mul, int16_t *out)
+{
+    const __m512 u = _mm512_set1_ps(up), ms = _mm512_set1_ps(mul);
+    for (ptrdiff_t c = 0; c < n; c += 16) {
+        __m512 y = _mm512_loadu_ps(x + c);
+        if (sc) y = _mm512_mul_ps(y, _mm512_loadu_ps(sc + c));
+        if (up != 1) y = _mm512_mul_ps(y, u);
+        _mm256_storeu_si256((__m256i *)(out + c),
+                            _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(y, ms))));
     }
+}
+
+/* The largest of |x[c] sc[c]| (sc NULL: |x[c]|), c < n (a multiple of 16); NaN when one
+ * of the products is inf or NaN. */
+static inline float fa_i8dp_absmax(const float *x, const float *sc, ptrdiff_t n)
+{
+    __m512 mx = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+    for (ptrdiff_t c = 0; c < n; c += 16) {
+        __m512 y = _mm512_loadu_ps(x + c);
+        if (sc) y = _mm512_mul_ps(y, _mm512_loadu_ps(sc + c));
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(y));
+        bad = _mm512_add_ps(bad, _mm512_mul_ps(y, _mm512_setzero_ps()));  /* NaN if inf/NaN */
+    }
+    const float b = _mm512_reduce_add_ps(bad);
+    return b == 0 ? _mm512_reduce_max_ps(mx) : NAN;
+}
+
+/* To 16 bits: out = rint(y * 32767 / largest) for y = x[c] sc[c] (weights: sc NULL),
+ * returning the factor largest / 32767 that gives y back (0 when every y is 0; NaN,
+ * with out zeros, when one is inf or NaN). A largest magnitude so small that 32767 /
+ * largest overflows float32 is first scaled up by 2^64 (exactly). */
+static inline float fa_i8dp_to16(const float *x, const float *sc, ptrdiff_t n, int16_t *out)
+{
+    const float largest = fa_i8dp_absmax(x, sc, n);
+    if (largest != largest || largest == 0) {
+        memset(out, 0, (size_t)n * sizeof(int16_t));
+        return largest;
+    }
+    /* |y| up <= largest up, and mul <= 32767 / (largest up) (1 + 2^-24): the product */
+    /* never rounds past 32767. */
+    const float up = largest < 1e-30f ? 0x1p64f : 1.0f;
+    fa_i8dp_round16(x, sc, n, up, 32767.0f / (largest * up), out);
+    return largest / 32767.0f;
+}
+
+/* One work item on int8 storage (FA_SRC_I8_DP; the arguments as fa_decode_chunk_i8's):
+ *  - scores: for each span of keys within one key group (FA_KV_GROUP), q times the
+ *    group's channel scales, each row to 16-bit integers (fa_i8dp_to16, its own factor),
+ *    against the stored bytes sign-extended to 16 bits (vpdpwssd: exact integer sums), the
+ *    sums then in float32 times the row's factor and the scale;
+ *  - P V: each block's weights times the value scales, each row to 16-bit integers (its
+ *    own factor) in pairs of keys, against pairs of value rows, into int32 lanes (exact)
+ *    added to o in float32 times the row's factor at the block's end.
+ * qs: scratch of n_rows * d int16 then 2 n_rows floats (the factors), within n_rows * d
+ * floats; pw: of n_rows * FA_DECODE_BLOCK / 2 pairs. The integer sums stay below 2^31
+ * while 32767 * 127 * d and 32767 * 127 * FA_DECODE_BLOCK do (the caller's rule: d <= 512). */
+static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
+                                 const int8_t *k, const int8_t *v, ptrdiff_t d_v,
+                                 ptrdiff_t n_keys, float scale, float softcap, const float *ks,
+                                 const float *vs, ptrdiff_t phase, float *m, double *l, float *o,
+                                 float *s, float *qs, uint32_t *pw)
+{
+    int16_t *q16 = (int16_t *)qs;
+    float *qf = qs + (n_rows * d + 1) / 2, *wf = qf + n_rows;
+    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }
+    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
+        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
+        for (ptrdiff_t j = 0; j < nb;) {
+            const ptrdiff_t at = phase + j0 + j;
+            ptrdiff_t stop = j + FA_KV_GROUP - at % FA_KV_GROUP;
+            if (stop > nb) stop = nb;
+            const float *sc = ks + at / FA_KV_GROUP * d;
+            for (ptrdiff_t g = 0; g < n_rows; g++)
+                qf[g] = fa_i8dp_to16(q + g * d, sc, d, q16 + g * d) * scale;
+            fa_dp_scores_I8(q16, n_rows, d, k + (j0 + j) * d, stop - j, 1.0f, s + j);
+            for (ptrdiff_t g = 0; g < n_rows; g++)
+                for (ptrdiff_t u = j; u < stop; u++) s[g * FA_DECODE_BLOCK + u] *= qf[g];
+            j = stop;
+        }
+        for (ptrdiff_t g = 0; g < n_rows; g++) {
+            float *sr = s + g * FA_DECODE_BLOCK;
+            fa_dec_online_i8(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);
+            for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];
+            /* The row zero past nb (whole 32s), so that a last lone key pairs with a    */
+            /* zero weight.                                                               */
+            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;
+            wf[g] = fa_i8dp_to16(sr, NULL, (nb + 31) / 32 * 32,
+                                 (int16_t *)(pw + g * (FA_DECODE_BLOCK / 2)));
+        }
+        fa_dp_pv_I8(pw, wf, n_rows, nb, v + j0 * d_v, d_v, o);
+    }
+    fa_dp_column_order(o, n_rows * d_v);
 }
 #pragma GCC pop_options
 #else
@@ -199,6 +354,18 @@ static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
     (void)softcap; (void)m; (void)l; (void)o; (void)s; (void)qb; (void)pb;
     abort();
 }
+static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
+                                 const int8_t *k, const int8_t *v, ptrdiff_t d_v,
+                                 ptrdiff_t n_keys, float scale, float softcap, const float *ks,
+                                 const float *vs, ptrdiff_t phase, float *m, double *l, float *o,
+                                 float *s, float *qs, uint32_t *pw)
+{
+    (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys; (void)scale;
+    (void)softcap; (void)ks; (void)vs; (void)phase; (void)m; (void)l; (void)o; (void)s;
+    (void)qs; (void)pw;
+    abort();
+}
+static inline int fa_cpu_avx512_vnni(void) { return 0; }
 #endif
 
 #endif
