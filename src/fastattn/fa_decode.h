@@ -155,6 +155,34 @@ static inline __attribute__((always_inline)) void fa_dec_scores##RB##_##SUFFIX( 
                                          (int)(cnt - j < n / (RB) ? cnt - j : n / (RB)),   \
                                          scale, s + g * FA_DECODE_BLOCK + j);
 
+/* NAME(x), the transposing tree below, for vectors VT of N lanes (IVT: integer vectors of
+ * as many lanes, IOTA: their elements 0, 1, ...; VT may be IVT itself). */
+#define FA_DEFINE_LANE_SUMS(NAME, VT, IVT, N, IOTA)                                        \
+/* r[u] = sum of the lanes of x[u], u < N (x is overwritten). Level w combines pairs of  */ \
+/* vectors whose segments of 2w lanes each hold one key's partial sums into segments of  */ \
+/* w lanes, lower keys first, so lane u ends up with key u. The shuffle masks are        */ \
+/* arithmetic on a constant 0..N-1 vector, which GCC folds to constants.                 */ \
+static inline __attribute__((always_inline)) VT NAME(VT *x)                                \
+{                                                                                          \
+    const int n = (N);                                                                     \
+    IVT iota;                                                                              \
+    memcpy(&iota, IOTA, sizeof iota);                                                      \
+    int count = n;                                                                         \
+    _Pragma("GCC unroll 8")                                                                \
+    for (int w = n / 2; w >= 1; w /= 2) {                                                  \
+        const int segs = n / (2 * w);                                                      \
+        IVT seg = iota / w;                                                                \
+        IVT lo = ((seg >= segs) & n) + (seg % segs) * (2 * w) + iota % w;                  \
+        IVT hi = lo + w;                                                                   \
+        _Pragma("GCC unroll 16")                                                           \
+        for (int p = 0; p < count / 2; p++)                                                \
+            x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo)                           \
+                 + __builtin_shuffle(x[2 * p], x[2 * p + 1], hi);                          \
+        count /= 2;                                                                        \
+    }                                                                                      \
+    return x[0];                                                                           \
+}
+
 /* T: the arithmetic (float or double), RS the suffix of its row operations (fa_exp.h);
  * KT: how keys and values are stored (T; uint16_t holding bfloat16 or float16, int8_t,
  * or uint8_t holding float8 e4m3, for T = float); LOADV(p): N lanes of T from KT *p;
@@ -180,31 +208,8 @@ static inline T fa_dot_##SUFFIX(const T *a, const KT *b, ptrdiff_t n)           
     for (int t = 0; t < 2; t++) acc[t] += acc[t + 2];                                      \
     return acc[0] + acc[1];                                                                \
 }                                                                                          \
-/* r[u] = sum of the lanes of x[u], u < N (x is overwritten). Level w combines pairs of  */ \
-/* vectors whose segments of 2w lanes each hold one key's partial sums into segments of  */ \
-/* w lanes, lower keys first, so lane u ends up with key u. The shuffle masks are        */ \
-/* arithmetic on a constant 0..N-1 vector, which GCC folds to constants.                 */ \
-static inline __attribute__((always_inline)) fa_vec_##SUFFIX                              \
-fa_lane_sums_##SUFFIX(fa_vec_##SUFFIX *x)                                                  \
-{                                                                                          \
-    const int n = FA_N_##SUFFIX;                                                           \
-    fa_ivec_##SUFFIX iota;                                                                 \
-    memcpy(&iota, fa_iota_##SUFFIX, sizeof iota);                                          \
-    int count = n;                                                                         \
-    _Pragma("GCC unroll 8")                                                                \
-    for (int w = n / 2; w >= 1; w /= 2) {                                                  \
-        const int segs = n / (2 * w);                                                      \
-        fa_ivec_##SUFFIX seg = iota / w;                                                   \
-        fa_ivec_##SUFFIX lo = ((seg >= segs) & n) + (seg % segs) * (2 * w) + iota % w;     \
-        fa_ivec_##SUFFIX hi = lo + w;                                                      \
-        _Pragma("GCC unroll 16")                                                           \
-        for (int p = 0; p < count / 2; p++)                                                \
-            x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo)                           \
-                 + __builtin_shuffle(x[2 * p], x[2 * p + 1], hi);                          \
-        count /= 2;                                                                        \
-    }                                                                                      \
-    return x[0];                                                                           \
-}                                                                                          \
+FA_DEFINE_LANE_SUMS(fa_lane_sums_##SUFFIX, fa_vec_##SUFFIX, fa_ivec_##SUFFIX, FA_N_##SUFFIX, \
+                    fa_iota_##SUFFIX)                                                      \
 FA_DEC_SCORES_RB(T, SUFFIX, 1, KT, LOADV)                                                  \
 FA_DEC_SCORES_RB(T, SUFFIX, 2, KT, LOADV)                                                  \
 FA_DEC_SCORES_RB(T, SUFFIX, 4, KT, LOADV)                                                  \

@@ -55,9 +55,13 @@ static inline int fa_cpu_avx512_vnni(void)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512bf16,avx512vnni")
 
+/* The transposing tree of fa_decode.h on int32 lanes (exact). */
+FA_DEFINE_LANE_SUMS(fa_lane_sums_i32, fa_ivec_f, fa_ivec_f, FA_N_f, fa_iota_f)
+
 /* The two kinds of products, as the generic parts below take them: ACC the accumulator
  * type, ZERO one of them, QV(p) 32 q elements, KV(p) 32 stored elements as the product's
- * operand, DP(acc, a, b) the product instruction, TOF(acc) the accumulator as floats.
+ * operand, DP(acc, a, b) the product instruction, SUMS(acc) the sums of the lanes of 16
+ * accumulators (fa_lane_sums_*) as floats.
  *  - BF: bfloat16 keys and values (their bits), q and the weights as bfloat16 pairs;
  *  - I8: int8 keys and values sign-extended to 16 bits (vpmovsxbw), q and the weights as
  *    16-bit integers; vpdpwssd sums two exact products into each int32 lane. */
@@ -66,13 +70,13 @@ static inline int fa_cpu_avx512_vnni(void)
 #define FA_DP_BF_QV(p) ((__m512bh)_mm512_loadu_si512(p))
 #define FA_DP_BF_KV(p) ((__m512bh)_mm512_loadu_si512(p))
 #define FA_DP_BF_DP(acc, a, b) _mm512_dpbf16_ps(acc, a, (__m512bh)(b))
-#define FA_DP_BF_TOF(acc) (acc)
+#define FA_DP_BF_SUMS(acc) fa_lane_sums_f((fa_vec_f *)(acc))
 #define FA_DP_I8_ACC __m512i
 #define FA_DP_I8_ZERO _mm512_setzero_si512()
 #define FA_DP_I8_QV(p) _mm512_loadu_si512(p)
 #define FA_DP_I8_KV(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
 #define FA_DP_I8_DP(acc, a, b) _mm512_dpwssd_epi32(acc, a, (__m512i)(b))
-#define FA_DP_I8_TOF(acc) _mm512_cvtepi32_ps(acc)
+#define FA_DP_I8_SUMS(acc) ((fa_vec_f)_mm512_cvtepi32_ps((__m512i)fa_lane_sums_i32((fa_ivec_f *)(acc))))
 
 /* Scores of RB rows (4, 2, 1) x 16/RB keys: s[g][u] = scale qx[g] . k[u], u < count.
  * Dimensions outer, keys inner: each 32 dimensions of q's rows loaded once for the pass. */
@@ -97,9 +101,7 @@ static inline __attribute__((always_inline)) void fa_dp_scores_rb_##P(          
                 acc[g * nk + u] = FA_DP_##P##_DP(acc[g * nk + u], qv[g], kv);              \
         }                                                                                  \
     }                                                                                      \
-    fa_vec_f x[16];                                                                        \
-    for (int u = 0; u < 16; u++) x[u] = (fa_vec_f)FA_DP_##P##_TOF(acc[u]);                 \
-    const fa_vec_f r = fa_lane_sums_f(x) * scale;                                          \
+    const fa_vec_f r = FA_DP_##P##_SUMS(acc) * scale;                                      \
     /* (A whole pass with a constant count: with count alone, GCC copied the rows with */ \
     /* rep movsq, and the step ran 1.37x slower.)                                        */ \
     if (count == nk)                                                                       \
@@ -244,30 +246,12 @@ static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
     fa_dp_column_order(o, n_rows * d_v);
 }
 
-/* out[c] = rint(y (up mul)) for y = x[c] sc[c] (sc NULL: x[c]), c < n (a multiple of 16),
- * as 16-bit integers, the caller having made sure that every |y up mul| <= 32767.5. up:
- * 1, or 2^64 for a tiny y (exact), so that mul stays finite. */
-static inline void fa_i8dp_round16(const float *x, const float *sc, ptrdiff_t n, float up,
-                                   float mul, int16_t *out)
-{
-    const __m512 u = _mm512_set1_ps(up), ms = _mm512_set1_ps(mul);
-    for (ptrdiff_t c = 0; c < n; c += 16) {
-        __m512 y = _mm512_loadu_ps(x + c);
-        if (sc) y = _mm512_mul_ps(y, _mm512_loadu_ps(sc + c));
-        if (up != 1) y = _mm512_mul_ps(y, u);
-        _mm256_storeu_si256((__m256i *)(out + c),
-                            _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(y, ms))));
-    }
-}
-
-/* The largest of |x[c] sc[c]| (sc NULL: |x[c]|), c < n (a multiple of 16); NaN when one
- * of the products is inf or NaN. */
-static inline float fa_i8dp_absmax(const float *x, const float *sc, ptrdiff_t n)
+/* The largest |x[c]|, c < n (a multiple of 16); NaN when one of them is inf or NaN. */
+static inline float fa_i8dp_absmax(const float *x, ptrdiff_t n)
 {
     __m512 mx = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
     for (ptrdiff_t c = 0; c < n; c += 16) {
-        __m512 y = _mm512_loadu_ps(x + c);
-        if (sc) y = _mm512_mul_ps(y, _mm512_loadu_ps(sc + c));
+        const __m512 y = _mm512_loadu_ps(x + c);
         mx = _mm512_max_ps(mx, _mm512_abs_ps(y));
         bad = _mm512_add_ps(bad, _mm512_mul_ps(y, _mm512_setzero_ps()));  /* NaN if inf/NaN */
     }
@@ -275,33 +259,68 @@ static inline float fa_i8dp_absmax(const float *x, const float *sc, ptrdiff_t n)
     return b == 0 ? _mm512_reduce_max_ps(mx) : NAN;
 }
 
-/* To 16 bits: out = rint(y * 32767 / largest) for y = x[c] sc[c] (weights: sc NULL),
- * returning the factor largest / 32767 that gives y back (0 when every y is 0; NaN,
- * with out zeros, when one is inf or NaN). A largest magnitude so small that 32767 /
- * largest overflows float32 is first scaled up by 2^64 (exactly). */
-static inline float fa_i8dp_to16(const float *x, const float *sc, ptrdiff_t n, int16_t *out)
+/* A row of weights x (n of them, a multiple of 16, >= 0) to 16 bits: out = rint(x 32767 /
+ * largest); returns largest / 32767, the factor that gives x back (0 when x is all 0;
+ * NaN, with out zeros, when one is NaN). A largest so small that 32767 / largest would
+ * overflow float32 is first scaled up by 2^64 (exactly), so that the multiplier stays
+ * finite: x up <= largest up, and the multiplier <= 32767 / (largest up) (1 + 2^-24), so
+ * that no product rounds past 32767. */
+static inline float fa_i8dp_weights16(const float *x, ptrdiff_t n, int16_t *out)
 {
-    const float largest = fa_i8dp_absmax(x, sc, n);
+    const float largest = fa_i8dp_absmax(x, n);
     if (largest != largest || largest == 0) {
         memset(out, 0, (size_t)n * sizeof(int16_t));
         return largest;
     }
-    /* |y| up <= largest up, and mul <= 32767 / (largest up) (1 + 2^-24): the product */
-    /* never rounds past 32767. */
     const float up = largest < 1e-30f ? 0x1p64f : 1.0f;
-    fa_i8dp_round16(x, sc, n, up, 32767.0f / (largest * up), out);
+    const __m512 u = _mm512_set1_ps(up), mul = _mm512_set1_ps(32767.0f / (largest * up));
+    for (ptrdiff_t c = 0; c < n; c += 16) {
+        __m512 y = _mm512_loadu_ps(x + c);
+        if (up != 1) y = _mm512_mul_ps(y, u);
+        _mm256_storeu_si256((__m256i *)(out + c),
+                            _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(y, mul))));
+    }
+    return largest / 32767.0f;
+}
+
+/* q's row x times the key group's channel scales sc to 16 bits (d of them, at most 512,
+ * whole 16s; x finite: the work item has checked): out = rint(y 32767 / largest) for
+ * y = x sc, the products kept in registers between the two passes; returns largest /
+ * 32767, 0 when y is all 0, NaN when a product overflows. */
+static inline __attribute__((always_inline)) float fa_i8dp_q16(const float *x, const float *sc,
+                                                               ptrdiff_t d, int16_t *out)
+{
+    __m512 y[32], mx = _mm512_setzero_ps();
+    for (ptrdiff_t c = 0; c < d; c += 16) {
+        y[c / 16] = _mm512_mul_ps(_mm512_loadu_ps(x + c), _mm512_loadu_ps(sc + c));
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(y[c / 16]));
+    }
+    const float largest = _mm512_reduce_max_ps(mx);
+    if (!(largest < INFINITY) || largest == 0) {
+        memset(out, 0, (size_t)d * sizeof(int16_t));
+        return largest == 0 ? 0.0f : NAN;
+    }
+    /* As fa_i8dp_weights16 (whose bound this is). */
+    const float up = largest < 1e-30f ? 0x1p64f : 1.0f;
+    const __m512 mul = _mm512_set1_ps(32767.0f / (largest * up)), u = _mm512_set1_ps(up);
+    for (ptrdiff_t c = 0; c < d; c += 16) {
+        __m512 z = y[c / 16];
+        if (up != 1) z = _mm512_mul_ps(z, u);
+        _mm256_storeu_si256((__m256i *)(out + c),
+                            _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(z, mul))));
+    }
     return largest / 32767.0f;
 }
 
 /* One work item on int8 storage (FA_SRC_I8_DP; the arguments as fa_decode_chunk_i8's):
  *  - scores: for each span of keys within one key group (FA_KV_GROUP), q times the
- *    group's channel scales, each row to 16-bit integers (fa_i8dp_to16, its own factor),
+ *    group's channel scales, each row to 16-bit integers (fa_i8dp_q16, its own factor),
  *    against the stored bytes sign-extended to 16 bits (vpdpwssd: exact integer sums), the
  *    sums then in float32 times the row's factor and the scale;
  *  - P V: each block's weights times the value scales, each row to 16-bit integers (its
  *    own factor) in pairs of keys, against pairs of value rows, into int32 lanes (exact)
  *    added to o in float32 times the row's factor at the block's end.
- * qs: scratch of n_rows * d int16 then 2 n_rows floats (the factors), within n_rows * d
+ * qs: scratch of n_rows * d int16 then 3 n_rows floats (factors), within n_rows * d
  * floats; pw: of n_rows * FA_DECODE_BLOCK / 2 pairs. The integer sums stay below 2^31
  * while 32767 * 127 * d and 32767 * 127 * FA_DECODE_BLOCK do (the caller's rule: d <= 512). */
 static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
@@ -311,8 +330,13 @@ static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
                                  float *s, float *qs, uint32_t *pw)
 {
     int16_t *q16 = (int16_t *)qs;
-    float *qf = qs + (n_rows * d + 1) / 2, *wf = qf + n_rows;
-    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }
+    float *qf = qs + (n_rows * d + 1) / 2, *wf = qf + n_rows, *qn = wf + n_rows;
+    for (ptrdiff_t g = 0; g < n_rows; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0;
+        /* scale, or NaN when q's row holds inf or NaN (its scores are then NaN). */
+        qn[g] = fa_i8dp_absmax(q + g * d, d) < INFINITY ? scale : NAN;
+    }
     for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
         const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
@@ -322,7 +346,9 @@ static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
             if (stop > nb) stop = nb;
             const float *sc = ks + at / FA_KV_GROUP * d;
             for (ptrdiff_t g = 0; g < n_rows; g++)
-                qf[g] = fa_i8dp_to16(q + g * d, sc, d, q16 + g * d) * scale;
+                qf[g] = (d == 128 ? fa_i8dp_q16(q + g * d, sc, 128, q16 + g * d)
+                         : d == 64 ? fa_i8dp_q16(q + g * d, sc, 64, q16 + g * d)
+                                   : fa_i8dp_q16(q + g * d, sc, d, q16 + g * d)) * qn[g];
             fa_dp_scores_I8(q16, n_rows, d, k + (j0 + j) * d, stop - j, 1.0f, s + j);
             for (ptrdiff_t g = 0; g < n_rows; g++)
                 for (ptrdiff_t u = j; u < stop; u++) s[g * FA_DECODE_BLOCK + u] *= qf[g];
@@ -335,7 +361,7 @@ static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
             /* The row zero past nb (whole 32s), so that a last lone key pairs with a    */
             /* zero weight.                                                               */
             for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;
-            wf[g] = fa_i8dp_to16(sr, NULL, (nb + 31) / 32 * 32,
+            wf[g] = fa_i8dp_weights16(sr, (nb + 31) / 32 * 32,
                                  (int16_t *)(pw + g * (FA_DECODE_BLOCK / 2)));
         }
         fa_dp_pv_I8(pw, wf, n_rows, nb, v + j0 * d_v, d_v, o);
