@@ -372,7 +372,7 @@ def _storage_row(case, against, threads, min_time, gap):
     del k, v
     contenders = {name: (lambda c=c: api.attention(q, cache=c, num_threads=threads))
                   for name, c in caches.items()}
-    if case.dtype == "bfloat16" and _kernels.decode_products(d, d):
+    if _kernels.decode_products(d, d, case.dtype):
         contenders["products"] = lambda: api.attention(q, cache=caches["fastattn"],
                                                        num_threads=threads, precision="bfloat16")
     moved = caches["fastattn"].nbytes

@@ -146,7 +146,7 @@ static void fa_dp_scores_##P(const QT *qx, ptrdiff_t n_rows, ptrdiff_t d, const 
             for (int i = 0; i < (W); i++) a[g][i] = FA_DP_##P##_PV_INIT(o + g * d_v + c + 16 * i); \
         for (ptrdiff_t j = 0; j < nb; j += 2) {                                            \
             if (g == 0 && c == 0)  /* next block's rows j, j + 1, in the first pass */     \
-                for (ptrdiff_t b = 0; b < d_v * (ptrdiff_t)sizeof(*v); b += 64)            \
+                for (ptrdiff_t b = 0; b < 2 * d_v * (ptrdiff_t)sizeof(*v); b += 64)        \
                     _mm_prefetch((const char *)(v + (j + FA_DP_AHEAD) * d_v) + b, _MM_HINT_T1); \
             __m512i x[W];                                                                  \
             for (int i = 0; i < (W) / 2; i++) {                                            \
