@@ -1,10 +1,12 @@
-"""Decoding on bfloat16 storage with bfloat16 products (precision="bfloat16",
-fa_decode_dp.h): where the CPU runs them (AVX512-BF16), the step is float64 attention on
-q rounded to bfloat16 and the values the cache holds, within the bound of the bfloat16
-engines (test_lowp: the weights rounded to bfloat16, float32 sums), on head sizes of every
-pass of the kernel, key counts off its pairs, passes and blocks, windows, softcap, sinks,
-several queries; bitwise the same for any thread count; and elsewhere (no AVX512-BF16,
-head sizes not whole 32s, the policy's engine off) bitwise the exact step."""
+"""Decoding with products below float32 (precision="bfloat16", fa_decode_dp.h): on
+bfloat16 storage bfloat16 products (AVX512-BF16), the step float64 attention on q rounded
+to bfloat16 and the values the cache holds; on int8 storage 16-bit integer products
+(AVX512-VNNI), the step float64 attention on q itself and the values held. Both within
+the bound of the bfloat16 engines (test_lowp: the weights rounded to bfloat16, float32
+sums), on head sizes of every pass of the kernel, key counts off its pairs, passes,
+blocks and key groups, windows, softcap, sinks, several queries; bitwise the same for any
+thread count; and elsewhere (no such CPU, head sizes not whole 32s, the policy's engine
+off, other storage) bitwise the exact step."""
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from test_lowp import BF16, assert_within_bound
 
 NATIVE = kernels.engines()["avx512bf16"] == "ok"
 needs_native = pytest.mark.skipif(not NATIVE, reason="no AVX512-BF16 on this CPU or build")
+STORAGES = ["bfloat16", pytest.param("int8", marks=pytest.mark.skipif(
+    not kernels.decode_products(128, 128, "int8"), reason="no int8 products on this CPU"))]
 
 
 def bf16_rounded(a):
@@ -25,9 +29,9 @@ def bf16_rounded(a):
     return np.asarray(a, np.float32).astype(BF16).astype(np.float64)
 
 
-def filled(batch, kv_heads, d, d_v, appends, seed, window=None):
+def filled(batch, kv_heads, d, d_v, appends, seed, window=None, storage="bfloat16"):
     rng = np.random.default_rng(seed)
-    cache = KVCache(batch, kv_heads, 1024, d, value_dim=d_v, storage="bfloat16", window=window)
+    cache = KVCache(batch, kv_heads, 1024, d, value_dim=d_v, storage=storage, window=window)
     for n in appends:
         k = rng.standard_normal((batch, kv_heads, n, d)).astype(np.float32)
         k[..., 1] *= 8  # an outlier channel
@@ -37,7 +41,7 @@ def filled(batch, kv_heads, d, d_v, appends, seed, window=None):
 
 # (batch, heads, kv_heads, d, d_v, appends, window): every row block (4, 2, 1 rows per kv
 # head), every column pass (128, 64, 32), key counts of 1, odd, across a block of 256 and
-# a decoding chunk, a window's ring starting mid-way.
+# a decoding chunk and key groups of 32 (int8), a window's ring starting mid-way.
 CASES = [
     (1, 4, 1, 128, 128, (1,), None),
     (1, 8, 2, 64, 96, (2, 1), None),
@@ -50,29 +54,36 @@ CASES = [
 
 
 @needs_native
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-{sum(c[5])}")
 @pytest.mark.parametrize("kwargs", [{}, {"softcap": 4.0, "return_lse": True},
                                     {"sinks": True, "scale": 0.2}])
-def test_the_step_is_float64_attention_on_the_rounded_query_within_the_bound(case, kwargs):
+def test_the_step_is_float64_attention_within_the_bound(storage, case, kwargs):
     batch, heads, kv_heads, d, d_v, appends, window = case
-    cache, rng = filled(batch, kv_heads, d, d_v, appends, sum(appends) + d, window)
+    cache, rng = filled(batch, kv_heads, d, d_v, appends, sum(appends) + d, window, storage)
     q = rng.standard_normal((batch, heads, 1, d)).astype(np.float32)
     kwargs = dict(kwargs)
     if kwargs.pop("sinks", False):
         kwargs["sinks"] = rng.standard_normal((batch, heads)).astype(np.float32)
-    assert kernels.decode_products(d, d_v)
+    assert kernels.decode_products(d, d_v, storage)
     got = fastattn.attention(q, cache=cache, precision="bfloat16", **kwargs)
     out = got[0] if isinstance(got, tuple) else got
     group = heads // kv_heads
     keys, values = (np.repeat(a, group, axis=1).astype(np.float64)
                     for a in (cache.keys, cache.values))
+    q_seen = bf16_rounded(q) if storage == "bfloat16" else q.astype(np.float64)
     want, weights, *lse = reference.attention(
-        bf16_rounded(q).tolist(), keys.tolist(), values.tolist(), return_weights=True,
+        q_seen.tolist(), keys.tolist(), values.tolist(), return_weights=True,
         **{n: (a.tolist() if isinstance(a, np.ndarray) else a) for n, a in kwargs.items()})
     assert_within_bound(out, np.array(want), values, f"{case} {kwargs}", rounded_out=False,
                         weighted=np.array(weights) @ np.abs(values))
-    if lse:  # the lse is the float32 scores', q rounded
-        np.testing.assert_allclose(got[1], np.array(lse[0]), rtol=1e-5, atol=1e-5)
+    if lse:  # the lse is the float32 scores', q rounded (bfloat16) or held to 16 bits (int8)
+        # int8: q times a key group's scales to 16 bits, each off by at most its largest
+        # magnitude / 65534 (<= |q|max |k|max / 65534 per held number), summed over d
+        # codes of at most 127 (times the scale that the storage's codes carry).
+        atol = 1e-5 if storage == "bfloat16" else 1e-5 + (
+            kwargs.get("scale", d ** -0.5) * np.abs(q).max() * np.abs(keys).max() * d / 65534)
+        np.testing.assert_allclose(got[1], np.array(lse[0]), rtol=1e-5, atol=atol)
     for threads in (1, 2, 3):
         again = fastattn.attention(q, cache=cache, precision="bfloat16", num_threads=threads,
                                    **kwargs)
@@ -82,13 +93,14 @@ def test_the_step_is_float64_attention_on_the_rounded_query_within_the_bound(cas
 
 
 @needs_native
-def test_products_differ_from_the_exact_step_and_by_no_more_than_bfloat16_does():
+@pytest.mark.parametrize("storage", STORAGES)
+def test_products_differ_from_the_exact_step_and_stay_within_the_storage_bound(storage):
     """The products path really runs (its results are not the exact kernel's), and on
     outlier-channel keys stays within the storage's documented error bound."""
     from test_cache_storage import BOUNDS, float64_attention, outlier_keys
 
     q, k, v = outlier_keys(1)
-    cache = KVCache(1, 2, 512, 128, storage="bfloat16")
+    cache = KVCache(1, 2, 512, 128, storage=storage)
     cache.append(k, v)
     q32 = q.astype(np.float32)
     exact_step = fastattn.attention(q32, cache=cache)
@@ -97,48 +109,76 @@ def test_products_differ_from_the_exact_step_and_by_no_more_than_bfloat16_does()
     exact = float64_attention(q, k, v)
     for got in (exact_step, products):
         rel = np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact ** 2))
-        assert rel <= BOUNDS["bfloat16"], rel
+        assert rel <= BOUNDS[storage], rel
 
 
 @needs_native
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("n_queries, causal", [(3, True), (6, False)])
-def test_several_queries_take_the_products_in_place(monkeypatch, n_queries, causal):
-    cache, rng = filled(1, 2, 64, 64, (100, 60), 5)
+def test_several_queries_take_the_products_in_place(monkeypatch, storage, n_queries, causal):
+    cache, rng = filled(1, 2, 64, 64, (100, 60), 5, storage=storage)
     keys, values = cache.keys, cache.values
     monkeypatch.setattr(KVCache, "keys", property(lambda self: pytest.fail("copied")))
     q = rng.standard_normal((1, 4, n_queries, 64)).astype(np.float32)
     got = fastattn.attention(q, cache=cache, causal=causal, precision="bfloat16")
     k, v = (np.repeat(a, 2, axis=1).astype(np.float64) for a in (keys, values))
     n_keys = k.shape[2]
-    want, weights = reference.attention(bf16_rounded(q).tolist(), k.tolist(), v.tolist(),
+    q_seen = bf16_rounded(q) if storage == "bfloat16" else q.astype(np.float64)
+    want, weights = reference.attention(q_seen.tolist(), k.tolist(), v.tolist(),
                                         causal=causal, return_weights=True)
     # Causal: the keys every query sees take the products; the last n_queries - 1 run
-    # through the fused kernel (float32 inputs, precision="bfloat16": its engine).
+    # through the fused kernel (float32 inputs, precision="bfloat16": its engine, q
+    # rounded to bfloat16 there).
     weighted = np.array(weights) @ np.abs(v) if not causal else None
     assert_within_bound(got, np.array(want), v, f"{n_queries} {causal} of {n_keys}",
                         rounded_out=False, weighted=weighted)
 
 
+@needs_native
+@pytest.mark.parametrize("storage", STORAGES)
+def test_inf_nan_and_tiny_queries_as_the_exact_step(storage):
+    """A query row holding NaN or inf gives NaN where the exact step does (the int8
+    products cannot hold them in integers: the row's scores are made NaN); a row of
+    zeros weighs every key alike; magnitudes near float32's smallest (q 1e-36, which int8
+    products scale up by 2^64 before rounding) keep their precision."""
+    cache, rng = filled(1, 2, 64, 64, (70,), 9, storage=storage)
+    q = rng.standard_normal((1, 4, 1, 64)).astype(np.float32)
+    q[0, 0, 0, 5] = np.nan
+    q[0, 1, 0, 7] = np.inf
+    q[0, 2] = 0
+    q[0, 3] *= np.float32(1e-36)
+    exact_step = fastattn.attention(q, cache=cache)
+    products = fastattn.attention(q, cache=cache, precision="bfloat16")
+    assert np.array_equal(np.isnan(products), np.isnan(exact_step))
+    assert np.isnan(products[0, :2]).all()
+    np.testing.assert_allclose(products[0, 2:], exact_step[0, 2:], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
 @pytest.mark.parametrize("d, d_v", [(128, 128), (80, 128), (128, 48)])
-def test_elsewhere_precision_bfloat16_is_the_exact_step_bitwise(d, d_v):
-    """Head sizes not whole 32s, the policy's engine off, or no AVX512-BF16: the exact
-    widening kernel, bitwise."""
-    cache, rng = filled(1, 2, d, d_v, (70, 3), d)
+def test_elsewhere_precision_bfloat16_is_the_exact_step_bitwise(storage, d, d_v):
+    """Head sizes not whole 32s, the policy's engine off, or no AVX512-BF16 (and for int8
+    AVX512-VNNI): the exact widening kernel, bitwise."""
+    cache, rng = filled(1, 2, d, d_v, (70, 3), d, storage=storage)
     q = rng.standard_normal((1, 4, 1, d)).astype(np.float32)
     exact_step = fastattn.attention(q, cache=cache)
     with kernel_policy(engine=kernels.ENGINES.index("none")):
-        assert not kernels.decode_products(d, d_v)
+        assert not kernels.decode_products(d, d_v, storage)
         assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
                               exact_step)
-    if not kernels.decode_products(d, d_v):
+    if not kernels.decode_products(d, d_v, storage):
         assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
                               exact_step)
+    # int8 products' integer sums are exact up to d = 512.
+    assert not kernels.decode_products(544, 128, "int8")
 
 
-def test_other_storage_ignores_precision_and_a_bad_precision_is_refused():
-    cache = KVCache(1, 1, 16, 32, storage="float16")
+@pytest.mark.parametrize("storage", ["float16", "float8_e4m3"])
+def test_other_storage_ignores_precision_and_a_bad_precision_is_refused(storage):
+    cache = KVCache(1, 1, 16, 32, storage=storage)
     cache.append(np.ones((1, 1, 5, 32)), np.ones((1, 1, 5, 32)))
     q = np.full((1, 2, 1, 32), 0.5, np.float32)
+    assert not kernels.decode_products(32, 32, storage)
     assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
                           fastattn.attention(q, cache=cache))
     for storage in ("bfloat16", None):
