@@ -1,9 +1,10 @@
 """Decoding with products below float32 (precision="bfloat16", fa_decode_dp.h): on
 bfloat16 storage bfloat16 products (AVX512-BF16), the step float64 attention on q rounded
 to bfloat16 and the values the cache holds; on int8 storage 16-bit integer products
-(AVX512-VNNI), the step float64 attention on q itself and the values held. Both within
-the bound of the bfloat16 engines (test_lowp: the weights rounded to bfloat16, float32
-sums), on head sizes of every pass of the kernel, key counts off its pairs, passes,
+(AVX512-VNNI), and on float8 e4m3 storage bfloat16 products, the step float64 attention
+on q itself and the values held. All within the bound of the bfloat16 engines (test_lowp:
+the weights rounded to bfloat16, float32 sums; float8 plus what q's rounding and e4m3's
+subnormals add), on head sizes of every pass of the kernel, key counts off its pairs, passes,
 blocks and key groups, windows, softcap, sinks, several queries; bitwise the same for any
 thread count; and elsewhere (no such CPU, head sizes not whole 32s, the policy's engine
 off, other storage) bitwise the exact step."""
@@ -16,12 +17,42 @@ from fastattn import KVCache, reference
 from fastattn._dispatch import kernels
 
 from conftest import kernel_policy
-from test_lowp import BF16, assert_within_bound
+from test_lowp import BF16, U, assert_within_bound
 
 NATIVE = kernels.engines()["avx512bf16"] == "ok"
 needs_native = pytest.mark.skipif(not NATIVE, reason="no AVX512-BF16 on this CPU or build")
-STORAGES = ["bfloat16", pytest.param("int8", marks=pytest.mark.skipif(
-    not kernels.decode_products(128, 128, "int8"), reason="no int8 products on this CPU"))]
+STORAGES = ["bfloat16"] + [pytest.param(name, marks=pytest.mark.skipif(
+    not kernels.decode_products(128, 128, name), reason=f"no {name} products on this CPU"))
+    for name in ("int8", "float8_e4m3")]
+
+
+def products_bound(storage, q, keys, values, weights, scale):
+    """(weighted, score_err) for assert_within_bound and the lse: sum_j p_j |v_j| per
+    output (B, H, L_q, D_v), with what each storage's products add, and how far each row's
+    scores may be off (B, H, L_q). q as the products see it (bfloat16: rounded) and the
+    held keys and values, float64, kv heads repeated; weights the reference's."""
+    weighted = weights @ np.abs(values)
+    score_err = np.zeros(weighted.shape[:3])
+    if storage == "int8":
+        # q times a key group's scales held to 16 bits: each number off by at most the
+        # row's largest / 65534 (<= |q|max |k|max / 65534 per held number), times codes
+        # of at most 127 (in the scale's units) over d of them.
+        score_err[:] = scale * np.abs(q).max() * np.abs(keys).max() * q.shape[-1] / 65534
+    elif storage == "float8_e4m3":
+        # q times the key scales rounded to bfloat16 (2^-9 of each product), and the
+        # numbers e4m3 holds as subnormals taken as zero by the products: below 2^-6 of
+        # the format's 448 times their scale, so below max|k_c| 2^-6 / 448 over the
+        # channel (its group's largest is at most that), below max_c |v_c| 2^-6 / 448 in
+        # their value row.
+        tiny_k = np.abs(keys) < np.abs(keys).max(axis=2, keepdims=True) * 2.0 ** -6 / 448
+        tiny_v = np.abs(values) < np.abs(values).max(axis=-1, keepdims=True) * 2.0 ** -6 / 448
+        scores = scale * (2.0 ** -9 * np.abs(q) @ np.swapaxes(np.abs(keys), -1, -2)
+                          + np.abs(q) @ np.swapaxes(np.abs(keys) * tiny_k, -1, -2))
+        score_err = scores.max(-1)
+        # A weight's relative error from its scores', e^(2 err) - 1, in the bound's units.
+        weighted = (weighted * (1 + (np.exp(2 * score_err[..., None]) - 1) / U)
+                    + weights @ (np.abs(values) * tiny_v) / U)
+    return weighted, score_err
 
 
 def bf16_rounded(a):
@@ -75,15 +106,13 @@ def test_the_step_is_float64_attention_within_the_bound(storage, case, kwargs):
     want, weights, *lse = reference.attention(
         q_seen.tolist(), keys.tolist(), values.tolist(), return_weights=True,
         **{n: (a.tolist() if isinstance(a, np.ndarray) else a) for n, a in kwargs.items()})
+    weighted, score_err = products_bound(storage, q_seen, keys, values, np.array(weights),
+                                         kwargs.get("scale", d ** -0.5))
     assert_within_bound(out, np.array(want), values, f"{case} {kwargs}", rounded_out=False,
-                        weighted=np.array(weights) @ np.abs(values))
-    if lse:  # the lse is the float32 scores', q rounded (bfloat16) or held to 16 bits (int8)
-        # int8: q times a key group's scales to 16 bits, each off by at most its largest
-        # magnitude / 65534 (<= |q|max |k|max / 65534 per held number), summed over d
-        # codes of at most 127 (times the scale that the storage's codes carry).
-        atol = 1e-5 if storage == "bfloat16" else 1e-5 + (
-            kwargs.get("scale", d ** -0.5) * np.abs(q).max() * np.abs(keys).max() * d / 65534)
-        np.testing.assert_allclose(got[1], np.array(lse[0]), rtol=1e-5, atol=atol)
+                        weighted=weighted)
+    if lse:  # the lse is the float32 scores', q rounded (bfloat16) or held to 16 bits
+        assert (np.abs(got[1] - np.array(lse[0]))
+                <= 1e-5 + 1e-5 * np.abs(got[1]) + score_err).all()
     for threads in (1, 2, 3):
         again = fastattn.attention(q, cache=cache, precision="bfloat16", num_threads=threads,
                                    **kwargs)
@@ -128,8 +157,10 @@ def test_several_queries_take_the_products_in_place(monkeypatch, storage, n_quer
                                         causal=causal, return_weights=True)
     # Causal: the keys every query sees take the products; the last n_queries - 1 run
     # through the fused kernel (float32 inputs, precision="bfloat16": its engine, q
-    # rounded to bfloat16 there).
-    weighted = np.array(weights) @ np.abs(v) if not causal else None
+    # rounded to bfloat16 there; so for int8 the bound on max|v|).
+    weighted = products_bound(storage, q_seen, k, v, np.array(weights), 64 ** -0.5)[0]
+    if causal and storage == "int8":
+        weighted = None
     assert_within_bound(got, np.array(want), v, f"{n_queries} {causal} of {n_keys}",
                         rounded_out=False, weighted=weighted)
 
@@ -139,8 +170,9 @@ def test_several_queries_take_the_products_in_place(monkeypatch, storage, n_quer
 def test_inf_nan_and_tiny_queries_as_the_exact_step(storage):
     """A query row holding NaN or inf gives NaN where the exact step does (the int8
     products cannot hold them in integers: the row's scores are made NaN); a row of
-    zeros weighs every key alike; magnitudes near float32's smallest (q 1e-36, which int8
-    products scale up by 2^64 before rounding) keep their precision."""
+    zeros weighs every key alike; magnitudes near float32's smallest (q 1e-36, which the
+    int8 and float8 products scale up by a power of two before rounding) keep their
+    precision."""
     cache, rng = filled(1, 2, 64, 64, (70,), 9, storage=storage)
     q = rng.standard_normal((1, 4, 1, 64)).astype(np.float32)
     q[0, 0, 0, 5] = np.nan
@@ -151,14 +183,16 @@ def test_inf_nan_and_tiny_queries_as_the_exact_step(storage):
     products = fastattn.attention(q, cache=cache, precision="bfloat16")
     assert np.array_equal(np.isnan(products), np.isnan(exact_step))
     assert np.isnan(products[0, :2]).all()
-    np.testing.assert_allclose(products[0, 2:], exact_step[0, 2:], rtol=0, atol=1e-4)
+    # (float8: each value row's weights times its own scale, rounded to bfloat16.)
+    atol = U * np.abs(cache.values).max() if storage == "float8_e4m3" else 1e-4
+    np.testing.assert_allclose(products[0, 2:], exact_step[0, 2:], rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+@pytest.mark.parametrize("storage", ["bfloat16", "int8", "float8_e4m3"])
 @pytest.mark.parametrize("d, d_v", [(128, 128), (80, 128), (128, 48)])
 def test_elsewhere_precision_bfloat16_is_the_exact_step_bitwise(storage, d, d_v):
     """Head sizes not whole 32s, the policy's engine off, or no AVX512-BF16 (and for int8
-    AVX512-VNNI): the exact widening kernel, bitwise."""
+    AVX512-VNNI, d <= 512): the exact widening kernel, bitwise."""
     cache, rng = filled(1, 2, d, d_v, (70, 3), d, storage=storage)
     q = rng.standard_normal((1, 4, 1, d)).astype(np.float32)
     exact_step = fastattn.attention(q, cache=cache)
@@ -173,7 +207,7 @@ def test_elsewhere_precision_bfloat16_is_the_exact_step_bitwise(storage, d, d_v)
     assert not kernels.decode_products(544, 128, "int8")
 
 
-@pytest.mark.parametrize("storage", ["float16", "float8_e4m3"])
+@pytest.mark.parametrize("storage", ["float16"])
 def test_other_storage_ignores_precision_and_a_bad_precision_is_refused(storage):
     cache = KVCache(1, 1, 16, 32, storage=storage)
     cache.append(np.ones((1, 1, 5, 32)), np.ones((1, 1, 5, 32)))

@@ -91,10 +91,14 @@ cdef extern from "fa_decode.h" nogil:
                            double *out, double *lse)
 
 cdef extern from "fa_decode_dp.h" nogil:
-    int FA_SRC_BF16_DP, FA_SRC_I8_DP
+    int FA_SRC_BF16_DP, FA_SRC_I8_DP, FA_SRC_F8_DP
     int fa_cpu_avx512_vnni()
     void fa_decode_chunk_i8dp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const int8_t *k,
                               const int8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
+                              float softcap, const float *ks, const float *vs, Py_ssize_t phase,
+                              float *m, double *l, float *o, float *s, float *qs, uint32_t *pw)
+    void fa_decode_chunk_f8dp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint8_t *k,
+                              const uint8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                               float softcap, const float *ks, const float *vs, Py_ssize_t phase,
                               float *m, double *l, float *o, float *s, float *qs, uint32_t *pw)
     void fa_decode_chunk_bfdp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint16_t *k,

@@ -17,7 +17,8 @@ cdef struct KvScales:
 
 cdef inline size_t _kind_size(int kv_kind, size_t floating_size) noexcept nogil:
     """Bytes per stored element of a kv source of kv_kind (0: floating itself)."""
-    if kv_kind == FA_SRC_I8 or kv_kind == FA_SRC_F8 or kv_kind == FA_SRC_I8_DP:
+    if (kv_kind == FA_SRC_I8 or kv_kind == FA_SRC_F8 or kv_kind == FA_SRC_I8_DP
+            or kv_kind == FA_SRC_F8_DP):
         return 1
     if kv_kind == FA_SRC_BF16 or kv_kind == FA_SRC_F16 or kv_kind == FA_SRC_BF16_DP:
         return 2
@@ -27,8 +28,9 @@ cdef inline size_t _kind_size(int kv_kind, size_t floating_size) noexcept nogil:
 cdef inline Py_ssize_t _decode_scratch(Py_ssize_t n_rows, Py_ssize_t d) noexcept nogil:
     """Scratch per thread of the decoding kernel, in elements: the scores (rows of
     FA_DECODE_BLOCK keys, whole cache lines), then q times the key scales (8-bit kinds), q
-    as bfloat16 (FA_SRC_BF16_DP) or as 16-bit integers and their factors (FA_SRC_I8_DP),
-    then those kinds' weights in pairs of 16 bits."""
+    as bfloat16 (FA_SRC_BF16_DP), as 16-bit integers (FA_SRC_I8_DP) or bfloat16
+    (FA_SRC_F8_DP) times the key scales and their factors, then those kinds' weights in
+    pairs of 16 bits."""
     return n_rows * FA_DECODE_BLOCK + _round_up(n_rows * d, 16) + n_rows * FA_DECODE_BLOCK // 2
 
 
@@ -51,6 +53,12 @@ cdef inline void _decode_item(const floating *q, Py_ssize_t n_rows, Py_ssize_t d
                                               + _round_up(n_rows * d, 16)))
         elif kv_kind == FA_SRC_I8_DP:
             fa_decode_chunk_i8dp(q, n_rows, d, <const int8_t*> k, <const int8_t*> v, d_v, count,
+                                 <float> scale, <float> softcap, ks, vs, phase, part, l_part,
+                                 part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK,
+                                 <uint32_t*> (s_own + n_rows * FA_DECODE_BLOCK
+                                              + _round_up(n_rows * d, 16)))
+        elif kv_kind == FA_SRC_F8_DP:
+            fa_decode_chunk_f8dp(q, n_rows, d, <const uint8_t*> k, <const uint8_t*> v, d_v, count,
                                  <float> scale, <float> softcap, ks, vs, phase, part, l_part,
                                  part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK,
                                  <uint32_t*> (s_own + n_rows * FA_DECODE_BLOCK
@@ -134,7 +142,7 @@ cdef int _decode_run(const floating *q, const void *k, const void *v, int kv_kin
             kv = kv_index[grp]
             k0 = (w % n_chunks) * chunk
             at = 0
-            if kv_kind == FA_SRC_I8 or kv_kind == FA_SRC_F8 or kv_kind == FA_SRC_I8_DP:
+            if sc != NULL and sc.ks != NULL:  # the 8-bit kinds
                 at = sc.phase + k0
                 ks = sc.ks + kv * sc.ks_item + at // FA_KV_GROUP * d
                 vs = sc.vs + kv * sc.vs_item + k0

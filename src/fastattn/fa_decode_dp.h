@@ -33,6 +33,8 @@
 #define FA_SRC_BF16_DP 16
 /* ...and for int8 storage taking 16-bit integer products (fa_decode_chunk_i8dp). */
 #define FA_SRC_I8_DP 17
+/* ...and for float8 e4m3 storage taking bfloat16 products (fa_decode_chunk_f8dp). */
+#define FA_SRC_F8_DP 18
 
 /* Keys ahead whose rows the kernel asks the L2 cache for (prefetcht1) as it reads each
  * key and value row: one block, the rows read next. (Zen 4, 2 threads, 16,384 tokens: the
@@ -76,6 +78,17 @@ FA_DEFINE_LANE_SUMS(fa_lane_sums_i32, fa_ivec_f, fa_ivec_f, FA_N_f, fa_iota_f)
 #define FA_DP_I8_QV(p) _mm512_loadu_si512(p)
 #define FA_DP_I8_KV(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
 #define FA_DP_I8_DP(acc, a, b) _mm512_dpwssd_epi32(acc, a, (__m512i)(b))
+/*  - F8: float8 e4m3 keys and values as bfloat16 of 2^-120 their value (the byte
+ *    sign-extended, shifted left by 4, bits 11-14 cleared: exact, as the float16 widening
+ *    of fa_decode.h is; e4m3's subnormals become bfloat16 subnormals, which vdpbf16ps
+ *    takes as zero), against q and the weights as bfloat16 scaled by powers of two. */
+#define FA_DP_F8_ACC __m512
+#define FA_DP_F8_ZERO _mm512_setzero_ps()
+#define FA_DP_F8_QV(p) FA_DP_BF_QV(p)
+#define FA_DP_F8_KV(p) ((__m512bh)_mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(    \
+    _mm256_loadu_si256((const __m256i *)(p))), 4), _mm512_set1_epi16(0x87ff)))
+#define FA_DP_F8_DP(acc, a, b) FA_DP_BF_DP(acc, a, b)
+#define FA_DP_F8_SUMS(acc) FA_DP_BF_SUMS(acc)
 #define FA_DP_I8_SUMS(acc) ((fa_vec_f)_mm512_cvtepi32_ps((__m512i)fa_lane_sums_i32((fa_ivec_f *)(acc))))
 
 /* Scores of RB rows (4, 2, 1) x 16/RB keys: s[g][u] = scale qx[g] . k[u], u < count.
@@ -171,6 +184,9 @@ static void fa_dp_scores_##P(const QT *qx, ptrdiff_t n_rows, ptrdiff_t d, const 
     }
 #define FA_DP_BF_PV_INIT(po) _mm512_loadu_ps(po)
 #define FA_DP_BF_PV_DONE(acc, po, g) (acc)
+#define FA_DP_F8_PV_INIT(po) _mm512_setzero_ps()
+#define FA_DP_F8_PV_DONE(acc, po, g) \
+    _mm512_add_ps(_mm512_scalef_ps(acc, _mm512_set1_ps(wf[g])), _mm512_loadu_ps(po))
 #define FA_DP_I8_PV_INIT(po) _mm512_setzero_si512()
 #define FA_DP_I8_PV_DONE(acc, po, g) \
     _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(wf[g]), _mm512_loadu_ps(po))
@@ -201,8 +217,10 @@ static void fa_dp_pv_##P(const uint32_t *pw_all, const float *wf_all, ptrdiff_t 
 
 FA_DEFINE_DP_SCORES_RB(BF, uint16_t, uint16_t)
 FA_DEFINE_DP_SCORES_RB(I8, int16_t, int8_t)
+FA_DEFINE_DP_SCORES_RB(F8, uint16_t, uint8_t)
 FA_DEFINE_DP_PV(BF, uint16_t)
 FA_DEFINE_DP_PV(I8, int8_t)
+FA_DEFINE_DP_PV(F8, uint8_t)
 
 /* o's rows of pair order back to column order, 32 columns at a time (n: a multiple of 32). */
 static inline void fa_dp_column_order(float *o, ptrdiff_t n)
@@ -368,6 +386,94 @@ static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
     }
     fa_dp_column_order(o, n_rows * d_v);
 }
+
+/* x (n floats, a multiple of 32 up to 512; times sc[] where sc is not NULL) to bfloat16
+ * times a power of two, into out: the largest magnitude L = f 2^e (f in [0.5, 1)) lands
+ * in [2^99, 2^100), far from both ends of bfloat16's range, so that no product with an F8
+ * operand (at most 448 2^-120) leaves float32's normal range. Returns e + 12, the
+ * exponent that turns a sum of such products back into the sum of x's products with the
+ * stored numbers' values over 256 (the scales' own factor; see fa_quant.h): 2^(120 - 8 -
+ * (100 - e)). 0 when L is 0 (out zeros); NaN when L is inf or NaN (the sums then NaN,
+ * whatever out holds). NaN elements stay NaN in bfloat16, and their sums NaN. The
+ * scaling is vscalefps, exact; the products stay in registers between the two passes. */
+static inline __attribute__((always_inline)) float fa_f8dp_to_bf16(const float *x,
+                                                                    const float *sc,
+                                                                    ptrdiff_t n, uint16_t *out)
+{
+    __m512 y[32], mx = _mm512_setzero_ps();
+    for (ptrdiff_t c = 0; c < n; c += 16) {
+        y[c / 16] = _mm512_loadu_ps(x + c);
+        if (sc) y[c / 16] = _mm512_mul_ps(y[c / 16], _mm512_loadu_ps(sc + c));
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(y[c / 16]));
+    }
+    const float largest = _mm512_reduce_max_ps(mx);
+    if (!(largest < INFINITY)) return NAN;
+    if (largest == 0) {
+        memset(out, 0, (size_t)n * sizeof(uint16_t));
+        return 0;
+    }
+    int e;
+    frexpf(largest, &e);
+    const __m512 t = _mm512_set1_ps((float)(100 - e));
+    for (ptrdiff_t c = 0; c < n; c += 32)
+        _mm512_storeu_si512(out + c, (__m512i)_mm512_cvtne2ps_pbh(
+            _mm512_scalef_ps(y[c / 16 + 1], t), _mm512_scalef_ps(y[c / 16], t)));
+    return (float)(e + 12);
+}
+
+/* One work item on float8 e4m3 storage (FA_SRC_F8_DP; the arguments as
+ * fa_decode_chunk_f8's): the int8 products' structure (fa_decode_chunk_i8dp) with
+ * bfloat16 products: for each span of keys within one key group, q times the group's
+ * channel scales to bfloat16 times a power of two per row (fa_f8dp_to_bf16), against the
+ * stored bytes as bfloat16 (FA_DP_F8_KV); each block's weights times the value scales to
+ * bfloat16 the same way, in pairs of keys; the powers of two undone on the float32 sums
+ * (vscalefps). qs: scratch of n_rows * d bfloat16 then 3 n_rows floats, within n_rows * d
+ * floats; pw: of n_rows * FA_DECODE_BLOCK / 2 pairs. */
+static void fa_decode_chunk_f8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
+                                 const uint8_t *k, const uint8_t *v, ptrdiff_t d_v,
+                                 ptrdiff_t n_keys, float scale, float softcap, const float *ks,
+                                 const float *vs, ptrdiff_t phase, float *m, double *l, float *o,
+                                 float *s, float *qs, uint32_t *pw)
+{
+    uint16_t *qb = (uint16_t *)qs;
+    float *qe = qs + (n_rows * d + 1) / 2, *wf = qe + n_rows;
+    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }
+    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
+        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
+        for (ptrdiff_t j = 0; j < nb;) {
+            const ptrdiff_t at = phase + j0 + j;
+            ptrdiff_t stop = j + FA_KV_GROUP - at % FA_KV_GROUP;
+            if (stop > nb) stop = nb;
+            const float *sc = ks + at / FA_KV_GROUP * d;
+            for (ptrdiff_t g = 0; g < n_rows; g++)
+                qe[g] = d == 128 ? fa_f8dp_to_bf16(q + g * d, sc, 128, qb + g * d)
+                      : d == 64 ? fa_f8dp_to_bf16(q + g * d, sc, 64, qb + g * d)
+                                : fa_f8dp_to_bf16(q + g * d, sc, d, qb + g * d);
+            fa_dp_scores_F8(qb, n_rows, d, k + (j0 + j) * d, stop - j, scale, s + j);
+            for (ptrdiff_t g = 0; g < n_rows; g++)
+                for (ptrdiff_t u = j; u < stop; u += 16) {
+                    const __mmask16 in = stop - u >= 16 ? 0xffff : (__mmask16)((1u << (stop - u)) - 1);
+                    float *su = s + g * FA_DECODE_BLOCK + u;
+                    _mm512_mask_storeu_ps(su, in, _mm512_scalef_ps(_mm512_maskz_loadu_ps(in, su),
+                                                                   _mm512_set1_ps(qe[g])));
+                }
+            j = stop;
+        }
+        for (ptrdiff_t g = 0; g < n_rows; g++) {
+            float *sr = s + g * FA_DECODE_BLOCK;
+            fa_dec_online_f8(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);
+            for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];
+            /* The row zero past nb (whole 32s), so that a last lone key pairs with a    */
+            /* zero weight.                                                               */
+            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;
+            wf[g] = fa_f8dp_to_bf16(sr, NULL, (nb + 31) / 32 * 32,
+                                    (uint16_t *)(pw + g * (FA_DECODE_BLOCK / 2)));
+        }
+        fa_dp_pv_F8(pw, wf, n_rows, nb, v + j0 * d_v, d_v, o);
+    }
+    fa_dp_column_order(o, n_rows * d_v);
+}
 #pragma GCC pop_options
 #else
 static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
@@ -382,6 +488,17 @@ static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
 }
 static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
                                  const int8_t *k, const int8_t *v, ptrdiff_t d_v,
+                                 ptrdiff_t n_keys, float scale, float softcap, const float *ks,
+                                 const float *vs, ptrdiff_t phase, float *m, double *l, float *o,
+                                 float *s, float *qs, uint32_t *pw)
+{
+    (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys; (void)scale;
+    (void)softcap; (void)ks; (void)vs; (void)phase; (void)m; (void)l; (void)o; (void)s;
+    (void)qs; (void)pw;
+    abort();
+}
+static void fa_decode_chunk_f8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
+                                 const uint8_t *k, const uint8_t *v, ptrdiff_t d_v,
                                  ptrdiff_t n_keys, float scale, float softcap, const float *ks,
                                  const float *vs, ptrdiff_t phase, float *m, double *l, float *o,
                                  float *s, float *qs, uint32_t *pw)
