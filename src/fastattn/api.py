@@ -351,9 +351,10 @@ def attention(q, k=None, v=None, *, cache=None, mask=None, causal=False, window=
         weights-times-values product; softmax and sums stay float32 and so does the
         result. Where there is no engine the call runs exact. A permission, like
         ``torch.set_float32_matmul_precision``: the error bounds are in the dtype guide.
-        With a cache, ``storage="bfloat16"`` and ``"int8"`` ones take it: the decoding
-        step rounds q and the weights to bfloat16 against the stored bfloat16 bits, or
-        holds them to 16-bit integers against the stored int8 bytes (decoding guide).
+        With a cache, ``storage="bfloat16"``, ``"int8"`` and ``"float8_e4m3"`` ones
+        take it: the decoding step rounds q and the weights to bfloat16 against the
+        stored bfloat16 bits (or float8 bytes made bfloat16), or holds them to 16-bit
+        integers against the stored int8 bytes (decoding guide).
 
     Returns
     -------

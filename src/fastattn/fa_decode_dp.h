@@ -1,7 +1,13 @@
-/* The decoding kernel on bfloat16 storage with bfloat16 products (precision="bfloat16"):
- * one work item as fa_decode_chunk_bf (fa_decode.h) computes it, the same partial state
- * (m, l, o) for the same merge, but the products on AVX512-BF16's vdpbf16ps, two
- * bfloat16 products summed into each float32 lane, reading the stored bits as they are:
+/* The decoding kernels with products below float32 (precision="bfloat16"): bfloat16
+ * storage with bfloat16 products (below), int8 storage with 16-bit integer products
+ * (fa_decode_chunk_i8dp) and float8 e4m3 storage with bfloat16 products
+ * (fa_decode_chunk_f8dp), which share its scores and P V (FA_DP_BF_*, FA_DP_I8_*,
+ * FA_DP_F8_* give each kind's operands).
+ *
+ * bfloat16 storage: one work item as fa_decode_chunk_bf (fa_decode.h) computes it, the
+ * same partial state (m, l, o) for the same merge, but the products on AVX512-BF16's
+ * vdpbf16ps, two bfloat16 products summed into each float32 lane, reading the stored bits
+ * as they are:
  *  - scores: q rounded to bfloat16 once per item (qb), against the keys' bits, pairs of
  *    dimensions per lane, then the transposing tree of fa_decode.h; the scale is applied
  *    to the float32 sum, never rounded into q;
@@ -19,7 +25,7 @@
  *
  * Head sizes: d and d_v whole multiples of 32 (the caller's rule, _k_policy.pxi); no
  * pages. AVX-512 build with GCC 10+ only (FA_HAVE_DPBF16), run only on a CPU with
- * AVX512-BF16. Results are deterministic and independent of the thread count (the order
+ * AVX512-BF16 (int8: and AVX512-VNNI). Results are deterministic and independent of the thread count (the order
  * of every sum is fixed by the shape); not bitwise those of the exact kernel. */
 #ifndef FASTATTN_DECODE_DP_H
 #define FASTATTN_DECODE_DP_H
