@@ -25,8 +25,9 @@
  *
  * Head sizes: d and d_v whole multiples of 32 (the caller's rule, _k_policy.pxi); no
  * pages. AVX-512 build with GCC 10+ only (FA_HAVE_DPBF16), run only on a CPU with
- * AVX512-BF16 (int8: and AVX512-VNNI). Results are deterministic and independent of the thread count (the order
- * of every sum is fixed by the shape); not bitwise those of the exact kernel. */
+ * AVX512-BF16 (int8: and AVX512-VNNI). Results are deterministic and independent of the
+ * thread count (the order of every sum is fixed by the shape); not bitwise those of the
+ * exact kernel. */
 #ifndef FASTATTN_DECODE_DP_H
 #define FASTATTN_DECODE_DP_H
 
@@ -66,13 +67,17 @@ static inline int fa_cpu_avx512_vnni(void)
 /* The transposing tree of fa_decode.h on int32 lanes (exact). */
 FA_DEFINE_LANE_SUMS(fa_lane_sums_i32, fa_ivec_f, fa_ivec_f, FA_N_f, fa_iota_f)
 
-/* The two kinds of products, as the generic parts below take them: ACC the accumulator
+/* The three kinds of products, as the generic parts below take them: ACC the accumulator
  * type, ZERO one of them, QV(p) 32 q elements, KV(p) 32 stored elements as the product's
  * operand, DP(acc, a, b) the product instruction, SUMS(acc) the sums of the lanes of 16
  * accumulators (fa_lane_sums_*) as floats.
  *  - BF: bfloat16 keys and values (their bits), q and the weights as bfloat16 pairs;
  *  - I8: int8 keys and values sign-extended to 16 bits (vpmovsxbw), q and the weights as
- *    16-bit integers; vpdpwssd sums two exact products into each int32 lane. */
+ *    16-bit integers; vpdpwssd sums two exact products into each int32 lane;
+ *  - F8: float8 e4m3 keys and values as bfloat16 of 2^-120 their value (the byte
+ *    sign-extended, shifted left by 4, bits 11-14 cleared: exact, as the float16 widening
+ *    of fa_decode.h is; e4m3's subnormals become bfloat16 subnormals, which vdpbf16ps
+ *    takes as zero), against q and the weights as bfloat16 scaled by powers of two. */
 #define FA_DP_BF_ACC __m512
 #define FA_DP_BF_ZERO _mm512_setzero_ps()
 #define FA_DP_BF_QV(p) ((__m512bh)_mm512_loadu_si512(p))
@@ -84,10 +89,8 @@ FA_DEFINE_LANE_SUMS(fa_lane_sums_i32, fa_ivec_f, fa_ivec_f, FA_N_f, fa_iota_f)
 #define FA_DP_I8_QV(p) _mm512_loadu_si512(p)
 #define FA_DP_I8_KV(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
 #define FA_DP_I8_DP(acc, a, b) _mm512_dpwssd_epi32(acc, a, (__m512i)(b))
-/*  - F8: float8 e4m3 keys and values as bfloat16 of 2^-120 their value (the byte
- *    sign-extended, shifted left by 4, bits 11-14 cleared: exact, as the float16 widening
- *    of fa_decode.h is; e4m3's subnormals become bfloat16 subnormals, which vdpbf16ps
- *    takes as zero), against q and the weights as bfloat16 scaled by powers of two. */
+#define FA_DP_I8_SUMS(acc) \
+    ((fa_vec_f)_mm512_cvtepi32_ps((__m512i)fa_lane_sums_i32((fa_ivec_f *)(acc))))
 #define FA_DP_F8_ACC __m512
 #define FA_DP_F8_ZERO _mm512_setzero_ps()
 #define FA_DP_F8_QV(p) FA_DP_BF_QV(p)
@@ -95,7 +98,6 @@ FA_DEFINE_LANE_SUMS(fa_lane_sums_i32, fa_ivec_f, fa_ivec_f, FA_N_f, fa_iota_f)
     _mm256_loadu_si256((const __m256i *)(p))), 4), _mm512_set1_epi16(0x87ff)))
 #define FA_DP_F8_DP(acc, a, b) FA_DP_BF_DP(acc, a, b)
 #define FA_DP_F8_SUMS(acc) FA_DP_BF_SUMS(acc)
-#define FA_DP_I8_SUMS(acc) ((fa_vec_f)_mm512_cvtepi32_ps((__m512i)fa_lane_sums_i32((fa_ivec_f *)(acc))))
 
 /* Scores of RB rows (4, 2, 1) x 16/RB keys: s[g][u] = scale qx[g] . k[u], u < count.
  * Dimensions outer, keys inner: each 32 dimensions of q's rows loaded once for the pass. */
@@ -283,51 +285,31 @@ static inline float fa_i8dp_absmax(const float *x, ptrdiff_t n)
     return b == 0 ? _mm512_reduce_max_ps(mx) : NAN;
 }
 
-/* A row of weights x (n of them, a multiple of 16, >= 0) to 16 bits: out = rint(x 32767 /
- * largest); returns largest / 32767, the factor that gives x back (0 when x is all 0;
- * NaN, with out zeros, when one is NaN). A largest so small that 32767 / largest would
- * overflow float32 is first scaled up by 2^64 (exactly), so that the multiplier stays
- * finite: x up <= largest up, and the multiplier <= 32767 / (largest up) (1 + 2^-24), so
- * that no product rounds past 32767. */
-static inline float fa_i8dp_weights16(const float *x, ptrdiff_t n, int16_t *out)
-{
-    const float largest = fa_i8dp_absmax(x, n);
-    if (largest != largest || largest == 0) {
-        memset(out, 0, (size_t)n * sizeof(int16_t));
-        return largest;
-    }
-    const float up = largest < 1e-30f ? 0x1p64f : 1.0f;
-    const __m512 u = _mm512_set1_ps(up), mul = _mm512_set1_ps(32767.0f / (largest * up));
-    for (ptrdiff_t c = 0; c < n; c += 16) {
-        __m512 y = _mm512_loadu_ps(x + c);
-        if (up != 1) y = _mm512_mul_ps(y, u);
-        _mm256_storeu_si256((__m256i *)(out + c),
-                            _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(y, mul))));
-    }
-    return largest / 32767.0f;
-}
-
-/* q's row x times the key group's channel scales sc to 16 bits (d of them, at most 512,
- * whole 16s; x finite: the work item has checked): out = rint(y 32767 / largest) for
- * y = x sc, the products kept in registers between the two passes; returns largest /
- * 32767, 0 when y is all 0, NaN when a product overflows. */
-static inline __attribute__((always_inline)) float fa_i8dp_q16(const float *x, const float *sc,
-                                                               ptrdiff_t d, int16_t *out)
+/* x (n floats, whole 16s up to 512; times sc[] where sc is not NULL) to 16-bit integers:
+ * out = rint(y 32767 / largest) for y = x (sc), the products kept in registers between
+ * the two passes; returns largest / 32767, the factor that gives y back (0 when y is all
+ * 0, with out zeros; NaN when largest is inf or NaN, whatever out holds). A largest so
+ * small that 32767 / largest would overflow float32 is first scaled up by 2^64
+ * (exactly), so that the multiplier stays finite: |y| up <= largest up, and the
+ * multiplier <= 32767 / (largest up) (1 + 2^-24), so that no product rounds past 32767. */
+static inline __attribute__((always_inline)) float fa_i8dp_to16(const float *x, const float *sc,
+                                                                ptrdiff_t n, int16_t *out)
 {
     __m512 y[32], mx = _mm512_setzero_ps();
-    for (ptrdiff_t c = 0; c < d; c += 16) {
-        y[c / 16] = _mm512_mul_ps(_mm512_loadu_ps(x + c), _mm512_loadu_ps(sc + c));
+    for (ptrdiff_t c = 0; c < n; c += 16) {
+        y[c / 16] = _mm512_loadu_ps(x + c);
+        if (sc) y[c / 16] = _mm512_mul_ps(y[c / 16], _mm512_loadu_ps(sc + c));
         mx = _mm512_max_ps(mx, _mm512_abs_ps(y[c / 16]));
     }
     const float largest = _mm512_reduce_max_ps(mx);
-    if (!(largest < INFINITY) || largest == 0) {
-        memset(out, 0, (size_t)d * sizeof(int16_t));
-        return largest == 0 ? 0.0f : NAN;
+    if (!(largest < INFINITY)) return NAN;
+    if (largest == 0) {
+        memset(out, 0, (size_t)n * sizeof(int16_t));
+        return 0;
     }
-    /* As fa_i8dp_weights16 (whose bound this is). */
     const float up = largest < 1e-30f ? 0x1p64f : 1.0f;
     const __m512 mul = _mm512_set1_ps(32767.0f / (largest * up)), u = _mm512_set1_ps(up);
-    for (ptrdiff_t c = 0; c < d; c += 16) {
+    for (ptrdiff_t c = 0; c < n; c += 16) {
         __m512 z = y[c / 16];
         if (up != 1) z = _mm512_mul_ps(z, u);
         _mm256_storeu_si256((__m256i *)(out + c),
@@ -338,7 +320,7 @@ static inline __attribute__((always_inline)) float fa_i8dp_q16(const float *x, c
 
 /* One work item on int8 storage (FA_SRC_I8_DP; the arguments as fa_decode_chunk_i8's):
  *  - scores: for each span of keys within one key group (FA_KV_GROUP), q times the
- *    group's channel scales, each row to 16-bit integers (fa_i8dp_q16, its own factor),
+ *    group's channel scales, each row to 16-bit integers (fa_i8dp_to16, its own factor),
  *    against the stored bytes sign-extended to 16 bits (vpdpwssd: exact integer sums), the
  *    sums then in float32 times the row's factor and the scale;
  *  - P V: each block's weights times the value scales, each row to 16-bit integers (its
@@ -370,9 +352,9 @@ static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
             if (stop > nb) stop = nb;
             const float *sc = ks + at / FA_KV_GROUP * d;
             for (ptrdiff_t g = 0; g < n_rows; g++)
-                qf[g] = (d == 128 ? fa_i8dp_q16(q + g * d, sc, 128, q16 + g * d)
-                         : d == 64 ? fa_i8dp_q16(q + g * d, sc, 64, q16 + g * d)
-                                   : fa_i8dp_q16(q + g * d, sc, d, q16 + g * d)) * qn[g];
+                qf[g] = (d == 128 ? fa_i8dp_to16(q + g * d, sc, 128, q16 + g * d)
+                         : d == 64 ? fa_i8dp_to16(q + g * d, sc, 64, q16 + g * d)
+                                   : fa_i8dp_to16(q + g * d, sc, d, q16 + g * d)) * qn[g];
             fa_dp_scores_I8(q16, n_rows, d, k + (j0 + j) * d, stop - j, 1.0f, s + j);
             for (ptrdiff_t g = 0; g < n_rows; g++)
                 for (ptrdiff_t u = j; u < stop; u++) s[g * FA_DECODE_BLOCK + u] *= qf[g];
@@ -385,7 +367,7 @@ static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
             /* The row zero past nb (whole 32s), so that a last lone key pairs with a    */
             /* zero weight.                                                               */
             for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;
-            wf[g] = fa_i8dp_weights16(sr, (nb + 31) / 32 * 32,
+            wf[g] = fa_i8dp_to16(sr, NULL, (nb + 31) / 32 * 32,
                                  (int16_t *)(pw + g * (FA_DECODE_BLOCK / 2)));
         }
         fa_dp_pv_I8(pw, wf, n_rows, nb, v + j0 * d_v, d_v, o);
