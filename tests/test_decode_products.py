@@ -4,9 +4,9 @@ to bfloat16 and the values the cache holds; on int8 storage 16-bit integer produ
 (AVX512-VNNI), and on float8 e4m3 storage bfloat16 products, the step float64 attention
 on q itself and the values held. All within the bound of the bfloat16 engines (test_lowp:
 the weights rounded to bfloat16, float32 sums; float8 plus what q's rounding and e4m3's
-subnormals add), on head sizes of every pass of the kernel, key counts off its pairs, passes,
-blocks and key groups, windows, softcap, sinks, several queries; bitwise the same for any
-thread count; and elsewhere (no such CPU, head sizes not whole 32s, the policy's engine
+subnormals add), on head sizes of every pass of the kernel, key counts off its pairs,
+passes, blocks and key groups, windows, softcap, sinks, several queries; bitwise the same
+for any thread count; and elsewhere (no such CPU, head sizes not whole 32s, the policy's engine
 off, other storage) bitwise the exact step."""
 
 import numpy as np
@@ -45,7 +45,8 @@ def products_bound(storage, q, keys, values, weights, scale):
         # channel (its group's largest is at most that), below max_c |v_c| 2^-6 / 448 in
         # their value row.
         tiny_k = np.abs(keys) < np.abs(keys).max(axis=2, keepdims=True) * 2.0 ** -6 / 448
-        tiny_v = np.abs(values) < np.abs(values).max(axis=-1, keepdims=True) * 2.0 ** -6 / 448
+        tiny_v = (np.abs(values)
+                  < np.abs(values).max(axis=-1, keepdims=True) * 2.0 ** -6 / 448)
         scores = scale * (2.0 ** -9 * np.abs(q) @ np.swapaxes(np.abs(keys), -1, -2)
                           + np.abs(q) @ np.swapaxes(np.abs(keys) * tiny_k, -1, -2))
         score_err = scores.max(-1)
