@@ -92,7 +92,6 @@ cdef extern from "fa_decode.h" nogil:
 
 cdef extern from "fa_decode_dp.h" nogil:
     int FA_SRC_BF16_DP, FA_SRC_I8_DP, FA_SRC_F8_DP
-    int fa_cpu_avx512_vnni()
     void fa_decode_chunk_i8dp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const int8_t *k,
                               const int8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                               float softcap, const float *ks, const float *vs, Py_ssize_t phase,
@@ -145,6 +144,7 @@ cdef extern from "fa_lowp.h" nogil:
     int FA_LP_ROWS, FA_LP_DSTEP, FA_LP_KEYS, FA_LP_VCHUNK
     int FA_HAVE_DPBF16, FA_HAVE_AMX
     int fa_cpu_avx512_bf16()
+    int fa_cpu_avx512_vnni()
     int fa_cpu_amx_bf16()
     int fa_amx_selftest()
     void fa_lp_narrow(const float *src, Py_ssize_t n, int kind, uint16_t *dst)

@@ -37,6 +37,14 @@ _Static_assert(FA_DOT_LANES == 64, "fa_dot's reduction tree is written for 64 la
  * widen the stored bytes. */
 #define FA_KV_GROUP 32
 
+/* Where the span of keys from key j of a block (nb keys) within one key group ends: key
+ * j is key `at` of the storage's rows counted from its first group (phase + j0 + j). */
+static inline ptrdiff_t fa_group_span_end(ptrdiff_t at, ptrdiff_t j, ptrdiff_t nb)
+{
+    const ptrdiff_t stop = j + FA_KV_GROUP - at % FA_KV_GROUP;
+    return stop < nb ? stop : nb;
+}
+
 /* Where the keys and values of a work item live when they are not one run of rows: in
  * pages (fixed blocks of `rows` rows of one head) of a pool, as a paged cache holds them.
  * Row r of the item (from 0) is row (first + r) of the sequence's pages: page p =
@@ -315,9 +323,7 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
             /* Spans within one key group: q times the group's channel scales, then the */ \
             /* stored bytes as they are.                                                */ \
             for (ptrdiff_t j = 0; j < nb;) {                                               \
-                const ptrdiff_t at = phase + j0 + j;                                       \
-                ptrdiff_t stop = j + FA_KV_GROUP - at % FA_KV_GROUP;                       \
-                if (stop > nb) stop = nb;                                                  \
+                const ptrdiff_t at = phase + j0 + j, stop = fa_group_span_end(at, j, nb);  \
                 const T *sc = ks + at / FA_KV_GROUP * d;                                   \
                 for (ptrdiff_t g = 0; g < n_rows; g++)                                     \
                     for (ptrdiff_t c = 0; c < d; c++) qs[g * d + c] = q[g * d + c] * sc[c]; \

@@ -50,17 +50,16 @@
  * of the storage are hints, which never fault. */
 #define FA_DP_AHEAD FA_DECODE_BLOCK
 
+/* The 8-bit products kernels' signature (fa_decode_chunk_i8dp, _f8dp). */
+#define FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                                  \
+static void fa_decode_chunk_##S##dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,          \
+                                    const KT *k, const KT *v, ptrdiff_t d_v,               \
+                                    ptrdiff_t n_keys, float scale, float softcap,          \
+                                    const float *ks, const float *vs, ptrdiff_t phase,     \
+                                    float *m, double *l, float *o, float *s, float *qs,    \
+                                    uint32_t *pw)
+
 #if FA_HAVE_DPBF16
-#include <cpuid.h>
-
-/* Whether the CPU has AVX512-VNNI (CPUID leaf 7 subleaf 0, ECX bit 11). */
-static inline int fa_cpu_avx512_vnni(void)
-{
-    unsigned int a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return (c >> 11) & 1;
-}
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512bf16,avx512vnni")
 
@@ -318,63 +317,6 @@ static inline __attribute__((always_inline)) float fa_i8dp_to16(const float *x, 
     return largest / 32767.0f;
 }
 
-/* One work item on int8 storage (FA_SRC_I8_DP; the arguments as fa_decode_chunk_i8's):
- *  - scores: for each span of keys within one key group (FA_KV_GROUP), q times the
- *    group's channel scales, each row to 16-bit integers (fa_i8dp_to16, its own factor),
- *    against the stored bytes sign-extended to 16 bits (vpdpwssd: exact integer sums), the
- *    sums then in float32 times the row's factor and the scale;
- *  - P V: each block's weights times the value scales, each row to 16-bit integers (its
- *    own factor) in pairs of keys, against pairs of value rows, into int32 lanes (exact)
- *    added to o in float32 times the row's factor at the block's end.
- * qs: scratch of n_rows * d int16 then 3 n_rows floats (factors), within n_rows * d
- * floats; pw: of n_rows * FA_DECODE_BLOCK / 2 pairs. The integer sums stay below 2^31
- * while 32767 * 127 * d and 32767 * 127 * FA_DECODE_BLOCK do (the caller's rule: d <= 512). */
-static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
-                                 const int8_t *k, const int8_t *v, ptrdiff_t d_v,
-                                 ptrdiff_t n_keys, float scale, float softcap, const float *ks,
-                                 const float *vs, ptrdiff_t phase, float *m, double *l, float *o,
-                                 float *s, float *qs, uint32_t *pw)
-{
-    int16_t *q16 = (int16_t *)qs;
-    float *qf = qs + (n_rows * d + 1) / 2, *wf = qf + n_rows, *qn = wf + n_rows;
-    for (ptrdiff_t g = 0; g < n_rows; g++) {
-        m[g] = -INFINITY;
-        l[g] = 0;
-        /* scale, or NaN when q's row holds inf or NaN (its scores are then NaN). */
-        qn[g] = fa_i8dp_absmax(q + g * d, d) < INFINITY ? scale : NAN;
-    }
-    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;
-    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
-        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
-        for (ptrdiff_t j = 0; j < nb;) {
-            const ptrdiff_t at = phase + j0 + j;
-            ptrdiff_t stop = j + FA_KV_GROUP - at % FA_KV_GROUP;
-            if (stop > nb) stop = nb;
-            const float *sc = ks + at / FA_KV_GROUP * d;
-            for (ptrdiff_t g = 0; g < n_rows; g++)
-                qf[g] = (d == 128 ? fa_i8dp_to16(q + g * d, sc, 128, q16 + g * d)
-                         : d == 64 ? fa_i8dp_to16(q + g * d, sc, 64, q16 + g * d)
-                                   : fa_i8dp_to16(q + g * d, sc, d, q16 + g * d)) * qn[g];
-            fa_dp_scores_I8(q16, n_rows, d, k + (j0 + j) * d, stop - j, 1.0f, s + j);
-            for (ptrdiff_t g = 0; g < n_rows; g++)
-                for (ptrdiff_t u = j; u < stop; u++) s[g * FA_DECODE_BLOCK + u] *= qf[g];
-            j = stop;
-        }
-        for (ptrdiff_t g = 0; g < n_rows; g++) {
-            float *sr = s + g * FA_DECODE_BLOCK;
-            fa_dec_online_i8(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);
-            for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];
-            /* The row zero past nb (whole 32s), so that a last lone key pairs with a    */
-            /* zero weight.                                                               */
-            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;
-            wf[g] = fa_i8dp_to16(sr, NULL, (nb + 31) / 32 * 32,
-                                 (int16_t *)(pw + g * (FA_DECODE_BLOCK / 2)));
-        }
-        fa_dp_pv_I8(pw, wf, n_rows, nb, v + j0 * d_v, d_v, o);
-    }
-    fa_dp_column_order(o, n_rows * d_v);
-}
-
 /* x (n floats, a multiple of 32 up to 512; times sc[] where sc is not NULL) to bfloat16
  * times a power of two, into out: the largest magnitude L = f 2^e (f in [0.5, 1)) lands
  * in [2^99, 2^100), far from both ends of bfloat16's range, so that no product with an F8
@@ -409,59 +351,82 @@ static inline __attribute__((always_inline)) float fa_f8dp_to_bf16(const float *
     return (float)(e + 12);
 }
 
-/* One work item on float8 e4m3 storage (FA_SRC_F8_DP; the arguments as
- * fa_decode_chunk_f8's): the int8 products' structure (fa_decode_chunk_i8dp) with
- * bfloat16 products: for each span of keys within one key group, q times the group's
- * channel scales to bfloat16 times a power of two per row (fa_f8dp_to_bf16), against the
- * stored bytes as bfloat16 (FA_DP_F8_KV); each block's weights times the value scales to
- * bfloat16 the same way, in pairs of keys; the powers of two undone on the float32 sums
- * (vscalefps). qs: scratch of n_rows * d bfloat16 then 3 n_rows floats, within n_rows * d
+/* One work item on 8-bit storage with products below float32 (the arguments as
+ * fa_decode_chunk_i8's and _f8's):
+ *  - scores: for each span of keys within one key group (FA_KV_GROUP), q times the
+ *    group's channel scales, each row to 16 bits with its own factor (TO), against the
+ *    stored bytes as the product's operand (FA_DP_*_KV); the row's factor then applied to
+ *    its float32 sums (FIX);
+ *  - P V: each block's weights times the value scales, each row to 16 bits with its own
+ *    factor the same way, in pairs of keys, against pairs of value rows, the sums started
+ *    from zero for the block and added to o times the factor at its end (FA_DP_*_PV_DONE).
+ * int8 (FA_SRC_I8_DP): 16-bit integers (fa_i8dp_to16; vpdpwssd, exact integer sums, below
+ * 2^31 while 32767 * 127 * d and 32767 * 127 * FA_DECODE_BLOCK are: the caller's rule,
+ * d <= 512), the factors multiplied (q's with the scale, or NaN for a row holding inf or
+ * NaN, which integers cannot carry). float8 e4m3 (FA_SRC_F8_DP): bfloat16 times powers of
+ * two (fa_f8dp_to_bf16; vdpbf16ps), the powers undone by vscalefps, the scale applied to
+ * the sums by the scores.
+ * qs: scratch of n_rows * d 16-bit numbers then 3 n_rows floats, within n_rows * d
  * floats; pw: of n_rows * FA_DECODE_BLOCK / 2 pairs. */
-static void fa_decode_chunk_f8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
-                                 const uint8_t *k, const uint8_t *v, ptrdiff_t d_v,
-                                 ptrdiff_t n_keys, float scale, float softcap, const float *ks,
-                                 const float *vs, ptrdiff_t phase, float *m, double *l, float *o,
-                                 float *s, float *qs, uint32_t *pw)
-{
-    uint16_t *qb = (uint16_t *)qs;
-    float *qe = qs + (n_rows * d + 1) / 2, *wf = qe + n_rows;
-    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }
-    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;
-    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
-        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
-        for (ptrdiff_t j = 0; j < nb;) {
-            const ptrdiff_t at = phase + j0 + j;
-            ptrdiff_t stop = j + FA_KV_GROUP - at % FA_KV_GROUP;
-            if (stop > nb) stop = nb;
-            const float *sc = ks + at / FA_KV_GROUP * d;
-            for (ptrdiff_t g = 0; g < n_rows; g++)
-                qe[g] = d == 128 ? fa_f8dp_to_bf16(q + g * d, sc, 128, qb + g * d)
-                      : d == 64 ? fa_f8dp_to_bf16(q + g * d, sc, 64, qb + g * d)
-                                : fa_f8dp_to_bf16(q + g * d, sc, d, qb + g * d);
-            fa_dp_scores_F8(qb, n_rows, d, k + (j0 + j) * d, stop - j, scale, s + j);
-            for (ptrdiff_t g = 0; g < n_rows; g++)
-                for (ptrdiff_t u = j; u < stop; u += 16) {
-                    const __mmask16 in = stop - u >= 16 ? 0xffff : (__mmask16)((1u << (stop - u)) - 1);
-                    float *su = s + g * FA_DECODE_BLOCK + u;
-                    _mm512_mask_storeu_ps(su, in, _mm512_scalef_ps(_mm512_maskz_loadu_ps(in, su),
-                                                                   _mm512_set1_ps(qe[g])));
-                }
-            j = stop;
-        }
-        for (ptrdiff_t g = 0; g < n_rows; g++) {
-            float *sr = s + g * FA_DECODE_BLOCK;
-            fa_dec_online_f8(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);
-            for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];
-            /* The row zero past nb (whole 32s), so that a last lone key pairs with a    */
-            /* zero weight.                                                               */
-            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;
-            wf[g] = fa_f8dp_to_bf16(sr, NULL, (nb + 31) / 32 * 32,
-                                    (uint16_t *)(pw + g * (FA_DECODE_BLOCK / 2)));
-        }
-        fa_dp_pv_F8(pw, wf, n_rows, nb, v + j0 * d_v, d_v, o);
-    }
-    fa_dp_column_order(o, n_rows * d_v);
+#define FA_DEFINE_DP_CHUNK_8BIT(P, S, KT, QT, TO)                                          \
+FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                                          \
+{                                                                                          \
+    QT *qx = (QT *)qs;                                                                     \
+    float *qf = qs + (n_rows * d + 1) / 2, *wf = qf + n_rows, *qr = wf + n_rows;           \
+    for (ptrdiff_t g = 0; g < n_rows; g++) {                                               \
+        m[g] = -INFINITY;                                                                  \
+        l[g] = 0;                                                                          \
+        qr[g] = FA_DP_##P##_QROW(q + g * d, d, scale);                                     \
+    }                                                                                      \
+    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;                                 \
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
+        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK; \
+        for (ptrdiff_t j = 0; j < nb;) {                                                   \
+            const ptrdiff_t at = phase + j0 + j, stop = fa_group_span_end(at, j, nb);      \
+            const float *sc = ks + at / FA_KV_GROUP * d;                                   \
+            for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
+                qf[g] = FA_DP_##P##_QFACTOR(d == 128 ? TO(q + g * d, sc, 128, qx + g * d)  \
+                                            : d == 64 ? TO(q + g * d, sc, 64, qx + g * d)  \
+                                                      : TO(q + g * d, sc, d, qx + g * d),  \
+                                            qr[g]);                                        \
+            fa_dp_scores_##P(qx, n_rows, d, k + (j0 + j) * d, stop - j,                    \
+                             FA_DP_##P##_SCORE_SCALE(scale), s + j);                       \
+            for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
+                for (ptrdiff_t u = j; u < stop; u += 16) {                                 \
+                    const __mmask16 in = stop - u >= 16 ? 0xffff                           \
+                                                        : (__mmask16)((1u << (stop - u)) - 1); \
+                    float *su = s + g * FA_DECODE_BLOCK + u;                               \
+                    _mm512_mask_storeu_ps(su, in, FA_DP_##P##_FIX(_mm512_maskz_loadu_ps(in, su), \
+                                                                  _mm512_set1_ps(qf[g]))); \
+                }                                                                          \
+            j = stop;                                                                      \
+        }                                                                                  \
+        for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
+            float *sr = s + g * FA_DECODE_BLOCK;                                           \
+            fa_dec_online_##S(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);            \
+            for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];                        \
+            /* The row zero past nb (whole 32s), so that a last lone key pairs with a */   \
+            /* zero weight.                                                            */  \
+            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;                \
+            wf[g] = TO(sr, NULL, (nb + 31) / 32 * 32, (QT *)(pw + g * (FA_DECODE_BLOCK / 2))); \
+        }                                                                                  \
+        fa_dp_pv_##P(pw, wf, n_rows, nb, v + j0 * d_v, d_v, o);                            \
+    }                                                                                      \
+    fa_dp_column_order(o, n_rows * d_v);                                                   \
 }
+/* Each kind's: QROW, a row's value for the item (int8: the scale, or NaN for a row
+ * holding inf or NaN); QFACTOR, a span's factor from TO's and QROW's; SCORE_SCALE, what
+ * the scores multiply their sums by; FIX, the factor applied to the scores. */
+#define FA_DP_I8_QROW(x, d, scale) (fa_i8dp_absmax(x, d) < INFINITY ? (scale) : NAN)
+#define FA_DP_I8_QFACTOR(t, r) ((t) * (r))
+#define FA_DP_I8_SCORE_SCALE(scale) 1.0f
+#define FA_DP_I8_FIX(x, f) _mm512_mul_ps(x, f)
+#define FA_DP_F8_QROW(x, d, scale) 0.0f
+#define FA_DP_F8_QFACTOR(t, r) (t)
+#define FA_DP_F8_SCORE_SCALE(scale) (scale)
+#define FA_DP_F8_FIX(x, f) _mm512_scalef_ps(x, f)
+FA_DEFINE_DP_CHUNK_8BIT(I8, i8, int8_t, int16_t, fa_i8dp_to16)
+FA_DEFINE_DP_CHUNK_8BIT(F8, f8, uint8_t, uint16_t, fa_f8dp_to_bf16)
 #pragma GCC pop_options
 #else
 static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
@@ -474,29 +439,17 @@ static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
     (void)softcap; (void)m; (void)l; (void)o; (void)s; (void)qb; (void)pb;
     abort();
 }
-static void fa_decode_chunk_i8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
-                                 const int8_t *k, const int8_t *v, ptrdiff_t d_v,
-                                 ptrdiff_t n_keys, float scale, float softcap, const float *ks,
-                                 const float *vs, ptrdiff_t phase, float *m, double *l, float *o,
-                                 float *s, float *qs, uint32_t *pw)
-{
-    (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys; (void)scale;
-    (void)softcap; (void)ks; (void)vs; (void)phase; (void)m; (void)l; (void)o; (void)s;
-    (void)qs; (void)pw;
-    abort();
+/* Never reached either (the same rule). */
+#define FA_DP_CHUNK_8BIT_ABSENT(S, KT)                                                      \
+FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                                          \
+{                                                                                          \
+    (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys;             \
+    (void)scale; (void)softcap; (void)ks; (void)vs; (void)phase; (void)m; (void)l;         \
+    (void)o; (void)s; (void)qs; (void)pw;                                                  \
+    abort();                                                                               \
 }
-static void fa_decode_chunk_f8dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
-                                 const uint8_t *k, const uint8_t *v, ptrdiff_t d_v,
-                                 ptrdiff_t n_keys, float scale, float softcap, const float *ks,
-                                 const float *vs, ptrdiff_t phase, float *m, double *l, float *o,
-                                 float *s, float *qs, uint32_t *pw)
-{
-    (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys; (void)scale;
-    (void)softcap; (void)ks; (void)vs; (void)phase; (void)m; (void)l; (void)o; (void)s;
-    (void)qs; (void)pw;
-    abort();
-}
-static inline int fa_cpu_avx512_vnni(void) { return 0; }
+FA_DP_CHUNK_8BIT_ABSENT(i8, int8_t)
+FA_DP_CHUNK_8BIT_ABSENT(f8, uint8_t)
 #endif
 
 #endif

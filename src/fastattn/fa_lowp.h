@@ -279,13 +279,17 @@ static inline void fa_lp_pack_p(const float *s, ptrdiff_t ld_s, ptrdiff_t rows, 
 #include <cpuid.h>
 #include <immintrin.h>
 
-/* Whether the CPU has AVX512-BF16 (CPUID leaf 7 subleaf 1, EAX bit 5). */
-static inline int fa_cpu_avx512_bf16(void)
+/* Register reg (0-3: EAX, EBX, ECX, EDX) of CPUID leaf 7, subleaf sub (0 without it). */
+static inline unsigned int fa_cpuid7(unsigned int sub, int reg)
 {
-    unsigned int a, b, c, d;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
-    return (a >> 5) & 1;
+    unsigned int r[4];
+    if (!__get_cpuid_count(7, sub, &r[0], &r[1], &r[2], &r[3])) return 0;
+    return r[reg];
 }
+/* Whether the CPU has AVX512-BF16 (leaf 7 subleaf 1, EAX bit 5); AVX512-VNNI (subleaf 0,
+ * ECX bit 11: the int8 decoding products of fa_decode_dp.h). */
+static inline int fa_cpu_avx512_bf16(void) { return (fa_cpuid7(1, 0) >> 5) & 1; }
+static inline int fa_cpu_avx512_vnni(void) { return (fa_cpuid7(0, 2) >> 11) & 1; }
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bf16")
 
@@ -386,6 +390,7 @@ static float fa_dpbf16_loop(ptrdiff_t n_iter, float seed)
 #else
 #define FA_HAVE_DPBF16 0
 static inline int fa_cpu_avx512_bf16(void) { return 0; }
+static inline int fa_cpu_avx512_vnni(void) { return 0; }
 static float fa_dpbf16_loop(ptrdiff_t n_iter, float seed) { (void)n_iter; return seed; }
 static void fa_lp_scores_dp(const uint16_t *qb, ptrdiff_t rows_pad, ptrdiff_t d_pad,
                             const uint16_t *kp, ptrdiff_t n_cols, float scale, float *s,
