@@ -52,7 +52,7 @@ cdef extern from "fa_decode.h" nogil:
     int FA_KV_GROUP
     ctypedef struct fa_pages:
         const Py_ssize_t *table
-        Py_ssize_t rows, first, k_stride, v_stride
+        Py_ssize_t rows, first, k_stride, v_stride, ks_stride, vs_stride
     void fa_decode_chunk_f(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const float *k,
                            const float *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                            float softcap, const float *ks, const float *vs, Py_ssize_t phase,

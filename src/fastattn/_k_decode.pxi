@@ -66,11 +66,11 @@ cdef inline void _decode_item(const floating *q, Py_ssize_t n_rows, Py_ssize_t d
         elif kv_kind == FA_SRC_I8:
             fa_decode_chunk_i8(q, n_rows, d, <const int8_t*> k, <const int8_t*> v, d_v, count,
                                <float> scale, <float> softcap, ks, vs, phase, part, l_part,
-                               part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK, NULL)
+                               part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK, pg)
         elif kv_kind == FA_SRC_F8:
             fa_decode_chunk_f8(q, n_rows, d, <const uint8_t*> k, <const uint8_t*> v, d_v, count,
                                <float> scale, <float> softcap, ks, vs, phase, part, l_part,
-                               part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK, NULL)
+                               part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK, pg)
         elif kv_kind == FA_SRC_BF16:
             fa_decode_chunk_bf(q, n_rows, d, <const uint16_t*> k, <const uint16_t*> v, d_v,
                                count, <float> scale, <float> softcap, NULL, NULL, 0, part,
@@ -255,25 +255,31 @@ cdef inline void _decode_page_item(const floating *q, Py_ssize_t n_rows, Py_ssiz
                                    Py_ssize_t count, double scale, double softcap,
                                    const Py_ssize_t *table, Py_ssize_t page_rows,
                                    Py_ssize_t first, Py_ssize_t k_stride, Py_ssize_t v_stride,
+                                   const float *ks, const float *vs,
                                    floating *part, double *l_part,
                                    floating *s_own) noexcept nogil:
-    """_decode_item on keys and values in pages (fa_pages: its own, on this thread)."""
+    """_decode_item on keys and values in pages (fa_pages: its own, on this thread); the
+    8-bit kinds' scales ks, vs (else NULL) in pages of page_rows / FA_KV_GROUP rows of d
+    and of page_rows."""
     cdef fa_pages pg
     pg.table, pg.rows, pg.first, pg.k_stride, pg.v_stride = (table, page_rows, first,
                                                               k_stride, v_stride)
-    _decode_item(q, n_rows, d, k, v, kv_kind, d_v, count, scale, softcap, NULL, NULL, 0,
+    pg.ks_stride, pg.vs_stride = page_rows // FA_KV_GROUP * d, page_rows
+    _decode_item(q, n_rows, d, k, v, kv_kind, d_v, count, scale, softcap, ks, vs, 0,
                  part, l_part, s_own, &pg)
 
 
 cdef int _decode_paged_run(const floating *q, const void *k, const void *v, int kv_kind,
-                           Py_ssize_t n_pages, Py_ssize_t page_rows,
+                           const float *ks, const float *vs, Py_ssize_t n_pages,
+                           Py_ssize_t page_rows,
                            const Py_ssize_t *groups, const Py_ssize_t *table,
                            Py_ssize_t n_groups, Py_ssize_t n_rows, Py_ssize_t d,
                            Py_ssize_t d_v, double scale, double softcap,
                            const floating *sink_base, floating *out, floating *lse,
                            int n_threads) noexcept nogil:
     """_decode_run for groups of different lengths whose keys and values lie in pages of a
-    pool (see decode_paged): each group's visible keys in chunks of the policy's
+    pool (see decode_paged; the 8-bit kinds' scales in ks, vs as there, else NULL): each
+    group's visible keys in chunks of the policy's
     decode_chunk, counted from its first visible key; all groups' chunks are the work items
     of one parallel region, and each group's are merged in chunk order, so results are
     bitwise thread-invariant. Returns the team that ran, or -1 without scratch."""
@@ -322,6 +328,9 @@ cdef int _decode_paged_run(const floating *q, const void *k, const void *v, int 
                               kv_kind, d_v, min(chunk, gr[PG_KEYS] - c), scale, softcap,
                               table + gr[PG_TABLE], page_rows, gr[PG_FIRST] + c,
                               page_rows * d, page_rows * d_v,
+                              ks + gr[PG_HEAD] * n_pages * (page_rows // FA_KV_GROUP) * d
+                              if ks != NULL else NULL,
+                              vs + gr[PG_HEAD] * n_pages * page_rows if vs != NULL else NULL,
                               parts + w * part, l_parts + w * n_rows,
                               s_all + threadid() * s_size)
             team_out[0] = fa_omp_team_size()
@@ -341,21 +350,39 @@ cdef int _decode_paged_run(const floating *q, const void *k, const void *v, int 
 def decode_paged(const floating[:, :, ::1] q, object k_pool, object v_pool,
                  const Py_ssize_t[:, ::1] groups, const Py_ssize_t[::1] table, double scale,
                  double softcap, object sinks, floating[:, :, ::1] out, floating[:, ::1] lse,
-                 int n_threads):
+                 int n_threads, object ks_pool=None, object vs_pool=None):
     """out[g] = softmax(scale q[g] K_g.T) V_g for the G single queries of each group g
     (q: (n_groups, G, D)), K_g and V_g the keys [first, first + n_keys) of one kv head of
     a sequence held in pages: groups[g] = (kv head, first, n_keys, offset), the sequence's
     page ids being table[offset:] (page p of kv head h is k_pool[h, p]). k_pool, v_pool:
     (kv_heads, num_blocks, page_rows, D or D_v), C-contiguous, in q's dtype, or for float32
-    q the bits of bfloat16 (uint16) or float16. softcap, sinks ((n_groups, G) or None),
-    out, lse as decode(). Returns the threads that ran, or -1 without scratch."""
+    q the bits of bfloat16 (uint16) or float16, or int8 or float8 e4m3 (uint8) with their
+    scales in pages too (page_rows a multiple of FA_KV_GROUP): ks_pool (kv_heads,
+    num_blocks, page_rows / FA_KV_GROUP, D) and vs_pool (kv_heads, num_blocks, page_rows),
+    float32, C-contiguous. softcap, sinks ((n_groups, G) or None), out, lse as decode().
+    Returns the threads that ran, or -1 without scratch."""
     cdef const floating[:, ::1] sink_view
     cdef const floating *sink_base = NULL
+    cdef const float[:, :, :, ::1] ks_view
+    cdef const float[:, :, ::1] vs_view
+    cdef const float *ks = NULL
+    cdef const float *vs = NULL
     cdef Py_buffer kb, vb
     cdef int team
     cdef int kind = _STORED_KINDS.get(getattr(k_pool, "dtype", None), 0)
+    if kind and floating is double:
+        raise ValueError("decode_paged: stored pages need float32 queries")
     if kind == FA_SRC_I8 or kind == FA_SRC_F8:
-        raise ValueError("decode_paged: 8-bit pages are not supported")
+        if ks_pool is None or vs_pool is None:
+            raise ValueError("decode_paged: 8-bit pages need their scales")
+        ks_view, vs_view = ks_pool, vs_pool
+        n_h, n_p, rows = k_pool.shape[0], k_pool.shape[1], k_pool.shape[2]
+        if (rows % FA_KV_GROUP
+                or tuple(ks_pool.shape) != (n_h, n_p, rows // FA_KV_GROUP, q.shape[2])
+                or tuple(vs_pool.shape) != (n_h, n_p, rows)):
+            raise ValueError("decode_paged: the scales do not match the 8-bit pages")
+        if ks_view.size:
+            ks, vs = &ks_view[0, 0, 0, 0], &vs_view[0, 0, 0]
     if groups.shape[1] != PG_N:
         raise ValueError("decode_paged: groups must have 4 columns")
     if sinks is not None:
@@ -368,7 +395,8 @@ def decode_paged(const floating[:, :, ::1] q, object k_pool, object v_pool,
         PyBuffer_Release(&kb)
         raise
     with nogil:
-        team = _decode_paged_run(&q[0, 0, 0], kb.buf, vb.buf, kind, kb.shape[1], kb.shape[2],
+        team = _decode_paged_run(&q[0, 0, 0], kb.buf, vb.buf, kind, ks, vs, kb.shape[1],
+                                 kb.shape[2],
                                  &groups[0, 0], &table[0] if table.shape[0] else NULL,
                                  q.shape[0], q.shape[1], q.shape[2], vb.shape[3], scale,
                                  softcap, sink_base, &out[0, 0, 0], &lse[0, 0], n_threads)

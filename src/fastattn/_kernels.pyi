@@ -124,7 +124,8 @@ def decode_paged(
     q: npt.NDArray[np.floating],        # const floating[:, :, ::1]  (n_groups, G, D)
     k_pool: np.ndarray,                 # object: (H_kv, num_blocks, block, D), C-contiguous;
                                         #   q's dtype, or for float32 q uint16 (bfloat16
-                                        #   bits) or float16
+                                        #   bits), float16, int8 or uint8 (float8 e4m3
+                                        #   bits; block a multiple of KV_GROUP) with scales
     v_pool: np.ndarray,                 # object: (H_kv, num_blocks, block, D_v), the same
     groups: npt.NDArray[np.intp],       # const Py_ssize_t[:, ::1] (n_groups, 4): kv head,
                                         #   first visible key, visible keys, table offset
@@ -135,6 +136,10 @@ def decode_paged(
     out: npt.NDArray[np.floating],      # floating[:, :, ::1]        (n_groups, G, D_v)
     lse: npt.NDArray[np.floating],      # floating[:, ::1]           (n_groups, G)
     n_threads: int,                     # int
+    ks_pool: Optional[np.ndarray] = ...,  # object: 8-bit key scales (H_kv, num_blocks,
+                                        #   block / KV_GROUP, D) float32, C-contiguous
+    vs_pool: Optional[np.ndarray] = ...,  # object: 8-bit value scales (H_kv, num_blocks,
+                                        #   block) float32, C-contiguous
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def small_attention(
     q: Any, k: Any, v: Any,             # object: anything; None unless small ndarrays

@@ -62,6 +62,26 @@ def widened16(a, storage):
     return flat.reshape(a.shape)
 
 
+def dequantized(a, scale, storage):
+    """float32 of the bytes a of an 8-bit storage times their scales (broadcast to a)."""
+    if storage == "int8":
+        return a.astype(np.float32) * scale
+    # the e4m3 scales hold 256 times the step (fa_quant.h): exact to take out
+    return _F8[a] * (scale / np.float32(256))
+
+
+def quantized(name, x, group, storage):
+    """(bytes, scales) of x (B, H, T, D) float32, the argument `name`, as
+    _kernels.quantize gives them (group > 0: keys, a scale per channel for each group of
+    rows; 0: values, one per row), refusing NaN and inf naming the argument."""
+    a = x if x.strides[-1] == x.itemsize else np.ascontiguousarray(x)  # rows contiguous
+    result = _kernels.quantize(a, group, storage, _kernels.max_threads())
+    if result is None:
+        raise ValueError(f"{name} holds NaN or inf: a cache with storage={storage!r} "
+                         f"refuses them")
+    return result
+
+
 def _zeros_aligned(shape, dtype, align=64):
     """np.zeros on a cache-line boundary. NumPy's large arrays start 16 bytes past one,
     so every 64-byte vector load of the decoding kernel would straddle two lines (about
@@ -209,10 +229,7 @@ class KVCache:
             scale = self._ks[:, :, rows // self._group]
         else:  # a scale per row
             scale = self._vs[:, :, rows, None]
-        if self.storage == "int8":
-            return a.astype(np.float32) * scale
-        # the e4m3 scales hold 256 times the step (fa_quant.h): exact to take out
-        return _F8[a] * (scale / np.float32(256))
+        return dequantized(a, scale, self.storage)
 
     def _stored(self, name, a):
         """a (validated) as the storage holds it: itself, or its 16-bit bits, refusing NaN
@@ -296,26 +313,16 @@ class KVCache:
             pieces.append((seen + first, k32[:, :, first:]))
         writes = []
         for at, keys in pieces:
-            stored, scales = self._quantize("k", keys, group)
+            stored, scales = quantized("k", keys, group, self.storage)
             writes += self._placed("_k", at, stored)
             writes += self._placed("_ks", at // group, scales, per=group)
-        stored, scales = self._quantize("v", v32, 0)
+        stored, scales = quantized("v", v32, 0, self.storage)
         writes += self._placed("_v", seen, stored)
         writes += self._placed("_vs", seen, scales)
         left = (seen + n) % group
         if left:
             writes.append(("_open", slice(0, left), pieces[-1][1][:, :, -left:]))
         return writes
-
-    def _quantize(self, name, x, group):
-        """(bytes, scales) of x (the argument `name`) as _kernels.quantize gives them,
-        refusing NaN and inf."""
-        a = x if x.strides[-1] == x.itemsize else np.ascontiguousarray(x)  # rows contiguous
-        quantized = _kernels.quantize(a, group, self.storage, _kernels.max_threads())
-        if quantized is None:
-            raise ValueError(f"{name} holds NaN or inf: a cache with storage={self.storage!r} "
-                             f"refuses them")
-        return quantized
 
     def _write(self, writes):
         """Do writes, (attribute name, index along axis 2, data); on any exception (an

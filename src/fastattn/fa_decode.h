@@ -51,10 +51,12 @@ static inline ptrdiff_t fa_group_span_end(ptrdiff_t at, ptrdiff_t j, ptrdiff_t n
  * table[(first + r) / rows], at k + p * k_stride (elements) and v + p * v_stride, row
  * (first + r) % rows of it. The spans of the kernel break where the next page is not the
  * next in memory (pages p and p + 1 are adjacent when k_stride is a page's rows), and
- * nowhere else: a contiguous item (no page map) runs as before. Not for the 8-bit kinds. */
+ * nowhere else: a contiguous item (no page map) runs as before. The 8-bit kinds' scales
+ * lie in pages too, ks_stride and vs_stride elements apart (a page holds whole key
+ * groups: rows is a multiple of FA_KV_GROUP), their rows in the order of the pages'. */
 typedef struct {
     const ptrdiff_t *table;
-    ptrdiff_t rows, first, k_stride, v_stride;
+    ptrdiff_t rows, first, k_stride, v_stride, ks_stride, vs_stride;
 } fa_pages;
 
 /* Row r of an item (see fa_pages): its key row, its value row, and how many rows from it
@@ -66,6 +68,13 @@ typedef struct {
 #define FA_VROW(v, pg, r, d_v) ((pg) ? (v) + FA_PAGE_OF(pg, r) * (pg)->v_stride + FA_PAGE_ROW(pg, r) * (d_v) \
                                      : (v) + (r) * (d_v))
 #define FA_RUN(pg, r, limit) ((pg) ? fa_page_run(pg, r, limit) : (limit))
+/* The 8-bit kinds' scales of row r: its key group's channel scales (ks at the group of
+ * row 0, which is row `phase` of it, when there is no page map) and its value scale. */
+#define FA_KSROW(ks, pg, phase, r, d)                                                      \
+    ((pg) ? (ks) + FA_PAGE_OF(pg, r) * (pg)->ks_stride + FA_PAGE_ROW(pg, r) / FA_KV_GROUP * (d) \
+          : (ks) + ((phase) + (r)) / FA_KV_GROUP * (d))
+#define FA_VSROW(vs, pg, r) ((pg) ? (vs) + FA_PAGE_OF(pg, r) * (pg)->vs_stride + FA_PAGE_ROW(pg, r) \
+                                  : (vs) + (r))
 
 /* How many rows from row r of an item on lie in one run of memory (at most limit): to the
  * end of its page, and on through the pages that follow it in the pool (a sequence whose
@@ -300,7 +309,7 @@ static inline __attribute__((always_inline)) void fa_dec_online_##SUFFIX(       
 /* of the file). 8-bit kinds (QUANT): ks points at the scales of the key group holding   */ \
 /* key 0, which is key `phase` of its group; vs at key 0's value scale; qs is scratch of */ \
 /* n_rows * d. Other kinds ignore the four. pg: NULL (k, v: contiguous rows), or the    */ \
-/* page map of the item's rows (fa_pages; not with QUANT).                               */ \
+/* page map of the item's rows and scales (fa_pages; phase then unused).                 */ \
 static inline void fa_decode_chunk_##SUFFIX(                                               \
     const T *q, ptrdiff_t n_rows, ptrdiff_t d, const KT *k, const KT *v, ptrdiff_t d_v,    \
     ptrdiff_t n_keys, T scale, T softcap, const T *ks, const T *vs, ptrdiff_t phase,       \
@@ -322,21 +331,28 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
         } else {                                                                           \
             /* Spans within one key group: q times the group's channel scales, then the */ \
             /* stored bytes as they are.                                                */ \
+            /* (A page holds whole groups, so a group's span never leaves its page.)    */ \
             for (ptrdiff_t j = 0; j < nb;) {                                               \
-                const ptrdiff_t at = phase + j0 + j, stop = fa_group_span_end(at, j, nb);  \
-                const T *sc = ks + at / FA_KV_GROUP * d;                                   \
+                const ptrdiff_t at = (pg ? pg->first : phase) + j0 + j;                    \
+                const ptrdiff_t stop = fa_group_span_end(at, j, nb);                       \
+                const T *sc = FA_KSROW(ks, pg, phase, j0 + j, d);                          \
                 for (ptrdiff_t g = 0; g < n_rows; g++)                                     \
                     for (ptrdiff_t c = 0; c < d; c++) qs[g * d + c] = q[g * d + c] * sc[c]; \
-                fa_dec_span_##SUFFIX(qs, n_rows, d, k + (j0 + j) * d, stop - j, scale,     \
-                                     s + j, vec);                                          \
+                fa_dec_span_##SUFFIX(qs, n_rows, d, FA_KROW(k, pg, j0 + j, d), stop - j,   \
+                                     scale, s + j, vec);                                   \
                 j = stop;                                                                  \
             }                                                                              \
         }                                                                                  \
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
             T *sr = s + g * FA_DECODE_BLOCK;                                               \
             fa_dec_online_##SUFFIX(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);       \
-            if (QUANT)                                                                     \
-                for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];                    \
+            if (QUANT)  /* the value scales of each run of rows */                         \
+                for (ptrdiff_t j = 0; j < nb;) {                                           \
+                    const ptrdiff_t run = FA_RUN(pg, j0 + j, nb - j);                      \
+                    const T *vr = FA_VSROW(vs, pg, j0 + j);                                \
+                    for (ptrdiff_t i = 0; i < run; i++) sr[j + i] *= vr[i];                \
+                    j += run;                                                              \
+                }                                                                          \
         }                                                                                  \
         if (vec) {                                                                         \
             for (ptrdiff_t j = 0; j < nb;) {                                               \

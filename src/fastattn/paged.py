@@ -27,12 +27,11 @@ from . import _run
 from ._run import last_call
 from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
                           check_threads, check_window, dtype_pair, positive_int)
-from .cache import _STORAGES, _zeros_aligned, checked_dtype_storage, narrowed16, widened16
+from .cache import (_EIGHT_BIT, _STORAGES, GROUP, _zeros_aligned, checked_dtype_storage,
+                    dequantized, narrowed16, quantized, widened16)
 from .varlen import _offsets, _tables
 
 __all__ = ["PagedKVCache"]
-
-_PAGED_STORAGES = (None, "bfloat16", "float16")
 
 
 class PagedKVCache:
@@ -46,12 +45,16 @@ class PagedKVCache:
         ``kv_heads`` keys and values of ``head_dim``; allocated once.
     dtype : float32 or float64, default float32
         The compute and result dtype of :meth:`attention`.
-    storage : {None, "bfloat16", "float16"}, optional
-        How keys and values are held: None, in ``dtype``; ``"bfloat16"`` or
-        ``"float16"``, in half the bytes of float32 (rounded to nearest even as they are
-        appended; NaN and inf refused, and float16 values beyond its range), read in place
-        and widened by the kernel, computing in float32. (The 8-bit storages of
-        :class:`KVCache` are not offered here yet.)
+    storage : {None, "bfloat16", "float16", "int8", "float8_e4m3"}, optional
+        How keys and values are held, as in :class:`KVCache`: None, in ``dtype``;
+        ``"bfloat16"`` or ``"float16"``, in half the bytes of float32 (rounded to nearest
+        even as they are appended; NaN and inf refused, and float16 values beyond its
+        range); ``"int8"`` or ``"float8_e4m3"``, in a quarter, keys with one scale per
+        channel for each group of 32 tokens of a sequence (the group still filling kept
+        exactly beside, per sequence, and re-quantized as tokens join it), values one per
+        token: ``block_size`` must then be a multiple of 32, so that a block holds whole
+        groups. Read in place and widened by the kernel, computing in float32;
+        :meth:`keys` and :meth:`values` give float32 copies (dequantized).
 
     Notes
     -----
@@ -81,14 +84,22 @@ class PagedKVCache:
         block_size = positive_int("block_size", block_size)
         kv_heads = positive_int("kv_heads", kv_heads)
         head_dim = positive_int("head_dim", head_dim)
-        dtype, storage = checked_dtype_storage(dtype, storage, _PAGED_STORAGES,
-                                               " for a PagedKVCache")
+        dtype, storage = checked_dtype_storage(dtype, storage)
+        if storage in _EIGHT_BIT and block_size % GROUP:
+            raise ValueError(f"storage={storage!r} needs block_size a multiple of {GROUP} (a "
+                             f"block holds whole groups of key scales), got {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kv_heads, self.head_dim, self.dtype, self.storage = kv_heads, head_dim, dtype, storage
         store = _STORAGES[storage] or dtype
         shape = (kv_heads, num_blocks, block_size, head_dim)
         # (on cache-line boundaries, as KVCache's: see _zeros_aligned)
         self._k, self._v = _zeros_aligned(shape, store), _zeros_aligned(shape, store)
+        self._ks = self._vs = None
+        if storage in _EIGHT_BIT:  # the scales, in blocks as the bytes
+            self._ks = np.zeros((kv_heads, num_blocks, block_size // GROUP, head_dim),
+                                np.float32)
+            self._vs = np.zeros((kv_heads, num_blocks, block_size), np.float32)
+        self._open = {}  # id -> the exact keys of its group still filling (8-bit storage)
         self._refs = np.zeros(num_blocks, np.int64)
         self._is_free = np.ones(num_blocks, bool)
         self._n_free = num_blocks
@@ -123,12 +134,15 @@ class PagedKVCache:
         sid = self.new_sequence()
         self._seqs[sid] = [list(blocks), length]
         self._refs[blocks] += 1
+        if int(seq_id) in self._open:  # (never changed in place: shared as it is)
+            self._open[sid] = self._open[int(seq_id)]
         return sid
 
     def release(self, seq_id):
         """Forget a sequence; its blocks that no other sequence holds return to the pool."""
         blocks, _ = self._seq("seq_id", seq_id)
         del self._seqs[int(seq_id)]
+        self._open.pop(int(seq_id), None)
         for b in reversed(blocks):
             self._refs[b] -= 1
             if self._refs[b] == 0:
@@ -147,8 +161,12 @@ class PagedKVCache:
 
     @property
     def nbytes(self):
-        """Bytes of the pool (keys and values), held whatever the sequences use."""
-        return self._k.nbytes + self._v.nbytes
+        """Bytes of the pool (keys and values, and for 8-bit storage their scales), held
+        whatever the sequences use, and the exact keys of the sequences' groups still
+        filling."""
+        scales = (self._ks.nbytes + self._vs.nbytes) if self._ks is not None else 0
+        return (self._k.nbytes + self._v.nbytes + scales
+                + sum(a.nbytes for a in self._open.values()))
 
     def __repr__(self):
         storage = "" if self.storage is None else f", storage={self.storage!r}"
@@ -166,6 +184,8 @@ class PagedKVCache:
                              f"{self.kv_heads}, {self.head_dim}), got {name}.shape={a.shape}")
         if self.storage is None:
             return np.asarray(a, self.dtype)
+        if self.storage in _EIGHT_BIT:  # (quantized by append, with the open group)
+            return np.asarray(a, np.float32)
         return narrowed16(name, a, self.storage).view(self._k.dtype)
 
     def _take(self, after, count):
@@ -206,6 +226,24 @@ class PagedKVCache:
             return
         blocks, length = seq
         bs = self.block_size
+        # What to write: (pool, first row of the sequence, rows (kv_heads, count, ...),
+        # rows per block), checked before anything changes.
+        if self.storage in _EIGHT_BIT:
+            # The group still filling is quantized again from its exact keys with the new
+            # ones (its rows and scales rewritten), as KVCache does.
+            filled = length % GROUP
+            exact = np.concatenate([self._open[int(seq_id)], k]) if filled else k
+            kq, ks = quantized("k", exact.transpose(1, 0, 2)[None], GROUP, self.storage)
+            vq, vs = quantized("v", v.transpose(1, 0, 2)[None], 0, self.storage)
+            left = (length + n) % GROUP
+            open_after = exact[n + filled - left:].copy() if left else None
+            writes = [("_k", length - filled, kq[0], bs),
+                      ("_ks", (length - filled) // GROUP, ks[0], bs // GROUP),
+                      ("_v", length, vq[0], bs), ("_vs", length, vs[0], bs)]
+        else:
+            filled = 0
+            writes = [("_k", length, k.transpose(1, 0, 2), bs),
+                      ("_v", length, v.transpose(1, 0, 2), bs)]
         # A partly filled last block that another sequence holds too is copied first.
         shared_tail = length % bs != 0 and self._refs[blocks[-1]] > 1
         need = -(-(length + n) // bs) - len(blocks) + shared_tail
@@ -217,28 +255,34 @@ class PagedKVCache:
         n_blocks, free_before = len(blocks), self._is_free.copy()
         tail = blocks[-1] if blocks else None
         tail_refs = self._refs[tail] if blocks else 0
+        pools = ("_k", "_v") if self._ks is None else ("_k", "_v", "_ks", "_vs")
+        # The rows below the length that the writes change (an 8-bit group still
+        # filling, in a tail of its own: its keys and their scales), kept to put back.
+        kept = []
+        if filled and not shared_tail:
+            r0 = (length - filled) % bs
+            kept = [("_k", r0, self._k[:, tail, r0:r0 + filled].copy()),
+                    ("_ks", r0 // GROUP, self._ks[:, tail, r0 // GROUP:r0 // GROUP + 1].copy())]
         try:
             if shared_tail:
                 copy, = self._take(blocks[-2] if len(blocks) > 1 else None, 1)
-                self._k[:, copy] = self._k[:, tail]
-                self._v[:, copy] = self._v[:, tail]
+                for name in pools:
+                    pool = getattr(self, name)
+                    pool[:, copy] = pool[:, tail]
                 self._refs[tail] -= 1
                 self._refs[copy] = 1
                 blocks[-1] = copy
             fresh = self._take(blocks[-1] if blocks else None, need - shared_tail)
             self._refs[fresh] = 1
             blocks.extend(fresh)
-            done = 0
-            while done < n:
-                at = length + done
-                b, row = blocks[at // bs], at % bs
-                take = min(bs - row, n - done)
-                self._k[:, b, row:row + take] = k[done:done + take].transpose(1, 0, 2)
-                self._v[:, b, row:row + take] = v[done:done + take].transpose(1, 0, 2)
-                done += take
+            for name, at, rows, per in writes:
+                self._write_rows(getattr(self, name), blocks, at, rows, per)
         except BaseException:
             # Interrupted (Ctrl-C) midway: the blocks taken go back, the shared tail is
-            # shared again; rows written past the length are never read.
+            # shared again, rewritten rows below the length are put back; rows written
+            # past the length are never read.
+            for name, row, old in kept:
+                getattr(self, name)[:, tail, row:row + old.shape[1]] = old
             del blocks[n_blocks:]
             if shared_tail:
                 blocks[-1] = tail
@@ -249,22 +293,48 @@ class PagedKVCache:
             self._n_free = int(self._is_free.sum())
             raise
         seq[1] = length + n
+        if self._ks is not None:
+            if open_after is None:
+                self._open.pop(int(seq_id), None)
+            else:
+                self._open[int(seq_id)] = open_after
+
+    @staticmethod
+    def _write_rows(pool, blocks, at, rows, per):
+        """rows (kv_heads, count, ...) written as rows [at, at + count) of a sequence whose
+        blocks are `blocks`, in pool (kv_heads, num_blocks, per, ...)."""
+        done, count = 0, rows.shape[1]
+        while done < count:
+            b, row = blocks[(at + done) // per], (at + done) % per
+            take = min(per - row, count - done)
+            pool[:, b, row:row + take] = rows[:, done:done + take]
+            done += take
 
     # ------------------------------------------------------------------ reading
-    def _gathered(self, pool, seq_id):
+    def _gathered(self, which, seq_id):
         blocks, length = self._seq("seq_id", seq_id)
-        rows = pool[:, blocks].transpose(1, 2, 0, 3).reshape(-1, self.kv_heads, self.head_dim)
-        rows = rows[:length]
-        return rows.copy() if self.storage is None else widened16(rows, self.storage)
+        h, d = self.kv_heads, self.head_dim
+        pool = self._k if which == "k" else self._v
+        rows = pool[:, blocks].transpose(1, 2, 0, 3).reshape(-1, h, d)[:length]
+        if self.storage is None:
+            return rows.copy()
+        if self.storage not in _EIGHT_BIT:
+            return widened16(rows, self.storage)
+        if which == "k":  # a scale per channel for each group of rows
+            scale = np.repeat(self._ks[:, blocks], GROUP, axis=2)
+            scale = scale.transpose(1, 2, 0, 3).reshape(-1, h, d)[:length]
+        else:  # a scale per row
+            scale = self._vs[:, blocks].transpose(1, 2, 0).reshape(-1, h, 1)[:length]
+        return dequantized(rows, scale, self.storage)
 
     def keys(self, seq_id):
         """A copy of a sequence's keys, (length, kv_heads, head_dim), as the pool holds
-        them (widened to float32 for 16-bit storage)."""
-        return self._gathered(self._k, seq_id)
+        them (widened to float32 for 16-bit storage, dequantized for 8-bit)."""
+        return self._gathered("k", seq_id)
 
     def values(self, seq_id):
         """A copy of a sequence's values, as :meth:`keys`."""
-        return self._gathered(self._v, seq_id)
+        return self._gathered("v", seq_id)
 
     # ------------------------------------------------------------------ attention
     def attention(self, q, seq_ids, cu_seqlens_q, *, causal=True, window=None, scale=None,
@@ -296,14 +366,15 @@ class PagedKVCache:
 
         Notes
         -----
-        q is converted to the cache's dtype (float32 for 16-bit storage). Single queries
+        q is converted to the cache's dtype (float32 with ``storage=``). Single queries
         run in the decoding kernel, which reads the blocks in place through the block
         tables (a sequence's blocks that follow one another in the pool as one run), its
         keys split in chunks of the same size for every sequence, the chunks of all rows
         the work items of one parallel region. Prefill chunks run in the fused kernel,
         which takes their keys and values from the blocks as it packs them (bitwise
-        :func:`fastattn.attention_varlen` on the same keys); with 16-bit storage they
-        run in the decoding kernel too, reading their keys once per query.
+        :func:`fastattn.attention_varlen` on the same keys); with ``storage=`` they run
+        in the decoding kernel too, reading their keys once per query (8-bit: the key
+        scales of each group folded into the query, the value scales into the weights).
         """
         q = as_array("q", q)
         dtype_pair("q", q.dtype)  # (converted to the compute dtype below)
@@ -337,9 +408,9 @@ class PagedKVCache:
         out = np.empty((total_q, heads, d), compute)
         lse = np.empty((total_q, heads), compute)
         # Prefill chunks (several queries) in the fused kernel, which gathers their keys
-        # from the pages as it packs them; single queries (and every query of a 16-bit
-        # pool, which the fused kernel reads only beside 16-bit queries) in the decoding
-        # kernel, which reads the pages in place.
+        # from the pages as it packs them; single queries (and every query of a pool with
+        # storage=, which the fused kernel does not read) in the decoding kernel, which
+        # reads the pages in place.
         fused = (n_q > 1) & (self.storage is None)
         if fused.any():
             self._prefill(q, out, lse, np.where(fused, n_q, 0), lengths, cu, offsets, table,
@@ -386,7 +457,8 @@ class PagedKVCache:
             np.broadcast_to(sinks.reshape(self.kv_heads, group),
                             (rows.size, self.kv_heads, group)).reshape(-1, group))
         team = _kernels.decode_paged(q3, self._k, self._v, groups.reshape(-1, 4), table, scale,
-                                     softcap, sink_rows, out3, lse2, n_threads)
+                                     softcap, sink_rows, out3, lse2, n_threads, self._ks,
+                                     self._vs)
         if team < 0:
             raise MemoryError("attention: cannot allocate the decoding scratch")
         last_call.threads = team
