@@ -46,6 +46,15 @@ def _alone(cache, ids, q, cu, **kw):
     return np.concatenate(outs), np.concatenate(lses)
 
 
+def _held(storage, k, v=None):
+    """(keys, values) a float32 cache with `storage` holds for the tokens k (n, H, D) and
+    v (default k), by a KVCache: the pool must hold the same."""
+    v = k if v is None else v
+    flat = fastattn.KVCache(1, k.shape[1], len(k), k.shape[2], storage=storage)
+    flat.append(k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
+    return flat.keys[0].transpose(1, 0, 2), flat.values[0].transpose(1, 0, 2)
+
+
 LENGTHS = [0, 1, 15, 16, 17, 700, 33, 5]
 QUERIES = [1, 1, 3, 1, 2, 5, 1, 7]
 
@@ -89,24 +98,99 @@ def test_against_the_reference():
         assert_close(lse[cu[i]:cu[i + 1]].T, want_lse, np.float64, f"lse {i}")
 
 
-@pytest.mark.parametrize("storage", [None, "bfloat16", "float16"])
-@pytest.mark.parametrize("block", [1, 16, 100, 256])
+@pytest.mark.parametrize("storage,block", [
+    (storage, block) for storage in (None, "bfloat16", "float16") for block in (1, 16, 100, 256)
+] + [(storage, block) for storage in ("int8", "float8_e4m3") for block in (32, 96, 256)])
 def test_a_decoding_step_on_blocks_in_order_is_bitwise_a_kvcache_step(storage, block):
     """A sequence whose blocks follow one another in the pool is read in one run: its
-    steps run exactly as on a KVCache holding the same tokens."""
+    steps run exactly as on a KVCache holding the same tokens (appended in the same
+    pieces: 8-bit storage re-quantizes the group still filling as tokens join it)."""
     rng = np.random.default_rng(2)
     n, kv_heads, heads, d = 1300, 2, 8, 64
     k, v = rng.standard_normal((2, n, kv_heads, d)).astype(np.float32)
+    k[:, :, :3] *= 10  # (outlier channels: the key scales matter)
     paged = fastattn.PagedKVCache(-(-n // block), block, kv_heads, d, storage=storage)
     sid = paged.new_sequence()
-    paged.append(sid, k, v)
     flat = fastattn.KVCache(1, kv_heads, n, d, storage=storage)
-    flat.append(k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
+    for a, b in [(0, 5), (5, 40), (40, 41), (41, 1299), (1299, 1300)]:
+        paged.append(sid, k[a:b], v[a:b])
+        flat.append(k[a:b].transpose(1, 0, 2)[None], v[a:b].transpose(1, 0, 2)[None])
+    np.testing.assert_array_equal(paged.keys(sid), flat.keys[0].transpose(1, 0, 2))
+    np.testing.assert_array_equal(paged.values(sid), flat.values[0].transpose(1, 0, 2))
     q = rng.standard_normal((1, heads, d)).astype(np.float32)
     out, lse = paged.attention(q, [sid], [0, 1], return_lse=True)
     want, want_lse = fastattn.attention(q[:, :, None, :], cache=flat, return_lse=True)
     np.testing.assert_array_equal(out[0], want[0, :, 0])
     np.testing.assert_array_equal(lse[0], want_lse[0, :, 0])
+
+
+EIGHT_BIT = ["int8", "float8_e4m3"]
+
+
+@pytest.mark.parametrize("storage", EIGHT_BIT)
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 5), (True, 40)])
+@pytest.mark.parametrize("heads,kv_heads,d,block", [(8, 2, 64, 32), (3, 3, 20, 64)])
+def test_eight_bit_storage_as_attention_alone(storage, causal, window, heads, kv_heads, d,
+                                              block):
+    """int8 and float8 e4m3 pools: decoding rows and prefill chunks (both in the decoding
+    kernel, reading bytes and scales through the block tables), windows starting inside a
+    key group, against float64 attention on the keys and values the pool holds."""
+    rng = np.random.default_rng(heads + d + block)
+    lengths = [0, 1, 31, 32, 33, 700, 65, 5]
+    cache, ids = _filled(rng, lengths, block, kv_heads, d, storage=storage, pieces=3)
+    cu = np.concatenate([[0], np.cumsum(QUERIES)])
+    q = rng.standard_normal((cu[-1], heads, d))
+    sinks = rng.standard_normal(heads)
+    kw = dict(causal=causal, window=window, softcap=6.0, sinks=sinks)
+    out, lse = cache.attention(q, ids, cu, return_lse=True, **kw)
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    want_out, want_lse = _alone(cache, ids, q.astype(np.float32), cu, **kw)
+    assert_close(out, want_out, np.float32, "out", magnitude=3.0)
+    assert_close(lse, want_lse, np.float32, "lse", magnitude=10.0)
+    for threads in (1, 3):
+        np.testing.assert_array_equal(out, cache.attention(q, ids, cu, num_threads=threads,
+                                                           **kw))
+
+
+@pytest.mark.parametrize("storage", EIGHT_BIT)
+def test_eight_bit_forks_hold_their_own_group_still_filling(storage):
+    """A fork in the middle of a key group shares its block and the group's exact keys;
+    each then appends its own tokens: the shared block is copied (bytes and scales), and
+    each sequence holds exactly what a KVCache given its tokens holds, the other
+    untouched."""
+    rng = np.random.default_rng(9)
+    kv_heads, d = 2, 16
+    cache = fastattn.PagedKVCache(6, 32, kv_heads, d, storage=storage)
+    k = rng.standard_normal((50, kv_heads, d)) * np.linspace(0.1, 20, d)
+    a = cache.new_sequence()
+    cache.append(a, k[:20], -k[:20])
+    b = cache.fork(a)
+    cache.append(b, k[20:50], -k[20:50])
+    cache.append(a, 3 * k[20:23], -3 * k[20:23])
+
+    for sid, tokens in [(a, np.concatenate([k[:20], 3 * k[20:23]])), (b, k[:50])]:
+        want_k, want_v = _held(storage, tokens, -tokens)
+        np.testing.assert_array_equal(cache.keys(sid), want_k)
+        np.testing.assert_array_equal(cache.values(sid), want_v)
+    # the open groups' exact keys are counted: a holds 23 of a group, b 18
+    pool = cache._k.nbytes * 2 + cache._ks.nbytes + cache._vs.nbytes
+    assert cache.nbytes == pool + (23 + 18) * kv_heads * d * 4
+    cache.release(b)
+    assert cache.nbytes == pool + 23 * kv_heads * d * 4
+
+
+@pytest.mark.parametrize("storage", EIGHT_BIT)
+def test_eight_bit_storage_refuses_nan_and_inf(storage):
+    cache = fastattn.PagedKVCache(2, 32, 1, 2, storage=storage)
+    sid = cache.new_sequence()
+    cache.append(sid, np.ones((3, 1, 2)), np.ones((3, 1, 2)))
+    before = cache.keys(sid)
+    with pytest.raises(ValueError, match="k holds NaN or inf"):
+        cache.append(sid, np.full((1, 1, 2), np.inf), np.ones((1, 1, 2)))
+    with pytest.raises(ValueError, match="v holds NaN or inf"):
+        cache.append(sid, np.ones((1, 1, 2)), np.full((1, 1, 2), np.nan))
+    assert cache.length(sid) == 3 and cache.free_blocks == 1
+    np.testing.assert_array_equal(cache.keys(sid), before)
 
 
 def test_bitwise_across_threads_and_pieces(monkeypatch):
@@ -284,8 +368,10 @@ def _cache():
      "q must be packed as (total_q, H, head_dim=8)"),
     (lambda c, s: c.attention(np.ones((1, 4, 8)), [s], [0, 1], causal=False, window=2),
      ValueError, "window needs causal=True"),
-    (lambda c, s: fastattn.PagedKVCache(4, 4, 2, 8, storage="int8"), ValueError,
-     "storage must be one of [None, 'bfloat16', 'float16'] for a PagedKVCache"),
+    (lambda c, s: fastattn.PagedKVCache(4, 4, 2, 8, storage="int4"), ValueError,
+     "storage must be one of [None, 'bfloat16', 'float16', 'int8', 'float8_e4m3']"),
+    (lambda c, s: fastattn.PagedKVCache(4, 48, 2, 8, storage="int8"), ValueError,
+     "storage='int8' needs block_size a multiple of 32"),
     (lambda c, s: fastattn.PagedKVCache(0, 4, 2, 8), ValueError, "num_blocks"),
     (lambda c, s: fastattn.PagedKVCache(4, 2.0, 2, 8), TypeError, "block_size"),
     (lambda c, s: fastattn.PagedKVCache(4, 4, 2, 8, dtype=np.float16), TypeError,
@@ -350,12 +436,14 @@ def test_sequences_grown_in_turn_keep_their_blocks_neighbours():
         assert blocks == list(range(blocks[0], blocks[0] + 6)), blocks
 
 
+@pytest.mark.parametrize("storage,block", [(None, 4), ("int8", 32), ("float8_e4m3", 32)])
 @pytest.mark.parametrize("fork", [False, True])
-def test_an_append_interrupted_midway_is_rolled_back(fork):
+def test_an_append_interrupted_midway_is_rolled_back(fork, storage, block):
     """Ctrl-C while the values are written: the blocks taken return, a shared tail is
-    shared again, every sequence holds what it held."""
+    shared again, every sequence holds what it held (8-bit: the keys and scales of the
+    group still filling, already rewritten, are put back)."""
     rng = np.random.default_rng(8)
-    cache = fastattn.PagedKVCache(8, 4, 1, 2)
+    cache = fastattn.PagedKVCache(8, block, 1, 2, storage=storage)
     a = cache.new_sequence()
     k = rng.standard_normal((6, 1, 2))
     cache.append(a, k, k)
@@ -381,6 +469,6 @@ def test_an_append_interrupted_midway_is_rolled_back(fork):
     for s, keys in before.items():
         np.testing.assert_array_equal(cache.keys(s), keys)
     cache.append(b, k[:3], k[:3])  # and it still works
-    np.testing.assert_array_equal(cache.keys(b), np.concatenate([k, k[:3]]).astype(np.float32))
-    np.testing.assert_array_equal(cache.keys(a), (np.concatenate([k, k[:3]]) if not fork
-                                                  else k).astype(np.float32))
+    np.testing.assert_array_equal(cache.keys(b), _held(storage, np.concatenate([k, k[:3]]))[0])
+    np.testing.assert_array_equal(cache.keys(a), _held(storage, np.concatenate([k, k[:3]])
+                                                       if not fork else k)[0])
