@@ -11,7 +11,8 @@
   32 heads over 8, D 128, in a ``PagedKVCache`` of 16-token blocks (each sequence's
   blocks in order, then interleaved with the others' as decoding grows them), against a
   per-sequence loop over ``KVCache``s holding the same tokens and the read floor of the
-  keys' and values' bytes.
+  keys' and values' bytes; and once more with int8 storage (blocks of 32, interleaved),
+  against a loop over int8 ``KVCache``s, the floor that of the int8 bytes and scales.
 
 Contenders alternate, medians of several samples (bench.py's method); the machine's
 ceilings (FMA peak, a large matmul, copy bandwidth) are measured in the same run.
@@ -80,7 +81,8 @@ def _prefill(threads, repeat, min_time, gap, quick):
     return "ragged causal prefill", shape, times, flops
 
 
-def _decode(threads, repeat, min_time, gap, quick, block_size=16, interleaved=False):
+def _decode(threads, repeat, min_time, gap, quick, block_size=16, interleaved=False,
+            storage=None):
     from . import api
     from ._dispatch import kernels as _kernels
     from ._timing import time_alternating
@@ -91,14 +93,15 @@ def _decode(threads, repeat, min_time, gap, quick, block_size=16, interleaved=Fa
     lengths = _lengths(n_seqs, 64, top, 1)
     rng = np.random.default_rng(1)
     q = rng.standard_normal((n_seqs, heads, d), dtype=np.float32)
-    paged = PagedKVCache(int(sum(-(-lengths // block_size))), block_size, kv_heads, d)
+    paged = PagedKVCache(int(sum(-(-lengths // block_size))), block_size, kv_heads, d,
+                         storage=storage)
     ids, caches, kvs = [], [], []
     for n in lengths:
         k = rng.standard_normal((int(n), kv_heads, d), dtype=np.float32)
         v = rng.standard_normal((int(n), kv_heads, d), dtype=np.float32)
         ids.append(paged.new_sequence())
         kvs.append((k, v))
-        c = KVCache(1, kv_heads, int(n), d)
+        c = KVCache(1, kv_heads, int(n), d, storage=storage)
         c.append(k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
         caches.append(c)
     # In order: each sequence appended whole, its blocks one after another in the pool.
@@ -116,17 +119,23 @@ def _decode(threads, repeat, min_time, gap, quick, block_size=16, interleaved=Fa
         for s in range(n_seqs):
             api.attention(qs[s], cache=caches[s], num_threads=threads)
 
-    moved = 2 * int(lengths.sum()) * kv_heads * d * 4
+    # Bytes read per token and kv head: keys and values, and 8-bit storage's scales (a
+    # value's, and a key group's per channel shared by its 32 tokens).
+    per_token = {None: 8 * d, "bfloat16": 4 * d, "float16": 4 * d,
+                 "int8": 2 * d + 4 + 4 * d / 32, "float8_e4m3": 2 * d + 4 + 4 * d / 32}[storage]
+    moved = int(int(lengths.sum()) * kv_heads * per_token)
     block = _kernels.read_sum_multiple() * threads
     floor_buf = np.ones(-(-moved // block) * block // 4, np.float32)
     contenders = {"fastattn": lambda: paged.attention(q, ids, cu, num_threads=threads),
                   "loop": loop, "floor": lambda: _kernels.read_sum(floor_buf, threads)}
     times = time_alternating(contenders, repeat, min_time, gap, fastest=("floor",))
     order = "interleaved" if interleaved else "in order"
-    shape = (f"PagedKVCache, blocks of {block_size} {order}: {n_seqs} sequences of 1 query "
+    held = "" if storage is None else f" with storage={storage!r}"
+    shape = (f"PagedKVCache{held}, blocks of {block_size} {order}: {n_seqs} sequences of 1 query "
              f"and {lengths.min()}-{lengths.max()} cached tokens ({lengths.sum()} in all), "
              f"{heads} heads over {kv_heads}, D {d}")
-    return f"mixed decode batch ({order})", shape, times, moved
+    return (f"mixed decode batch ({'' if storage is None else storage + ', '}{order})", shape,
+            times, moved)
 
 
 def _paged_prefill(threads, repeat, min_time, gap, quick):
@@ -181,7 +190,9 @@ def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
           "torch, padded + mask | torch / fastattn |")
     print("|---|---|---|---|---|---|---|---|")
     fmt = bench._fmt_time
-    runs = (_prefill, _decode, lambda *a: _decode(*a, interleaved=True), _paged_prefill)
+    runs = (_prefill, _decode, lambda *a: _decode(*a, interleaved=True),
+            lambda *a: _decode(*a, block_size=32, interleaved=True, storage="int8"),
+            _paged_prefill)
     for run in runs:
         name, shape, times, work = run(threads, repeat, min_time, gap, quick)
         fa, loop, tt = times["fastattn"], times["loop"], times.get("torch")
