@@ -221,3 +221,83 @@ def test_other_storage_ignores_precision_and_a_bad_precision_is_refused(storage)
         cache.append(np.ones((1, 1, 5, 32)), np.ones((1, 1, 5, 32)))
         with pytest.raises(ValueError, match="precision"):
             fastattn.attention(q, cache=cache, precision="fast")
+
+
+def _paged_and_flat(storage, block, lengths, d, seed, kv_heads=2):
+    """A PagedKVCache of `storage` whose sequences (one per length) grew in turn, 40
+    tokens at a time (blocks interleaved), and a KVCache per sequence given the same
+    appends."""
+    rng = np.random.default_rng(seed)
+    pool = fastattn.PagedKVCache(sum(-(-n // block) for n in lengths) + 3, block, kv_heads,
+                                 d, storage=storage)
+    ids = [pool.new_sequence() for _ in lengths]
+    flats = [KVCache(1, kv_heads, n, d, storage=storage) for n in lengths]
+    tokens = []
+    for n in lengths:
+        k, v = rng.standard_normal((2, n, kv_heads, d)).astype(np.float32)
+        k[..., 1] *= 8  # an outlier channel
+        tokens.append((k, v))
+    for at in range(0, max(lengths), 40):
+        for sid, flat, (k, v) in zip(ids, flats, tokens):
+            if at < len(k):
+                pool.append(sid, k[at:at + 40], v[at:at + 40])
+                flat.append(k[at:at + 40].transpose(1, 0, 2)[None],
+                            v[at:at + 40].transpose(1, 0, 2)[None])
+    return pool, ids, flats, rng
+
+
+@needs_native
+@pytest.mark.parametrize("storage,block", [("bfloat16", 7), ("bfloat16", 16), ("bfloat16", 256),
+                                           ("int8", 32), ("int8", 96),
+                                           ("float8_e4m3", 32), ("float8_e4m3", 64)])
+def test_a_paged_pool_takes_the_products_of_a_kvcache_bitwise(storage, block):
+    """PagedKVCache.attention(precision="bfloat16"): the decoding kernel's products read
+    through the page map (blocks interleaved; with blocks of 7, pairs of keys straddle
+    two blocks) give what a KVCache step holding the same tokens gives, bit for bit, on
+    any thread count; and they really run (not the exact step)."""
+    if not kernels.decode_products(64, 64, storage):
+        pytest.skip(f"no {storage} products on this CPU")
+    lengths = [1, 333, 40, 700, 3]
+    pool, ids, flats, rng = _paged_and_flat(storage, block, lengths, 64, block)
+    q = rng.standard_normal((len(ids), 8, 64)).astype(np.float32)
+    sinks = rng.standard_normal(8).astype(np.float32)
+    kw = dict(softcap=5.0, sinks=sinks, return_lse=True)
+    cu = np.arange(len(ids) + 1)
+    out, lse = pool.attention(q, ids, cu, precision="bfloat16", **kw)
+    for i, flat in enumerate(flats):
+        want, want_lse = fastattn.attention(q[i][None, :, None, :], cache=flat,
+                                            precision="bfloat16", **kw)
+        np.testing.assert_array_equal(out[i], want[0, :, 0])
+        np.testing.assert_array_equal(lse[i], want_lse[0, :, 0])
+    assert not np.array_equal(out, pool.attention(q, ids, cu, **kw)[0])
+    for threads in (1, 3):
+        again = pool.attention(q, ids, cu, precision="bfloat16", num_threads=threads, **kw)
+        np.testing.assert_array_equal(out, again[0])
+    old = fastattn.set_float32_precision("bfloat16")
+    try:  # the module default
+        np.testing.assert_array_equal(out, pool.attention(q, ids, cu, **kw)[0])
+    finally:
+        fastattn.set_float32_precision(old)
+
+
+@needs_native
+@pytest.mark.parametrize("storage", STORAGES)
+def test_a_paged_window_and_prefill_chunk_take_products_within_the_bound(storage):
+    """Queries whose visible keys start inside a key group and a block (a window; a
+    prefill chunk, causal, each query its own keys): float64 attention on what the pool
+    holds, within the products' bound."""
+    block = 7 if storage == "bfloat16" else 32
+    pool, ids, _, rng = _paged_and_flat(storage, block, [500], 64, 11)
+    keys, values = pool.keys(ids[0]), pool.values(ids[0])
+    q = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    for kw in (dict(window=77), dict()):
+        out = pool.attention(q, ids, [0, 3], precision="bfloat16", **kw)
+        k, v = (np.repeat(a.transpose(1, 0, 2)[None], 2, axis=1).astype(np.float64)
+                for a in (keys, values))
+        q_seen = q.transpose(1, 0, 2)[None]
+        q_seen = bf16_rounded(q_seen) if storage == "bfloat16" else q_seen.astype(np.float64)
+        want, weights = reference.attention(q_seen.tolist(), k.tolist(), v.tolist(),
+                                            causal=True, return_weights=True, **kw)
+        weighted = products_bound(storage, q_seen, k, v, np.array(weights), 64 ** -0.5)[0]
+        assert_within_bound(out.transpose(1, 0, 2)[None], np.array(want), v, f"{kw}",
+                            rounded_out=False, weighted=weighted)

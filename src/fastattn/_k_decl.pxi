@@ -95,15 +95,17 @@ cdef extern from "fa_decode_dp.h" nogil:
     void fa_decode_chunk_i8dp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const int8_t *k,
                               const int8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                               float softcap, const float *ks, const float *vs, Py_ssize_t phase,
-                              float *m, double *l, float *o, float *s, float *qs, uint32_t *pw)
+                              float *m, double *l, float *o, float *s, float *qs, uint32_t *pw,
+                              const fa_pages *pg)
     void fa_decode_chunk_f8dp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint8_t *k,
                               const uint8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                               float softcap, const float *ks, const float *vs, Py_ssize_t phase,
-                              float *m, double *l, float *o, float *s, float *qs, uint32_t *pw)
+                              float *m, double *l, float *o, float *s, float *qs, uint32_t *pw,
+                              const fa_pages *pg)
     void fa_decode_chunk_bfdp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint16_t *k,
                               const uint16_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                               float softcap, float *m, double *l, float *o, float *s,
-                              uint16_t *qb, uint32_t *pb)
+                              uint16_t *qb, uint32_t *pb, const fa_pages *pg)
 
 cdef extern from "fa_microkernels.h" nogil:
     int FA_MICROKERNELS

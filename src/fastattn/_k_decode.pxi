@@ -50,19 +50,19 @@ cdef inline void _decode_item(const floating *q, Py_ssize_t n_rows, Py_ssize_t d
                                  part + n_rows, s_own,
                                  <uint16_t*> (s_own + n_rows * FA_DECODE_BLOCK),
                                  <uint32_t*> (s_own + n_rows * FA_DECODE_BLOCK
-                                              + _round_up(n_rows * d, 16)))
+                                              + _round_up(n_rows * d, 16)), pg)
         elif kv_kind == FA_SRC_I8_DP:
             fa_decode_chunk_i8dp(q, n_rows, d, <const int8_t*> k, <const int8_t*> v, d_v, count,
                                  <float> scale, <float> softcap, ks, vs, phase, part, l_part,
                                  part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK,
                                  <uint32_t*> (s_own + n_rows * FA_DECODE_BLOCK
-                                              + _round_up(n_rows * d, 16)))
+                                              + _round_up(n_rows * d, 16)), pg)
         elif kv_kind == FA_SRC_F8_DP:
             fa_decode_chunk_f8dp(q, n_rows, d, <const uint8_t*> k, <const uint8_t*> v, d_v, count,
                                  <float> scale, <float> softcap, ks, vs, phase, part, l_part,
                                  part + n_rows, s_own, s_own + n_rows * FA_DECODE_BLOCK,
                                  <uint32_t*> (s_own + n_rows * FA_DECODE_BLOCK
-                                              + _round_up(n_rows * d, 16)))
+                                              + _round_up(n_rows * d, 16)), pg)
         elif kv_kind == FA_SRC_I8:
             fa_decode_chunk_i8(q, n_rows, d, <const int8_t*> k, <const int8_t*> v, d_v, count,
                                <float> scale, <float> softcap, ks, vs, phase, part, l_part,
@@ -350,7 +350,8 @@ cdef int _decode_paged_run(const floating *q, const void *k, const void *v, int 
 def decode_paged(const floating[:, :, ::1] q, object k_pool, object v_pool,
                  const Py_ssize_t[:, ::1] groups, const Py_ssize_t[::1] table, double scale,
                  double softcap, object sinks, floating[:, :, ::1] out, floating[:, ::1] lse,
-                 int n_threads, object ks_pool=None, object vs_pool=None):
+                 int n_threads, object ks_pool=None, object vs_pool=None,
+                 bint products=False):
     """out[g] = softmax(scale q[g] K_g.T) V_g for the G single queries of each group g
     (q: (n_groups, G, D)), K_g and V_g the keys [first, first + n_keys) of one kv head of
     a sequence held in pages: groups[g] = (kv head, first, n_keys, offset), the sequence's
@@ -359,8 +360,8 @@ def decode_paged(const floating[:, :, ::1] q, object k_pool, object v_pool,
     q the bits of bfloat16 (uint16) or float16, or int8 or float8 e4m3 (uint8) with their
     scales in pages too (page_rows a multiple of FA_KV_GROUP): ks_pool (kv_heads,
     num_blocks, page_rows / FA_KV_GROUP, D) and vs_pool (kv_heads, num_blocks, page_rows),
-    float32, C-contiguous. softcap, sinks ((n_groups, G) or None), out, lse as decode().
-    Returns the threads that ran, or -1 without scratch."""
+    float32, C-contiguous. softcap, sinks ((n_groups, G) or None), out, lse, products as
+    decode(). Returns the threads that ran, or -1 without scratch."""
     cdef const floating[:, ::1] sink_view
     cdef const floating *sink_base = NULL
     cdef const float[:, :, :, ::1] ks_view
@@ -385,6 +386,8 @@ def decode_paged(const floating[:, :, ::1] q, object k_pool, object v_pool,
             ks, vs = &ks_view[0, 0, 0, 0], &vs_view[0, 0, 0]
     if groups.shape[1] != PG_N:
         raise ValueError("decode_paged: groups must have 4 columns")
+    if floating is float:
+        kind = _decode_kind(kind, products, q.shape[2], v_pool.shape[3])
     if sinks is not None:
         sink_view = sinks
         sink_base = &sink_view[0, 0]

@@ -140,6 +140,7 @@ def decode_paged(
                                         #   block / KV_GROUP, D) float32, C-contiguous
     vs_pool: Optional[np.ndarray] = ...,  # object: 8-bit value scales (H_kv, num_blocks,
                                         #   block) float32, C-contiguous
+    products: bool = ...,               # bint: as decode()'s
 ) -> int: ...  # threads that ran, or -1 when the scratch cannot be allocated
 def small_attention(
     q: Any, k: Any, v: Any,             # object: anything; None unless small ndarrays

@@ -23,8 +23,11 @@
  * engines keep them. Half the instructions of the widening kernel per product, and no
  * widening: on a Zen 4 core, 2.3x its products per second with the data in cache.
  *
- * Head sizes: d and d_v whole multiples of 32 (the caller's rule, _k_policy.pxi); no
- * pages. AVX-512 build with GCC 10+ only (FA_HAVE_DPBF16), run only on a CPU with
+ * Head sizes: d and d_v whole multiples of 32 (the caller's rule, _k_policy.pxi). Keys
+ * and values in pages (fa_pages, a paged cache's) are read through the page map: the
+ * scores by runs of rows, P V through a table of the block's value rows (a pair of keys
+ * may straddle two pages), so that every sum is the one on the same rows in one run,
+ * bitwise. AVX-512 build with GCC 10+ only (FA_HAVE_DPBF16), run only on a CPU with
  * AVX512-BF16 (int8: and AVX512-VNNI). Results are deterministic and independent of the
  * thread count (the order of every sum is fixed by the shape); not bitwise those of the
  * exact kernel. */
@@ -57,7 +60,7 @@ static void fa_decode_chunk_##S##dp(const float *q, ptrdiff_t n_rows, ptrdiff_t 
                                     ptrdiff_t n_keys, float scale, float softcap,          \
                                     const float *ks, const float *vs, ptrdiff_t phase,     \
                                     float *m, double *l, float *o, float *s, float *qs,    \
-                                    uint32_t *pw)
+                                    uint32_t *pw, const fa_pages *pg)
 
 #if FA_HAVE_DPBF16
 #pragma GCC push_options
@@ -159,20 +162,20 @@ static void fa_dp_scores_##P(const QT *qx, ptrdiff_t n_rows, ptrdiff_t d, const 
  * zero row). The weights pw are pairs (w_j low, w_j+1 high) of bfloat16 (BF) or 16-bit
  * integers (I8); BF accumulates into o itself, I8 into int32 lanes zeroed for the block,
  * added to o times the row's factor wf[g] at its end. */
-#define FA_DP_PV_PASS(P, RB, W)                                                            \
+#define FA_DP_PV_PASS(P, RB, W, ROW)                                                       \
     for (; c + 16 * (W) <= d_v; c += 16 * (W)) {                                           \
         FA_DP_##P##_ACC a[RB][W];                                                          \
         for (int g = 0; g < (RB); g++)                                                     \
             for (int i = 0; i < (W); i++) a[g][i] = FA_DP_##P##_PV_INIT(o + g * d_v + c + 16 * i); \
         for (ptrdiff_t j = 0; j < nb; j += 2) {                                            \
-            if (g == 0 && c == 0)  /* next block's rows j, j + 1, in the first pass */     \
+            if (g == 0 && c == 0 && !vr)  /* next block's rows j, j + 1, first pass */     \
                 for (ptrdiff_t b = 0; b < 2 * d_v * (ptrdiff_t)sizeof(*v); b += 64)        \
                     _mm_prefetch((const char *)(v + (j + FA_DP_AHEAD) * d_v) + b, _MM_HINT_T1); \
             __m512i x[W];                                                                  \
             for (int i = 0; i < (W) / 2; i++) {                                            \
-                const __m512i lo = (__m512i)FA_DP_##P##_KV(v + j * d_v + c + 32 * i);      \
+                const __m512i lo = (__m512i)FA_DP_##P##_KV(ROW(j) + c + 32 * i);           \
                 const __m512i hi = j + 1 < nb                                              \
-                    ? (__m512i)FA_DP_##P##_KV(v + (j + 1) * d_v + c + 32 * i)              \
+                    ? (__m512i)FA_DP_##P##_KV(ROW(j + 1) + c + 32 * i)                     \
                     : _mm512_setzero_si512();                                              \
                 x[2 * i] = _mm512_unpacklo_epi16(lo, hi);                                  \
                 x[2 * i + 1] = _mm512_unpackhi_epi16(lo, hi);                              \
@@ -198,28 +201,62 @@ static void fa_dp_scores_##P(const QT *qx, ptrdiff_t n_rows, ptrdiff_t d, const 
 #define FA_DP_I8_PV_DONE(acc, po, g) \
     _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(wf[g]), _mm512_loadu_ps(po))
 
-/* Rows g, g + RB, ... while RB rows are left, each block in passes of 128, 64, 32 columns. */
-#define FA_DP_PV_ROWS(P, RB)                                                               \
+/* Rows g, g + RB, ... while RB rows are left, each block in passes of 128, 64, 32 columns;
+ * value row j at ROW(j). */
+#define FA_DP_PV_ROWS(P, RB, ROW)                                                          \
     for (; g + (RB) <= n_rows; g += (RB)) {                                                \
         const uint32_t *pw = pw_all + g * (FA_DECODE_BLOCK / 2);                           \
         const float *wf = wf_all + g;                                                      \
         float *o = o_all + g * d_v;                                                        \
         ptrdiff_t c = 0;                                                                   \
         (void)wf;                                                                          \
-        FA_DP_PV_PASS(P, RB, 8)                                                            \
-        FA_DP_PV_PASS(P, RB, 4)                                                            \
-        FA_DP_PV_PASS(P, RB, 2)                                                            \
+        FA_DP_PV_PASS(P, RB, 8, ROW)                                                       \
+        FA_DP_PV_PASS(P, RB, 4, ROW)                                                       \
+        FA_DP_PV_PASS(P, RB, 2, ROW)                                                       \
     }
 
 /* Rows in pairs (16 accumulators over 128 columns), then alone. wf_all: I8's factor per
- * row (BF: unused). */
+ * row (BF: unused). The value rows: v's nb rows one after another when vr is NULL, else
+ * at vr[j] (in pages; then no prefetch). Two copies of the passes, so that the rows of
+ * one run cost no table. */
+#define FA_DP_ROW_RUN(j) (v + (j) * d_v)
+#define FA_DP_ROW_TABLE(j) (vr[j])
 #define FA_DEFINE_DP_PV(P, KT)                                                             \
 static void fa_dp_pv_##P(const uint32_t *pw_all, const float *wf_all, ptrdiff_t n_rows,    \
-                         ptrdiff_t nb, const KT *v, ptrdiff_t d_v, float *o_all)           \
+                         ptrdiff_t nb, const KT *v, const KT *const *vr, ptrdiff_t d_v,    \
+                         float *o_all)                                                     \
 {                                                                                          \
     ptrdiff_t g = 0;                                                                       \
-    FA_DP_PV_ROWS(P, 2)                                                                    \
-    FA_DP_PV_ROWS(P, 1)                                                                    \
+    if (!vr) {                                                                             \
+        FA_DP_PV_ROWS(P, 2, FA_DP_ROW_RUN)                                                 \
+        FA_DP_PV_ROWS(P, 1, FA_DP_ROW_RUN)                                                 \
+    } else {                                                                               \
+        FA_DP_PV_ROWS(P, 2, FA_DP_ROW_TABLE)                                               \
+        FA_DP_PV_ROWS(P, 1, FA_DP_ROW_TABLE)                                               \
+    }                                                                                      \
+}
+/* The scores of a block's nb keys from key j0 of the item (in pages: run by run). */
+#define FA_DP_SCORES_PAGED(P, qx, n_rows, d, k, pg, j0, nb, scale, s)                      \
+    for (ptrdiff_t j_ = 0; j_ < (nb);) {                                                   \
+        const ptrdiff_t run_ = FA_RUN(pg, (j0) + j_, (nb) - j_);                           \
+        fa_dp_scores_##P(qx, n_rows, d, FA_KROW(k, pg, (j0) + j_, d), run_, scale, (s) + j_); \
+        j_ += run_;                                                                        \
+    }
+/* vr[j] = value row j0 + j of the item for j < nb, when it lies in pages; NULL else. */
+#define FA_DP_VALUE_ROWS(vr, v, pg, j0, nb, d_v)                                           \
+    (pg ? fa_dp_value_rows((const void **)(vr), v, sizeof(*(v)), pg, j0, nb, d_v) : NULL)
+static inline const void *const *fa_dp_value_rows(const void **vr, const void *v,
+                                                 size_t size, const fa_pages *pg,
+                                                 ptrdiff_t j0, ptrdiff_t nb, ptrdiff_t d_v)
+{
+    for (ptrdiff_t j = 0; j < nb;) {
+        const ptrdiff_t run = fa_page_run(pg, j0 + j, nb - j);
+        const char *row = (const char *)v + (FA_PAGE_OF(pg, j0 + j) * pg->v_stride
+                                             + FA_PAGE_ROW(pg, j0 + j) * d_v) * size;
+        for (ptrdiff_t i = 0; i < run; i++) vr[j + i] = row + i * d_v * size;
+        j += run;
+    }
+    return vr;
 }
 
 FA_DEFINE_DP_SCORES_RB(BF, uint16_t, uint16_t)
@@ -241,19 +278,21 @@ static inline void fa_dp_column_order(float *o, ptrdiff_t n)
     }
 }
 
-/* One work item (see the top of the file; the arguments as fa_decode_chunk_bf's, pages
- * aside): qb, scratch of n_rows * d bfloat16; pb, of n_rows * FA_DECODE_BLOCK / 2 pairs. */
+/* One work item (see the top of the file; the arguments as fa_decode_chunk_bf's): qb,
+ * scratch of n_rows * d bfloat16; pb, of n_rows * FA_DECODE_BLOCK / 2 pairs. */
 static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
                                  const uint16_t *k, const uint16_t *v, ptrdiff_t d_v,
                                  ptrdiff_t n_keys, float scale, float softcap, float *m,
-                                 double *l, float *o, float *s, uint16_t *qb, uint32_t *pb)
+                                 double *l, float *o, float *s, uint16_t *qb, uint32_t *pb,
+                                 const fa_pages *pg)
 {
+    const uint16_t *vr[FA_DECODE_BLOCK];
     for (ptrdiff_t i = 0; i < n_rows * d; i++) qb[i] = fa_f32_to_bf16(q[i]);  /* once */
     for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }
     for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
         const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
-        fa_dp_scores_BF(qb, n_rows, d, k + j0 * d, nb, scale, s);
+        FA_DP_SCORES_PAGED(BF, qb, n_rows, d, k, pg, j0, nb, scale, s)
         for (ptrdiff_t g = 0; g < n_rows; g++) {
             float *sr = s + g * FA_DECODE_BLOCK;
             fa_dec_online_bf(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);
@@ -266,7 +305,8 @@ static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
                 _mm512_storeu_si512(pr + j / 2, (__m512i)_mm512_cvtne2ps_pbh(
                     _mm512_loadu_ps(sr + j + 16), _mm512_loadu_ps(sr + j)));
         }
-        fa_dp_pv_BF(pb, NULL, n_rows, nb, v + j0 * d_v, d_v, o);
+        fa_dp_pv_BF(pb, NULL, n_rows, nb, v + j0 * d_v,
+                    (const uint16_t *const *)FA_DP_VALUE_ROWS(vr, v, pg, j0, nb, d_v), d_v, o);
     }
     fa_dp_column_order(o, n_rows * d_v);
 }
@@ -373,6 +413,7 @@ FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                               
 {                                                                                          \
     QT *qx = (QT *)qs;                                                                     \
     float *qf = qs + (n_rows * d + 1) / 2, *wf = qf + n_rows, *qr = wf + n_rows;           \
+    const KT *vr[FA_DECODE_BLOCK];                                                         \
     for (ptrdiff_t g = 0; g < n_rows; g++) {                                               \
         m[g] = -INFINITY;                                                                  \
         l[g] = 0;                                                                          \
@@ -381,15 +422,17 @@ FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                               
     for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;                                 \
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
         const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK; \
+        /* (A page holds whole key groups: a group's span never leaves its page.)     */  \
         for (ptrdiff_t j = 0; j < nb;) {                                                   \
-            const ptrdiff_t at = phase + j0 + j, stop = fa_group_span_end(at, j, nb);      \
-            const float *sc = ks + at / FA_KV_GROUP * d;                                   \
+            const ptrdiff_t at = (pg ? pg->first : phase) + j0 + j;                        \
+            const ptrdiff_t stop = fa_group_span_end(at, j, nb);                           \
+            const float *sc = FA_KSROW(ks, pg, phase, j0 + j, d);                          \
             for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
                 qf[g] = FA_DP_##P##_QFACTOR(d == 128 ? TO(q + g * d, sc, 128, qx + g * d)  \
                                             : d == 64 ? TO(q + g * d, sc, 64, qx + g * d)  \
                                                       : TO(q + g * d, sc, d, qx + g * d),  \
                                             qr[g]);                                        \
-            fa_dp_scores_##P(qx, n_rows, d, k + (j0 + j) * d, stop - j,                    \
+            fa_dp_scores_##P(qx, n_rows, d, FA_KROW(k, pg, j0 + j, d), stop - j,           \
                              FA_DP_##P##_SCORE_SCALE(scale), s + j);                       \
             for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
                 for (ptrdiff_t u = j; u < stop; u += 16) {                                 \
@@ -404,13 +447,19 @@ FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                               
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
             float *sr = s + g * FA_DECODE_BLOCK;                                           \
             fa_dec_online_##S(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);            \
-            for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vs[j0 + j];                        \
+            for (ptrdiff_t j = 0; j < nb;) {  /* the value scales, run by run */           \
+                const ptrdiff_t run = FA_RUN(pg, j0 + j, nb - j);                          \
+                const float *vsr = FA_VSROW(vs, pg, j0 + j);                               \
+                for (ptrdiff_t i = 0; i < run; i++) sr[j + i] *= vsr[i];                   \
+                j += run;                                                                  \
+            }                                                                              \
             /* The row zero past nb (whole 32s), so that a last lone key pairs with a */   \
             /* zero weight.                                                            */  \
             for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;                \
             wf[g] = TO(sr, NULL, (nb + 31) / 32 * 32, (QT *)(pw + g * (FA_DECODE_BLOCK / 2))); \
         }                                                                                  \
-        fa_dp_pv_##P(pw, wf, n_rows, nb, v + j0 * d_v, d_v, o);                            \
+        fa_dp_pv_##P(pw, wf, n_rows, nb, v + j0 * d_v,                                     \
+                     (const KT *const *)FA_DP_VALUE_ROWS(vr, v, pg, j0, nb, d_v), d_v, o); \
     }                                                                                      \
     fa_dp_column_order(o, n_rows * d_v);                                                   \
 }
@@ -432,11 +481,12 @@ FA_DEFINE_DP_CHUNK_8BIT(F8, f8, uint8_t, uint16_t, fa_f8dp_to_bf16)
 static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
                                  const uint16_t *k, const uint16_t *v, ptrdiff_t d_v,
                                  ptrdiff_t n_keys, float scale, float softcap, float *m,
-                                 double *l, float *o, float *s, uint16_t *qb, uint32_t *pb)
+                                 double *l, float *o, float *s, uint16_t *qb, uint32_t *pb,
+                                 const fa_pages *pg)
 {
     /* Never reached: the policy takes this kernel only where FA_HAVE_DPBF16. */
     (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys; (void)scale;
-    (void)softcap; (void)m; (void)l; (void)o; (void)s; (void)qb; (void)pb;
+    (void)softcap; (void)m; (void)l; (void)o; (void)s; (void)qb; (void)pb; (void)pg;
     abort();
 }
 /* Never reached either (the same rule). */
@@ -445,7 +495,7 @@ FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                               
 {                                                                                          \
     (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys;             \
     (void)scale; (void)softcap; (void)ks; (void)vs; (void)phase; (void)m; (void)l;         \
-    (void)o; (void)s; (void)qs; (void)pw;                                                  \
+    (void)o; (void)s; (void)qs; (void)pw; (void)pg;                                        \
     abort();                                                                               \
 }
 FA_DP_CHUNK_8BIT_ABSENT(i8, int8_t)

@@ -25,10 +25,11 @@ import numpy as np
 from ._dispatch import kernels as _kernels
 from . import _run
 from ._run import last_call
-from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
-                          check_threads, check_window, dtype_pair, positive_int)
-from .cache import (_EIGHT_BIT, _STORAGES, GROUP, _zeros_aligned, checked_dtype_storage,
-                    dequantized, narrowed16, quantized, widened16)
+from . import _plan
+from ._validation import (as_array, check_flag, check_precision, check_scale, check_sinks,
+                          check_softcap, check_threads, check_window, dtype_pair, positive_int)
+from .cache import (_EIGHT_BIT, _PRODUCTS, _STORAGES, GROUP, _zeros_aligned,
+                    checked_dtype_storage, dequantized, narrowed16, quantized, widened16)
 from .varlen import _offsets, _tables
 
 __all__ = ["PagedKVCache"]
@@ -338,7 +339,8 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ attention
     def attention(self, q, seq_ids, cu_seqlens_q, *, causal=True, window=None, scale=None,
-                  softcap=None, sinks=None, return_lse=False, num_threads=None):
+                  softcap=None, sinks=None, return_lse=False, num_threads=None,
+                  precision=None):
         """Attention of a batch of sequences to what the cache holds for each, in one call.
 
         Parameters
@@ -358,6 +360,12 @@ class PagedKVCache:
             sees every key.
         window, scale, softcap, sinks, return_lse, num_threads
             As in :func:`fastattn.attention_varlen`.
+        precision : {"highest", "bfloat16"}, optional
+            As in :func:`fastattn.attention` (default: :func:`fastattn.set_float32_precision`'s,
+            "highest"): ``"bfloat16"`` lets the decoding kernel take products below float32
+            on a pool with ``storage="bfloat16"``, ``"int8"`` or ``"float8_e4m3"`` where the
+            CPU has them, as :class:`fastattn.KVCache` steps do (the decoding guide: which
+            products, their error, where they run); otherwise it changes nothing.
 
         Returns
         -------
@@ -397,6 +405,8 @@ class PagedKVCache:
         sinks = check_sinks(sinks, (heads,), compute)
         return_lse = check_flag("return_lse", return_lse)
         n_threads = check_threads(num_threads)
+        products = (self.storage in _PRODUCTS
+                    and (check_precision(precision) or _plan.float32_precision()) == "bfloat16")
 
         # The block tables of the batch's sequences, one after another.
         counts = np.array([len(blocks) for blocks, _ in seqs], np.intp)
@@ -418,7 +428,7 @@ class PagedKVCache:
         rows = np.flatnonzero(np.repeat(~fused, n_q))
         if rows.size:
             self._decode(q, out, lse, rows, n_q, lengths, cu, offsets, table, causal, window,
-                         scale, softcap, sinks, n_threads)
+                         scale, softcap, sinks, n_threads, products)
         return (out, lse) if return_lse else out
 
     def _prefill(self, q, out, lse, n_q, lengths, cu, offsets, table, causal, window, scale,
@@ -435,9 +445,10 @@ class PagedKVCache:
                         pages=(table, self.block_size))
 
     def _decode(self, q, out, lse, rows, n_q, lengths, cu, offsets, table, causal, window,
-                scale, softcap, sinks, n_threads):
+                scale, softcap, sinks, n_threads, products):
         """The query rows `rows` in the decoding kernel: one group per (row, kv head), its
-        visible keys [first, first + count) of its sequence's pages."""
+        visible keys [first, first + count) of its sequence's pages (products: below
+        float32 allowed)."""
         heads, d = q.shape[1], q.shape[2]
         group = heads // self.kv_heads
         seq_of_row = np.repeat(np.arange(len(n_q)), n_q)[rows]
@@ -458,7 +469,7 @@ class PagedKVCache:
                             (rows.size, self.kv_heads, group)).reshape(-1, group))
         team = _kernels.decode_paged(q3, self._k, self._v, groups.reshape(-1, 4), table, scale,
                                      softcap, sink_rows, out3, lse2, n_threads, self._ks,
-                                     self._vs)
+                                     self._vs, products)
         if team < 0:
             raise MemoryError("attention: cannot allocate the decoding scratch")
         last_call.threads = team
