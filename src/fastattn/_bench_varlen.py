@@ -12,7 +12,9 @@
   blocks in order, then interleaved with the others' as decoding grows them), against a
   per-sequence loop over ``KVCache``s holding the same tokens and the read floor of the
   keys' and values' bytes; and once more with int8 storage (blocks of 32, interleaved),
-  against a loop over int8 ``KVCache``s, the floor that of the int8 bytes and scales.
+  against a loop over int8 ``KVCache``s, the floor that of the int8 bytes and scales,
+  exact and with ``precision="bfloat16"`` (16-bit integer products where the CPU has
+  them) for both.
 
 Contenders alternate, medians of several samples (bench.py's method); the machine's
 ceilings (FMA peak, a large matmul, copy bandwidth) are measured in the same run.
@@ -82,7 +84,7 @@ def _prefill(threads, repeat, min_time, gap, quick):
 
 
 def _decode(threads, repeat, min_time, gap, quick, block_size=16, interleaved=False,
-            storage=None):
+            storage=None, precision=None):
     from . import api
     from ._dispatch import kernels as _kernels
     from ._timing import time_alternating
@@ -117,7 +119,7 @@ def _decode(threads, repeat, min_time, gap, quick, block_size=16, interleaved=Fa
 
     def loop():
         for s in range(n_seqs):
-            api.attention(qs[s], cache=caches[s], num_threads=threads)
+            api.attention(qs[s], cache=caches[s], num_threads=threads, precision=precision)
 
     # Bytes read per token and kv head: keys and values, and 8-bit storage's scales (a
     # value's, and a key group's per channel shared by its 32 tokens).
@@ -126,16 +128,19 @@ def _decode(threads, repeat, min_time, gap, quick, block_size=16, interleaved=Fa
     moved = int(int(lengths.sum()) * kv_heads * per_token)
     block = _kernels.read_sum_multiple() * threads
     floor_buf = np.ones(-(-moved // block) * block // 4, np.float32)
-    contenders = {"fastattn": lambda: paged.attention(q, ids, cu, num_threads=threads),
+    contenders = {"fastattn": lambda: paged.attention(q, ids, cu, num_threads=threads,
+                                                      precision=precision),
                   "loop": loop, "floor": lambda: _kernels.read_sum(floor_buf, threads)}
     times = time_alternating(contenders, repeat, min_time, gap, fastest=("floor",))
     order = "interleaved" if interleaved else "in order"
     held = "" if storage is None else f" with storage={storage!r}"
+    if precision is not None:
+        held += f" (both with precision={precision!r})"
     shape = (f"PagedKVCache{held}, blocks of {block_size} {order}: {n_seqs} sequences of 1 query "
              f"and {lengths.min()}-{lengths.max()} cached tokens ({lengths.sum()} in all), "
              f"{heads} heads over {kv_heads}, D {d}")
-    return (f"mixed decode batch ({'' if storage is None else storage + ', '}{order})", shape,
-            times, moved)
+    label = ", ".join(x for x in (storage, precision and "products", order) if x)
+    return f"mixed decode batch ({label})", shape, times, moved
 
 
 def _paged_prefill(threads, repeat, min_time, gap, quick):
@@ -192,6 +197,8 @@ def main(threads=None, quick=False, repeat=None, min_time=0.05, gap=0.2):
     fmt = bench._fmt_time
     runs = (_prefill, _decode, lambda *a: _decode(*a, interleaved=True),
             lambda *a: _decode(*a, block_size=32, interleaved=True, storage="int8"),
+            lambda *a: _decode(*a, block_size=32, interleaved=True, storage="int8",
+                               precision="bfloat16"),
             _paged_prefill)
     for run in runs:
         name, shape, times, work = run(threads, repeat, min_time, gap, quick)

@@ -68,13 +68,21 @@ typedef struct {
 #define FA_VROW(v, pg, r, d_v) ((pg) ? (v) + FA_PAGE_OF(pg, r) * (pg)->v_stride + FA_PAGE_ROW(pg, r) * (d_v) \
                                      : (v) + (r) * (d_v))
 #define FA_RUN(pg, r, limit) ((pg) ? fa_page_run(pg, r, limit) : (limit))
-/* The 8-bit kinds' scales of row r: its key group's channel scales (ks at the group of
- * row 0, which is row `phase` of it, when there is no page map) and its value scale. */
-#define FA_KSROW(ks, pg, phase, r, d)                                                      \
-    ((pg) ? (ks) + FA_PAGE_OF(pg, r) * (pg)->ks_stride + FA_PAGE_ROW(pg, r) / FA_KV_GROUP * (d) \
-          : (ks) + ((phase) + (r)) / FA_KV_GROUP * (d))
-#define FA_VSROW(vs, pg, r) ((pg) ? (vs) + FA_PAGE_OF(pg, r) * (pg)->vs_stride + FA_PAGE_ROW(pg, r) \
-                                  : (vs) + (r))
+/* The 8-bit kinds' key row r of an item and its key group's channel scales, into krow
+ * and sc: without pages, k's row r and the scales of the group of row phase + r (ks at
+ * the group of row 0); in pages, both from one division (once per span of keys). */
+#define FA_GROUP_ROWS(k, ks, pg, phase, r, d, krow, sc)                                    \
+    do {                                                                                   \
+        if (pg) {                                                                          \
+            const ptrdiff_t at_ = (pg)->first + (r), row_ = at_ % (pg)->rows;              \
+            const ptrdiff_t page_ = (pg)->table[at_ / (pg)->rows];                         \
+            (krow) = (k) + page_ * (pg)->k_stride + row_ * (d);                            \
+            (sc) = (ks) + page_ * (pg)->ks_stride + row_ / FA_KV_GROUP * (d);              \
+        } else {                                                                           \
+            (krow) = (k) + (r) * (d);                                                      \
+            (sc) = (ks) + ((phase) + (r)) / FA_KV_GROUP * (d);                             \
+        }                                                                                  \
+    } while (0)
 
 /* How many rows from row r of an item on lie in one run of memory (at most limit): to the
  * end of its page, and on through the pages that follow it in the pool (a sequence whose
@@ -89,6 +97,23 @@ static inline ptrdiff_t fa_page_run(const fa_pages *pg, ptrdiff_t r, ptrdiff_t l
         run += pg->rows;
     }
     return run < limit ? run : limit;
+}
+
+/* The value scales of a block's nb rows from row j0 of an item: vs's own (from row j0)
+ * without pages, else gathered run by run into buf (FA_DECODE_BLOCK of them). */
+#define FA_BLOCK_VSCALES(vs, pg, j0, nb, buf)                                              \
+    ((pg) ? fa_gather_runs(buf, vs, sizeof(*(buf)), pg, j0, nb) : (vs) + (j0))
+static inline void *fa_gather_runs(void *buf, const void *vs, size_t size,
+                                   const fa_pages *pg, ptrdiff_t j0, ptrdiff_t nb)
+{
+    for (ptrdiff_t j = 0; j < nb;) {
+        const ptrdiff_t run = fa_page_run(pg, j0 + j, nb - j);
+        memcpy((char *)buf + j * size, (const char *)vs + (FA_PAGE_OF(pg, j0 + j) * pg->vs_stride
+                                                           + FA_PAGE_ROW(pg, j0 + j)) * size,
+               run * size);
+        j += run;
+    }
+    return buf;
 }
 
 /* P V for RB rows at once, W vectors of output columns from column c, the columns held in
@@ -335,24 +360,22 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
             for (ptrdiff_t j = 0; j < nb;) {                                               \
                 const ptrdiff_t at = (pg ? pg->first : phase) + j0 + j;                    \
                 const ptrdiff_t stop = fa_group_span_end(at, j, nb);                       \
-                const T *sc = FA_KSROW(ks, pg, phase, j0 + j, d);                          \
+                const KT *kr;                                                              \
+                const T *sc;                                                               \
+                FA_GROUP_ROWS(k, ks, pg, phase, j0 + j, d, kr, sc);                        \
                 for (ptrdiff_t g = 0; g < n_rows; g++)                                     \
                     for (ptrdiff_t c = 0; c < d; c++) qs[g * d + c] = q[g * d + c] * sc[c]; \
-                fa_dec_span_##SUFFIX(qs, n_rows, d, FA_KROW(k, pg, j0 + j, d), stop - j,   \
-                                     scale, s + j, vec);                                   \
+                fa_dec_span_##SUFFIX(qs, n_rows, d, kr, stop - j, scale, s + j, vec);      \
                 j = stop;                                                                  \
             }                                                                              \
         }                                                                                  \
+        T vs_buf[QUANT ? FA_DECODE_BLOCK : 1];                                             \
+        const T *vsb = QUANT ? FA_BLOCK_VSCALES(vs, pg, j0, nb, vs_buf) : NULL;            \
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
             T *sr = s + g * FA_DECODE_BLOCK;                                               \
             fa_dec_online_##SUFFIX(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);       \
-            if (QUANT)  /* the value scales of each run of rows */                         \
-                for (ptrdiff_t j = 0; j < nb;) {                                           \
-                    const ptrdiff_t run = FA_RUN(pg, j0 + j, nb - j);                      \
-                    const T *vr = FA_VSROW(vs, pg, j0 + j);                                \
-                    for (ptrdiff_t i = 0; i < run; i++) sr[j + i] *= vr[i];                \
-                    j += run;                                                              \
-                }                                                                          \
+            if (QUANT)                                                                     \
+                for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vsb[j];                        \
         }                                                                                  \
         if (vec) {                                                                         \
             for (ptrdiff_t j = 0; j < nb;) {                                               \

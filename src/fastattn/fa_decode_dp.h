@@ -168,9 +168,9 @@ static void fa_dp_scores_##P(const QT *qx, ptrdiff_t n_rows, ptrdiff_t d, const 
         for (int g = 0; g < (RB); g++)                                                     \
             for (int i = 0; i < (W); i++) a[g][i] = FA_DP_##P##_PV_INIT(o + g * d_v + c + 16 * i); \
         for (ptrdiff_t j = 0; j < nb; j += 2) {                                            \
-            if (g == 0 && c == 0 && !vr)  /* next block's rows j, j + 1, first pass */     \
+            if (g == 0 && c == 0)  /* next block's rows j, j + 1, in the first pass */     \
                 for (ptrdiff_t b = 0; b < 2 * d_v * (ptrdiff_t)sizeof(*v); b += 64)        \
-                    _mm_prefetch((const char *)(v + (j + FA_DP_AHEAD) * d_v) + b, _MM_HINT_T1); \
+                    _mm_prefetch((const char *)(ROW(j) + FA_DP_AHEAD * d_v) + b, _MM_HINT_T1); \
             __m512i x[W];                                                                  \
             for (int i = 0; i < (W) / 2; i++) {                                            \
                 const __m512i lo = (__m512i)FA_DP_##P##_KV(ROW(j) + c + 32 * i);           \
@@ -217,8 +217,9 @@ static void fa_dp_scores_##P(const QT *qx, ptrdiff_t n_rows, ptrdiff_t d, const 
 
 /* Rows in pairs (16 accumulators over 128 columns), then alone. wf_all: I8's factor per
  * row (BF: unused). The value rows: v's nb rows one after another when vr is NULL, else
- * at vr[j] (in pages; then no prefetch). Two copies of the passes, so that the rows of
- * one run cost no table. */
+ * at vr[j] (a block across pages that do not follow one another; the prefetch then
+ * guesses that its run goes on). Two copies of the passes, so that the rows of one run
+ * cost no table. */
 #define FA_DP_ROW_RUN(j) (v + (j) * d_v)
 #define FA_DP_ROW_TABLE(j) (vr[j])
 #define FA_DEFINE_DP_PV(P, KT)                                                             \
@@ -242,22 +243,23 @@ static void fa_dp_pv_##P(const uint32_t *pw_all, const float *wf_all, ptrdiff_t 
         fa_dp_scores_##P(qx, n_rows, d, FA_KROW(k, pg, (j0) + j_, d), run_, scale, (s) + j_); \
         j_ += run_;                                                                        \
     }
-/* vr[j] = value row j0 + j of the item for j < nb, when it lies in pages; NULL else. */
-#define FA_DP_VALUE_ROWS(vr, v, pg, j0, nb, d_v)                                           \
-    (pg ? fa_dp_value_rows((const void **)(vr), v, sizeof(*(v)), pg, j0, nb, d_v) : NULL)
-static inline const void *const *fa_dp_value_rows(const void **vr, const void *v,
-                                                 size_t size, const fa_pages *pg,
-                                                 ptrdiff_t j0, ptrdiff_t nb, ptrdiff_t d_v)
-{
-    for (ptrdiff_t j = 0; j < nb;) {
-        const ptrdiff_t run = fa_page_run(pg, j0 + j, nb - j);
-        const char *row = (const char *)v + (FA_PAGE_OF(pg, j0 + j) * pg->v_stride
-                                             + FA_PAGE_ROW(pg, j0 + j) * d_v) * size;
-        for (ptrdiff_t i = 0; i < run; i++) vr[j + i] = row + i * d_v * size;
-        j += run;
-    }
-    return vr;
-}
+/* The P V of a block of nb value rows from row j0 of the item (fa_dp_pv_P's arguments
+ * but the rows): when they are one run (no pages, or pages that follow one another), from
+ * its first row; else through the table vr (scratch of FA_DECODE_BLOCK pointers). */
+#define FA_DP_PV_BLOCK(P, KT, pw, wf, n_rows, nb, v, pg, j0, d_v, o, vr)                   \
+    do {                                                                                   \
+        if (!(pg) || fa_page_run(pg, j0, nb) == (nb)) {                                    \
+            fa_dp_pv_##P(pw, wf, n_rows, nb, FA_VROW(v, pg, j0, d_v), NULL, d_v, o);       \
+        } else {                                                                           \
+            for (ptrdiff_t j_ = 0; j_ < (nb);) {                                           \
+                const ptrdiff_t run_ = fa_page_run(pg, (j0) + j_, (nb) - j_);              \
+                const KT *row_ = FA_VROW(v, pg, (j0) + j_, d_v);                           \
+                for (ptrdiff_t i_ = 0; i_ < run_; i_++) (vr)[j_ + i_] = row_ + i_ * (d_v); \
+                j_ += run_;                                                                \
+            }                                                                              \
+            fa_dp_pv_##P(pw, wf, n_rows, nb, v, (const KT *const *)(vr), d_v, o);          \
+        }                                                                                  \
+    } while (0)
 
 FA_DEFINE_DP_SCORES_RB(BF, uint16_t, uint16_t)
 FA_DEFINE_DP_SCORES_RB(I8, int16_t, int8_t)
@@ -305,8 +307,7 @@ static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
                 _mm512_storeu_si512(pr + j / 2, (__m512i)_mm512_cvtne2ps_pbh(
                     _mm512_loadu_ps(sr + j + 16), _mm512_loadu_ps(sr + j)));
         }
-        fa_dp_pv_BF(pb, NULL, n_rows, nb, v + j0 * d_v,
-                    (const uint16_t *const *)FA_DP_VALUE_ROWS(vr, v, pg, j0, nb, d_v), d_v, o);
+        FA_DP_PV_BLOCK(BF, uint16_t, pb, NULL, n_rows, nb, v, pg, j0, d_v, o, vr);
     }
     fa_dp_column_order(o, n_rows * d_v);
 }
@@ -414,6 +415,7 @@ FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                               
     QT *qx = (QT *)qs;                                                                     \
     float *qf = qs + (n_rows * d + 1) / 2, *wf = qf + n_rows, *qr = wf + n_rows;           \
     const KT *vr[FA_DECODE_BLOCK];                                                         \
+    float vs_buf[FA_DECODE_BLOCK];                                                         \
     for (ptrdiff_t g = 0; g < n_rows; g++) {                                               \
         m[g] = -INFINITY;                                                                  \
         l[g] = 0;                                                                          \
@@ -426,13 +428,15 @@ FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                               
         for (ptrdiff_t j = 0; j < nb;) {                                                   \
             const ptrdiff_t at = (pg ? pg->first : phase) + j0 + j;                        \
             const ptrdiff_t stop = fa_group_span_end(at, j, nb);                           \
-            const float *sc = FA_KSROW(ks, pg, phase, j0 + j, d);                          \
+            const KT *kr;                                                                  \
+            const float *sc;                                                               \
+            FA_GROUP_ROWS(k, ks, pg, phase, j0 + j, d, kr, sc);                            \
             for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
                 qf[g] = FA_DP_##P##_QFACTOR(d == 128 ? TO(q + g * d, sc, 128, qx + g * d)  \
                                             : d == 64 ? TO(q + g * d, sc, 64, qx + g * d)  \
                                                       : TO(q + g * d, sc, d, qx + g * d),  \
                                             qr[g]);                                        \
-            fa_dp_scores_##P(qx, n_rows, d, FA_KROW(k, pg, j0 + j, d), stop - j,           \
+            fa_dp_scores_##P(qx, n_rows, d, kr, stop - j,                                  \
                              FA_DP_##P##_SCORE_SCALE(scale), s + j);                       \
             for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
                 for (ptrdiff_t u = j; u < stop; u += 16) {                                 \
@@ -444,22 +448,17 @@ FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                               
                 }                                                                          \
             j = stop;                                                                      \
         }                                                                                  \
+        const float *vsb = FA_BLOCK_VSCALES(vs, pg, j0, nb, vs_buf);                       \
         for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
             float *sr = s + g * FA_DECODE_BLOCK;                                           \
             fa_dec_online_##S(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);            \
-            for (ptrdiff_t j = 0; j < nb;) {  /* the value scales, run by run */           \
-                const ptrdiff_t run = FA_RUN(pg, j0 + j, nb - j);                          \
-                const float *vsr = FA_VSROW(vs, pg, j0 + j);                               \
-                for (ptrdiff_t i = 0; i < run; i++) sr[j + i] *= vsr[i];                   \
-                j += run;                                                                  \
-            }                                                                              \
+            for (ptrdiff_t j = 0; j < nb; j++) sr[j] *= vsb[j];                            \
             /* The row zero past nb (whole 32s), so that a last lone key pairs with a */   \
             /* zero weight.                                                            */  \
             for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;                \
             wf[g] = TO(sr, NULL, (nb + 31) / 32 * 32, (QT *)(pw + g * (FA_DECODE_BLOCK / 2))); \
         }                                                                                  \
-        fa_dp_pv_##P(pw, wf, n_rows, nb, v + j0 * d_v,                                     \
-                     (const KT *const *)FA_DP_VALUE_ROWS(vr, v, pg, j0, nb, d_v), d_v, o); \
+        FA_DP_PV_BLOCK(P, KT, pw, wf, n_rows, nb, v, pg, j0, d_v, o, vr);                  \
     }                                                                                      \
     fa_dp_column_order(o, n_rows * d_v);                                                   \
 }
