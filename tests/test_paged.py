@@ -165,6 +165,8 @@ def test_eight_bit_forks_hold_their_own_group_still_filling(storage):
     a = cache.new_sequence()
     cache.append(a, k[:20], -k[:20])
     b = cache.fork(a)
+    pool = cache._k.nbytes * 2 + cache._ks.nbytes + cache._vs.nbytes
+    assert cache.nbytes == pool + 20 * kv_heads * d * 4  # the shared group counted once
     cache.append(b, k[20:50], -k[20:50])
     cache.append(a, 3 * k[20:23], -3 * k[20:23])
 
@@ -173,7 +175,6 @@ def test_eight_bit_forks_hold_their_own_group_still_filling(storage):
         np.testing.assert_array_equal(cache.keys(sid), want_k)
         np.testing.assert_array_equal(cache.values(sid), want_v)
     # the open groups' exact keys are counted: a holds 23 of a group, b 18
-    pool = cache._k.nbytes * 2 + cache._ks.nbytes + cache._vs.nbytes
     assert cache.nbytes == pool + (23 + 18) * kv_heads * d * 4
     cache.release(b)
     assert cache.nbytes == pool + 23 * kv_heads * d * 4

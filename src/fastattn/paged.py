@@ -166,8 +166,8 @@ class PagedKVCache:
         whatever the sequences use, and the exact keys of the sequences' groups still
         filling."""
         scales = (self._ks.nbytes + self._vs.nbytes) if self._ks is not None else 0
-        return (self._k.nbytes + self._v.nbytes + scales
-                + sum(a.nbytes for a in self._open.values()))
+        opened = {id(a): a.nbytes for a in self._open.values()}  # (a fork's shared once)
+        return self._k.nbytes + self._v.nbytes + scales + sum(opened.values())
 
     def __repr__(self):
         storage = "" if self.storage is None else f", storage={self.storage!r}"
