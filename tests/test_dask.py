@@ -17,6 +17,7 @@ da = pytest.importorskip("dask.array")
 
 import fastattn  # noqa: E402
 from fastattn import dask as fd  # noqa: E402
+from fastattn._dispatch import kernels  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
 
@@ -257,5 +258,14 @@ def test_sharded_cache_holds_its_shards_in_the_storage_asked(client):
         got, want = sharded.attention(q), fastattn.attention(q, cache=exact, causal=True)
         rel = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
         assert 1e-5 < rel < 3e-2, rel  # quantized (so held in int8), within int8's bound
+        # precision="bfloat16" reaches the shards: their int8 steps take the 16-bit
+        # integer products where this CPU has them, within the same bound.
+        fast = sharded.attention(q, precision="bfloat16")
+        rel = np.sqrt(np.mean((fast - want) ** 2) / np.mean(want ** 2))
+        assert rel < 3e-2, rel
+        if q.shape[2] == 1:  # (every shard's own step; 3 queries mask the last shard)
+            assert (not np.array_equal(fast, got)) == kernels.decode_products(d, d, "int8")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        sharded.attention(q, precision="fast")
     with pytest.raises(ValueError, match="storage must be one of"):
         fd.ShardedKVCache(client, b, h_kv, d, shard_capacity=40, n_shards=1, storage="int4")

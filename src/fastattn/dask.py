@@ -27,15 +27,15 @@ import operator
 
 import numpy as np
 
-from . import api
+from . import _plan, api
 from ._plan import layout
 from ._validation import require
 
 da = require("dask.array", "dask", "fastattn.dask")
 from dask.base import tokenize  # noqa: E402 (after the check that names the extra)
 from dask.highlevelgraph import HighLevelGraph  # noqa: E402
-from ._validation import (check_flag, check_scale, check_sinks, check_softcap, check_window,
-                          dtypes_of, is_dask_array, positive_int)
+from ._validation import (check_flag, check_precision, check_scale, check_sinks, check_softcap,
+                          check_window, dtypes_of, is_dask_array, positive_int)
 
 __all__ = ["attention", "is_dask_array", "ShardedKVCache"]
 
@@ -301,7 +301,8 @@ class _Shard:
         self.cache.append(k, v)
         return len(self.cache)
 
-    def attend(self, q, first_key, n_total, causal, scale, softcap, num_threads):
+    def attend(self, q, first_key, n_total, causal, scale, softcap, num_threads,
+               precision="highest"):
         """(out, lse) of q against this shard's keys, which are global keys [first_key,
         first_key + len); the queries are the last L_q of n_total tokens (causal)."""
         n = len(self.cache)
@@ -315,9 +316,10 @@ class _Shard:
                     np.full(shape, -np.inf, q.dtype))
         if mask is None:  # every query sees every key here: the cache's own path, in place
             return api.attention(q, cache=self.cache, scale=scale, softcap=softcap,
-                                 return_lse=True, num_threads=num_threads)
+                                 return_lse=True, num_threads=num_threads, precision=precision)
         return api.attention(q, self.cache.keys, self.cache.values, mask=mask, scale=scale,
-                             softcap=softcap, return_lse=True, num_threads=num_threads)
+                             softcap=softcap, return_lse=True, num_threads=num_threads,
+                             precision=precision)
 
 
 class ShardedKVCache:
@@ -412,16 +414,20 @@ class ShardedKVCache:
             self.lengths[s] = future.result()
 
     def attention(self, q, *, causal=True, scale=None, softcap=None, sinks=None,
-                  return_lse=False, num_threads=1):
+                  return_lse=False, num_threads=1, precision=None):
         """Attention of q (batch, heads, L_q, D) to every cached token, exactly merged over
-        the shards; with ``causal`` the queries are the last L_q cached tokens."""
+        the shards; with ``causal`` the queries are the last L_q cached tokens.
+        ``precision`` as in :func:`fastattn.attention` (None: this process's
+        :func:`fastattn.set_float32_precision`, sent to the workers): ``"bfloat16"`` lets
+        each shard's steps take the products its storage allows (decoding guide)."""
+        precision = check_precision(precision) or _plan.float32_precision()
         q = np.asarray(q)
         total = len(self)
         futures, first = [], 0
         for shard, length in zip(self.shards, self.lengths):
             if length and not (causal and first > total - 1):
                 futures.append(shard.attend(q, first, total, causal, scale, softcap,
-                                            num_threads))
+                                            num_threads, precision))
             first += length
         if not futures:
             out = np.zeros(q.shape[:-1] + (self.value_dim,), q.dtype)
