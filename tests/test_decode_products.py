@@ -1,6 +1,7 @@
 """Decoding with products below float32 (precision="bfloat16", fa_decode_dp.h): on
 bfloat16 storage bfloat16 products (AVX512-BF16), the step float64 attention on q rounded
-to bfloat16 and the values the cache holds; on int8 storage 16-bit integer products
+to bfloat16 and the values the cache holds (float16 storage: those rounded to bfloat16
+too); on int8 storage 16-bit integer products
 (AVX512-VNNI), and on float8 e4m3 storage bfloat16 products, the step float64 attention
 on q itself and the values held. All within the bound of the bfloat16 engines (test_lowp:
 the weights rounded to bfloat16, float32 sums; float8 plus what q's rounding and e4m3's
@@ -23,7 +24,15 @@ NATIVE = kernels.engines()["avx512bf16"] == "ok"
 needs_native = pytest.mark.skipif(not NATIVE, reason="no AVX512-BF16 on this CPU or build")
 STORAGES = ["bfloat16"] + [pytest.param(name, marks=pytest.mark.skipif(
     not kernels.decode_products(128, 128, name), reason=f"no {name} products on this CPU"))
-    for name in ("int8", "float8_e4m3")]
+    for name in ("float16", "int8", "float8_e4m3")]
+# The storages whose products take q, keys and values as bfloat16 (float16's rounded so
+# as they are loaded; bfloat16's already are).
+BF16_OPERANDS = ("bfloat16", "float16")
+
+
+def as_products_see(storage, a):
+    """a (q, or held keys or values) as float64, as the products of `storage` take it."""
+    return bf16_rounded(a) if storage in BF16_OPERANDS else np.asarray(a, np.float64)
 
 
 def products_bound(storage, q, keys, values, weights, scale):
@@ -101,9 +110,9 @@ def test_the_step_is_float64_attention_within_the_bound(storage, case, kwargs):
     got = fastattn.attention(q, cache=cache, precision="bfloat16", **kwargs)
     out = got[0] if isinstance(got, tuple) else got
     group = heads // kv_heads
-    keys, values = (np.repeat(a, group, axis=1).astype(np.float64)
+    keys, values = (np.repeat(as_products_see(storage, a), group, axis=1)
                     for a in (cache.keys, cache.values))
-    q_seen = bf16_rounded(q) if storage == "bfloat16" else q.astype(np.float64)
+    q_seen = as_products_see(storage, q)
     want, weights, *lse = reference.attention(
         q_seen.tolist(), keys.tolist(), values.tolist(), return_weights=True,
         **{n: (a.tolist() if isinstance(a, np.ndarray) else a) for n, a in kwargs.items()})
@@ -126,7 +135,8 @@ def test_the_step_is_float64_attention_within_the_bound(storage, case, kwargs):
 @pytest.mark.parametrize("storage", STORAGES)
 def test_products_differ_from_the_exact_step_and_stay_within_the_storage_bound(storage):
     """The products path really runs (its results are not the exact kernel's), and on
-    outlier-channel keys stays within the storage's documented error bound."""
+    outlier-channel keys stays within the storage's documented error bound (float16's
+    products: bfloat16's, the bound of the operands they take)."""
     from test_cache_storage import BOUNDS, float64_attention, outlier_keys
 
     q, k, v = outlier_keys(1)
@@ -137,9 +147,10 @@ def test_products_differ_from_the_exact_step_and_stay_within_the_storage_bound(s
     products = fastattn.attention(q32, cache=cache, precision="bfloat16")
     assert not np.array_equal(exact_step, products)
     exact = float64_attention(q, k, v)
-    for got in (exact_step, products):
+    for got, bound in ((exact_step, BOUNDS[storage]),
+                       (products, BOUNDS["bfloat16" if storage == "float16" else storage])):
         rel = np.sqrt(np.mean((got - exact) ** 2) / np.mean(exact ** 2))
-        assert rel <= BOUNDS[storage], rel
+        assert rel <= bound, rel
 
 
 @needs_native
@@ -151,9 +162,9 @@ def test_several_queries_take_the_products_in_place(monkeypatch, storage, n_quer
     monkeypatch.setattr(KVCache, "keys", property(lambda self: pytest.fail("copied")))
     q = rng.standard_normal((1, 4, n_queries, 64)).astype(np.float32)
     got = fastattn.attention(q, cache=cache, causal=causal, precision="bfloat16")
-    k, v = (np.repeat(a, 2, axis=1).astype(np.float64) for a in (keys, values))
+    k, v = (np.repeat(as_products_see(storage, a), 2, axis=1) for a in (keys, values))
     n_keys = k.shape[2]
-    q_seen = bf16_rounded(q) if storage == "bfloat16" else q.astype(np.float64)
+    q_seen = as_products_see(storage, q)
     want, weights = reference.attention(q_seen.tolist(), k.tolist(), v.tolist(),
                                         causal=causal, return_weights=True)
     # Causal: the keys every query sees take the products; the last n_queries - 1 run
@@ -184,12 +195,13 @@ def test_inf_nan_and_tiny_queries_as_the_exact_step(storage):
     products = fastattn.attention(q, cache=cache, precision="bfloat16")
     assert np.array_equal(np.isnan(products), np.isnan(exact_step))
     assert np.isnan(products[0, :2]).all()
-    # (float8: each value row's weights times its own scale, rounded to bfloat16.)
-    atol = U * np.abs(cache.values).max() if storage == "float8_e4m3" else 1e-4
+    # (float8: each value row's weights times its own scale, rounded to bfloat16; float16:
+    # the values rounded to bfloat16.)
+    atol = U * np.abs(cache.values).max() if storage in ("float8_e4m3", "float16") else 1e-4
     np.testing.assert_allclose(products[0, 2:], exact_step[0, 2:], rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("storage", ["bfloat16", "int8", "float8_e4m3"])
+@pytest.mark.parametrize("storage", ["bfloat16", "float16", "int8", "float8_e4m3"])
 @pytest.mark.parametrize("d, d_v", [(128, 128), (80, 128), (128, 48)])
 def test_elsewhere_precision_bfloat16_is_the_exact_step_bitwise(storage, d, d_v):
     """Head sizes not whole 32s, the policy's engine off, or no AVX512-BF16 (and for int8
@@ -208,15 +220,17 @@ def test_elsewhere_precision_bfloat16_is_the_exact_step_bitwise(storage, d, d_v)
     assert not kernels.decode_products(544, 128, "int8")
 
 
-@pytest.mark.parametrize("storage", ["float16"])
-def test_other_storage_ignores_precision_and_a_bad_precision_is_refused(storage):
-    cache = KVCache(1, 1, 16, 32, storage=storage)
-    cache.append(np.ones((1, 1, 5, 32)), np.ones((1, 1, 5, 32)))
-    q = np.full((1, 2, 1, 32), 0.5, np.float32)
-    assert not kernels.decode_products(32, 32, storage)
+def test_a_float_cache_ignores_precision_and_a_bad_precision_is_refused():
+    """A cache held in its own dtype (storage None) takes the exact step whatever
+    precision says; a precision that is not one is refused naming the argument."""
+    rng = np.random.default_rng(12)
+    cache = KVCache(1, 2, 160, 64)
+    cache.append(*rng.standard_normal((2, 1, 2, 150, 64)))
+    q = rng.standard_normal((1, 4, 1, 64)).astype(np.float32)
+    assert not kernels.decode_products(64, 64, "float32")
     assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
                           fastattn.attention(q, cache=cache))
-    for storage in ("bfloat16", None):
+    for storage in ("bfloat16", "float16", None):
         cache = KVCache(1, 1, 16, 32, storage=storage)
         cache.append(np.ones((1, 1, 5, 32)), np.ones((1, 1, 5, 32)))
         with pytest.raises(ValueError, match="precision"):
@@ -248,7 +262,7 @@ def _paged_and_flat(storage, block, lengths, d, seed, kv_heads=2):
 
 @needs_native
 @pytest.mark.parametrize("storage,block", [("bfloat16", 7), ("bfloat16", 16), ("bfloat16", 256),
-                                           ("int8", 32), ("int8", 96),
+                                           ("float16", 7), ("int8", 32), ("int8", 96),
                                            ("float8_e4m3", 32), ("float8_e4m3", 64)])
 def test_a_paged_pool_takes_the_products_of_a_kvcache_bitwise(storage, block):
     """PagedKVCache.attention(precision="bfloat16"): the decoding kernel's products read
@@ -286,16 +300,15 @@ def test_a_paged_window_and_prefill_chunk_take_products_within_the_bound(storage
     """Queries whose visible keys start inside a key group and a block (a window; a
     prefill chunk, causal, each query its own keys): float64 attention on what the pool
     holds, within the products' bound."""
-    block = 7 if storage == "bfloat16" else 32
+    block = 7 if storage in BF16_OPERANDS else 32
     pool, ids, _, rng = _paged_and_flat(storage, block, [500], 64, 11)
     keys, values = pool.keys(ids[0]), pool.values(ids[0])
     q = rng.standard_normal((3, 4, 64)).astype(np.float32)
     for kw in (dict(window=77), dict()):
         out = pool.attention(q, ids, [0, 3], precision="bfloat16", **kw)
-        k, v = (np.repeat(a.transpose(1, 0, 2)[None], 2, axis=1).astype(np.float64)
+        k, v = (np.repeat(as_products_see(storage, a.transpose(1, 0, 2)[None]), 2, axis=1)
                 for a in (keys, values))
-        q_seen = q.transpose(1, 0, 2)[None]
-        q_seen = bf16_rounded(q_seen) if storage == "bfloat16" else q_seen.astype(np.float64)
+        q_seen = as_products_see(storage, q.transpose(1, 0, 2)[None])
         want, weights = reference.attention(q_seen.tolist(), k.tolist(), v.tolist(),
                                             causal=True, return_weights=True, **kw)
         weighted = products_bound(storage, q_seen, k, v, np.array(weights), 64 ** -0.5)[0]

@@ -91,7 +91,7 @@ cdef extern from "fa_decode.h" nogil:
                            double *out, double *lse)
 
 cdef extern from "fa_decode_dp.h" nogil:
-    int FA_SRC_BF16_DP, FA_SRC_I8_DP, FA_SRC_F8_DP
+    int FA_SRC_BF16_DP, FA_SRC_I8_DP, FA_SRC_F8_DP, FA_SRC_F16_DP
     void fa_decode_chunk_i8dp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const int8_t *k,
                               const int8_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                               float softcap, const float *ks, const float *vs, Py_ssize_t phase,
@@ -103,6 +103,10 @@ cdef extern from "fa_decode_dp.h" nogil:
                               float *m, double *l, float *o, float *s, float *qs, uint32_t *pw,
                               const fa_pages *pg)
     void fa_decode_chunk_bfdp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint16_t *k,
+                              const uint16_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
+                              float softcap, float *m, double *l, float *o, float *s,
+                              uint16_t *qb, uint32_t *pb, const fa_pages *pg)
+    void fa_decode_chunk_hfdp(const float *q, Py_ssize_t n_rows, Py_ssize_t d, const uint16_t *k,
                               const uint16_t *v, Py_ssize_t d_v, Py_ssize_t n_keys, float scale,
                               float softcap, float *m, double *l, float *o, float *s,
                               uint16_t *qb, uint32_t *pb, const fa_pages *pg)

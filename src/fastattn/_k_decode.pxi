@@ -20,7 +20,8 @@ cdef inline size_t _kind_size(int kv_kind, size_t floating_size) noexcept nogil:
     if (kv_kind == FA_SRC_I8 or kv_kind == FA_SRC_F8 or kv_kind == FA_SRC_I8_DP
             or kv_kind == FA_SRC_F8_DP):
         return 1
-    if kv_kind == FA_SRC_BF16 or kv_kind == FA_SRC_F16 or kv_kind == FA_SRC_BF16_DP:
+    if (kv_kind == FA_SRC_BF16 or kv_kind == FA_SRC_F16 or kv_kind == FA_SRC_BF16_DP
+            or kv_kind == FA_SRC_F16_DP):
         return 2
     return floating_size
 
@@ -28,7 +29,7 @@ cdef inline size_t _kind_size(int kv_kind, size_t floating_size) noexcept nogil:
 cdef inline Py_ssize_t _decode_scratch(Py_ssize_t n_rows, Py_ssize_t d) noexcept nogil:
     """Scratch per thread of the decoding kernel, in elements: the scores (rows of
     FA_DECODE_BLOCK keys, whole cache lines), then q times the key scales (8-bit kinds), q
-    as bfloat16 (FA_SRC_BF16_DP), as 16-bit integers (FA_SRC_I8_DP) or bfloat16
+    as bfloat16 (FA_SRC_BF16_DP, FA_SRC_F16_DP), as 16-bit integers (FA_SRC_I8_DP) or bfloat16
     (FA_SRC_F8_DP) times the key scales and their factors, then those kinds' weights in
     pairs of 16 bits."""
     return n_rows * FA_DECODE_BLOCK + _round_up(n_rows * d, 16) + n_rows * FA_DECODE_BLOCK // 2
@@ -46,6 +47,13 @@ cdef inline void _decode_item(const floating *q, Py_ssize_t n_rows, Py_ssize_t d
     if floating is float:
         if kv_kind == FA_SRC_BF16_DP:
             fa_decode_chunk_bfdp(q, n_rows, d, <const uint16_t*> k, <const uint16_t*> v, d_v,
+                                 count, <float> scale, <float> softcap, part, l_part,
+                                 part + n_rows, s_own,
+                                 <uint16_t*> (s_own + n_rows * FA_DECODE_BLOCK),
+                                 <uint32_t*> (s_own + n_rows * FA_DECODE_BLOCK
+                                              + _round_up(n_rows * d, 16)), pg)
+        elif kv_kind == FA_SRC_F16_DP:
+            fa_decode_chunk_hfdp(q, n_rows, d, <const uint16_t*> k, <const uint16_t*> v, d_v,
                                  count, <float> scale, <float> softcap, part, l_part,
                                  part + n_rows, s_own,
                                  <uint16_t*> (s_own + n_rows * FA_DECODE_BLOCK),

@@ -189,9 +189,9 @@ cdef inline int _decode_kind(int kv_kind, bint products, Py_ssize_t d,
     below float32 (precision="bfloat16") and the policy's engine runs bfloat16 natively
     (AVX512-BF16, or AMX, whose CPUs have it; FASTATTN_ENGINE=none turns the products
     off), for head sizes of whole 32s (fa_decode_dp.h): bfloat16 storage FA_SRC_BF16_DP,
-    float8 e4m3 FA_SRC_F8_DP, int8 FA_SRC_I8_DP where the CPU has AVX512-VNNI too and
-    d <= 512 (its integer sums' bound). Else kv_kind itself (the exact, widening
-    kernel)."""
+    float16 FA_SRC_F16_DP (rounded to bfloat16 as it is loaded), float8 e4m3
+    FA_SRC_F8_DP, int8 FA_SRC_I8_DP where the CPU has AVX512-VNNI too and d <= 512 (its
+    integer sums' bound). Else kv_kind itself (the exact, widening kernel)."""
     global _vnni
     if not (products and FA_HAVE_DPBF16
             and (_policy.engine == FA_ENGINE_DPBF16 or _policy.engine == FA_ENGINE_AMX)
@@ -199,6 +199,8 @@ cdef inline int _decode_kind(int kv_kind, bint products, Py_ssize_t d,
         return kv_kind
     if kv_kind == FA_SRC_BF16:
         return FA_SRC_BF16_DP
+    if kv_kind == FA_SRC_F16:
+        return FA_SRC_F16_DP
     if kv_kind == FA_SRC_F8:
         return FA_SRC_F8_DP
     if kv_kind == FA_SRC_I8 and d <= 512:
@@ -209,14 +211,15 @@ cdef inline int _decode_kind(int kv_kind, bint products, Py_ssize_t d,
     return kv_kind
 
 
-_PRODUCT_KINDS = {"bfloat16": (FA_SRC_BF16, FA_SRC_BF16_DP), "int8": (FA_SRC_I8, FA_SRC_I8_DP),
+_PRODUCT_KINDS = {"bfloat16": (FA_SRC_BF16, FA_SRC_BF16_DP),
+                  "float16": (FA_SRC_F16, FA_SRC_F16_DP), "int8": (FA_SRC_I8, FA_SRC_I8_DP),
                   "float8_e4m3": (FA_SRC_F8, FA_SRC_F8_DP)}
 
 
 def decode_products(Py_ssize_t d, Py_ssize_t d_v, str storage="bfloat16"):
-    """Whether a decoding call on storage ("bfloat16", "int8", "float8_e4m3"; any other:
-    False) allowed products below float32 takes them (_decode_kind), for head sizes d
-    and d_v."""
+    """Whether a decoding call on storage ("bfloat16", "float16", "int8", "float8_e4m3";
+    any other: False) allowed products below float32 takes them (_decode_kind), for head
+    sizes d and d_v."""
     if storage not in _PRODUCT_KINDS:
         return False
     kind, product_kind = _PRODUCT_KINDS[storage]

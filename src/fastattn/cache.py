@@ -358,7 +358,7 @@ IN_PLACE_ROWS = 64
 
 # The storages whose decoding steps take products below float32 under precision="bfloat16"
 # (where the CPU has them: _kernels.decode_products).
-_PRODUCTS = ("bfloat16", "int8", "float8_e4m3")
+_PRODUCTS = ("bfloat16", "float16", "int8", "float8_e4m3")
 
 
 def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse,
@@ -371,7 +371,7 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
     cost about 6 us of a 38 us step over 32 heads x 128 tokens. With storage=, also a few
     queries at once (chunked prefill, speculative decoding; see _queries_in_place).
     Anything else (other shapes or dtypes, an empty cache) returns None and goes through
-    the full validation. precision="bfloat16" lets bfloat16, int8 and float8 storage
+    the full validation. precision="bfloat16" lets every storage but None
     take products below float32 where the CPU has them (_kernels.decode's products).
     """
     allowed = check_precision(precision) or _plan.float32_precision()

@@ -1,8 +1,9 @@
 /* The decoding kernels with products below float32 (precision="bfloat16"): bfloat16
  * storage with bfloat16 products (below), int8 storage with 16-bit integer products
- * (fa_decode_chunk_i8dp) and float8 e4m3 storage with bfloat16 products
- * (fa_decode_chunk_f8dp), which share its scores and P V (FA_DP_BF_*, FA_DP_I8_*,
- * FA_DP_F8_* give each kind's operands).
+ * (fa_decode_chunk_i8dp), float8 e4m3 storage with bfloat16 products
+ * (fa_decode_chunk_f8dp) and float16 storage rounded to bfloat16 as it is loaded
+ * (fa_decode_chunk_hfdp), which share its scores and P V (FA_DP_BF_*, FA_DP_I8_*,
+ * FA_DP_F8_*, FA_DP_HF_* give each kind's operands).
  *
  * bfloat16 storage: one work item as fa_decode_chunk_bf (fa_decode.h) computes it, the
  * same partial state (m, l, o) for the same merge, but the products on AVX512-BF16's
@@ -45,6 +46,8 @@
 #define FA_SRC_I8_DP 17
 /* ...and for float8 e4m3 storage taking bfloat16 products (fa_decode_chunk_f8dp). */
 #define FA_SRC_F8_DP 18
+/* ...and for float16 storage taking bfloat16 products (fa_decode_chunk_hfdp). */
+#define FA_SRC_F16_DP 19
 
 /* Keys ahead whose rows the kernel asks the L2 cache for (prefetcht1) as it reads each
  * key and value row: one block, the rows read next. (Zen 4, 2 threads, 16,384 tokens: the
@@ -53,6 +56,13 @@
  * of the storage are hints, which never fault. */
 #define FA_DP_AHEAD FA_DECODE_BLOCK
 
+/* The 16-bit products kernels' signature (fa_decode_chunk_bfdp, _hfdp). */
+#define FA_DP_CHUNK_16BIT_SIGNATURE(S)                                                     \
+static void fa_decode_chunk_##S##dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,          \
+                                    const uint16_t *k, const uint16_t *v, ptrdiff_t d_v,   \
+                                    ptrdiff_t n_keys, float scale, float softcap, float *m, \
+                                    double *l, float *o, float *s, uint16_t *qb,           \
+                                    uint32_t *pb, const fa_pages *pg)
 /* The 8-bit products kernels' signature (fa_decode_chunk_i8dp, _f8dp). */
 #define FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                                  \
 static void fa_decode_chunk_##S##dp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,          \
@@ -69,7 +79,7 @@ static void fa_decode_chunk_##S##dp(const float *q, ptrdiff_t n_rows, ptrdiff_t 
 /* The transposing tree of fa_decode.h on int32 lanes (exact). */
 FA_DEFINE_LANE_SUMS(fa_lane_sums_i32, fa_ivec_f, fa_ivec_f, FA_N_f, fa_iota_f)
 
-/* The three kinds of products, as the generic parts below take them: ACC the accumulator
+/* The four kinds of products, as the generic parts below take them: ACC the accumulator
  * type, ZERO one of them, QV(p) 32 q elements, KV(p) 32 stored elements as the product's
  * operand, DP(acc, a, b) the product instruction, SUMS(acc) the sums of the lanes of 16
  * accumulators (fa_lane_sums_*) as floats.
@@ -79,7 +89,9 @@ FA_DEFINE_LANE_SUMS(fa_lane_sums_i32, fa_ivec_f, fa_ivec_f, FA_N_f, fa_iota_f)
  *  - F8: float8 e4m3 keys and values as bfloat16 of 2^-120 their value (the byte
  *    sign-extended, shifted left by 4, bits 11-14 cleared: exact, as the float16 widening
  *    of fa_decode.h is; e4m3's subnormals become bfloat16 subnormals, which vdpbf16ps
- *    takes as zero), against q and the weights as bfloat16 scaled by powers of two. */
+ *    takes as zero), against q and the weights as bfloat16 scaled by powers of two;
+ *  - HF: float16 keys and values widened (vcvtph2ps) and rounded to bfloat16 pairs
+ *    (vcvtne2ps2bf16: nearest even), against q and the weights as BF's. */
 #define FA_DP_BF_ACC __m512
 #define FA_DP_BF_ZERO _mm512_setzero_ps()
 #define FA_DP_BF_QV(p) ((__m512bh)_mm512_loadu_si512(p))
@@ -93,6 +105,16 @@ FA_DEFINE_LANE_SUMS(fa_lane_sums_i32, fa_ivec_f, fa_ivec_f, FA_N_f, fa_iota_f)
 #define FA_DP_I8_DP(acc, a, b) _mm512_dpwssd_epi32(acc, a, (__m512i)(b))
 #define FA_DP_I8_SUMS(acc) \
     ((fa_vec_f)_mm512_cvtepi32_ps((__m512i)fa_lane_sums_i32((fa_ivec_f *)(acc))))
+#define FA_DP_HF_ACC __m512
+#define FA_DP_HF_ZERO _mm512_setzero_ps()
+#define FA_DP_HF_QV(p) FA_DP_BF_QV(p)
+#define FA_DP_HF_KV(p) _mm512_cvtne2ps_pbh(                                                \
+    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p) + 1)),                         \
+    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
+#define FA_DP_HF_DP(acc, a, b) FA_DP_BF_DP(acc, a, b)
+#define FA_DP_HF_SUMS(acc) FA_DP_BF_SUMS(acc)
+#define FA_DP_HF_PV_INIT(po) FA_DP_BF_PV_INIT(po)
+#define FA_DP_HF_PV_DONE(acc, po, g) FA_DP_BF_PV_DONE(acc, po, g)
 #define FA_DP_F8_ACC __m512
 #define FA_DP_F8_ZERO _mm512_setzero_ps()
 #define FA_DP_F8_QV(p) FA_DP_BF_QV(p)
@@ -262,9 +284,11 @@ static void fa_dp_pv_##P(const uint32_t *pw_all, const float *wf_all, ptrdiff_t 
     } while (0)
 
 FA_DEFINE_DP_SCORES_RB(BF, uint16_t, uint16_t)
+FA_DEFINE_DP_SCORES_RB(HF, uint16_t, uint16_t)
 FA_DEFINE_DP_SCORES_RB(I8, int16_t, int8_t)
 FA_DEFINE_DP_SCORES_RB(F8, uint16_t, uint8_t)
 FA_DEFINE_DP_PV(BF, uint16_t)
+FA_DEFINE_DP_PV(HF, uint16_t)
 FA_DEFINE_DP_PV(I8, int8_t)
 FA_DEFINE_DP_PV(F8, uint8_t)
 
@@ -280,37 +304,38 @@ static inline void fa_dp_column_order(float *o, ptrdiff_t n)
     }
 }
 
-/* One work item (see the top of the file; the arguments as fa_decode_chunk_bf's): qb,
- * scratch of n_rows * d bfloat16; pb, of n_rows * FA_DECODE_BLOCK / 2 pairs. */
-static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
-                                 const uint16_t *k, const uint16_t *v, ptrdiff_t d_v,
-                                 ptrdiff_t n_keys, float scale, float softcap, float *m,
-                                 double *l, float *o, float *s, uint16_t *qb, uint32_t *pb,
-                                 const fa_pages *pg)
-{
-    const uint16_t *vr[FA_DECODE_BLOCK];
-    for (ptrdiff_t i = 0; i < n_rows * d; i++) qb[i] = fa_f32_to_bf16(q[i]);  /* once */
-    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }
-    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;
-    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {
-        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK;
-        FA_DP_SCORES_PAGED(BF, qb, n_rows, d, k, pg, j0, nb, scale, s)
-        for (ptrdiff_t g = 0; g < n_rows; g++) {
-            float *sr = s + g * FA_DECODE_BLOCK;
-            fa_dec_online_bf(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);
-            /* 32 weights at a time into 16 pairs (vcvtne2ps2bf16: rounded to nearest    */
-            /* even, as fa_f32_to_bf16, but subnormal weights flushed to zero), the row   */
-            /* zero past nb so that a last lone key pairs with a zero weight.            */
-            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;
-            uint32_t *pr = pb + g * (FA_DECODE_BLOCK / 2);
-            for (ptrdiff_t j = 0; j < nb; j += 32)
-                _mm512_storeu_si512(pr + j / 2, (__m512i)_mm512_cvtne2ps_pbh(
-                    _mm512_loadu_ps(sr + j + 16), _mm512_loadu_ps(sr + j)));
-        }
-        FA_DP_PV_BLOCK(BF, uint16_t, pb, NULL, n_rows, nb, v, pg, j0, d_v, o, vr);
-    }
-    fa_dp_column_order(o, n_rows * d_v);
+/* One work item of 16-bit storage (see the top of the file; the arguments as
+ * fa_decode_chunk_bf's): qb, scratch of n_rows * d bfloat16; pb, of n_rows *
+ * FA_DECODE_BLOCK / 2 pairs. bfloat16 storage (fa_decode_chunk_bfdp) and float16
+ * (fa_decode_chunk_hfdp: the keys and values rounded to bfloat16 as they are loaded). */
+#define FA_DEFINE_DP_CHUNK_16BIT(P, S)                                                     \
+FA_DP_CHUNK_16BIT_SIGNATURE(S)                                                             \
+{                                                                                          \
+    const uint16_t *vr[FA_DECODE_BLOCK];                                                   \
+    for (ptrdiff_t i = 0; i < n_rows * d; i++) qb[i] = fa_f32_to_bf16(q[i]);  /* once */   \
+    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }                \
+    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;                                 \
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
+        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK; \
+        FA_DP_SCORES_PAGED(P, qb, n_rows, d, k, pg, j0, nb, scale, s)                      \
+        for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
+            float *sr = s + g * FA_DECODE_BLOCK;                                           \
+            fa_dec_online_##S(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);            \
+            /* 32 weights at a time into 16 pairs (vcvtne2ps2bf16: rounded to nearest */   \
+            /* even, as fa_f32_to_bf16, but subnormal weights flushed to zero), the   */   \
+            /* row zero past nb so that a last lone key pairs with a zero weight.     */   \
+            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;                \
+            uint32_t *pr = pb + g * (FA_DECODE_BLOCK / 2);                                 \
+            for (ptrdiff_t j = 0; j < nb; j += 32)                                         \
+                _mm512_storeu_si512(pr + j / 2, (__m512i)_mm512_cvtne2ps_pbh(              \
+                    _mm512_loadu_ps(sr + j + 16), _mm512_loadu_ps(sr + j)));               \
+        }                                                                                  \
+        FA_DP_PV_BLOCK(P, uint16_t, pb, NULL, n_rows, nb, v, pg, j0, d_v, o, vr);          \
+    }                                                                                      \
+    fa_dp_column_order(o, n_rows * d_v);                                                   \
 }
+FA_DEFINE_DP_CHUNK_16BIT(BF, bf)
+FA_DEFINE_DP_CHUNK_16BIT(HF, hf)
 
 /* The largest |x[c]|, c < n (a multiple of 16); NaN when one of them is inf or NaN. */
 static inline float fa_i8dp_absmax(const float *x, ptrdiff_t n)
@@ -477,17 +502,17 @@ FA_DEFINE_DP_CHUNK_8BIT(I8, i8, int8_t, int16_t, fa_i8dp_to16)
 FA_DEFINE_DP_CHUNK_8BIT(F8, f8, uint8_t, uint16_t, fa_f8dp_to_bf16)
 #pragma GCC pop_options
 #else
-static void fa_decode_chunk_bfdp(const float *q, ptrdiff_t n_rows, ptrdiff_t d,
-                                 const uint16_t *k, const uint16_t *v, ptrdiff_t d_v,
-                                 ptrdiff_t n_keys, float scale, float softcap, float *m,
-                                 double *l, float *o, float *s, uint16_t *qb, uint32_t *pb,
-                                 const fa_pages *pg)
-{
-    /* Never reached: the policy takes this kernel only where FA_HAVE_DPBF16. */
-    (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys; (void)scale;
-    (void)softcap; (void)m; (void)l; (void)o; (void)s; (void)qb; (void)pb; (void)pg;
-    abort();
+/* Never reached: the policy takes these kernels only where FA_HAVE_DPBF16. */
+#define FA_DP_CHUNK_16BIT_ABSENT(S)                                                        \
+FA_DP_CHUNK_16BIT_SIGNATURE(S)                                                             \
+{                                                                                          \
+    (void)q; (void)n_rows; (void)d; (void)k; (void)v; (void)d_v; (void)n_keys;             \
+    (void)scale; (void)softcap; (void)m; (void)l; (void)o; (void)s; (void)qb; (void)pb;    \
+    (void)pg;                                                                              \
+    abort();                                                                               \
 }
+FA_DP_CHUNK_16BIT_ABSENT(bf)
+FA_DP_CHUNK_16BIT_ABSENT(hf)
 /* Never reached either (the same rule). */
 #define FA_DP_CHUNK_8BIT_ABSENT(S, KT)                                                      \
 FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                                          \
