@@ -114,8 +114,9 @@ class KVCache:
         argument, computes in float32, and ``keys``/``values`` are float copies of what it
         holds (dequantized), not views. See the decoding guide for the error of each.
         With ``precision="bfloat16"`` (or :func:`~fastattn.set_float32_precision`), a
-        bfloat16 or float8 e4m3 cache's steps take bfloat16 products where the CPU has
-        them, and an int8 cache's 16-bit integer products (decoding guide).
+        bfloat16, float16 (rounded to bfloat16 as read) or float8 e4m3 cache's steps take
+        bfloat16 products where the CPU has them, and an int8 cache's 16-bit integer
+        products (decoding guide).
     window : int, optional
         Keep only the last ``window`` tokens (sliding-window attention); ``window <=
         capacity``. The cache is then a ring in which each token is written twice, so the
