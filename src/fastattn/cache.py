@@ -362,6 +362,13 @@ IN_PLACE_ROWS = 64
 _PRODUCTS = ("bfloat16", "float16", "int8", "float8_e4m3")
 
 
+def products_allowed(storage, precision):
+    """Whether a decoding step on `storage` may take products below float32: the storage
+    has them and precision (checked; None: set_float32_precision's) is "bfloat16"."""
+    allowed = check_precision(precision) or _plan.float32_precision()
+    return storage in _PRODUCTS and allowed == "bfloat16"
+
+
 def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse,
                 precision=None):
     """One decoding step against a cache, or None to take the general path.
@@ -375,8 +382,7 @@ def decode_step(q, cache, causal, scale, softcap, sinks, num_threads, return_lse
     the full validation. precision="bfloat16" lets every storage but None
     take products below float32 where the CPU has them (_kernels.decode's products).
     """
-    allowed = check_precision(precision) or _plan.float32_precision()
-    products = cache.storage in _PRODUCTS and allowed == "bfloat16"
+    products = products_allowed(cache.storage, precision)
     if not (type(q) is np.ndarray and q.dtype == cache.dtype and q.ndim == 4
             and q.flags.c_contiguous):
         return None

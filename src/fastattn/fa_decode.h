@@ -68,19 +68,23 @@ typedef struct {
 #define FA_VROW(v, pg, r, d_v) ((pg) ? (v) + FA_PAGE_OF(pg, r) * (pg)->v_stride + FA_PAGE_ROW(pg, r) * (d_v) \
                                      : (v) + (r) * (d_v))
 #define FA_RUN(pg, r, limit) ((pg) ? fa_page_run(pg, r, limit) : (limit))
-/* The 8-bit kinds' key row r of an item and its key group's channel scales, into krow
- * and sc: without pages, k's row r and the scales of the group of row phase + r (ks at
- * the group of row 0); in pages, both from one division (once per span of keys). */
-#define FA_GROUP_ROWS(k, ks, pg, phase, r, d, krow, sc)                                    \
+/* The 8-bit kinds' span of keys from key j of the block at row j0 of an item (nb keys),
+ * within one key group: where it ends in the block (stop), its first key row (krow) and
+ * its group's channel scales (sc). Without pages, k's rows and the scales of the group
+ * of row phase + j0 + j (ks at the group of row 0); in pages, both from one division
+ * (a page holds whole groups, so a group's span never leaves its page). */
+#define FA_GROUP_SPAN(k, ks, pg, phase, j0, j, nb, d, krow, sc, stop)                      \
     do {                                                                                   \
+        const ptrdiff_t at_ = ((pg) ? (pg)->first : (phase)) + (j0) + (j);                 \
+        (stop) = fa_group_span_end(at_, j, nb);                                            \
         if (pg) {                                                                          \
-            const ptrdiff_t at_ = (pg)->first + (r), row_ = at_ % (pg)->rows;              \
+            const ptrdiff_t row_ = at_ % (pg)->rows;                                       \
             const ptrdiff_t page_ = (pg)->table[at_ / (pg)->rows];                         \
             (krow) = (k) + page_ * (pg)->k_stride + row_ * (d);                            \
             (sc) = (ks) + page_ * (pg)->ks_stride + row_ / FA_KV_GROUP * (d);              \
         } else {                                                                           \
-            (krow) = (k) + (r) * (d);                                                      \
-            (sc) = (ks) + ((phase) + (r)) / FA_KV_GROUP * (d);                             \
+            (krow) = (k) + ((j0) + (j)) * (d);                                             \
+            (sc) = (ks) + at_ / FA_KV_GROUP * (d);                                         \
         }                                                                                  \
     } while (0)
 
@@ -356,13 +360,11 @@ static inline void fa_decode_chunk_##SUFFIX(                                    
         } else {                                                                           \
             /* Spans within one key group: q times the group's channel scales, then the */ \
             /* stored bytes as they are.                                                */ \
-            /* (A page holds whole groups, so a group's span never leaves its page.)    */ \
             for (ptrdiff_t j = 0; j < nb;) {                                               \
-                const ptrdiff_t at = (pg ? pg->first : phase) + j0 + j;                    \
-                const ptrdiff_t stop = fa_group_span_end(at, j, nb);                       \
+                ptrdiff_t stop;                                                            \
                 const KT *kr;                                                              \
                 const T *sc;                                                               \
-                FA_GROUP_ROWS(k, ks, pg, phase, j0 + j, d, kr, sc);                        \
+                FA_GROUP_SPAN(k, ks, pg, phase, j0, j, nb, d, kr, sc, stop);               \
                 for (ptrdiff_t g = 0; g < n_rows; g++)                                     \
                     for (ptrdiff_t c = 0; c < d; c++) qs[g * d + c] = q[g * d + c] * sc[c]; \
                 fa_dec_span_##SUFFIX(qs, n_rows, d, kr, stop - j, scale, s + j, vec);      \

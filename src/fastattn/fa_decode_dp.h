@@ -449,13 +449,11 @@ FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                               
     for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;                                 \
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
         const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK; \
-        /* (A page holds whole key groups: a group's span never leaves its page.)     */  \
         for (ptrdiff_t j = 0; j < nb;) {                                                   \
-            const ptrdiff_t at = (pg ? pg->first : phase) + j0 + j;                        \
-            const ptrdiff_t stop = fa_group_span_end(at, j, nb);                           \
+            ptrdiff_t stop;                                                                \
             const KT *kr;                                                                  \
             const float *sc;                                                               \
-            FA_GROUP_ROWS(k, ks, pg, phase, j0 + j, d, kr, sc);                            \
+            FA_GROUP_SPAN(k, ks, pg, phase, j0, j, nb, d, kr, sc, stop);                   \
             for (ptrdiff_t g = 0; g < n_rows; g++)                                         \
                 qf[g] = FA_DP_##P##_QFACTOR(d == 128 ? TO(q + g * d, sc, 128, qx + g * d)  \
                                             : d == 64 ? TO(q + g * d, sc, 64, qx + g * d)  \

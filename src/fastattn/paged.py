@@ -25,11 +25,10 @@ import numpy as np
 from ._dispatch import kernels as _kernels
 from . import _run
 from ._run import last_call
-from . import _plan
-from ._validation import (as_array, check_flag, check_precision, check_scale, check_sinks,
-                          check_softcap, check_threads, check_window, dtype_pair, positive_int)
-from .cache import (_EIGHT_BIT, _PRODUCTS, _STORAGES, GROUP, _zeros_aligned,
-                    checked_dtype_storage, dequantized, narrowed16, quantized, widened16)
+from ._validation import (as_array, check_flag, check_scale, check_sinks, check_softcap,
+                          check_threads, check_window, dtype_pair, positive_int)
+from .cache import (_EIGHT_BIT, _STORAGES, GROUP, _zeros_aligned, checked_dtype_storage,
+                    dequantized, narrowed16, products_allowed, quantized, widened16)
 from .varlen import _offsets, _tables
 
 __all__ = ["PagedKVCache"]
@@ -363,9 +362,9 @@ class PagedKVCache:
         precision : {"highest", "bfloat16"}, optional
             As in :func:`fastattn.attention` (default: :func:`fastattn.set_float32_precision`'s,
             "highest"): ``"bfloat16"`` lets the decoding kernel take products below float32
-            on a pool with ``storage="bfloat16"``, ``"int8"`` or ``"float8_e4m3"`` where the
-            CPU has them, as :class:`fastattn.KVCache` steps do (the decoding guide: which
-            products, their error, where they run); otherwise it changes nothing.
+            on a pool with ``storage=`` (any but None) where the CPU has them, as
+            :class:`fastattn.KVCache` steps do (the decoding guide: which products, their
+            error, where they run); otherwise it changes nothing.
 
         Returns
         -------
@@ -405,8 +404,7 @@ class PagedKVCache:
         sinks = check_sinks(sinks, (heads,), compute)
         return_lse = check_flag("return_lse", return_lse)
         n_threads = check_threads(num_threads)
-        products = (self.storage in _PRODUCTS
-                    and (check_precision(precision) or _plan.float32_precision()) == "bfloat16")
+        products = products_allowed(self.storage, precision)
 
         # The block tables of the batch's sequences, one after another.
         counts = np.array([len(blocks) for blocks, _ in seqs], np.intp)
