@@ -230,6 +230,23 @@ def test_tune_kernels_reports_every_block_against_the_peak(monkeypatch, capsys):
     assert text.count("GFLOP/s") >= len(rows)
 
 
+def test_tune_kernels_reports_the_decoding_step_of_every_storage(monkeypatch, capsys):
+    # Small operands: the table's rows, not the speed, are under test.
+    monkeypatch.setattr(tune, "PROBE_SETS", {4: (("L1", 9, 40, 2 * LANES[4]),),
+                                             8: (("L1", 9, 40, 2 * LANES[8]),)})
+    monkeypatch.setattr(tune, "DECODE_PROBE", {"rows": 3, "tokens": 40, "d": 64})
+    assert tune.main(["--kernels", "--rounds", "1"]) == 0
+    text = capsys.readouterr().out
+    rows = tune.probe_decode(rounds=1, min_time=0.0)
+    storages = (None, "bfloat16", "float16", "int8", "float8_e4m3")
+    expected = {(s, None) for s in storages} | {
+        (s, "bfloat16") for s in storages[1:] if _kernels.decode_products(64, 64, s)}
+    assert {(r["storage"], r["precision"]) for r in rows} == expected
+    assert all(r["us"] > 0 and r["gflops"] > 0 and r["peak"] > 0 for r in rows)
+    assert "decoding probe: one step of 3 query rows against 40 cached tokens, D 64" in text
+    assert text.count("GFLOP/s") >= len(rows)
+
+
 def test_tune_kernels_without_micro_kernels_says_so(monkeypatch, capsys):
     monkeypatch.setattr(_plan, "MK_BLOCKS", {"scores": [], "pv": []})
     assert tune.probe_kernels(rounds=1) == []

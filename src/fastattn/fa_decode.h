@@ -207,8 +207,9 @@ static inline __attribute__((always_inline)) void fa_dec_scores##RB##_##SUFFIX( 
  * blocks first (vshuff32x4, vshuff64x2, vperm2f128), then within blocks (vshufps,
  * vshufpd), which leaves the keys in the order of a transposed matrix, put back by one
  * permutation at the end. Every level adds the same pairs of lanes as the generic tree,
- * so the sums are bitwise its own. A decoding step with the cache in L2, one Zen 4 core:
- * exact steps 20-25% faster, int8 products 6%.
+ * so the sums are bitwise its own. (`python -m fastattn tune --kernels`, its decoding
+ * probe, one Zen 4 core, alternating builds: exact steps 2-7% faster; with fa_decode_dp.h's
+ * P V four rows at a time, products 2-17%.)
  *  - FA_LANE_SUMS16 (AVX-512, 16 lanes of 4 bytes: float or int32): key u ends in lane
  *    4 (u % 4) + u / 4;
  *  - FA_LANE_SUMS8 (AVX-512: 8 doubles, key u in lane 2 (u % 4) + u / 4; AVX2: 8 floats,

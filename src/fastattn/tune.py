@@ -19,7 +19,9 @@ minute on a 2-core machine.
 
 ``--kernels`` is the kernel probe instead: each register block of each micro-kernel timed
 on one thread, on operands in their packed layouts, against one core's FMA peak measured
-in the same run (probe_kernels). It writes nothing: it is the figure to report from a CPU
+in the same run (probe_kernels), then one decoding step per cache storage, exact and with
+products below float32 where the CPU has them, its cache in L2 (probe_decode). It writes
+nothing: it is the figure to report from a CPU
 the defaults were not measured on.
 """
 
@@ -27,6 +29,7 @@ import argparse
 import datetime
 import statistics
 import sys
+from time import perf_counter as _perf
 
 import numpy as np
 
@@ -209,6 +212,75 @@ def probe_kernels(rounds=5, min_time=0.02, out=None):
     return rows
 
 
+# The decoding probe's step: one kv head's G query rows against a cache of this many
+# tokens, D 128, whose keys and values (768 KiB as float32, less stored narrower) stay in
+# the L2 cache of the CPUs with 1-2 MiB, so that the figure is the kernel's arithmetic.
+DECODE_PROBE = {"rows": 4, "tokens": 768, "d": 128}
+
+
+def probe_decode(rounds=5, min_time=0.02, out=None):
+    """Time one decoding step (the decoding kernel on one thread: DECODE_PROBE's rows
+    against its cache, in L2) for each storage of KVCache, exact and, where the CPU takes
+    them, with products below float32 (precision="bfloat16"), medians of `rounds`
+    alternating samples, beside one core's float32 FMA peak measured in the same run.
+    Each sample is a direct call of the compiled kernel (about a microsecond of Python
+    with it, against tens in the step). Prints a table to `out` and returns its rows as
+    dicts (storage, precision, us, gflops, peak). Writes nothing."""
+    from .cache import KVCache, products_allowed
+    out = out or sys.stdout
+    rows, tokens, d = DECODE_PROBE["rows"], DECODE_PROBE["tokens"], DECODE_PROBE["d"]
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, 1, tokens, d), dtype=np.float32)
+    v = rng.standard_normal((1, 1, tokens, d), dtype=np.float32)
+    q = rng.standard_normal((1, rows, d), dtype=np.float32)
+    o = np.empty((1, rows, d), np.float32)
+    lse = np.empty((1, rows), np.float32)
+    index = np.zeros(1, np.intp)
+    scale = 1.0 / np.sqrt(d)
+    runs = {}
+    for storage in (None, "bfloat16", "float16", "int8", "float8_e4m3"):
+        cache = KVCache(1, 1, tokens, d, storage=storage)
+        cache.append(k, v)
+        scales = {} if cache._group <= 1 else {"ks": cache._ks[0], "vs": cache._vs[0]}
+        for precision in (None, "bfloat16"):
+            if precision and not (products_allowed(storage, precision)
+                                  and _kernels.decode_products(d, d, storage)):
+                continue
+            runs[storage, precision] = (
+                lambda c=cache, s=scales, p=precision is not None: _kernels.decode(
+                    q, c._k[0], c._v[0], index, scale, 0.0, None, o, lse, 1, products=p, **s))
+    peak = fma_peak(np.dtype(np.float32), 1)
+    flops = 2.0 * rows * tokens * 2 * d
+    reps = {}
+    for name, run in runs.items():
+        run()  # to warm the caches, then once timed
+        start = _perf()
+        run()
+        time_one = _perf() - start
+        reps[name] = max(1, int(min_time / max(time_one, 1e-7)))
+    samples = {name: [] for name in runs}
+    for i in range(rounds):
+        names = list(runs)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = _perf()
+            for _ in range(reps[name]):
+                runs[name]()
+            samples[name].append((_perf() - start) / reps[name])
+    print(f"decoding probe: one step of {rows} query rows against {tokens} cached tokens, D "
+          f"{d} (in L2), one thread, medians of {rounds} rounds; FMA peak of one core float32 "
+          f"{peak:.1f} GFLOP/s", file=out)
+    print(f"  {'storage':<14}{'precision':<12}{'step':>10}{'rate':>16}{'of peak':>9}", file=out)
+    result = []
+    for (storage, precision), times in samples.items():
+        t = statistics.median(times)
+        gflops = flops / t / 1e9
+        result.append({"storage": storage, "precision": precision, "us": t * 1e6,
+                       "gflops": gflops, "peak": gflops / peak})
+        print(f"  {str(storage or 'float32'):<14}{str(precision or 'exact'):<12}"
+              f"{t * 1e6:8.1f} us{gflops:10.1f} GFLOP/s{gflops / peak:8.0%}", file=out)
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m fastattn tune",
@@ -242,6 +314,7 @@ def main(argv=None):
         parser.error("--rounds must be at least 1")
     if args.kernels:
         probe_kernels(rounds=args.rounds)
+        probe_decode(rounds=args.rounds)
         return 0
     entry = tune(rounds=args.rounds, threads=args.threads)
     gemm = ", ".join(f"{name} {g}" for name, g in sorted(entry["tile_gemm"].items()))
