@@ -152,6 +152,22 @@ def test_eight_bit_storage_as_attention_alone(storage, causal, window, heads, kv
                                                            **kw))
 
 
+@pytest.mark.parametrize("storage", [None, "int8"])
+@pytest.mark.parametrize("queries,window", [([1, 1, 1], None), ([1, 1, 1], 4),
+                                            ([0, 2, 1], None), ([2, 0, 1], 4)])
+def test_as_many_queries_as_sequences_need_not_be_one_each(storage, queries, window):
+    """A batch of decoding steps (one query per sequence) takes a shorter way to its
+    groups; as many queries as sequences, but not one each, must not."""
+    rng = np.random.default_rng(len(queries) + sum(queries[:2]))
+    cache, ids = _filled(rng, [40, 9, 70], 32, 2, 32, storage=storage)
+    cu = np.concatenate([[0], np.cumsum(queries)])
+    q = rng.standard_normal((cu[-1], 4, 32)).astype(np.float32)
+    out, lse = cache.attention(q, ids, cu, causal=True, window=window, return_lse=True)
+    want_out, want_lse = _alone(cache, ids, q, cu, causal=True, window=window)
+    assert_close(out, want_out, np.float32, "out", magnitude=3.0)
+    assert_close(lse, want_lse, np.float32, "lse", magnitude=10.0)
+
+
 @pytest.mark.parametrize("storage", EIGHT_BIT)
 def test_eight_bit_forks_hold_their_own_group_still_filling(storage):
     """A fork in the middle of a key group shares its block and the group's exact keys;
