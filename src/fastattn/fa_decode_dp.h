@@ -239,8 +239,8 @@ static void fa_dp_scores_##P(const QT *qx, ptrdiff_t n_rows, ptrdiff_t d, const 
 /* Rows in fours (16 accumulators over 64 columns: each pair of value rows loaded and
  * interleaved once for four rows, where pairs of rows over 128 columns did it twice; a
  * step of four rows on one Zen 4 core, cache in L2: float16 storage 15% faster, float8
- * 9%, int8 and bfloat16 4%), then in pairs (over 128 columns), then alone. wf_all: I8's factor per
- * row (BF: unused). The value rows: v's nb rows one after another when vr is NULL, else
+ * 9%, int8 and bfloat16 4%; on a long cache within the noise), then in pairs (over 128
+ * columns), then alone. wf_all: I8's factor per row (BF: unused). The value rows: v's nb rows one after another when vr is NULL, else
  * at vr[j] (a block across pages that do not follow one another; the prefetch then
  * guesses that its run goes on). Two copies of the passes, so that the rows of one run
  * cost no table. */
