@@ -222,16 +222,17 @@ static void fa_dp_scores_##P(const QT *qx, ptrdiff_t n_rows, ptrdiff_t d, const 
 #define FA_DP_I8_PV_DONE(acc, po, g) \
     _mm512_fmadd_ps(_mm512_cvtepi32_ps((__m512i)(acc)), _mm512_set1_ps(wf[g]), _mm512_loadu_ps(po))
 
-/* Rows g, g + RB, ... while RB rows are left, each block in passes of 16 WMAX columns
- * (WMAX 8 or 4), then of half and a quarter of that as fit; value row j at ROW(j). */
-#define FA_DP_PV_ROWS(P, RB, ROW, WMAX)                                                    \
+/* Rows g, g + RB, ... while RB rows are left, each block in passes of as many columns as
+ * 16 accumulators hold (128 for one or two rows, 64 for four), then of half and a quarter
+ * of that as fit; value row j at ROW(j). */
+#define FA_DP_PV_ROWS(P, RB, ROW)                                                          \
     for (; g + (RB) <= n_rows; g += (RB)) {                                                \
         const uint32_t *pw = pw_all + g * (FA_DECODE_BLOCK / 2);                           \
         const float *wf = wf_all + g;                                                      \
         float *o = o_all + g * d_v;                                                        \
         ptrdiff_t c = 0;                                                                   \
         (void)wf;                                                                          \
-        if ((WMAX) == 8) FA_DP_PV_PASS(P, RB, 8, ROW)                                      \
+        if ((RB) * 8 <= 16) FA_DP_PV_PASS(P, RB, 8, ROW)                                   \
         FA_DP_PV_PASS(P, RB, 4, ROW)                                                       \
         FA_DP_PV_PASS(P, RB, 2, ROW)                                                       \
     }
@@ -253,13 +254,13 @@ static void fa_dp_pv_##P(const uint32_t *pw_all, const float *wf_all, ptrdiff_t 
 {                                                                                          \
     ptrdiff_t g = 0;                                                                       \
     if (!vr) {                                                                             \
-        FA_DP_PV_ROWS(P, 4, FA_DP_ROW_RUN, 4)                                              \
-        FA_DP_PV_ROWS(P, 2, FA_DP_ROW_RUN, 8)                                              \
-        FA_DP_PV_ROWS(P, 1, FA_DP_ROW_RUN, 8)                                              \
+        FA_DP_PV_ROWS(P, 4, FA_DP_ROW_RUN)                                                 \
+        FA_DP_PV_ROWS(P, 2, FA_DP_ROW_RUN)                                                 \
+        FA_DP_PV_ROWS(P, 1, FA_DP_ROW_RUN)                                                 \
     } else {                                                                               \
-        FA_DP_PV_ROWS(P, 4, FA_DP_ROW_TABLE, 4)                                            \
-        FA_DP_PV_ROWS(P, 2, FA_DP_ROW_TABLE, 8)                                            \
-        FA_DP_PV_ROWS(P, 1, FA_DP_ROW_TABLE, 8)                                            \
+        FA_DP_PV_ROWS(P, 4, FA_DP_ROW_TABLE)                                               \
+        FA_DP_PV_ROWS(P, 2, FA_DP_ROW_TABLE)                                               \
+        FA_DP_PV_ROWS(P, 1, FA_DP_ROW_TABLE)                                               \
     }                                                                                      \
 }
 /* The scores of a block's nb keys from key j0 of the item (in pages: run by run). */

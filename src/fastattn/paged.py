@@ -462,11 +462,11 @@ class PagedKVCache:
             n_k = lengths[seq_of_row]
             end = np.clip(n_k - n_q[seq_of_row] + row_in_seq + 1, 0, n_k) if causal else n_k
             seq_offsets = offsets[seq_of_row]
-        first = np.maximum(end - window, 0) if window else 0
+        first = np.maximum(end - window, 0)[:, None] if window else 0
         groups = np.empty((rows.size, self.kv_heads, 4), np.intp)
         groups[:, :, 0] = np.arange(self.kv_heads)
-        groups[:, :, 1] = first[:, None] if window else 0
-        groups[:, :, 2] = (end - first)[:, None]
+        groups[:, :, 1] = first
+        groups[:, :, 2] = end[:, None] - first
         groups[:, :, 3] = seq_offsets[:, None]
         every = rows.size == q.shape[0]  # every row, in order
         q3 = (q if every else q[rows]).reshape(-1, group, d)

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import statistics
 import sys
-from time import perf_counter as _perf
 
 import numpy as np
 
@@ -251,28 +250,13 @@ def probe_decode(rounds=5, min_time=0.02, out=None):
                     q, c._k[0], c._v[0], index, scale, 0.0, None, o, lse, 1, products=p, **s))
     peak = fma_peak(np.dtype(np.float32), 1)
     flops = 2.0 * rows * tokens * 2 * d
-    reps = {}
-    for name, run in runs.items():
-        run()  # to warm the caches, then once timed
-        start = _perf()
-        run()
-        time_one = _perf() - start
-        reps[name] = max(1, int(min_time / max(time_one, 1e-7)))
-    samples = {name: [] for name in runs}
-    for i in range(rounds):
-        names = list(runs)
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = _perf()
-            for _ in range(reps[name]):
-                runs[name]()
-            samples[name].append((_perf() - start) / reps[name])
+    times = time_alternating(runs, rounds, min_time)
     print(f"decoding probe: one step of {rows} query rows against {tokens} cached tokens, D "
           f"{d} (in L2), one thread, medians of {rounds} rounds; FMA peak of one core float32 "
           f"{peak:.1f} GFLOP/s", file=out)
     print(f"  {'storage':<14}{'precision':<12}{'step':>10}{'rate':>16}{'of peak':>9}", file=out)
     result = []
-    for (storage, precision), times in samples.items():
-        t = statistics.median(times)
+    for (storage, precision), t in times.items():
         gflops = flops / t / 1e9
         result.append({"storage": storage, "precision": precision, "us": t * 1e6,
                        "gflops": gflops, "peak": gflops / peak})
