@@ -20,11 +20,11 @@ from fastattn._dispatch import kernels
 from conftest import kernel_policy
 from test_lowp import BF16, U, assert_within_bound
 
-NATIVE = kernels.engines()["avx512bf16"] == "ok"
-needs_native = pytest.mark.skipif(not NATIVE, reason="no AVX512-BF16 on this CPU or build")
-STORAGES = ["bfloat16"] + [pytest.param(name, marks=pytest.mark.skipif(
+# Each storage where this CPU and build take its products (bfloat16, float16, float8:
+# AVX512-BF16; int8: AVX512-VNNI, with or without it).
+STORAGES = [pytest.param(name, marks=pytest.mark.skipif(
     not kernels.decode_products(128, 128, name), reason=f"no {name} products on this CPU"))
-    for name in ("float16", "int8", "float8_e4m3")]
+    for name in ("bfloat16", "float16", "int8", "float8_e4m3")]
 # The storages whose products take q, keys and values as bfloat16 (float16's rounded so
 # as they are loaded; bfloat16's already are).
 BF16_OPERANDS = ("bfloat16", "float16")
@@ -94,7 +94,6 @@ CASES = [
 ]
 
 
-@needs_native
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-{sum(c[5])}")
 @pytest.mark.parametrize("kwargs", [{}, {"softcap": 4.0, "return_lse": True},
@@ -131,7 +130,6 @@ def test_the_step_is_float64_attention_within_the_bound(storage, case, kwargs):
             assert np.array_equal(a, b)
 
 
-@needs_native
 @pytest.mark.parametrize("storage", STORAGES)
 def test_products_differ_from_the_exact_step_and_stay_within_the_storage_bound(storage):
     """The products path really runs (its results are not the exact kernel's), and on
@@ -153,7 +151,6 @@ def test_products_differ_from_the_exact_step_and_stay_within_the_storage_bound(s
         assert rel <= bound, rel
 
 
-@needs_native
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("n_queries, causal", [(3, True), (6, False)])
 def test_several_queries_take_the_products_in_place(monkeypatch, storage, n_queries, causal):
@@ -177,7 +174,6 @@ def test_several_queries_take_the_products_in_place(monkeypatch, storage, n_quer
                         rounded_out=False, weighted=weighted)
 
 
-@needs_native
 @pytest.mark.parametrize("storage", STORAGES)
 def test_inf_nan_and_tiny_queries_as_the_exact_step(storage):
     """A query row holding NaN or inf gives NaN where the exact step does (the int8
@@ -204,20 +200,51 @@ def test_inf_nan_and_tiny_queries_as_the_exact_step(storage):
 @pytest.mark.parametrize("storage", ["bfloat16", "float16", "int8", "float8_e4m3"])
 @pytest.mark.parametrize("d, d_v", [(128, 128), (80, 128), (128, 48)])
 def test_elsewhere_precision_bfloat16_is_the_exact_step_bitwise(storage, d, d_v):
-    """Head sizes not whole 32s, the policy's engine off, or no AVX512-BF16 (and for int8
-    AVX512-VNNI, d <= 512): the exact widening kernel, bitwise."""
+    """Head sizes not whole 32s, no AVX512-BF16 (for int8: no AVX512-VNNI, or d > 512),
+    or the policy's engine off (not for int8, whose integer products hold no bfloat16):
+    the exact widening kernel, bitwise."""
     cache, rng = filled(1, 2, d, d_v, (70, 3), d, storage=storage)
     q = rng.standard_normal((1, 4, 1, d)).astype(np.float32)
     exact_step = fastattn.attention(q, cache=cache)
-    with kernel_policy(engine=kernels.ENGINES.index("none")):
-        assert not kernels.decode_products(d, d_v, storage)
-        assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
-                              exact_step)
     if not kernels.decode_products(d, d_v, storage):
         assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
                               exact_step)
+    if storage != "int8":
+        with kernel_policy(engine=kernels.ENGINES.index("none")):
+            assert not kernels.decode_products(d, d_v, storage)
+            assert np.array_equal(fastattn.attention(q, cache=cache, precision="bfloat16"),
+                                  exact_step)
     # int8 products' integer sums are exact up to d = 512.
     assert not kernels.decode_products(544, 128, "int8")
+
+
+@pytest.mark.skipif(not kernels.decode_products(128, 128, "int8"),
+                    reason="no int8 products on this CPU")
+def test_int8_products_need_vnni_alone():
+    """The int8 products (vpdpwssd) hold no bfloat16, so they run with the bfloat16
+    engine off, as on a CPU with AVX512-VNNI and no AVX512-BF16 (Intel Cascade Lake, Ice
+    Lake): the same bits as with it on, and not the exact step; a window, several
+    queries, a paged pool's decoding step and prefill chunk in one call."""
+    cache, rng = filled(1, 2, 128, 64, (250, 91), 5, window=290, storage="int8")
+    pool = fastattn.PagedKVCache(12, 32, 2, 128, storage="int8")
+    ids = [pool.new_sequence() for _ in range(2)]
+    for sid, n in zip(ids, (37, 130)):
+        pool.append(sid, *rng.standard_normal((2, n, 2, 128)).astype(np.float32))
+    pool_q = rng.standard_normal((5, 8, 128)).astype(np.float32)
+    cu = np.array([0, 1, 5])  # a decoding step and a prefill chunk of 4
+    calls = [lambda q=q, **kw: fastattn.attention(q, cache=cache, softcap=6.0,
+                                                   return_lse=True, **kw)
+             for q in (rng.standard_normal((1, 8, n, 128)).astype(np.float32) for n in (1, 3))]
+    calls.append(lambda **kw: pool.attention(pool_q, ids, cu, return_lse=True, **kw))
+    on = [call(precision="bfloat16") for call in calls]
+    with kernel_policy(engine=kernels.ENGINES.index("none")):
+        assert kernels.decode_products(128, 64, "int8")
+        assert kernels.decode_products(128, 128, "int8")
+        for call, want in zip(calls, on):
+            got = call(precision="bfloat16")
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+            assert not np.array_equal(got[0], call()[0])
 
 
 def test_a_float_cache_ignores_precision_and_a_bad_precision_is_refused():
@@ -260,7 +287,6 @@ def _paged_and_flat(storage, block, lengths, d, seed, kv_heads=2):
     return pool, ids, flats, rng
 
 
-@needs_native
 @pytest.mark.parametrize("storage,block", [("bfloat16", 7), ("bfloat16", 16), ("bfloat16", 256),
                                            ("float16", 7), ("int8", 32), ("int8", 96),
                                            ("float8_e4m3", 32), ("float8_e4m3", 64)])
@@ -294,7 +320,6 @@ def test_a_paged_pool_takes_the_products_of_a_kvcache_bitwise(storage, block):
         fastattn.set_float32_precision(old)
 
 
-@needs_native
 @pytest.mark.parametrize("storage", STORAGES)
 def test_a_paged_window_and_prefill_chunk_take_products_within_the_bound(storage):
     """Queries whose visible keys start inside a key group and a block (a window; a

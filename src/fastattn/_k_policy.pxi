@@ -186,16 +186,26 @@ cdef int _vnni = -1  # fa_cpu_avx512_vnni(), once per process (-1: not asked yet
 cdef inline int _decode_kind(int kv_kind, bint products, Py_ssize_t d,
                              Py_ssize_t d_v) noexcept nogil:
     """The decoding kernel's kind for storage of kv_kind when the call allows products
-    below float32 (precision="bfloat16") and the policy's engine runs bfloat16 natively
-    (AVX512-BF16, or AMX, whose CPUs have it; FASTATTN_ENGINE=none turns the products
-    off), for head sizes of whole 32s (fa_decode_dp.h): bfloat16 storage FA_SRC_BF16_DP,
-    float16 FA_SRC_F16_DP (rounded to bfloat16 as it is loaded), float8 e4m3
-    FA_SRC_F8_DP, int8 FA_SRC_I8_DP where the CPU has AVX512-VNNI too and d <= 512 (its
-    integer sums' bound). Else kv_kind itself (the exact, widening kernel)."""
+    below float32 (precision="bfloat16"), for head sizes of whole 32s (fa_decode_dp.h):
+    int8 FA_SRC_I8_DP where the CPU has AVX512-VNNI and d <= 512 (its integer sums'
+    bound), whatever the engine (its 16-bit integer products hold no bfloat16: Intel
+    Cascade Lake and Ice Lake have VNNI without AVX512-BF16); the others where the
+    policy's engine runs bfloat16 natively (AVX512-BF16, or AMX, whose CPUs have it;
+    FASTATTN_ENGINE=none turns these off): bfloat16 storage FA_SRC_BF16_DP, float16
+    FA_SRC_F16_DP (rounded to bfloat16 as it is loaded), float8 e4m3 FA_SRC_F8_DP. Else
+    kv_kind itself (the exact, widening kernel)."""
     global _vnni
     if not (products and FA_HAVE_DPBF16
-            and (_policy.engine == FA_ENGINE_DPBF16 or _policy.engine == FA_ENGINE_AMX)
             and d > 0 and d % 32 == 0 and d_v > 0 and d_v % 32 == 0):
+        return kv_kind
+    if kv_kind == FA_SRC_I8:
+        if d <= 512:
+            if _vnni < 0:
+                _vnni = fa_cpu_avx512_vnni()
+            if _vnni:
+                return FA_SRC_I8_DP
+        return kv_kind
+    if not (_policy.engine == FA_ENGINE_DPBF16 or _policy.engine == FA_ENGINE_AMX):
         return kv_kind
     if kv_kind == FA_SRC_BF16:
         return FA_SRC_BF16_DP
@@ -203,11 +213,6 @@ cdef inline int _decode_kind(int kv_kind, bint products, Py_ssize_t d,
         return FA_SRC_F16_DP
     if kv_kind == FA_SRC_F8:
         return FA_SRC_F8_DP
-    if kv_kind == FA_SRC_I8 and d <= 512:
-        if _vnni < 0:
-            _vnni = fa_cpu_avx512_vnni()
-        if _vnni:
-            return FA_SRC_I8_DP
     return kv_kind
 
 

@@ -29,7 +29,7 @@
  * scores by runs of rows, P V through a table of the block's value rows (a pair of keys
  * may straddle two pages), so that every sum is the one on the same rows in one run,
  * bitwise. AVX-512 build with GCC 10+ only (FA_HAVE_DPBF16), run only on a CPU with
- * AVX512-BF16 (int8: and AVX512-VNNI). Results are deterministic and independent of the
+ * AVX512-BF16 (int8: with AVX512-VNNI, which alone it needs). Results are deterministic and independent of the
  * thread count (the order of every sum is fixed by the shape); not bitwise those of the
  * exact kernel. */
 #ifndef FASTATTN_DECODE_DP_H
@@ -73,8 +73,13 @@ static void fa_decode_chunk_##S##dp(const float *q, ptrdiff_t n_rows, ptrdiff_t 
                                     uint32_t *pw, const fa_pages *pg)
 
 #if FA_HAVE_DPBF16
+/* Two targets: the int8 kernel's 16-bit integer products need AVX512-VNNI alone (Intel
+ * Cascade Lake and Ice Lake have it without AVX512-BF16), so it and the parts every kind
+ * shares are compiled without bfloat16 instructions (GCC refuses any that would reach
+ * them); the kinds with bfloat16 products further down, in a region that adds
+ * AVX512-BF16. */
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512bf16,avx512vnni")
+#pragma GCC target("avx512f,avx512bw,avx512vnni")
 
 /* The transposing tree of fa_decode.h on int32 lanes (exact). */
 FA_DEFINE_LANE_SUMS(fa_lane_sums_i32, fa_ivec_f, fa_ivec_f, FA_N_f, fa_iota_f)
@@ -288,14 +293,8 @@ static void fa_dp_pv_##P(const uint32_t *pw_all, const float *wf_all, ptrdiff_t 
         }                                                                                  \
     } while (0)
 
-FA_DEFINE_DP_SCORES_RB(BF, uint16_t, uint16_t)
-FA_DEFINE_DP_SCORES_RB(HF, uint16_t, uint16_t)
 FA_DEFINE_DP_SCORES_RB(I8, int16_t, int8_t)
-FA_DEFINE_DP_SCORES_RB(F8, uint16_t, uint8_t)
-FA_DEFINE_DP_PV(BF, uint16_t)
-FA_DEFINE_DP_PV(HF, uint16_t)
 FA_DEFINE_DP_PV(I8, int8_t)
-FA_DEFINE_DP_PV(F8, uint8_t)
 
 /* o's rows of pair order back to column order, 32 columns at a time (n: a multiple of 32). */
 static inline void fa_dp_column_order(float *o, ptrdiff_t n)
@@ -308,39 +307,6 @@ static inline void fa_dp_column_order(float *o, ptrdiff_t n)
         _mm512_storeu_ps(o + c + 16, _mm512_permutex2var_ps(lo, to_second, hi));
     }
 }
-
-/* One work item of 16-bit storage (see the top of the file; the arguments as
- * fa_decode_chunk_bf's): qb, scratch of n_rows * d bfloat16; pb, of n_rows *
- * FA_DECODE_BLOCK / 2 pairs. bfloat16 storage (fa_decode_chunk_bfdp) and float16
- * (fa_decode_chunk_hfdp: the keys and values rounded to bfloat16 as they are loaded). */
-#define FA_DEFINE_DP_CHUNK_16BIT(P, S)                                                     \
-FA_DP_CHUNK_16BIT_SIGNATURE(S)                                                             \
-{                                                                                          \
-    const uint16_t *vr[FA_DECODE_BLOCK];                                                   \
-    for (ptrdiff_t i = 0; i < n_rows * d; i++) qb[i] = fa_f32_to_bf16(q[i]);  /* once */   \
-    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }                \
-    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;                                 \
-    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
-        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK; \
-        FA_DP_SCORES_PAGED(P, qb, n_rows, d, k, pg, j0, nb, scale, s)                      \
-        for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
-            float *sr = s + g * FA_DECODE_BLOCK;                                           \
-            fa_dec_online_##S(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);            \
-            /* 32 weights at a time into 16 pairs (vcvtne2ps2bf16: rounded to nearest */   \
-            /* even, as fa_f32_to_bf16, but subnormal weights flushed to zero), the   */   \
-            /* row zero past nb so that a last lone key pairs with a zero weight.     */   \
-            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;                \
-            uint32_t *pr = pb + g * (FA_DECODE_BLOCK / 2);                                 \
-            for (ptrdiff_t j = 0; j < nb; j += 32)                                         \
-                _mm512_storeu_si512(pr + j / 2, (__m512i)_mm512_cvtne2ps_pbh(              \
-                    _mm512_loadu_ps(sr + j + 16), _mm512_loadu_ps(sr + j)));               \
-        }                                                                                  \
-        FA_DP_PV_BLOCK(P, uint16_t, pb, NULL, n_rows, nb, v, pg, j0, d_v, o, vr);          \
-    }                                                                                      \
-    fa_dp_column_order(o, n_rows * d_v);                                                   \
-}
-FA_DEFINE_DP_CHUNK_16BIT(BF, bf)
-FA_DEFINE_DP_CHUNK_16BIT(HF, hf)
 
 /* The largest |x[c]|, c < n (a multiple of 16); NaN when one of them is inf or NaN. */
 static inline float fa_i8dp_absmax(const float *x, ptrdiff_t n)
@@ -386,40 +352,6 @@ static inline __attribute__((always_inline)) float fa_i8dp_to16(const float *x, 
                             _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(z, mul))));
     }
     return largest / 32767.0f;
-}
-
-/* x (n floats, a multiple of 32 up to 512; times sc[] where sc is not NULL) to bfloat16
- * times a power of two, into out: the largest magnitude L = f 2^e (f in [0.5, 1)) lands
- * in [2^99, 2^100), far from both ends of bfloat16's range, so that no product with an F8
- * operand (at most 448 2^-120) leaves float32's normal range. Returns e + 12, the
- * exponent that turns a sum of such products back into the sum of x's products with the
- * stored numbers' values over 256 (the scales' own factor; see fa_quant.h): 2^(120 - 8 -
- * (100 - e)). 0 when L is 0 (out zeros); NaN when L is inf or NaN (the sums then NaN,
- * whatever out holds). NaN elements stay NaN in bfloat16, and their sums NaN. The
- * scaling is vscalefps, exact; the products stay in registers between the two passes. */
-static inline __attribute__((always_inline)) float fa_f8dp_to_bf16(const float *x,
-                                                                    const float *sc,
-                                                                    ptrdiff_t n, uint16_t *out)
-{
-    __m512 y[32], mx = _mm512_setzero_ps();
-    for (ptrdiff_t c = 0; c < n; c += 16) {
-        y[c / 16] = _mm512_loadu_ps(x + c);
-        if (sc) y[c / 16] = _mm512_mul_ps(y[c / 16], _mm512_loadu_ps(sc + c));
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(y[c / 16]));
-    }
-    const float largest = _mm512_reduce_max_ps(mx);
-    if (!(largest < INFINITY)) return NAN;
-    if (largest == 0) {
-        memset(out, 0, (size_t)n * sizeof(uint16_t));
-        return 0;
-    }
-    int e;
-    frexpf(largest, &e);
-    const __m512 t = _mm512_set1_ps((float)(100 - e));
-    for (ptrdiff_t c = 0; c < n; c += 32)
-        _mm512_storeu_si512(out + c, (__m512i)_mm512_cvtne2ps_pbh(
-            _mm512_scalef_ps(y[c / 16 + 1], t), _mm512_scalef_ps(y[c / 16], t)));
-    return (float)(e + 12);
 }
 
 /* One work item on 8-bit storage with products below float32 (the arguments as
@@ -502,7 +434,86 @@ FA_DP_CHUNK_8BIT_SIGNATURE(S, KT)                                               
 #define FA_DP_F8_SCORE_SCALE(scale) (scale)
 #define FA_DP_F8_FIX(x, f) _mm512_scalef_ps(x, f)
 FA_DEFINE_DP_CHUNK_8BIT(I8, i8, int8_t, int16_t, fa_i8dp_to16)
+
+/* The kinds with bfloat16 products (vdpbf16ps: AVX512-BF16). */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16,avx512vnni")
+FA_DEFINE_DP_SCORES_RB(BF, uint16_t, uint16_t)
+FA_DEFINE_DP_SCORES_RB(HF, uint16_t, uint16_t)
+FA_DEFINE_DP_SCORES_RB(F8, uint16_t, uint8_t)
+FA_DEFINE_DP_PV(BF, uint16_t)
+FA_DEFINE_DP_PV(HF, uint16_t)
+FA_DEFINE_DP_PV(F8, uint8_t)
+
+/* One work item of 16-bit storage (see the top of the file; the arguments as
+ * fa_decode_chunk_bf's): qb, scratch of n_rows * d bfloat16; pb, of n_rows *
+ * FA_DECODE_BLOCK / 2 pairs. bfloat16 storage (fa_decode_chunk_bfdp) and float16
+ * (fa_decode_chunk_hfdp: the keys and values rounded to bfloat16 as they are loaded). */
+#define FA_DEFINE_DP_CHUNK_16BIT(P, S)                                                     \
+FA_DP_CHUNK_16BIT_SIGNATURE(S)                                                             \
+{                                                                                          \
+    const uint16_t *vr[FA_DECODE_BLOCK];                                                   \
+    for (ptrdiff_t i = 0; i < n_rows * d; i++) qb[i] = fa_f32_to_bf16(q[i]);  /* once */   \
+    for (ptrdiff_t g = 0; g < n_rows; g++) { m[g] = -INFINITY; l[g] = 0; }                \
+    for (ptrdiff_t c = 0; c < n_rows * d_v; c++) o[c] = 0;                                 \
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += FA_DECODE_BLOCK) {                           \
+        const ptrdiff_t nb = n_keys - j0 < FA_DECODE_BLOCK ? n_keys - j0 : FA_DECODE_BLOCK; \
+        FA_DP_SCORES_PAGED(P, qb, n_rows, d, k, pg, j0, nb, scale, s)                      \
+        for (ptrdiff_t g = 0; g < n_rows; g++) {                                           \
+            float *sr = s + g * FA_DECODE_BLOCK;                                           \
+            fa_dec_online_##S(sr, nb, softcap, m + g, l + g, o + g * d_v, d_v);            \
+            /* 32 weights at a time into 16 pairs (vcvtne2ps2bf16: rounded to nearest */   \
+            /* even, as fa_f32_to_bf16, but subnormal weights flushed to zero), the   */   \
+            /* row zero past nb so that a last lone key pairs with a zero weight.     */   \
+            for (ptrdiff_t j = nb; j < (nb + 31) / 32 * 32; j++) sr[j] = 0;                \
+            uint32_t *pr = pb + g * (FA_DECODE_BLOCK / 2);                                 \
+            for (ptrdiff_t j = 0; j < nb; j += 32)                                         \
+                _mm512_storeu_si512(pr + j / 2, (__m512i)_mm512_cvtne2ps_pbh(              \
+                    _mm512_loadu_ps(sr + j + 16), _mm512_loadu_ps(sr + j)));               \
+        }                                                                                  \
+        FA_DP_PV_BLOCK(P, uint16_t, pb, NULL, n_rows, nb, v, pg, j0, d_v, o, vr);          \
+    }                                                                                      \
+    fa_dp_column_order(o, n_rows * d_v);                                                   \
+}
+FA_DEFINE_DP_CHUNK_16BIT(BF, bf)
+FA_DEFINE_DP_CHUNK_16BIT(HF, hf)
+
+/* x (n floats, a multiple of 32 up to 512; times sc[] where sc is not NULL) to bfloat16
+ * times a power of two, into out: the largest magnitude L = f 2^e (f in [0.5, 1)) lands
+ * in [2^99, 2^100), far from both ends of bfloat16's range, so that no product with an F8
+ * operand (at most 448 2^-120) leaves float32's normal range. Returns e + 12, the
+ * exponent that turns a sum of such products back into the sum of x's products with the
+ * stored numbers' values over 256 (the scales' own factor; see fa_quant.h): 2^(120 - 8 -
+ * (100 - e)). 0 when L is 0 (out zeros); NaN when L is inf or NaN (the sums then NaN,
+ * whatever out holds). NaN elements stay NaN in bfloat16, and their sums NaN. The
+ * scaling is vscalefps, exact; the products stay in registers between the two passes. */
+static inline __attribute__((always_inline)) float fa_f8dp_to_bf16(const float *x,
+                                                                    const float *sc,
+                                                                    ptrdiff_t n, uint16_t *out)
+{
+    __m512 y[32], mx = _mm512_setzero_ps();
+    for (ptrdiff_t c = 0; c < n; c += 16) {
+        y[c / 16] = _mm512_loadu_ps(x + c);
+        if (sc) y[c / 16] = _mm512_mul_ps(y[c / 16], _mm512_loadu_ps(sc + c));
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(y[c / 16]));
+    }
+    const float largest = _mm512_reduce_max_ps(mx);
+    if (!(largest < INFINITY)) return NAN;
+    if (largest == 0) {
+        memset(out, 0, (size_t)n * sizeof(uint16_t));
+        return 0;
+    }
+    int e;
+    frexpf(largest, &e);
+    const __m512 t = _mm512_set1_ps((float)(100 - e));
+    for (ptrdiff_t c = 0; c < n; c += 32)
+        _mm512_storeu_si512(out + c, (__m512i)_mm512_cvtne2ps_pbh(
+            _mm512_scalef_ps(y[c / 16 + 1], t), _mm512_scalef_ps(y[c / 16], t)));
+    return (float)(e + 12);
+}
+
 FA_DEFINE_DP_CHUNK_8BIT(F8, f8, uint8_t, uint16_t, fa_f8dp_to_bf16)
+#pragma GCC pop_options
 #pragma GCC pop_options
 #else
 /* Never reached: the policy takes these kernels only where FA_HAVE_DPBF16. */
