@@ -324,6 +324,8 @@ def test_property_sequences_hold_what_was_appended(ops, block, seed):
             sid = live[op[1] % len(live)]
             cache.release(sid)
             del model[sid]
+        if model and rng.random() < 0.5:  # attention between the operations too (its
+            _attend_all(cache, model, rng)  # block tables follow every change of blocks)
     assert cache.sequences == sorted(model)
     for sid, k in model.items():
         np.testing.assert_array_equal(cache.keys(sid), k)
@@ -331,14 +333,23 @@ def test_property_sequences_hold_what_was_appended(ops, block, seed):
     # Blocks: each held one is counted once however many sequences share it.
     held = {b for blocks, _ in cache._seqs.values() for b in blocks}
     assert cache.free_blocks == 12 - len(held)
+    assert set(cache._tables) <= set(model)  # released sequences' tables are dropped
     if model:
-        ids = sorted(model)
-        cu = np.arange(len(ids) + 1)
-        q = rng.standard_normal((len(ids), 4, 4))
-        out, lse = cache.attention(q, ids, cu, return_lse=True)
-        want, want_lse = _alone(cache, ids, q, cu, causal=True)
-        assert_close(out, want, np.float64, "out", magnitude=3.0)
-        assert_close(lse, want_lse, np.float64, "lse", magnitude=10.0)
+        _attend_all(cache, model, rng)
+
+
+def _attend_all(cache, model, rng):
+    """One decoding query per sequence of the model against the float64 attention on the
+    keys the model says it holds (values: their negatives)."""
+    ids = sorted(model)
+    cu = np.arange(len(ids) + 1)
+    q = rng.standard_normal((len(ids), 4, 4))
+    out, lse = cache.attention(q, ids, cu, return_lse=True)
+    for i, sid in enumerate(ids):
+        k = model[sid].transpose(1, 0, 2)[None]
+        want, want_lse = fastattn.attention(q[i][None, :, None], k, -k, return_lse=True)
+        assert_close(out[i], want[0, :, 0], np.float64, "out", magnitude=3.0)
+        assert_close(lse[i], want_lse[0, :, 0], np.float64, "lse", magnitude=10.0)
 
 
 def test_sixteen_bit_storage_refuses_nan_and_overflow():

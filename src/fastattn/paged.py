@@ -104,6 +104,11 @@ class PagedKVCache:
         self._is_free = np.ones(num_blocks, bool)
         self._n_free = num_blocks
         self._seqs = {}  # id -> [block ids, length]
+        # id -> its block ids as an array, for attention's block tables: made when first
+        # asked, dropped when the sequence's blocks change (every block_size tokens, not
+        # every append), so that a call costs a concatenation rather than a pass over
+        # every block id of the batch (some 230 us for 5,000 blocks).
+        self._tables = {}
         self._next_id = 0
 
     # ------------------------------------------------------------------ sequences
@@ -115,6 +120,9 @@ class PagedKVCache:
         return sid
 
     def _seq(self, name, sid):
+        seq = self._seqs.get(sid) if type(sid) is int else None
+        if seq is not None:  # (the common case: a plain int that names a sequence)
+            return seq
         if isinstance(sid, (bool, np.bool_)) or not isinstance(sid, (int, np.integer)):
             raise TypeError(f"{name} must be a sequence id (int), got {sid!r}")
         seq = self._seqs.get(int(sid))
@@ -143,6 +151,7 @@ class PagedKVCache:
         blocks, _ = self._seq("seq_id", seq_id)
         del self._seqs[int(seq_id)]
         self._open.pop(int(seq_id), None)
+        self._tables.pop(int(seq_id), None)
         for b in reversed(blocks):
             self._refs[b] -= 1
             if self._refs[b] == 0:
@@ -263,6 +272,8 @@ class PagedKVCache:
             r0 = (length - filled) % bs
             kept = [("_k", r0, self._k[:, tail, r0:r0 + filled].copy()),
                     ("_ks", r0 // GROUP, self._ks[:, tail, r0 // GROUP:r0 // GROUP + 1].copy())]
+        if need:  # the blocks change (a copied tail, fresh blocks)
+            self._tables.pop(int(seq_id), None)
         try:
             if shared_tail:
                 copy, = self._take(blocks[-2] if len(blocks) > 1 else None, 1)
@@ -407,9 +418,10 @@ class PagedKVCache:
         products = products_allowed(self.storage, precision)
 
         # The block tables of the batch's sequences, one after another.
-        counts = np.array([len(blocks) for blocks, _ in seqs], np.intp)
+        tables = [self._table(int(s)) for s in seq_ids]
+        counts = np.array([t.size for t in tables], np.intp)
         offsets = np.cumsum(counts) - counts  # where each sequence's block ids start
-        table = np.fromiter((b for blocks, _ in seqs for b in blocks), np.intp, counts.sum())
+        table = np.concatenate(tables) if tables else np.empty(0, np.intp)
         n_q = np.diff(cu)
         lengths = np.array([length for _, length in seqs], np.intp)
         q = np.ascontiguousarray(q, compute)
@@ -430,6 +442,13 @@ class PagedKVCache:
             self._decode(q, out, lse, rows, n_q, lengths, cu, offsets, table, causal, window,
                          scale, softcap, sinks, n_threads, products)
         return (out, lse) if return_lse else out
+
+    def _table(self, sid):
+        """Sequence sid's block ids as an array (see _tables)."""
+        table = self._tables.get(sid)
+        if table is None:
+            table = self._tables[sid] = np.array(self._seqs[sid][0], np.intp)
+        return table
 
     def _prefill(self, q, out, lse, n_q, lengths, cu, offsets, table, causal, window, scale,
                  softcap, sinks, n_threads):
