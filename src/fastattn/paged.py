@@ -107,7 +107,8 @@ class PagedKVCache:
         # id -> its block ids as an array, for attention's block tables: made when first
         # asked, dropped when the sequence's blocks change (every block_size tokens, not
         # every append), so that a call costs a concatenation rather than a pass over
-        # every block id of the batch (some 230 us for 5,000 blocks).
+        # every block id of the batch (11 us against 230 us for the 5,200 blocks of
+        # bench --varlen's mixed batch, on a Zen 4 core).
         self._tables = {}
         self._next_id = 0
 
